@@ -1,0 +1,303 @@
+"""Typed settings: the one source of truth for YAML files, the CLI and defaults.
+
+Every setting is a dataclass field with its help text and limits in the field's
+metadata. YAML keys and `--section.key` CLI options are derived from these
+classes, so there is nowhere else for a default to drift. Precedence:
+command line > YAML file > defaults; an option not given on the command line
+never overrides the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context")
+LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair")
+
+
+def setting(default: Any, help: str, **limits: Any) -> Any:
+    """A dataclass field with help text and limits (choices, min, max, gt)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
+    return field(default=default, metadata={"help": help, **limits})
+
+
+@dataclass
+class ModelConfig:
+    path: str = setting("", "Hugging Face repo id or local folder of an mlx-lm model.")
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of the model.")
+    quantize_bits: int | None = setting(
+        None, "Quantize a full-precision base on load (QLoRA); null keeps it as it is.", choices=(None, 4, 8)
+    )
+    quantize_group_size: int = setting(64, "Group size for quantize-on-load.", choices=(32, 64, 128))
+    trust_remote_code: bool = setting(False, "Allow the tokenizer to run code shipped with the model.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = setting(8, "LoRA rank.", min=1)
+    scale: float = setting(20.0, "LoRA scale (mlx-lm's `scale`, not `alpha`).", gt=0)
+    dropout: float = setting(0.0, "Dropout on the LoRA input.", min=0, max=0.99)
+    num_layers: int = setting(-1, "Adapt the last N transformer blocks; -1 adapts all.", min=-1)
+    keys: list[str] | None = setting(
+        None, "Module paths inside a block to adapt, e.g. [self_attn.q_proj]; null = all linears."
+    )
+
+
+@dataclass
+class DataConfig:
+    prompts: str = setting("", "JSONL file of prompts: {prompt}, {messages} or {prompt, context}.")
+    max_prompt_tokens: int = setting(1024, "Longest rendered prompt, in tokens.", min=8)
+    long_prompts: str = setting(
+        "skip", "What to do with a longer prompt: skip it (reported), keep its end, or stop.",
+        choices=("skip", "truncate", "error"),
+    )
+    prompt_template: str = setting("{prompt}", "Final user turn for a plain prompt; {prompt} is the row's text.")
+    context_template: str = setting(
+        "{prompt}\n\nPlease respect the following requirements made by the user: {context}",
+        "Final user turn for a row with a context; {prompt} and {context} are filled in.",
+    )
+    system_prompt: str | None = setting(None, "System message put before every prompt (paper: none).")
+    enable_thinking: bool = setting(False, "Passed to the chat template for thinking-capable models.")
+    valid_fraction: float = setting(0.05, "Share of prompts held out as validation pairs.", min=0, max=0.5)
+    limit: int | None = setting(None, "Use only the first N prompts (quick trial runs).", min=2)
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = setting(0.1, "Sampling temperature (paper: 0.1; 1.0 for multiple choice).", min=0)
+    top_p: float = setting(0.9, "Nucleus sampling mass (paper: 0.9).", gt=0, max=1)
+    max_tokens: int = setting(512, "Longest response, in tokens.", min=1)
+    batch_size: int = setting(16, "Prompts decoded together.", min=1)
+    truncated: str = setting(
+        "drop", "Responses that hit max_tokens: drop them, or keep them as generated (no EOS).",
+        choices=("drop", "keep"),
+    )
+    seed: int = setting(42, "Sampling seed; each prompt gets its own stream from it.")
+
+
+@dataclass
+class PairsConfig:
+    negatives: str = setting("random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES)
+    seed: int = setting(42, "Seed for the derangement and sentence dropping.")
+
+
+@dataclass
+class TrainingConfig:
+    loss: str = setting("sigmoid", "Preference loss.", choices=LOSSES)
+    beta: float = setting(0.1, "DPO beta.", gt=0)
+    label_smoothing: float = setting(0.0, "Label smoothing for sigmoid/robust losses.", min=0, max=0.49)
+    learning_rate: float = setting(1e-5, "Peak learning rate.", gt=0)
+    warmup_fraction: float = setting(0.03, "Share of steps with linear warmup.", min=0, max=1)
+    min_lr_ratio: float = setting(0.1, "Cosine decays to this fraction of the peak.", min=0, max=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", min=0)
+    adam_beta1: float = setting(0.9, "Adam beta1.", min=0, max=0.9999)
+    adam_beta2: float = setting(0.95, "Adam beta2.", min=0, max=0.99999)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0 turns it off.", min=0)
+    batch_size: int = setting(4, "Pairs per optimizer step (before accumulation).", min=1)
+    grad_accumulation: int = setting(1, "Micro-batches summed into one optimizer step.", min=1)
+    epochs: int = setting(1, "Passes over the training pairs (paper: 1).", min=1)
+    iters: int | None = setting(None, "Optimizer steps; null = epochs x pairs / batch.", min=1)
+    grad_checkpoint: bool = setting(False, "Recompute block activations in backward to save memory.")
+    compile: bool = setting(True, "Compile the training step with mx.compile.")
+    valid_every: int = setting(50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0)
+    save_every: int = setting(100, "Save adapters every N steps; 0 = only at the end.", min=0)
+    score_batch_size: int = setting(8, "Pairs per forward when scoring the reference.", min=1)
+    seed: int = setting(42, "Seed for data order, LoRA init and dropout.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = setting("mipo_output", "Folder for adapters, pairs, config and metrics.")
+    overwrite: bool = setting(False, "Replace a folder that holds an earlier run.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Short CLI spellings of the settings every run needs.
+SHORTCUTS = {
+    "model": "model.path",
+    "prompts": "data.prompts",
+    "output": "output.dir",
+    "iters": "training.iters",
+}
+
+
+def sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def settings_of(section: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Map each field name of a section to (resolved type, field)."""
+    hints = typing.get_type_hints(section)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(section)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in sections().items() for k in settings_of(cls)]
+
+
+def _unknown(key: str, known: list[str], where: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `hint`; accept '1e-5' for a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [coerce(v, args[0], key, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported setting type {hint!r} for {key}")
+
+
+def check_limits(value: Any, f: dataclasses.Field, key: str, where: str) -> None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        shown = ", ".join("null" if c is None else str(c) for c in meta["choices"])
+        raise UserError(f"{where}: '{key}' must be one of {shown}, got {value!r}")
+    if value is None or isinstance(value, (bool, str, list)):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise UserError(f"{where}: '{key}' must be at least {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise UserError(f"{where}: '{key}' must be at most {meta['max']}, got {value}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise UserError(f"{where}: '{key}' must be greater than {meta['gt']}, got {value}")
+
+
+def apply(config: Config, overrides: dict[str, Any], where: str) -> Config:
+    """Set dotted keys ('training.beta') on `config`, checking types and limits."""
+    for dotted, value in overrides.items():
+        section_name, _, name = dotted.partition(".")
+        if section_name not in sections() or not name:
+            raise _unknown(dotted, all_keys(), where)
+        fields = settings_of(sections()[section_name])
+        if name not in fields:
+            raise _unknown(dotted, all_keys(), where)
+        hint, f = fields[name]
+        value = coerce(value, hint, dotted, where)
+        check_limits(value, f, dotted, where)
+        setattr(getattr(config, section_name), name, value)
+    return config
+
+
+def flatten_yaml(data: Any, where: str) -> dict[str, Any]:
+    """Turn {section: {key: value}} into {'section.key': value}."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of sections (model:, training:, ...)")
+    flat = {}
+    for section_name, body in data.items():
+        if section_name not in sections():
+            raise _unknown(str(section_name), list(sections()), where)
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: section '{section_name}' must be a mapping of keys")
+        for key, value in body.items():
+            flat[f"{section_name}.{key}"] = value
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    return flatten_yaml(data, str(path))
+
+
+def validate(config: Config) -> Config:
+    """Rules across keys that one field's limits cannot state."""
+    data = config.data
+    for key, template, names in (("data.prompt_template", data.prompt_template, ("prompt",)),
+                                 ("data.context_template", data.context_template, ("prompt", "context"))):
+        for name in names:
+            if "{" + name + "}" not in template:
+                raise UserError(f"{key} must contain {{{name}}}, got {template!r}")
+        try:
+            template.format(prompt="", context="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise UserError(f"{key}: only {{prompt}} and {{context}} may appear in braces ({err}); "
+                            "write literal braces as {{ and }}") from None
+    if not config.model.path:
+        raise UserError("model.path is not set: pass --model <repo-or-folder> or set it in the config")
+    if not config.data.prompts:
+        raise UserError("data.prompts is not set: pass --prompts <file.jsonl> or set it in the config")
+    return config
+
+
+def resolve(yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Config | None = None) -> Config:
+    """Defaults, then the YAML file, then the command line."""
+    config = defaults if defaults is not None else Config()
+    if yaml_path:
+        apply(config, load_yaml(yaml_path), str(yaml_path))
+    apply(config, cli_overrides, "command line")
+    return config
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def from_dict(data: dict[str, Any], where: str) -> Config:
+    return apply(Config(), flatten_yaml(data, where), where)

@@ -1,0 +1,174 @@
+"""The training loop: one function, given the loss and the batches.
+
+AdamW with linear warmup and cosine decay, global gradient-norm clipping,
+gradient accumulation, an `mx.compile`d step and one `mx.eval` per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from .config import TrainingConfig
+from .losses import LOSSES, preference_metrics
+from .score import Batch, pair_logps
+
+StepLoss = Callable[..., tuple[mx.array, dict[str, mx.array]]]
+
+
+def make_loss(config: TrainingConfig) -> StepLoss:
+    """loss(model, inputs, targets, mask, ref_chosen, ref_rejected) -> (mean loss, metrics)."""
+    loss_fn = LOSSES[config.loss]
+
+    def loss(model, inputs, targets, mask, reference_chosen, reference_rejected):
+        batch = Batch(inputs, targets, mask, reference_chosen, reference_rejected, 0)
+        chosen, rejected = pair_logps(model, batch)  # (B,), (B,)
+        losses, chosen_rewards, rejected_rewards = loss_fn(
+            chosen, rejected, reference_chosen, reference_rejected,
+            beta=config.beta, label_smoothing=config.label_smoothing)
+        metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+        return metrics["loss"], metrics
+
+    return loss
+
+
+def schedule(config: TrainingConfig, steps: int) -> Callable[[mx.array], mx.array]:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak."""
+    peak = config.learning_rate
+    warmup = math.ceil(config.warmup_fraction * steps) if config.warmup_fraction > 0 else 0
+    decay = optim.cosine_decay(peak, max(steps - warmup, 1), end=peak * config.min_lr_ratio)
+    if warmup == 0:
+        return decay
+    # Start at peak/(warmup+1), not 0, so the first step is not wasted.
+    ramp = optim.linear_schedule(peak / (warmup + 1), peak, warmup)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(config: TrainingConfig, steps: int) -> optim.Optimizer:
+    return optim.AdamW(learning_rate=schedule(config, steps),
+                       betas=[config.adam_beta1, config.adam_beta2],
+                       weight_decay=config.weight_decay)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass.
+
+    Only these block instances change class (to a subclass made here): unlike
+    patching the block class itself, other models in the process are untouched.
+    """
+    for layer in model.layers:
+        base = type(layer)
+        if getattr(base, "_mipo_checkpointed", False):
+            continue
+
+        def call(self, *args, _fn=base.__call__, **kwargs):
+            def inner(params, *a, **k):
+                self.update(params)
+                return _fn(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(base.__name__, (base,), {"__call__": call, "_mipo_checkpointed": True})
+
+
+def memory_metrics() -> dict[str, float]:
+    """Active, cache and peak memory in GB (peak alone omits the buffer cache)."""
+    return {"memory/active_gb": mx.get_active_memory() / 1e9,
+            "memory/cache_gb": mx.get_cache_memory() / 1e9,
+            "memory/peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, config: TrainingConfig):
+    """step(arrays, grad_sum, update) -> (metrics, grad_sum); compiled unless config.compile is off."""
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(arrays, grad_sum, update: bool):
+        (_, metrics), grads = loss_and_grad(model, *arrays)
+        if grad_sum is not None:
+            grads = tree_map(lambda a, b: a + b, grads, grad_sum)
+        if not update:
+            return metrics, grads
+        if config.grad_accumulation > 1:
+            grads = tree_map(lambda g: g / config.grad_accumulation, grads)
+        if config.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
+        else:
+            norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        optimizer.update(model, grads)
+        return {**metrics, "grad_norm": norm}, None
+
+    if config.compile:
+        return partial(mx.compile, inputs=state, outputs=state)(step)
+    return step
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = rows[0].keys()
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def evaluate_pairs(model: nn.Module, loss: StepLoss, batches: Iterable[Batch]) -> dict[str, float]:
+    """Mean metrics over held-out batches, with dropout off; prefixed 'valid/'."""
+    model.eval()
+    rows, weights = [], []
+    for batch in batches:
+        _, metrics = loss(model, *batch.arrays())
+        mx.eval(metrics)
+        rows.append({k: v.item() for k, v in metrics.items()})
+        weights.append(batch.n_pairs)
+    model.train()
+    if not rows:
+        return {}
+    total = sum(weights)
+    return {f"valid/{k}": sum(r[k] * w for r, w in zip(rows, weights)) / total for k in rows[0]}
+
+
+def train(
+    model: nn.Module,
+    loss: StepLoss,
+    batches: Iterator[Batch],
+    steps: int,
+    config: TrainingConfig,
+    *,
+    validate: Callable[[], dict[str, float]] | None = None,
+    save: Callable[[int], None] | None = None,
+    log: Callable[[dict[str, float]], None] | None = None,
+    start_step: int = 0,
+    optimizer: optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """Run `steps` optimizer steps; each takes `grad_accumulation` batches. Returns the last metrics."""
+    optimizer = optimizer or make_optimizer(config, steps)
+    if config.grad_checkpoint:
+        checkpoint_blocks(model)
+    model.train()
+    step_fn = make_step(model, optimizer, loss, config)
+    state = [model.state, optimizer.state]
+    last: dict[str, float] = {}
+    for step in range(start_step + 1, steps + 1):
+        tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
+        for micro in range(config.grad_accumulation):
+            batch = next(batches)
+            metrics, grad_sum = step_fn(batch.arrays(), grad_sum, micro == config.grad_accumulation - 1)
+            rows.append(metrics)
+            tokens += batch.n_tokens
+        mx.eval(state, rows)  # one evaluation per optimizer step; a sync point
+        seconds = time.perf_counter() - tic
+        last = {"step": step, **_mean([{k: v.item() for k, v in r.items() if k != "grad_norm"} for r in rows]),
+                "grad_norm": rows[-1]["grad_norm"].item(),
+                "learning_rate": float(optimizer.learning_rate.item()),
+                "tokens_per_sec": tokens / seconds, "step_seconds": seconds, **memory_metrics()}
+        if validate is not None and (step == steps or (config.valid_every and step % config.valid_every == 0)):
+            last.update(validate())
+        if log is not None:
+            log(last)
+        if save is not None and (step == steps or (config.save_every and step % config.save_every == 0)):
+            save(step)
+    return last

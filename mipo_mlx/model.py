@@ -1,0 +1,156 @@
+"""Load a model, quantize it, attach LoRA; switch adapters off to get the reference.
+
+The reference model of DPO is the very same model object with its adapters
+switched off (`adapters_disabled`): never a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import LoraConfig, ModelConfig
+from .errors import UserError
+from .files import atomic_path, write_json
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+def _check_local_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; point model.path at an mlx-lm/Hugging Face model folder")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no .safetensors weights (only safetensors are loaded, never pickle)")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); copy them from the base model")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def load(config: ModelConfig):
+    """Load (model, tokenizer, model_config) with mlx_lm.load; quantize if asked."""
+    from mlx_lm import load as mlx_load
+
+    path = Path(config.path).expanduser()
+    if path.exists():
+        _check_local_folder(path)
+    elif _looks_like_path(config.path):
+        raise UserError(f"{config.path}: model folder not found; give a local folder or a Hub id like org/name")
+    try:
+        model, tokenizer, model_config = mlx_load(
+            str(path) if path.exists() else config.path,
+            return_config=True,
+            revision=config.revision,
+            tokenizer_config={"trust_remote_code": config.trust_remote_code},
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{config.path}: could not load the model ({first})") from None
+    if config.quantize_bits:
+        model_config = quantize(model, model_config, config.quantize_bits, config.quantize_group_size)
+    model.freeze()
+    return model, tokenizer, model_config
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def quantize(model: nn.Module, model_config: dict, bits: int, group_size: int) -> dict:
+    """Quantize a full-precision model in place (QLoRA); a quantized one is left as it is."""
+    from mlx_lm.utils import quantize_model
+
+    if is_quantized(model):
+        return model_config
+    _, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model_config
+
+
+def lora_parameters(config: LoraConfig) -> dict:
+    params = {"rank": config.rank, "scale": config.scale, "dropout": config.dropout}
+    if config.keys:
+        params["keys"] = list(config.keys)
+    return params
+
+
+def num_adapted_layers(model: nn.Module, config: LoraConfig) -> int:
+    return len(model.layers) if config.num_layers < 0 else min(config.num_layers, len(model.layers))
+
+
+def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:
+    """Replace linears with LoRA layers (B = 0, so the model is unchanged); return trainable count."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    mx.random.seed(seed)  # lora_a's initialisation
+    try:
+        linear_to_lora_layers(model, num_adapted_layers(model, config), lora_parameters(config))
+    except (KeyError, ValueError) as err:
+        raise UserError(f"lora.keys: {err}") from None
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if trainable == 0:
+        raise UserError(f"lora.keys={config.keys} matched no layer; use names like self_attn.q_proj")
+    return trainable
+
+
+def _lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "linear")]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The reference model: the same object with each LoRA layer swapped for its base layer.
+
+    Swapping (rather than scale = 0) gives exactly the base computation, with no
+    adapter matmuls, and no second copy of any weight.
+    """
+    lora = _lora_modules(model)
+    model.update_modules(tree_unflatten([(name, m.linear) for name, m in lora]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(lora))
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+
+
+def save_adapters(folder: Path, model: nn.Module, lora: LoraConfig, base_model: str,
+                  name: str = ADAPTER_WEIGHTS) -> Path:
+    """Write adapters in mlx-lm's format (loads with mlx_lm.load(..., adapter_path=folder))."""
+    weights = adapter_weights(model)
+    target = folder / name
+    with atomic_path(target) as tmp:
+        mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights)
+        tmp.with_suffix(".safetensors").replace(tmp)
+    write_json(folder / ADAPTER_CONFIG, {
+        "fine_tune_type": "lora",
+        "num_layers": num_adapted_layers(model, lora),
+        "lora_parameters": lora_parameters(lora),
+        "base_model": base_model,
+        "trainer": "mipo_mlx",
+    })
+    return target
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; point at a folder written by mipo_mlx.train") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg})") from None

@@ -1,0 +1,164 @@
+"""Negative strategies, the derangement, and the pair file.
+
+A pair is (x, y+, y-): y+ is the base model's answer to x; y- is an answer made
+without x's information (another prompt's answer, or an answer to x with a
+sentence or the user's context removed). Both are always scored under x.
+
+The pair file (`pairs.jsonl`) uses the official release's chat format, so other
+trainers can read it, plus the token ids and the stored reference log-probs:
+  {"chosen":   [{"role": "user", "content": x}, {"role": "assistant", "content": y+}],
+   "rejected": [{"role": "user", "content": x}, {"role": "assistant", "content": y-}],
+   "prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...],
+   "negatives": "random", "source": j, "split": "train",
+   "reference_logps": {"chosen": -12.3, "rejected": -45.6}}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import UserError
+from .files import read_jsonl, write_jsonl
+from .prompts import Prompt, drop_one_sentence, user_text
+
+
+@dataclass
+class Pair:
+    messages: list[dict[str, str]]  # the prompt's chat turns (ending with the user turn x)
+    chosen: str
+    rejected: str
+    prompt_ids: list[int]  # x through the chat template, generation prompt included
+    chosen_ids: list[int]  # y+ as generated (stop token included when it stopped)
+    rejected_ids: list[int]  # y- as generated, scored under x
+    negatives: str  # the strategy that made y-
+    source: int  # index of the prompt whose answer y+ is
+    rejected_source: int | None = None  # random: the prompt y- answered
+    rejected_prompt: str | None = None  # incomplete/no_context/random_context: what y- answered
+    split: str = "train"
+    reference_logps: dict[str, float] | None = None
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        messages = row.pop("messages")
+        row["chosen"] = messages + [{"role": "assistant", "content": self.chosen}]
+        row["rejected"] = messages + [{"role": "assistant", "content": self.rejected}]
+        return {k: v for k, v in row.items() if v is not None}
+
+
+REQUIRED = ("chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "negatives", "source")
+
+
+def _id_list(value, key: str, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and t >= 0 for t in value):
+        raise UserError(f"{where}: '{key}' must be a non-empty list of token ids")
+    return value
+
+
+def pair_from_row(row: dict, where: str) -> Pair:
+    """Validate one pair-file row (the schema above) and build a `Pair`."""
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}; regenerate the pair file")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if (not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) < 2
+            or chosen[:-1] != rejected[:-1] or chosen[-1].get("role") != "assistant"):
+        raise UserError(f"{where}: 'chosen' and 'rejected' must share the prompt turns and end with an assistant turn")
+    ref = row.get("reference_logps")
+    if ref is not None and not (isinstance(ref, dict) and {"chosen", "rejected"} <= set(ref)):
+        raise UserError(f"{where}: 'reference_logps' must hold 'chosen' and 'rejected'")
+    return Pair(
+        messages=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"],
+        prompt_ids=_id_list(row["prompt_ids"], "prompt_ids", where),
+        chosen_ids=_id_list(row["chosen_ids"], "chosen_ids", where),
+        rejected_ids=_id_list(row["rejected_ids"], "rejected_ids", where),
+        negatives=row["negatives"], source=row["source"],
+        rejected_source=row.get("rejected_source"), rejected_prompt=row.get("rejected_prompt"),
+        split=row.get("split", "train"), reference_logps=ref,
+    )
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    return [pair_from_row(row, f"{path}:{n}") for n, row in read_jsonl(path, "pairs")]
+
+
+def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
+    write_jsonl(path, (p.to_row() for p in pairs))
+
+
+def derangement(groups: list, seed: int) -> list[int]:
+    """A random permutation p with groups[p[i]] != groups[i] for every i.
+
+    `groups` is what must differ (the prompt text): so no prompt gets its own
+    answer, nor the answer to a duplicate of itself, as its negative. Random
+    permutations are drawn until one fits (about e draws when all differ); a
+    repair pass by swaps handles sets with many duplicates.
+    """
+    n = len(groups)
+    if n < 2:
+        raise UserError(f"{n} prompt(s): a random negative needs at least 2 different prompts")
+    largest = max(Counter(groups).values())
+    if largest > n - largest:
+        raise UserError(f"{largest} of {n} prompts are identical: no derangement exists; "
+                        "remove duplicates or add more different prompts")
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        p = rng.permutation(n)
+        if all(groups[p[i]] != groups[i] for i in range(n)):
+            return p.tolist()
+    return _repair(groups, p.tolist(), rng)
+
+
+def _repair(groups: list, p: list[int], rng) -> list[int]:
+    """Swap targets until no prompt maps to its own group."""
+    for _ in range(10 * len(p)):
+        bad = [i for i in range(len(p)) if groups[p[i]] == groups[i]]
+        if not bad:
+            return p
+        i = bad[0]
+        for j in rng.permutation(len(p)):
+            if groups[p[j]] != groups[i] and groups[p[i]] != groups[j]:
+                p[i], p[j] = p[j], p[i]
+                break
+    raise UserError("could not build a derangement of the prompts; remove duplicate prompts")
+
+
+def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed: int) -> list[str | None]:
+    """The user turn each negative is generated from, for the generating strategies.
+
+    incomplete: x with one random non-final sentence dropped (None: nothing to drop);
+    no_context: x without the user's context; random_context: x with another
+    user's context (a derangement over contexts). `random` generates nothing.
+    """
+    rng = np.random.default_rng(seed)
+    if strategy == "incomplete":
+        return [_maybe(drop_one_sentence(p.question, rng), p.context, data) for p in prompts]
+    missing = [p.line for p in prompts if p.context is None]
+    if missing:
+        raise UserError(f"pairs.negatives={strategy} needs a 'context' on every prompt row; "
+                        f"line {missing[0]} has none")
+    if strategy == "no_context":
+        return [user_text(p.question, None, data) for p in prompts]
+    if strategy == "random_context":
+        other = derangement([p.context for p in prompts], seed)
+        return [user_text(p.question, prompts[j].context, data) for p, j in zip(prompts, other)]
+    raise ValueError(f"strategy {strategy!r} generates no negatives")
+
+
+def _maybe(question: str | None, context: str | None, data: DataConfig) -> str | None:
+    return None if question is None else user_text(question, context, data)
+
+
+def split_pairs(pairs: list[Pair], valid_fraction: float, seed: int) -> list[Pair]:
+    """Mark a seeded random share of pairs as 'valid' (held out from training)."""
+    n_valid = int(round(len(pairs) * valid_fraction))
+    if n_valid and len(pairs) - n_valid < 1:
+        n_valid = len(pairs) - 1
+    chosen = set(np.random.default_rng(seed + 1).permutation(len(pairs))[:n_valid].tolist())
+    for i, pair in enumerate(pairs):
+        pair.split = "valid" if i in chosen else "train"
+    return pairs

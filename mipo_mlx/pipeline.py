@@ -1,0 +1,229 @@
+"""The MIPO pipeline: prompts -> generate -> pairs -> reference scores -> train.
+
+Stages hand over through files in the output folder (config.yaml, pairs.jsonl,
+metrics.jsonl, adapters), so any of them can be inspected, rerun or replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import generate as gen
+from . import model as mdl
+from .config import Config, to_yaml, validate
+from .errors import UserError
+from .files import append_jsonl, write_text
+from .loop import evaluate_pairs, make_loss, train
+from .pairs import Pair, altered_prompts, derangement, split_pairs, write_pairs
+from .progress import Progress
+from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
+from .score import Batch, pack_pairs, score_pairs
+
+RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors")
+
+
+@dataclass
+class Rendered:
+    prompts: list[Prompt]  # kept prompts, in file order
+    messages: list[list[dict[str, str]]]  # their chat turns
+    ids: list[list[int]]  # their token ids through the chat template
+    skipped: int  # prompts over the length limit, skipped by policy
+
+
+@dataclass
+class RunResult:
+    output: Path
+    pairs: list[Pair]
+    metrics: dict[str, float]
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_output(config: Config) -> Path:
+    out = Path(config.output.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another output.dir")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not config.output.overwrite:
+        raise UserError(f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
+                        "output.dir or pass --output.overwrite true")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # overwrite was asked for: start the log anew
+    return out
+
+
+def render_prompts(prompts: list[Prompt], tokenizer, config: Config) -> Rendered:
+    kept = Rendered([], [], [], 0)
+    for prompt in prompts:
+        messages = messages_for(prompt, user_text(prompt.question, prompt.context, config.data), config.data)
+        ids = fit_length(render(tokenizer, messages, config.data.enable_thinking), config.data,
+                         f"{config.data.prompts}:{prompt.line}")
+        if ids is None:
+            kept.skipped += 1
+            continue
+        kept.prompts.append(prompt)
+        kept.messages.append(messages)
+        kept.ids.append(ids)
+    if len(kept.prompts) < 2:
+        raise UserError(f"{config.data.prompts}: {len(kept.prompts)} prompt(s) fit data.max_prompt_tokens="
+                        f"{config.data.max_prompt_tokens}; raise it or set data.long_prompts=truncate")
+    return kept
+
+
+def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: str, stream0: int):
+    progress = Progress(len(ids), stage)
+    responses = gen.generate(model, tokenizer, ids, config.generation,
+                             streams=[stream0 + i for i in range(len(ids))],
+                             on_done=lambda i, r: progress.update(1))
+    progress.close()
+    return responses
+
+
+def usable(response: gen.Response, config: Config) -> bool:
+    """The truncation rule: drop responses that hit max_tokens unless told to keep them."""
+    return response.finished or config.generation.truncated == "keep"
+
+
+def random_pairs(r: Rendered, positives, tokenizer, config: Config) -> list[Pair]:
+    """`random` negatives: another prompt's positive, via a derangement; no second generation."""
+    keep = [i for i, resp in enumerate(positives) if usable(resp, config)]
+    if len(keep) < 2:
+        raise UserError(f"only {len(keep)} response(s) finished within generation.max_tokens="
+                        f"{config.generation.max_tokens}; raise it or set generation.truncated=keep")
+    texts = [r.messages[i][-1]["content"] for i in keep]
+    other = derangement(texts, config.pairs.seed)
+    pairs = []
+    for slot, i in enumerate(keep):
+        j = keep[other[slot]]
+        pairs.append(Pair(r.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, positives[j]),
+                          r.ids[i], positives[i].token_ids, positives[j].token_ids, "random", i,
+                          rejected_source=j))
+    return pairs
+
+
+def generated_pairs(model, tokenizer, r: Rendered, positives, config: Config) -> list[Pair]:
+    """incomplete / no_context / random_context: generate y- from an altered prompt."""
+    strategy = config.pairs.negatives
+    altered = altered_prompts(r.prompts, strategy, config.data, config.pairs.seed)
+    todo = [i for i, text in enumerate(altered) if text is not None and usable(positives[i], config)]
+    if not todo:
+        raise UserError(f"pairs.negatives={strategy}: no prompt can be altered (e.g. no prompt has "
+                        "two sentences for 'incomplete'); choose another strategy")
+    ids = [render(tokenizer, messages_for(r.prompts[i], altered[i], config.data), config.data.enable_thinking)
+           for i in todo]
+    negatives = generate_all(model, tokenizer, ids, config, f"generate {strategy}", gen.STREAM_STRIDE)
+    pairs = []
+    for i, negative in zip(todo, negatives):
+        if usable(negative, config):
+            pairs.append(Pair(r.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, negative),
+                              r.ids[i], positives[i].token_ids, negative.token_ids, strategy, i,
+                              rejected_prompt=altered[i]))
+    if len(pairs) < 1:
+        raise UserError("no pair survived the truncation rule; raise generation.max_tokens")
+    return pairs
+
+
+def decode(tokenizer, response: gen.Response) -> str:
+    ids = response.token_ids[:-1] if response.finished else response.token_ids
+    return tokenizer.decode(ids)
+
+
+def build_pairs(model, tokenizer, config: Config) -> tuple[list[Pair], Rendered]:
+    prompts = read_prompts(config.data.prompts, config.data.limit)
+    rendered = render_prompts(prompts, tokenizer, config)
+    if rendered.skipped:
+        say(f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens={config.data.max_prompt_tokens}")
+    positives = generate_all(model, tokenizer, rendered.ids, config, "generate chosen", 0)
+    if config.pairs.negatives == "random":
+        pairs = random_pairs(rendered, positives, tokenizer, config)
+    else:
+        pairs = generated_pairs(model, tokenizer, rendered, positives, config)
+    return split_pairs(pairs, config.data.valid_fraction, config.pairs.seed), rendered
+
+
+def add_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> None:
+    """Score every pair once under the base model (no adapters); stored with the pairs."""
+    progress = Progress(len(pairs), "score reference")
+    scores = score_pairs(model, pairs, pad_id, batch_size, on_batch=progress.update)
+    progress.close()
+    for pair, (chosen, rejected) in zip(pairs, scores):
+        pair.reference_logps = {"chosen": chosen, "rejected": rejected}
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int) -> Iterator[Batch]:
+    """Full batches from epoch after epoch of seeded shuffles (batch k is a pure function of k)."""
+    epoch = 0
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
+            epoch += 1
+        yield pack_pairs([pairs[i] for i in order[:batch_size]], pad)
+        order = order[batch_size:]
+
+
+def total_steps(config: Config, n_train: int) -> int:
+    t = config.training
+    if t.iters is not None:
+        return t.iters
+    return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accumulation)))
+
+
+def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Path) -> dict[str, float]:
+    t = config.training
+    train_set = [p for p in pairs if p.split == "train"]
+    valid_set = [p for p in pairs if p.split == "valid"]
+    trainable = mdl.attach_lora(model, config.lora, t.seed)
+    steps = total_steps(config, len(train_set))
+    say(f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
+        f"({len(valid_set)} held out)")
+    loss = make_loss(t)
+    pad = pad_id(tokenizer)
+    progress = Progress(steps, "train")
+
+    def validate():
+        batches = (pack_pairs(valid_set[i : i + t.batch_size], pad) for i in range(0, len(valid_set), t.batch_size))
+        return evaluate_pairs(model, loss, batches)
+
+    def log(metrics):
+        append_jsonl(out / "metrics.jsonl", metrics)
+        progress.update(1, loss=metrics["loss"], margin=metrics["rewards/margins"],
+                        tok_s=f"{metrics['tokens_per_sec']:.0f}")
+
+    def save(step):
+        mdl.save_adapters(out, model, config.lora, config.model.path)
+        if step != steps:
+            mdl.save_adapters(out, model, config.lora, config.model.path, name=f"{step:07d}_adapters.safetensors")
+
+    metrics = train(model, loss, batch_stream(train_set, t.batch_size, t.seed, pad), steps, t,
+                    validate=validate if valid_set else None, save=save, log=log)
+    progress.close()
+    return metrics
+
+
+def run(config: Config) -> RunResult:
+    """The whole job: generate pairs with the base model, score them, train adapters."""
+    validate(config)
+    out = prepare_output(config)
+    write_text(out / "config.yaml", to_yaml(config))
+    model, tokenizer, _ = mdl.load(config.model)
+    pairs, _ = build_pairs(model, tokenizer, config)
+    add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
+    write_pairs(out / "pairs.jsonl", pairs)
+    say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
+    metrics = train_adapters(model, tokenizer, pairs, config, out)
+    say(f"adapters: {out / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{out}'))")
+    return RunResult(out, pairs, metrics)

@@ -1,0 +1,132 @@
+"""Prompt files, chat templates and personalization contexts.
+
+A prompt file is JSONL with one of three row shapes:
+  {"prompt": "..."}                          a single user turn
+  {"messages": [{"role": ..., "content": ...}, ...]}   chat turns ending with a user turn
+  {"prompt": "...", "context": "..."}        personalization: the user's stated preferences
+Other keys (answers, ids) are kept for evaluation and never read by training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+from .errors import UserError
+from .files import read_jsonl
+
+ROLES = {"system", "user", "assistant"}
+PROMPT_KEYS = {"prompt", "messages", "context"}
+
+
+@dataclass
+class Prompt:
+    """One training prompt, normalised from any row shape."""
+
+    line: int  # line in the prompt file, for messages that point at it
+    question: str  # text of the final user turn, before any context is added
+    context: str | None = None  # personalization: the user's stated preferences
+    history: list[dict[str, str]] = field(default_factory=list)  # earlier turns
+    extra: dict[str, Any] = field(default_factory=dict)  # labels etc.; never used to train
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise UserError(f"{where}: each turn needs a role (system/user/assistant) and string content")
+    if messages[-1]["role"] != "user":
+        raise UserError(f"{where}: 'messages' must end with a user turn (the prompt to answer)")
+    if not messages[-1]["content"].strip():
+        raise UserError(f"{where}: the final user turn is empty")
+    return [{"role": t["role"], "content": t["content"]} for t in messages]
+
+
+def parse_row(row: dict, where: str) -> Prompt:
+    """Normalise one JSONL row to a `Prompt`; `where` is 'file:line' for errors."""
+    extra = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    line = int(where.rsplit(":", 1)[-1]) if ":" in where else 0
+    context = row.get("context")
+    if context is not None and (not isinstance(context, str) or not context.strip()):
+        raise UserError(f"{where}: 'context' must be a non-empty string")
+    if "messages" in row:
+        if "prompt" in row:
+            raise UserError(f"{where}: give 'prompt' or 'messages', not both")
+        turns = _check_messages(row["messages"], where)
+        return Prompt(line, turns[-1]["content"], context, turns[:-1], extra)
+    if "prompt" not in row:
+        raise UserError(f"{where}: missing key 'prompt' (or 'messages'); each row needs the prompt text")
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        raise UserError(f"{where}: 'prompt' is empty; remove the row or give it text")
+    return Prompt(line, row["prompt"], context, [], extra)
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    prompts = []
+    for number, row in read_jsonl(path, "prompts"):
+        prompts.append(parse_row(row, f"{path}:{number}"))
+        if limit is not None and len(prompts) >= limit:
+            break
+    if len(prompts) < 2:
+        raise UserError(f"{path}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
+    return prompts
+
+
+def user_text(question: str, context: str | None, config: DataConfig) -> str:
+    """The final user turn: the question with the user's context, if any, filled in."""
+    if context is None:
+        return config.prompt_template.format(prompt=question)
+    return config.context_template.format(prompt=question, context=context)
+
+
+def messages_for(prompt: Prompt, text: str, config: DataConfig) -> list[dict[str, str]]:
+    """Chat turns for `prompt` whose final user turn is `text`."""
+    turns = list(prompt.history)
+    if config.system_prompt and not any(t["role"] == "system" for t in turns):
+        turns.insert(0, {"role": "system", "content": config.system_prompt})
+    return turns + [{"role": "user", "content": text}]
+
+
+def render(tokenizer, messages: list[dict[str, str]], enable_thinking: bool) -> list[int]:
+    """Token ids of `messages` through the model's chat template, ready for the answer."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("the model's tokenizer has no chat template; use an instruct/chat model "
+                        "or add 'chat_template' to its tokenizer_config.json")
+    # enable_thinking is passed explicitly: mlx-lm turns it on for thinking-capable models.
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              enable_thinking=enable_thinking))
+
+
+def fit_length(ids: list[int], config: DataConfig, where: str) -> list[int] | None:
+    """Apply the long-prompt policy: None means skip this prompt."""
+    if len(ids) <= config.max_prompt_tokens:
+        return ids
+    if config.long_prompts == "error":
+        raise UserError(f"{where}: prompt has {len(ids)} tokens, over data.max_prompt_tokens="
+                        f"{config.max_prompt_tokens}; raise it or set data.long_prompts to skip/truncate")
+    if config.long_prompts == "truncate":
+        return ids[-config.max_prompt_tokens:]  # the end holds the question and the generation prompt
+    return None
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def drop_one_sentence(text: str, rng) -> str | None:
+    """The paper's `incomplete` prompt: drop one random non-final sentence.
+
+    The final sentence (the question) is kept; None when there is nothing to drop.
+    """
+    sentences = split_sentences(text)
+    if len(sentences) < 2:
+        return None
+    dropped = int(rng.integers(0, len(sentences) - 1))
+    return " ".join(s for i, s in enumerate(sentences) if i != dropped)
