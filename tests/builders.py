@@ -1,0 +1,34 @@
+"""Small inputs the tests build in-process: model folders, prompt files, pairs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from mipo_mlx.pairs import Pair
+
+ARITHMETIC = "Tom has {a} apples. He buys {b} more. How many apples does he have?"
+
+
+def write_prompts(path: Path, n: int = 16, seed: int = 0, context: bool = False) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            row = {"prompt": ARITHMETIC.format(a=rng.randint(1, 9), b=rng.randint(1, 9)) + f" Case {i}."}
+            if context:
+                row["context"] = rng.choice(["Answer in one line.", "Be very polite.", "Use numbers only."])
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def random_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = None) -> list[Pair]:
+    """Pairs of random token ids with varied lengths (for scoring and training tests)."""
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        out = [rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi))]
+        return out + ([eos] if eos is not None else [])
+
+    return [Pair([{"role": "user", "content": f"p{i}"}], "c", "r", ids(5, 14), ids(2, 10), ids(2, 10),
+                 "random", i, rejected_source=(i + 1) % n) for i in range(n)]
