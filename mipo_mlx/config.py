@@ -10,6 +10,7 @@ never overrides the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -301,3 +302,22 @@ def to_yaml(config: Config) -> str:
 
 def from_dict(data: dict[str, Any], where: str) -> Config:
     return apply(Config(), flatten_yaml(data, where), where)
+
+
+def reference_markdown() -> str:
+    """The settings table for the README (a test keeps the two in step)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    defaults = Config()
+    for section_name, section in sections().items():
+        for name, (_, f) in settings_of(section).items():
+            value = getattr(getattr(defaults, section_name), name)
+            shown = "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
+            meaning = f.metadata["help"]
+            if "choices" in f.metadata:
+                meaning += " One of: " + ", ".join("null" if c is None else str(c) for c in f.metadata["choices"]) + "."
+            lines.append(f"| `{section_name}.{name}` | `{shown}` | {meaning.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

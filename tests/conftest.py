@@ -1,0 +1,17 @@
+"""Fixtures shared by the tests: one small model folder built in-process per session."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    from mipo_mlx.toy import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("toy") / "model")
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_model_dir):
+    from mlx_lm import load
+
+    return load(str(toy_model_dir))
