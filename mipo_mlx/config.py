@@ -10,8 +10,10 @@ never overrides the YAML file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import difflib
+import json
+import math
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,13 +85,13 @@ class GenerationConfig:
         "drop", "Responses that hit max_tokens: drop them, or keep them as generated (no EOS).",
         choices=("drop", "keep"),
     )
-    seed: int = setting(42, "Sampling seed; each prompt gets its own stream from it.")
+    seed: int = setting(42, "Sampling seed; each prompt gets its own stream from it.", min=0)
 
 
 @dataclass
 class PairsConfig:
     negatives: str = setting("random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES)
-    seed: int = setting(42, "Seed for the derangement and sentence dropping.")
+    seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0)
 
 
 @dataclass
@@ -113,7 +115,7 @@ class TrainingConfig:
     valid_every: int = setting(50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0)
     save_every: int = setting(100, "Save adapters every N steps; 0 = only at the end.", min=0)
     score_batch_size: int = setting(8, "Pairs per forward when scoring the reference.", min=1)
-    seed: int = setting(42, "Seed for data order, LoRA init and dropout.")
+    seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0)
 
 
 @dataclass
@@ -205,6 +207,8 @@ def check_limits(value: Any, f: dataclasses.Field, key: str, where: str) -> None
         raise UserError(f"{where}: '{key}' must be one of {shown}, got {value!r}")
     if value is None or isinstance(value, (bool, str, list)):
         return
+    if not math.isfinite(value):
+        raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
     if "min" in meta and value < meta["min"]:
         raise UserError(f"{where}: '{key}' must be at least {meta['min']}, got {value}")
     if "max" in meta and value > meta["max"]:
@@ -254,6 +258,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: config file not found") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the config ({err.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -263,19 +269,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return flatten_yaml(data, str(path))
 
 
+def check_template(key: str, template: str, names: set[str]) -> None:
+    """The template must use exactly `names` as its {fields} (literal braces are {{ }})."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise UserError(f"{key}: {err} in {template!r}; write literal braces as {{{{ and }}}}") from None
+    fields = {f.split("!")[0].split(":")[0] for f in fields}
+    if fields != names:
+        need = ", ".join("{" + n + "}" for n in sorted(names))
+        raise UserError(f"{key} must use exactly {need} as fields, got {template!r}")
+
+
 def validate(config: Config) -> Config:
     """Rules across keys that one field's limits cannot state."""
     data = config.data
-    for key, template, names in (("data.prompt_template", data.prompt_template, ("prompt",)),
-                                 ("data.context_template", data.context_template, ("prompt", "context"))):
-        for name in names:
-            if "{" + name + "}" not in template:
-                raise UserError(f"{key} must contain {{{name}}}, got {template!r}")
-        try:
-            template.format(prompt="", context="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise UserError(f"{key}: only {{prompt}} and {{context}} may appear in braces ({err}); "
-                            "write literal braces as {{ and }}") from None
+    check_template("data.prompt_template", data.prompt_template, {"prompt"})
+    check_template("data.context_template", data.context_template, {"prompt", "context"})
     if not config.model.path:
         raise UserError("model.path is not set: pass --model <repo-or-folder> or set it in the config")
     if not config.data.prompts:

@@ -25,6 +25,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:  # the rename must not overtake the data
@@ -33,6 +34,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target: str | Path, text: str) -> None:
@@ -61,10 +68,16 @@ def append_jsonl(target: str | Path, row: dict) -> None:
 
 
 def read_jsonl(path: str | Path, what: str = "rows") -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; bad lines are user errors."""
+    """Yield (line number, object) for each non-blank line; bad lines are user errors.
+
+    A missing file is reported at the call, not at the first iteration."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
+    return _rows(path)
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:

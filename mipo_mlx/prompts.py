@@ -37,7 +37,8 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
     for turn in messages:
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in ROLES or not isinstance(turn.get("content"), str):
             raise UserError(f"{where}: each turn needs a role (system/user/assistant) and string content")
     if messages[-1]["role"] != "user":
         raise UserError(f"{where}: 'messages' must end with a user turn (the prompt to answer)")
@@ -60,7 +61,9 @@ def parse_row(row: dict, where: str) -> Prompt:
         return Prompt(line, turns[-1]["content"], context, turns[:-1], extra)
     if "prompt" not in row:
         raise UserError(f"{where}: missing key 'prompt' (or 'messages'); each row needs the prompt text")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+    if not isinstance(row["prompt"], str):
+        raise UserError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    if not row["prompt"].strip():
         raise UserError(f"{where}: 'prompt' is empty; remove the row or give it text")
     return Prompt(line, row["prompt"], context, [], extra)
 

@@ -12,12 +12,14 @@ no mlx at the top, so `--help` and config errors work without a backend.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from typing import Any
 
 import yaml
 
-from .config import SHORTCUTS, Config, resolve, sections, settings_of
+from .config import SHORTCUTS, Config, all_keys, resolve, sections, settings_of
 from .errors import UserError, reports_user_errors
 
 
@@ -25,8 +27,22 @@ def _describe(default: Any) -> str:
     return "null" if default is None else repr(default) if isinstance(default, str) else str(default)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one-line user errors, with a did-you-mean hint."""
+
+    def error(self, message: str):
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if match and match.group(1).startswith("--"):
+            known = [*all_keys(), *SHORTCUTS, "config"]
+            close = difflib.get_close_matches(match.group(1)[2:], known, n=1, cutoff=0.5)
+            hint = f" (did you mean '--{close[0]}'?)" if close else "; see --help for the options"
+            raise UserError(f"command line: unknown option '{match.group(1)}'{hint}")
+        raise UserError(f"command line: {message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        allow_abbrev=False,  # '--training.learning_rat' is a mistake, not a shorthand
         prog="python -m mipo_mlx.train",
         description="MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
                     "(chosen = its answer; rejected = its answer to another prompt).",
@@ -50,8 +66,8 @@ def parse_value(key: str, text: str) -> Any:
     """CLI text to a value: strings stay strings; others are read as YAML scalars/lists."""
     section_name, name = key.split(".", 1)
     hint = settings_of(sections()[section_name])[name][0]
-    if hint is str:
-        return text
+    if hint is str or hint == (str | None):
+        return None if text == "null" and hint is not str else text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -1,0 +1,98 @@
+"""Compute backend and BLAS selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mipo_mlx  # noqa: F401  (loads the system BLAS before mlx.core, as the package does)
+from mipo_mlx import _backend
+
+SYSTEM_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+needs_openblas = pytest.mark.skipif(
+    not Path(SYSTEM_OPENBLAS).exists() or sys.platform != "linux",
+    reason="system OpenBLAS (libopenblas0-pthread) not installed",
+)
+
+
+def python(code: str, **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
+    environ.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environ, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_blas_library_returns_a_string():
+    name = _backend.blas_library()
+    assert isinstance(name, str) and name
+    if sys.platform == "linux":
+        assert name == _backend._loaded_blas or name.startswith("bundled reference BLAS")
+
+
+def test_require_mlx_does_not_raise():
+    assert _backend.require_mlx() is None
+
+
+def test_backend_hint_names_the_extras():
+    assert "mipo_mlx[cpu]" in _backend.BACKEND_HINT and "mipo_mlx[cuda]" in _backend.BACKEND_HINT
+
+
+@needs_openblas
+def test_import_loads_system_openblas():
+    code = (
+        "import mipo_mlx\n"
+        "from mipo_mlx._backend import blas_library\n"
+        "import os\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(blas_library())\n"
+        f"print(os.path.realpath({SYSTEM_OPENBLAS!r}) in maps)\n"
+    )
+    assert python(code).splitlines() == [SYSTEM_OPENBLAS, "True"]
+
+
+@needs_openblas
+def test_blas_can_be_switched_off():
+    out = python("import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+                 MIPO_MLX_BLAS="off")
+    assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
+
+
+def test_blas_path_that_does_not_exist_is_ignored(tmp_path):
+    out = python("import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+                 MIPO_MLX_BLAS=str(tmp_path / "libnothing.so"))
+    assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
+
+
+def test_too_late_after_mlx_is_imported():
+    out = python("import mlx.core\nimport mipo_mlx\nfrom mipo_mlx._backend import blas_library\n"
+                 "print(blas_library())")
+    assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
+
+
+@needs_openblas
+def test_matmul_with_system_blas_matches_numpy():
+    import mlx.core as mx
+
+    assert _backend.blas_library() == SYSTEM_OPENBLAS, "mlx.core was imported before mipo_mlx"
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 256)).astype(np.float32)
+    b = rng.standard_normal((256, 256)).astype(np.float32)
+    with mx.stream(mx.cpu):
+        got = np.array(mx.matmul(mx.array(a), mx.array(b)))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert got.dtype == np.float32 and got.shape == (256, 256)
+    relative = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert relative < 1e-3
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-3
+    # a transposed operand takes another BLAS path (trans flags)
+    with mx.stream(mx.cpu):
+        got_t = np.array(mx.matmul(mx.array(a).T, mx.array(b)))
+    want_t = a.T.astype(np.float64) @ b.astype(np.float64)
+    assert np.linalg.norm(got_t - want_t) / np.linalg.norm(want_t) < 1e-3

@@ -1,0 +1,578 @@
+"""Settings: defaults, YAML loading, CLI parsing, precedence, types, limits, validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mipo_mlx.config import (
+    SHORTCUTS,
+    Config,
+    all_keys,
+    apply,
+    from_dict,
+    load_yaml,
+    resolve,
+    sections,
+    settings_of,
+    to_dict,
+    to_yaml,
+    validate,
+)
+from mipo_mlx.errors import UserError
+from mipo_mlx.train import build_parser, parse_args
+
+
+def write_yaml(tmp_path, text: str, name: str = "config.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def valid_config() -> Config:
+    config = Config()
+    config.model.path = "some/model"
+    config.data.prompts = "prompts.jsonl"
+    return config
+
+
+def resolve_cli(argv: list[str]) -> Config:
+    yaml_path, overrides = parse_args(argv)
+    return resolve(yaml_path, overrides)
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_match_documented_values():
+    c = Config()
+    assert (c.model.path, c.model.revision, c.model.quantize_bits) == ("", None, None)
+    assert (c.model.quantize_group_size, c.model.trust_remote_code) == (64, False)
+    assert (c.lora.rank, c.lora.scale, c.lora.dropout, c.lora.num_layers, c.lora.keys) == (
+        8, 20.0, 0.0, -1, None)
+    assert c.data.prompts == ""
+    assert c.data.max_prompt_tokens == 1024
+    assert c.data.long_prompts == "skip"
+    assert c.data.prompt_template == "{prompt}"
+    assert c.data.context_template == (
+        "{prompt}\n\nPlease respect the following requirements made by the user: {context}")
+    assert c.data.system_prompt is None
+    assert c.data.valid_fraction == 0.05
+    assert c.data.limit is None
+    assert (c.generation.temperature, c.generation.top_p, c.generation.max_tokens) == (0.1, 0.9, 512)
+    assert (c.generation.truncated, c.generation.seed) == ("drop", 42)
+    assert (c.pairs.negatives, c.pairs.seed) == ("random", 42)
+    t = c.training
+    assert (t.loss, t.beta, t.learning_rate, t.epochs, t.iters) == ("sigmoid", 0.1, 1e-5, 1, None)
+    assert (t.batch_size, t.grad_accumulation, t.compile, t.grad_checkpoint) == (4, 1, True, False)
+    assert (c.output.dir, c.output.overwrite) == ("mipo_output", False)
+
+
+def test_list_defaults_are_not_shared_between_instances():
+    a, b = Config(), Config()
+    assert a is not b and a.training is not b.training
+    a.lora.rank = 99
+    assert b.lora.rank == 8
+
+
+def test_default_values_pass_their_own_limits():
+    # Applying every default as an override must be accepted unchanged.
+    flat = {f"{s}.{n}": x for s, body in to_dict(Config()).items() for n, x in body.items()}
+    config = apply(Config(), flat, "defaults")
+    assert config == Config()
+
+
+def test_all_keys_lists_every_section_and_field():
+    keys = all_keys()
+    assert list(sections()) == ["model", "lora", "data", "generation", "pairs", "training", "output"]
+    assert len(keys) == len(set(keys)) == sum(len(settings_of(cls)) for cls in sections().values())
+    assert "training.learning_rate" in keys and "output.overwrite" in keys
+    assert "model.path" in keys and "lora.keys" in keys
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+def test_yaml_values_override_defaults(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  path: org/name\ntraining:\n  beta: 0.5\n  epochs: 2\n")
+    config = resolve(str(path), {})
+    assert config.model.path == "org/name"
+    assert config.training.beta == 0.5
+    assert config.training.epochs == 2
+    assert config.training.learning_rate == 1e-5  # untouched default
+    assert config.lora.rank == 8
+
+
+def test_load_yaml_flattens_sections(tmp_path):
+    path = write_yaml(tmp_path, "lora:\n  rank: 4\n  keys: [self_attn.q_proj]\noutput:\n  dir: out\n")
+    assert load_yaml(path) == {"lora.rank": 4, "lora.keys": ["self_attn.q_proj"], "output.dir": "out"}
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    path = write_yaml(tmp_path, "# nothing set\n")
+    assert load_yaml(path) == {}
+    assert resolve(str(path), {}) == Config()
+
+
+def test_yaml_exponent_without_dot_is_read_as_float(tmp_path):
+    assert yaml.safe_load("x: 1e-5")["x"] == "1e-5"  # the PyYAML quirk this guards against
+    path = write_yaml(tmp_path, "training:\n  learning_rate: 1e-5\n  beta: 2e-1\n")
+    config = resolve(str(path), {})
+    assert config.training.learning_rate == 1e-5
+    assert isinstance(config.training.learning_rate, float)
+    assert config.training.beta == 0.2
+
+
+def test_yaml_integer_for_float_becomes_float(tmp_path):
+    config = resolve(str(write_yaml(tmp_path, "training:\n  beta: 1\n")), {})
+    assert config.training.beta == 1.0 and isinstance(config.training.beta, float)
+
+
+def test_yaml_unknown_key_suggests_the_close_one(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  learning_rat: 0.001\n")
+    with pytest.raises(UserError) as err:
+        resolve(str(path), {})
+    assert str(err.value) == (
+        f"{path}: unknown key 'training.learning_rat' (did you mean 'training.learning_rate'?)")
+
+
+def test_yaml_unknown_key_without_close_match_lists_known_keys(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  zzzzzzzzzzzzzzzzzzzzzzzzzzzzz: 1\n")
+    with pytest.raises(UserError) as err:
+        resolve(str(path), {})
+    message = str(err.value)
+    assert message.startswith(f"{path}: unknown key 'training.zzzzzzzzzzzzzzzzzzzzzzzzzzzzz'; known keys: ")
+    assert "training.learning_rate" in message and "model.path" in message
+
+
+def test_yaml_unknown_section(tmp_path):
+    path = write_yaml(tmp_path, "trainin:\n  beta: 0.2\n")
+    with pytest.raises(UserError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"{path}: unknown key 'trainin' (did you mean 'training'?)"
+
+
+def test_yaml_top_level_must_be_a_mapping(tmp_path):
+    path = write_yaml(tmp_path, "- model\n- training\n")
+    with pytest.raises(UserError, match=r"expected a mapping of sections"):
+        load_yaml(path)
+
+
+def test_yaml_section_must_be_a_mapping(tmp_path):
+    path = write_yaml(tmp_path, "training: 5\n")
+    with pytest.raises(UserError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"{path}: section 'training' must be a mapping of keys"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  beta: 0.1\n  loss: [sigmoid\n  epochs: 1\n")
+    with pytest.raises(UserError) as err:
+        load_yaml(path)
+    assert str(err.value).startswith(f"{path} line 4: not valid YAML")
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_yaml(tmp_path / "nope.yaml")
+    assert str(err.value) == f"{tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_yaml_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model:\n  path: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"{path}: not UTF-8 text; save the config as UTF-8"
+
+
+def test_config_path_that_is_a_folder_is_a_user_error(tmp_path):
+    # BUG: load_yaml catches only FileNotFoundError/UnicodeDecodeError, so a folder
+    # (IsADirectoryError) or an unreadable file escapes as a traceback.
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    with pytest.raises(UserError, match=r"configs"):
+        load_yaml(folder)
+
+
+# ---------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora.rank", "8", "'lora.rank' must be an integer, got '8'"),
+        ("lora.rank", 8.5, "'lora.rank' must be an integer, got 8.5"),
+        ("lora.rank", True, "'lora.rank' must be an integer, got True"),
+        ("training.compile", "yes", "'training.compile' must be true or false, got 'yes'"),
+        ("training.compile", 1, "'training.compile' must be true or false, got 1"),
+        ("training.beta", "abc", "'training.beta' must be a number, got 'abc'"),
+        ("training.beta", False, "'training.beta' must be a number, got False"),
+        ("data.prompts", 5, "'data.prompts' must be a string, got 5"),
+        ("lora.keys", "self_attn.q_proj", "'lora.keys' must be a list, got 'self_attn.q_proj'"),
+        ("lora.keys", ["q_proj", 3], "'lora.keys' must be a string, got 3"),
+        ("training.iters", "ten", "'training.iters' must be an integer, got 'ten'"),
+        ("model.path", None, "'model.path' must be a string, got None"),
+    ],
+)
+def test_wrong_types_are_user_errors(key, value, message):
+    with pytest.raises(UserError) as err:
+        apply(Config(), {key: value}, "where")
+    assert str(err.value) == f"where: {message}"
+
+
+def test_quoted_yes_in_yaml_is_not_a_bool(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  compile: 'yes'\n")
+    with pytest.raises(UserError) as err:
+        resolve(str(path), {})
+    assert str(err.value) == f"{path}: 'training.compile' must be true or false, got 'yes'"
+
+
+def test_unquoted_yaml_bools_are_accepted(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  compile: false\noutput:\n  overwrite: true\n")
+    config = resolve(str(path), {})
+    assert config.training.compile is False
+    assert config.output.overwrite is True
+
+
+def test_optional_values_accept_null(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  iters: null\nlora:\n  keys: null\ndata:\n  limit: 5\n")
+    config = resolve(str(path), {})
+    assert config.training.iters is None and config.lora.keys is None
+    assert config.data.limit == 5
+
+
+# ---------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.quantize_bits", 3, "'model.quantize_bits' must be one of null, 4, 8, got 3"),
+        ("model.quantize_group_size", 16, "'model.quantize_group_size' must be one of 32, 64, 128, got 16"),
+        ("data.long_prompts", "cut", "'data.long_prompts' must be one of skip, truncate, error, got 'cut'"),
+        ("training.loss", "dpo", "'training.loss' must be one of sigmoid, robust, hinge, ipo, sppo_hard, "
+                                 "nca_pair, got 'dpo'"),
+        ("pairs.negatives", "shuffled", "'pairs.negatives' must be one of random, incomplete, no_context, "
+                                        "random_context, got 'shuffled'"),
+        ("lora.rank", 0, "'lora.rank' must be at least 1, got 0"),
+        ("lora.num_layers", -2, "'lora.num_layers' must be at least -1, got -2"),
+        ("data.max_prompt_tokens", 7, "'data.max_prompt_tokens' must be at least 8, got 7"),
+        ("data.limit", 1, "'data.limit' must be at least 2, got 1"),
+        ("lora.dropout", 1.0, "'lora.dropout' must be at most 0.99, got 1.0"),
+        ("data.valid_fraction", 0.6, "'data.valid_fraction' must be at most 0.5, got 0.6"),
+        ("generation.top_p", 1.5, "'generation.top_p' must be at most 1, got 1.5"),
+        ("generation.top_p", 0, "'generation.top_p' must be greater than 0, got 0.0"),
+        ("training.beta", 0, "'training.beta' must be greater than 0, got 0.0"),
+        ("training.learning_rate", "-1e-5", "'training.learning_rate' must be greater than 0, got -1e-05"),
+        ("training.iters", 0, "'training.iters' must be at least 1, got 0"),
+    ],
+)
+def test_limits_are_user_errors_naming_the_key(key, value, message):
+    with pytest.raises(UserError) as err:
+        apply(Config(), {key: value}, "cfg.yaml")
+    assert str(err.value) == f"cfg.yaml: {message}"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("lora.dropout", 0.99), ("generation.top_p", 1), ("lora.num_layers", -1), ("data.limit", 2),
+     ("model.quantize_bits", 4), ("model.quantize_bits", None), ("data.valid_fraction", 0)],
+)
+def test_values_on_the_limit_are_accepted(key, value):
+    config = apply(Config(), {key: value}, "x")
+    section, name = key.split(".")
+    assert getattr(getattr(config, section), name) == value
+
+
+@pytest.mark.parametrize("key", ["training.learning_rate", "training.beta", "generation.top_p"])
+def test_nan_does_not_pass_limits(key):
+    # BUG: check_limits compares with < / > / <=, which are all False for NaN, so
+    # 'nan' (or YAML .nan) passes "must be greater than 0" and "at most 1".
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        apply(Config(), {key: "nan"}, "x")
+
+
+@pytest.mark.parametrize("key", ["pairs.seed", "training.seed"])
+def test_negative_seed_is_rejected(key):
+    # BUG: seeds have no lower limit, but numpy.random.default_rng(-1) (pairs.seed,
+    # training.seed) and mx.random.seed(-1) (training.seed) raise mid-run.
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        apply(Config(), {key: -1}, "x")
+
+
+# ---------------------------------------------------------------- validate()
+
+
+def test_validate_accepts_a_complete_config():
+    config = valid_config()
+    assert validate(config) is config
+
+
+def test_validate_requires_model_path():
+    config = valid_config()
+    config.model.path = ""
+    with pytest.raises(UserError) as err:
+        validate(config)
+    assert str(err.value) == (
+        "model.path is not set: pass --model <repo-or-folder> or set it in the config")
+
+
+def test_validate_requires_prompts():
+    config = valid_config()
+    config.data.prompts = ""
+    with pytest.raises(UserError) as err:
+        validate(config)
+    assert str(err.value) == (
+        "data.prompts is not set: pass --prompts <file.jsonl> or set it in the config")
+
+
+@pytest.mark.parametrize(
+    "key, template, message",
+    [
+        ("prompt_template", "Answer this",
+         "data.prompt_template must use exactly {prompt} as fields, got 'Answer this'"),
+        ("context_template", "{prompt} only",
+         "data.context_template must use exactly {context}, {prompt} as fields, got '{prompt} only'"),
+        ("context_template", "{context} only",
+         "data.context_template must use exactly {context}, {prompt} as fields, got '{context} only'"),
+    ],
+)
+def test_validate_template_missing_placeholder(key, template, message):
+    config = valid_config()
+    setattr(config.data, key, template)
+    with pytest.raises(UserError) as err:
+        validate(config)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{prompt} {name}", "data.prompt_template must use exactly {prompt} as fields"),
+    ("{prompt} {0}", "data.prompt_template must use exactly {prompt} as fields"),
+    ("{prompt} {}", "data.prompt_template must use exactly {prompt} as fields"),
+    ("{prompt} {", "data.prompt_template: Single '{' encountered in format string"),
+])
+def test_validate_template_with_other_braces(template, message):
+    config = valid_config()
+    config.data.prompt_template = template
+    with pytest.raises(UserError) as err:
+        validate(config)
+    assert str(err.value).startswith(message)
+
+
+def test_validate_accepts_literal_braces():
+    config = valid_config()
+    config.data.prompt_template = "{prompt} as JSON: {{\"answer\": ...}}"
+    assert validate(config) is config
+
+
+def test_validate_rejects_context_in_prompt_template():
+    # BUG: validate() tries prompt_template.format(prompt=..., context=...), so
+    # "{context}" in prompt_template passes; user_text() later formats it with
+    # prompt= only and crashes with KeyError('context') after the model is loaded.
+    config = valid_config()
+    config.data.prompt_template = "{prompt} ({context})"
+    with pytest.raises(UserError, match=r"data\.prompt_template"):
+        validate(config)
+
+
+def test_validate_rejects_escaped_prompt_placeholder():
+    # BUG: the check is a substring test, so "{{prompt}}" (literal braces) passes,
+    # and the rendered user turn is the literal text "{prompt}": the question is lost.
+    config = valid_config()
+    config.data.prompt_template = "Q: {{prompt}}"
+    with pytest.raises(UserError, match=r"data\.prompt_template must use exactly \{prompt\}"):
+        validate(config)
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_to_yaml_from_dict_round_trip():
+    config = valid_config()
+    config.model.revision = "main"
+    config.model.quantize_bits = 4
+    config.lora.keys = ["self_attn.q_proj", "self_attn.v_proj"]
+    config.lora.scale = 16.0
+    config.data.system_prompt = "yes"  # must survive as a string, not a YAML bool
+    config.data.limit = 10
+    config.data.context_template = "{prompt}\n\nContext: {context}"
+    config.training.learning_rate = 3e-6
+    config.training.iters = 7
+    config.training.compile = False
+    config.output.dir = "runs/a: b"
+    text = to_yaml(config)
+    again = from_dict(yaml.safe_load(text), "round trip")
+    assert again == config
+    assert again.training.learning_rate == 3e-6
+    assert again.data.system_prompt == "yes"
+
+
+def test_to_yaml_of_defaults_round_trips():
+    assert from_dict(yaml.safe_load(to_yaml(Config())), "x") == Config()
+
+
+def test_to_dict_has_every_key():
+    flat = {f"{s}.{k}" for s, body in to_dict(Config()).items() for k in body}
+    assert flat == set(all_keys())
+
+
+def test_from_dict_rejects_unknown_key():
+    with pytest.raises(UserError) as err:
+        from_dict({"lora": {"rnak": 4}}, "saved.yaml")
+    assert str(err.value) == "saved.yaml: unknown key 'lora.rnak' (did you mean 'lora.rank'?)"
+
+
+# ---------------------------------------------------------------- CLI parsing and precedence
+
+
+def test_no_cli_options_gives_no_overrides():
+    assert parse_args([]) == (None, {})
+
+
+@pytest.mark.parametrize(
+    "short, key, text, value",
+    [("model", "model.path", "org/model", "org/model"),
+     ("prompts", "data.prompts", "p.jsonl", "p.jsonl"),
+     ("output", "output.dir", "runs/x", "runs/x"),
+     ("iters", "training.iters", "12", 12)],
+)
+def test_cli_shortcuts(short, key, text, value):
+    assert SHORTCUTS[short] == key
+    yaml_path, overrides = parse_args([f"--{short}", text])
+    assert yaml_path is None
+    assert overrides == {key: value}
+    config = resolve(None, overrides)
+    section, name = key.split(".")
+    assert getattr(getattr(config, section), name) == value
+
+
+def test_cli_values_parse_as_yaml_scalars():
+    config = resolve_cli([
+        "--lora.keys", "[self_attn.q_proj]",
+        "--model.quantize_bits", "null",
+        "--training.learning_rate", "1e-5",
+        "--training.compile", "false",
+        "--lora.num_layers", "-1",
+        "--training.beta", "0.25",
+    ])
+    assert config.lora.keys == ["self_attn.q_proj"]
+    assert config.model.quantize_bits is None
+    assert config.training.learning_rate == 1e-5
+    assert config.training.compile is False
+    assert config.lora.num_layers == -1
+    assert config.training.beta == 0.25
+
+
+def test_cli_lora_keys_parses_to_list():
+    _, overrides = parse_args(["--lora.keys", "[self_attn.q_proj, mlp.down_proj]"])
+    assert overrides == {"lora.keys": ["self_attn.q_proj", "mlp.down_proj"]}
+
+
+def test_cli_quantize_bits_null_is_none():
+    _, overrides = parse_args(["--model.quantize_bits", "8", "--model.quantize_bits", "null"])
+    assert overrides == {"model.quantize_bits": None}
+
+
+def test_cli_string_settings_stay_strings():
+    _, overrides = parse_args(["--model.path", "null", "--data.prompts", "123", "--output.dir", "true"])
+    assert overrides == {"model.path": "null", "data.prompts": "123", "output.dir": "true"}
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [("data.system_prompt", "Answer: briefly"), ("data.system_prompt", "yes"),
+     ("model.revision", "2.0")],
+)
+def test_cli_optional_string_settings_stay_strings(key, text):
+    # BUG: parse_value keeps text only for a plain `str` hint; `str | None`
+    # (data.system_prompt, model.revision) goes through yaml.safe_load, so
+    # "Answer: briefly" becomes a mapping, "yes" a bool, "2.0" a float -> UserError.
+    config = resolve_cli([f"--{key}", text])
+    section, name = key.split(".")
+    assert getattr(getattr(config, section), name) == text
+
+
+def test_cli_invalid_yaml_value():
+    with pytest.raises(UserError) as err:
+        parse_args(["--lora.keys", "[a"])
+    assert str(err.value) == "command line: --lora.keys '[a' is not a valid value"
+
+
+def test_cli_type_error_names_command_line():
+    with pytest.raises(UserError) as err:
+        resolve_cli(["--lora.rank", "many"])
+    assert str(err.value) == "command line: 'lora.rank' must be an integer, got 'many'"
+
+
+def test_cli_abbreviated_option_is_not_silently_accepted():
+    # BUG: argparse's allow_abbrev (on by default) takes --training.learning_rat as
+    # --training.learning_rate and --iter as --iters, while the YAML file rejects
+    # the same misspelling. build_parser should pass allow_abbrev=False.
+    with pytest.raises((UserError, SystemExit)):
+        parse_args(["--training.learning_rat", "1e-4"])
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    path = write_yaml(tmp_path, (
+        "model:\n  path: from/yaml\n"
+        "lora:\n  rank: 16\n"
+        "training:\n  beta: 0.5\n  learning_rate: 2e-5\n  iters: 30\n"
+        "output:\n  dir: yaml_out\n"
+    ))
+    config = resolve_cli(["--config", str(path), "--lora.rank", "32", "--output", "cli_out"])
+    assert config.lora.rank == 32  # CLI beats YAML
+    assert config.output.dir == "cli_out"  # shortcut beats YAML too
+    assert config.model.path == "from/yaml"  # YAML beats defaults
+    assert config.training.beta == 0.5
+    assert config.training.learning_rate == 2e-5
+    assert config.training.iters == 30  # --iters not given: the YAML value stays
+    assert config.lora.scale == 20.0  # neither: default
+
+
+def test_cli_options_not_given_never_override_yaml(tmp_path):
+    # Every key set in YAML to a non-default value survives a CLI that sets nothing else.
+    path = write_yaml(tmp_path, (
+        "training:\n  compile: false\n  epochs: 3\n"
+        "data:\n  long_prompts: truncate\n  system_prompt: Be brief.\n"
+        "model:\n  quantize_bits: 4\n"
+    ))
+    yaml_path, overrides = parse_args(["--config", str(path), "--training.beta", "0.3"])
+    assert yaml_path == str(path)
+    assert overrides == {"training.beta": 0.3}
+    config = resolve(yaml_path, overrides)
+    assert config.training.compile is False
+    assert config.training.epochs == 3
+    assert config.data.long_prompts == "truncate"
+    assert config.data.system_prompt == "Be brief."
+    assert config.model.quantize_bits == 4
+    assert config.training.beta == 0.3
+
+
+def test_cli_can_reset_yaml_value_to_null(tmp_path):
+    path = write_yaml(tmp_path, "training:\n  iters: 50\n")
+    config = resolve_cli(["--config", str(path), "--iters", "null"])
+    assert config.training.iters is None
+
+
+def test_every_key_appears_in_help():
+    text = build_parser().format_help()
+    missing = [key for key in all_keys() if f"--{key}" not in text]
+    assert missing == []
+    for short in SHORTCUTS:
+        assert f"--{short} VALUE" in text
+    assert "--config YAML" in text
+
+
+def test_help_shows_defaults():
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    assert "Peak learning rate. (default: 1e-05)" in text
+    assert "LoRA rank. (default: 8)" in text
+    assert "(default: null)" in text
+    assert "(default: 'mipo_output')" in text
+
+
+def test_every_field_has_help_text():
+    for cls in sections().values():
+        for name, (_, f) in settings_of(cls).items():
+            assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], name
