@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from .config import GenerationConfig
 
-STREAM_STRIDE = 1_000_003  # separates the random streams of different generation passes
+STREAM_STRIDE = 1_000_003  # stream ids of the negative pass start here (positives use 0..N-1)
 
 
 @dataclass
@@ -25,7 +26,9 @@ class Response:
 
 
 def stream_seed(seed: int, stream: int) -> int:
-    return (seed * STREAM_STRIDE + stream) % (2**63)
+    """A 63-bit key seed for (run seed, stream): hashed, so no two pairs share one."""
+    state = np.random.SeedSequence([seed, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int) -> Callable[[mx.array], mx.array]:

@@ -59,6 +59,10 @@ def _id_list(value, key: str, where: str) -> list[int]:
     return value
 
 
+def _is_answer(turn) -> bool:
+    return isinstance(turn, dict) and turn.get("role") == "assistant" and isinstance(turn.get("content"), str)
+
+
 def pair_from_row(row: dict, where: str) -> Pair:
     """Validate one pair-file row (the schema above) and build a `Pair`."""
     missing = [k for k in REQUIRED if k not in row]
@@ -66,8 +70,9 @@ def pair_from_row(row: dict, where: str) -> Pair:
         raise UserError(f"{where}: missing key(s) {', '.join(missing)}; regenerate the pair file")
     chosen, rejected = row["chosen"], row["rejected"]
     if (not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) < 2
-            or chosen[:-1] != rejected[:-1] or chosen[-1].get("role") != "assistant"):
-        raise UserError(f"{where}: 'chosen' and 'rejected' must share the prompt turns and end with an assistant turn")
+            or chosen[:-1] != rejected[:-1] or not _is_answer(chosen[-1]) or not _is_answer(rejected[-1])):
+        raise UserError(f"{where}: 'chosen' and 'rejected' must share the prompt turns and end with an "
+                        "assistant turn {role: assistant, content: text}")
     ref = row.get("reference_logps")
     if ref is not None and not (isinstance(ref, dict) and {"chosen", "rejected"} <= set(ref)):
         raise UserError(f"{where}: 'reference_logps' must hold 'chosen' and 'rejected'")

@@ -93,12 +93,17 @@ def usable(response: gen.Response, config: Config) -> bool:
     return response.finished or config.generation.truncated == "keep"
 
 
-def random_pairs(r: Rendered, positives, tokenizer, config: Config) -> list[Pair]:
-    """`random` negatives: another prompt's positive, via a derangement; no second generation."""
+def usable_positives(positives, config: Config, needed: int) -> list[int]:
     keep = [i for i, resp in enumerate(positives) if usable(resp, config)]
-    if len(keep) < 2:
+    if len(keep) < needed:
         raise UserError(f"only {len(keep)} response(s) finished within generation.max_tokens="
                         f"{config.generation.max_tokens}; raise it or set generation.truncated=keep")
+    return keep
+
+
+def random_pairs(r: Rendered, positives, tokenizer, config: Config) -> list[Pair]:
+    """`random` negatives: another prompt's positive, via a derangement; no second generation."""
+    keep = usable_positives(positives, config, 2)
     texts = [r.messages[i][-1]["content"] for i in keep]
     other = derangement(texts, config.pairs.seed)
     pairs = []
@@ -114,7 +119,8 @@ def generated_pairs(model, tokenizer, r: Rendered, positives, config: Config) ->
     """incomplete / no_context / random_context: generate y- from an altered prompt."""
     strategy = config.pairs.negatives
     altered = altered_prompts(r.prompts, strategy, config.data, config.pairs.seed)
-    todo = [i for i, text in enumerate(altered) if text is not None and usable(positives[i], config)]
+    keep = set(usable_positives(positives, config, 1))
+    todo = [i for i, text in enumerate(altered) if text is not None and i in keep]
     if not todo:
         raise UserError(f"pairs.negatives={strategy}: no prompt can be altered (e.g. no prompt has "
                         "two sentences for 'incomplete'); choose another strategy")

@@ -1,0 +1,275 @@
+"""Local generation with token ids kept, per-prompt random streams, and the helpers around it."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mipo_mlx.config import Config, GenerationConfig
+from mipo_mlx.generate import STREAM_STRIDE, Response, generate, seeded_sampler, stream_seed
+from mipo_mlx.pairs import Pair
+from mipo_mlx.pipeline import batch_stream, decode, total_steps
+
+QUESTIONS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "Which planet is red?",
+    "Please answer in two short sentences. What is 2 + 2?",
+    "hello",
+    "The quick brown fox jumps over the lazy dog. Why?",
+    "Question: which planet is red? Choices: A) Mars B) Venus.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "Thanks! Is it yes or no or maybe?",
+]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                              add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(toy_model):
+    _, tokenizer = toy_model
+    return [chat_ids(tokenizer, q) for q in QUESTIONS]
+
+
+def gen_config(**kw) -> GenerationConfig:
+    fields = dict(temperature=1.0, top_p=1.0, max_tokens=16, batch_size=8, seed=7)
+    fields.update(kw)
+    return GenerationConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def many_responses(toy_model):
+    """Long-ish samples from many streams, so that some finish and some do not."""
+    model, tokenizer = toy_model
+    ids = chat_ids(tokenizer, QUESTIONS[0])
+    config = gen_config(max_tokens=64, batch_size=16, seed=1)
+    return generate(model, tokenizer, [ids] * 48, config, streams=list(range(48))), config
+
+
+def test_eos_ids_of_the_toy_tokenizer(toy_model):
+    _, tokenizer = toy_model
+    assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_generate_returns_one_response_per_prompt_with_token_ids(toy_model, prompt_ids):
+    model, tokenizer = toy_model
+    responses = generate(model, tokenizer, prompt_ids, gen_config(), streams=list(range(len(prompt_ids))))
+    assert len(responses) == len(prompt_ids)
+    vocab = model.args.vocab_size
+    for r in responses:
+        assert isinstance(r, Response)
+        assert 1 <= len(r.token_ids) <= 16
+        assert all(type(t) is int and 0 <= t < vocab for t in r.token_ids)
+
+
+def test_generate_empty_list(toy_model):
+    model, tokenizer = toy_model
+    assert generate(model, tokenizer, [], gen_config(), streams=[]) == []
+
+
+def test_finished_and_unfinished_responses(many_responses, toy_model):
+    _, tokenizer = toy_model
+    responses, config = many_responses
+    eos = tokenizer.eos_token_ids
+    finished = [r for r in responses if r.finished]
+    unfinished = [r for r in responses if not r.finished]
+    assert len(finished) >= 2 and len(unfinished) >= 2  # the seed gives both kinds
+    for r in finished:
+        assert r.token_ids[-1] in eos
+        assert not any(t in eos for t in r.token_ids[:-1])
+        assert len(r.token_ids) <= config.max_tokens
+    for r in unfinished:
+        assert len(r.token_ids) == config.max_tokens
+        assert not any(t in eos for t in r.token_ids)
+
+
+def test_on_done_reports_every_response_once(toy_model, prompt_ids):
+    model, tokenizer = toy_model
+    seen = {}
+    responses = generate(model, tokenizer, prompt_ids, gen_config(batch_size=3),
+                         streams=list(range(len(prompt_ids))), on_done=lambda i, r: seen.setdefault(i, r))
+    assert sorted(seen) == list(range(len(prompt_ids)))
+    assert all(seen[i] is responses[i] for i in seen)
+
+
+def test_same_seed_and_streams_are_reproducible(toy_model, prompt_ids):
+    model, tokenizer = toy_model
+    streams = [10 + i for i in range(len(prompt_ids))]
+    a = generate(model, tokenizer, prompt_ids, gen_config(), streams=streams)
+    b = generate(model, tokenizer, prompt_ids, gen_config(), streams=streams)
+    assert a == b
+    c = generate(model, tokenizer, prompt_ids, gen_config(seed=8), streams=streams)
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_response_independent_of_batch_composition(toy_model, prompt_ids, top_p):
+    model, tokenizer = toy_model
+    n = len(prompt_ids)
+    streams = {i: 100 + 3 * i for i in range(n)}
+
+    def run(order, batch_size):
+        config = gen_config(top_p=top_p, max_tokens=24, batch_size=batch_size)
+        out = generate(model, tokenizer, [prompt_ids[i] for i in order], config,
+                       streams=[streams[i] for i in order])
+        return dict(zip(order, out))
+
+    reference = run(list(range(n)), 16)
+    for order, batch_size in [(list(reversed(range(n))), 3), ([5, 2, 7, 0], 1), ([3, 1, 6], 2),
+                              ([4, 0, 6, 1, 2, 5, 3, 7], 4)]:
+        got = run(order, batch_size)
+        for i in order:
+            assert got[i] == reference[i], f"prompt {i} changed with order {order}, batch {batch_size}"
+
+
+def test_different_streams_give_different_samples(toy_model, prompt_ids):
+    model, tokenizer = toy_model
+    out = generate(model, tokenizer, [prompt_ids[0]] * 6, gen_config(), streams=list(range(6)))
+    assert len({tuple(r.token_ids) for r in out}) == 6
+
+
+def test_stream_seed_separates_passes_and_runs():
+    """Stream seeds are distinct within a run (both passes) and across neighbouring run seeds:
+    a run's negatives never reuse another seed's positive streams."""
+    seeds = {stream_seed(run, s) for run in (41, 42, 43) for s in (*range(500), *range(STREAM_STRIDE, STREAM_STRIDE + 500))}
+    assert len(seeds) == 3 * 1000
+    assert stream_seed(42, STREAM_STRIDE) != stream_seed(43, 0)
+    assert stream_seed(42, 3) == stream_seed(42, 3)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_temperature_zero_is_greedy(toy_model, prompt_ids):
+    model, tokenizer = toy_model
+    config = gen_config(temperature=0.0, max_tokens=4)
+    out = generate(model, tokenizer, prompt_ids, config, streams=list(range(len(prompt_ids))))
+    for ids, r in zip(prompt_ids, out):
+        logits = model(mx.array([ids]))[0, -1]
+        assert r.token_ids[0] == int(mx.argmax(logits).item())
+        # the whole greedy sequence, recomputed without a cache
+        seq = list(ids)
+        for t in r.token_ids:
+            nxt = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())
+            assert t == nxt
+            seq.append(nxt)
+    # greedy ignores the streams and the seed
+    again = generate(model, tokenizer, prompt_ids, gen_config(temperature=0.0, max_tokens=4, seed=99),
+                     streams=[50 + i for i in range(len(prompt_ids))])
+    assert again == out
+
+
+def test_seeded_sampler():
+    logprobs = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
+    greedy = seeded_sampler(0, 0.9, seed=1)
+    assert greedy(logprobs).tolist() == [3]
+    a, b = seeded_sampler(1.0, 1.0, seed=5), seeded_sampler(1.0, 1.0, seed=5)
+    draws_a = [a(logprobs).item() for _ in range(50)]
+    assert draws_a == [b(logprobs).item() for _ in range(50)]
+    assert len(set(draws_a)) > 1  # the key advances on every call
+    top = seeded_sampler(1.0, 0.35, seed=3)  # nucleus = {0.4}: always token 3
+    assert {top(logprobs).item() for _ in range(30)} == {3}
+    top2 = seeded_sampler(1.0, 0.65, seed=3)  # nucleus = {0.4, 0.3}
+    assert {top2(logprobs).item() for _ in range(60)} == {2, 3}
+
+
+# ---------------------------------------------------------------- decode
+
+def test_decode_drops_eos_only_when_finished(toy_model):
+    _, tokenizer = toy_model
+    eos = next(iter(tokenizer.eos_token_ids))
+    body = tokenizer.encode("The answer is 7.", add_special_tokens=False)
+    assert decode(tokenizer, Response(body + [eos], True)) == "The answer is 7."
+    assert decode(tokenizer, Response(body, False)) == "The answer is 7."
+    assert decode(tokenizer, Response(body[:-1], False)) == tokenizer.decode(body[:-1])
+    # an unfinished response keeps its last token
+    assert decode(tokenizer, Response(body, False)) != decode(tokenizer, Response(body, True))
+    assert decode(tokenizer, Response(body, True)) == tokenizer.decode(body[:-1])
+
+
+# ---------------------------------------------------------------- batch_stream / total_steps
+
+def numbered_pairs(n: int) -> list[Pair]:
+    return [Pair([{"role": "user", "content": f"p{i}"}], "c", "r", [20 + i], [100 + i, 2], [200 + i],
+                 "random", i, rejected_source=(i + 1) % n) for i in range(n)]
+
+
+def batch_members(batch) -> list[int]:
+    inputs = np.array(batch.inputs)
+    n = batch.n_pairs
+    chosen, rejected = inputs[:n, 0] - 20, inputs[n:, 0] - 20
+    assert chosen.tolist() == rejected.tolist()  # rejected rows follow the chosen rows, same order
+    return chosen.tolist()
+
+
+def take(stream, k):
+    return [batch_members(next(stream)) for _ in range(k)]
+
+
+@pytest.mark.parametrize("n, batch_size", [(5, 2), (6, 3), (7, 4), (3, 5)])
+def test_batch_stream_full_batches_covering_epochs(n, batch_size):
+    pairs = numbered_pairs(n)
+    epochs = 4
+    k = n * epochs // batch_size
+    batches = take(batch_stream(pairs, batch_size, seed=0, pad=0), k)
+    assert all(len(b) == batch_size for b in batches)
+    flat = [i for b in batches for i in b]
+    # the stream is epoch after epoch of permutations: each epoch holds every pair once
+    for e in range(len(flat) // n):
+        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+
+
+def test_batch_stream_packs_the_pairs():
+    pairs = numbered_pairs(4)
+    batch = next(batch_stream(pairs, 2, seed=1, pad=0))
+    members = batch_members(batch)
+    inputs = np.array(batch.inputs)
+    for row, i in enumerate(members):
+        assert inputs[row, :2].tolist() == [20 + i, 100 + i]  # prompt, chosen (EOS is a target only)
+        assert inputs[2 + row, :1].tolist() == [20 + i]
+    assert batch.n_pairs == 2
+
+
+def test_batch_stream_deterministic_and_seeded():
+    pairs = numbered_pairs(9)
+    a = take(batch_stream(pairs, 4, seed=3, pad=0), 10)
+    b = take(batch_stream(pairs, 4, seed=3, pad=0), 10)
+    c = take(batch_stream(pairs, 4, seed=4, pad=0), 10)
+    assert a == b
+    assert a != c
+
+
+def test_batch_stream_first_epoch_is_the_seeded_permutation():
+    pairs = numbered_pairs(6)
+    batches = take(batch_stream(pairs, 3, seed=11, pad=0), 4)
+    expected = (np.random.default_rng([11, 0]).permutation(6).tolist()
+                + np.random.default_rng([11, 1]).permutation(6).tolist())
+    assert [i for b in batches for i in b] == expected
+
+
+def training_config(**kw) -> Config:
+    config = Config()
+    for k, v in kw.items():
+        setattr(config.training, k, v)
+    return config
+
+
+@pytest.mark.parametrize("epochs, batch_size, accumulation, n_train", [
+    (1, 4, 1, 100), (1, 4, 1, 101), (2, 4, 1, 10), (3, 2, 2, 7), (1, 8, 4, 5), (1, 4, 1, 0), (2, 3, 1, 1),
+])
+def test_total_steps_formula(epochs, batch_size, accumulation, n_train):
+    config = training_config(epochs=epochs, batch_size=batch_size, grad_accumulation=accumulation)
+    expected = max(1, math.ceil(epochs * n_train / (batch_size * accumulation)))
+    assert total_steps(config, n_train) == expected
+
+
+def test_total_steps_values():
+    assert total_steps(training_config(), 100) == 25
+    assert total_steps(training_config(), 101) == 26
+    assert total_steps(training_config(epochs=3, batch_size=2, grad_accumulation=2), 7) == 6
+    assert total_steps(training_config(), 0) == 1
+    assert total_steps(training_config(iters=17), 1000) == 17
+    assert total_steps(training_config(iters=3, epochs=5), 1000) == 3
