@@ -24,7 +24,7 @@ import yaml
 from .errors import UserError
 
 NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context")
-LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair")
+LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
 
 
 def setting(default: Any, help: str, **limits: Any) -> Any:
@@ -119,6 +119,18 @@ class TrainingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    prompts: str | None = setting(None, "Held-out prompts (JSONL with 'answer' labels); null skips evaluation.")
+    limit: int | None = setting(200, "Evaluate on the first N held-out prompts; null = all.", min=2)
+    temperature: float = setting(0.1, "Sampling temperature for evaluation answers.", min=0)
+    top_p: float = setting(0.9, "Nucleus sampling mass for evaluation answers.", gt=0, max=1)
+    max_tokens: int = setting(256, "Longest evaluation answer, in tokens.", min=1)
+    pmi_negatives: int = setting(4, "Other prompts x' per answer in the PMI estimate.", min=1)
+    seed: int = setting(1234, "Sampling seed for evaluation (the same for base and adapters).", min=0)
+    plots: bool = setting(True, "Write PNG plots (needs matplotlib: pip install 'mipo_mlx[plot]').")
+
+
+@dataclass
 class OutputConfig:
     dir: str = setting("mipo_output", "Folder for adapters, pairs, config and metrics.")
     overwrite: bool = setting(False, "Replace a folder that holds an earlier run.")
@@ -132,6 +144,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -299,6 +312,11 @@ def resolve(yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Conf
     if yaml_path:
         apply(config, load_yaml(yaml_path), str(yaml_path))
     apply(config, cli_overrides, "command line")
+    from .embedded import resolve_path
+
+    config.model.path = resolve_path(config.model.path)
+    config.data.prompts = resolve_path(config.data.prompts)
+    config.evaluation.prompts = resolve_path(config.evaluation.prompts)
     return config
 
 

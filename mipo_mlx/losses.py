@@ -96,6 +96,16 @@ def nca_pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_re
     return losses, rc, rr
 
 
+@register("sft")
+def sft_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+             beta: float = 0.1, label_smoothing: float = 0.0):
+    """The paper's SFT baseline: maximise the likelihood of the model's own answers,
+    L = -log pi(y+ | x) (summed over answer tokens); the rejected side is ignored.
+    Rewards are still reported as beta * log-ratios, to compare with DPO runs."""
+    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    return -policy_chosen, beta * chosen, beta * rejected
+
+
 def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
     """Per-batch metrics with TRL's names; accuracy is the per-pair fraction."""
     return {

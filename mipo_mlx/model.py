@@ -154,3 +154,28 @@ def read_adapter_config(folder: Path) -> dict:
         raise UserError(f"{path}: not found; point at a folder written by mipo_mlx.train") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+
+
+def load_adapters(model: nn.Module, folder: Path) -> None:
+    """Attach LoRA layers as `adapter_config.json` says and load `adapters.safetensors` into them."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    config = read_adapter_config(folder)
+    weights_path = Path(folder) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise UserError(f"{weights_path}: not found; point at a folder written by mipo_mlx.train")
+    try:
+        weights = mx.load(str(weights_path))
+    except (RuntimeError, ValueError, OSError) as err:
+        raise UserError(f"{weights_path}: cannot read the adapters ({err})") from None
+    try:
+        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise UserError(f"{Path(folder) / ADAPTER_CONFIG}: unusable LoRA settings ({err})") from None
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+    wrong = sorted(set(weights) ^ set(expected)) or [k for k in weights if weights[k].shape != expected[k]]
+    if wrong:
+        raise UserError(f"{weights_path}: adapters do not fit this base model (first mismatch: {wrong[0]}); "
+                        "use the base model they were trained on")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .progress import Progress
 from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
 from .score import Batch, pack_pairs, score_pairs
 
-RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors")
+RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors", "eval.json")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunResult:
     output: Path
     pairs: list[Pair]
     metrics: dict[str, float]
+    evaluation: str | None = None  # the before/after table, when evaluation.prompts is set
 
 
 def say(message: str) -> None:
@@ -221,15 +223,29 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
 
 
 def run(config: Config) -> RunResult:
-    """The whole job: generate pairs with the base model, score them, train adapters."""
+    """The whole job: (evaluate the base,) generate pairs, score them, train adapters (, evaluate)."""
     validate(config)
     out = prepare_output(config)
     write_text(out / "config.yaml", to_yaml(config))
     model, tokenizer, _ = mdl.load(config.model)
+    held = None
+    if config.evaluation.prompts:
+        from . import evaluate as ev
+
+        held = ev.heldout(tokenizer, config)
+        before = ev.answer_and_measure(model, tokenizer, *held, config, nullcontext, "base")
     pairs, _ = build_pairs(model, tokenizer, config)
     add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
     write_pairs(out / "pairs.jsonl", pairs)
     say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
     metrics = train_adapters(model, tokenizer, pairs, config, out)
     say(f"adapters: {out / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{out}'))")
-    return RunResult(out, pairs, metrics)
+    table = None
+    if held is not None:
+        after = ev.answer_and_measure(model, tokenizer, *held, config, lambda: mdl.adapters_disabled(model), "mipo")
+        table = ev.write_report(out, {"base": before, "mipo": after}, config.evaluation.plots)
+        if config.evaluation.plots:
+            from .plots import plot_training
+
+            plot_training(out / "metrics.jsonl", out / "training.png")
+    return RunResult(out, pairs, metrics, table)

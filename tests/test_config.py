@@ -84,7 +84,7 @@ def test_default_values_pass_their_own_limits():
 
 def test_all_keys_lists_every_section_and_field():
     keys = all_keys()
-    assert list(sections()) == ["model", "lora", "data", "generation", "pairs", "training", "output"]
+    assert list(sections()) == ["model", "lora", "data", "generation", "pairs", "training", "evaluation", "output"]
     assert len(keys) == len(set(keys)) == sum(len(settings_of(cls)) for cls in sections().values())
     assert "training.learning_rate" in keys and "output.overwrite" in keys
     assert "model.path" in keys and "lora.keys" in keys
@@ -252,7 +252,7 @@ def test_optional_values_accept_null(tmp_path):
         ("model.quantize_group_size", 16, "'model.quantize_group_size' must be one of 32, 64, 128, got 16"),
         ("data.long_prompts", "cut", "'data.long_prompts' must be one of skip, truncate, error, got 'cut'"),
         ("training.loss", "dpo", "'training.loss' must be one of sigmoid, robust, hinge, ipo, sppo_hard, "
-                                 "nca_pair, got 'dpo'"),
+                                 "nca_pair, sft, got 'dpo'"),
         ("pairs.negatives", "shuffled", "'pairs.negatives' must be one of random, incomplete, no_context, "
                                         "random_context, got 'shuffled'"),
         ("lora.rank", 0, "'lora.rank' must be at least 1, got 0"),

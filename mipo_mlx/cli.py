@@ -1,0 +1,79 @@
+"""Command-line options derived from the settings in `config.py`, shared by the CLIs.
+
+Every setting is `--section.key VALUE`; a few short forms name the settings a
+command needs most. Options not given are absent (never defaults), so they
+cannot override a YAML file. This module imports no mlx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from typing import Any
+
+import yaml
+
+from .config import Config, all_keys, sections, settings_of
+from .errors import UserError
+
+
+def _describe(default: Any) -> str:
+    return "null" if default is None else repr(default) if isinstance(default, str) else str(default)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one-line user errors, with a did-you-mean hint."""
+
+    def error(self, message: str):
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if match and match.group(1).startswith("--"):
+            known = [*all_keys(), *getattr(self, "shortcuts", {}), "config"]
+            close = difflib.get_close_matches(match.group(1)[2:], known, n=1, cutoff=0.5)
+            hint = f" (did you mean '--{close[0]}'?)" if close else "; see --help for the options"
+            raise UserError(f"command line: unknown option '{match.group(1)}'{hint}")
+        raise UserError(f"command line: {message}; see --help")
+
+
+def build_parser(prog: str, description: str, shortcuts: dict[str, str]) -> argparse.ArgumentParser:
+    parser = _Parser(
+        allow_abbrev=False,  # '--training.learning_rat' is a mistake, not a shorthand
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,  # an option not given never overrides the YAML file
+    )
+    parser.shortcuts = shortcuts
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (sections as below).")
+    for short, key in shortcuts.items():
+        parser.add_argument(f"--{short}", dest=key, metavar="VALUE", help=f"Same as --{key}.")
+    defaults = Config()
+    for section_name, section in sections().items():
+        group = parser.add_argument_group(f"{section_name} settings")
+        for name, (_, f) in settings_of(section).items():
+            key = f"{section_name}.{name}"
+            default = getattr(getattr(defaults, section_name), name)
+            group.add_argument(f"--{key}", dest=key, metavar="VALUE",
+                               help=f"{f.metadata['help']} (default: {_describe(default)})")
+    return parser
+
+
+def parse_value(key: str, text: str) -> Any:
+    """CLI text to a value: strings stay strings; others are read as YAML scalars/lists."""
+    section_name, name = key.split(".", 1)
+    hint = settings_of(sections()[section_name])[name][0]
+    if hint is str or hint == (str | None):
+        return None if text == "null" and hint is not str else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"command line: --{key} {text!r} is not a valid value") from None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[str | None, dict[str, Any], dict]:
+    """(YAML path, {dotted key: value}, other options) from the command line."""
+    args = vars(parser.parse_args(argv))
+    yaml_path = args.pop("config", None)
+    keys = set(all_keys())
+    overrides = {key: parse_value(key, text) for key, text in args.items() if key in keys}
+    extras = {key: value for key, value in args.items() if key not in keys}
+    return yaml_path, overrides, extras

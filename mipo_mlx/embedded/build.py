@@ -1,0 +1,180 @@
+"""Build the embedded default: a small llama chat model trained on synthetic verifiable tasks.
+
+  python -m mipo_mlx.embedded.build            # writes mipo_mlx/embedded/{model,data}
+
+Reproducible: fixed seeds, a fixed number of steps; about 15 minutes on 2 CPU cores
+with the system OpenBLAS. The model is trained (from random init, full
+fine-tuning) to write worked answers to the train split's problems, for few
+enough steps that it answers held-out problems only sometimes: room for MIPO.
+The prompt files hold problems from the train, valid and heldout splits, which
+are disjoint by construction (see mipo_mlx.tasks.synthetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..files import write_jsonl
+from ..tasks.synthetic import problems
+from ..toy import CHAT_TEMPLATE, SPECIAL_TOKENS, model_config
+
+HERE = Path(__file__).resolve().parent
+SHAPE = {"hidden_size": 256, "layers": 4, "intermediate_size": 704, "heads": 4, "kv_heads": 4}
+
+
+def chat_text(prompt: str, answer: str) -> tuple[str, str]:
+    """(prompt part, answer part) exactly as the chat template renders them."""
+    return (f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", f"{answer}<|im_end|>")
+
+
+def train_tokenizer(folder: Path, texts: list[str], vocab_size: int):
+    """Byte-level BPE with every digit its own token (so numbers are spelled digit by digit)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 1024, "clean_up_tokenization_spaces": False}, indent=2))
+    return tokenizer
+
+
+def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) for each (prompt, answer)."""
+    out = []
+    for prompt, answer in examples:
+        head, tail = chat_text(prompt, answer)
+        p = tokenizer.encode(head).ids
+        out.append((p + tokenizer.encode(tail).ids, len(p)))
+    return out
+
+
+def make_batch(rows, pad_id: int):
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = np.full((len(rows), width), pad_id, np.int32)
+    targets = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for r, (ids, plen) in enumerate(rows):
+        inputs[r, : len(ids) - 1], targets[r, : len(ids) - 1] = ids[:-1], ids[1:]
+        mask[r, plen - 1 : len(ids) - 1] = 1.0  # answer tokens and the end token
+    return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def sft_loss(model, inputs, targets, mask):
+    logits = model(inputs).astype(mx.float32)  # (B, T, V)
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")  # (B, T)
+    return (ce * mask).sum() / mask.sum()
+
+
+def train_model(model, data, steps: int, batch_size: int, lr: float, pad_id: int, seed: int,
+                snapshot=None, snapshot_every: int = 0) -> None:
+    # Warmup, then a constant rate: the model after k steps of a longer run is the model
+    # `--steps k` builds, so a snapshot can be chosen (on the valid split) and rebuilt exactly.
+    warmup = 50
+    schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr], [warmup])
+    optimizer = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.98], weight_decay=0.01)
+    state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, sft_loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets, mask):
+        loss, grads = loss_and_grad(model, inputs, targets, mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    order = np.array([], dtype=np.int64)
+    tic, running = time.perf_counter(), 0.0
+    for it in range(1, steps + 1):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(len(data))])
+        batch, order = order[:batch_size], order[batch_size:]
+        loss = step(*make_batch([data[i] for i in batch], pad_id))
+        mx.eval(state, loss)
+        running = 0.98 * running + 0.02 * loss.item() if it > 1 else loss.item()
+        if it % 100 == 0 or it == steps:
+            print(f"step {it}/{steps} loss {running:.3f} ({time.perf_counter() - tic:.0f} s)", flush=True)
+        if snapshot is not None and snapshot_every and it % snapshot_every == 0:
+            snapshot(it)
+
+
+def write_prompt_files(folder: Path, train: int, valid: int, heldout: int) -> None:
+    """MIPO's training prompts (labels kept for evaluation only), the valid and heldout splits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid), ("heldout", heldout)):
+        write_jsonl(folder / f"{split}.jsonl", (p.row() for p in problems(split, count, seed=7)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(HERE))
+    parser.add_argument("--examples", type=int, default=30000)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snapshots", help="folder for model snapshots while training (to choose --steps)")
+    parser.add_argument("--snapshot-every", type=int, default=250)
+    args = parser.parse_args()
+
+    out = Path(args.output)
+    corpus = problems("train", args.examples, seed=args.seed)
+    examples = [(p.prompt, p.solution) for p in corpus]
+    tokenizer = train_tokenizer(out / "model", [t for e in examples for t in chat_text(*e)], args.vocab)
+    eos = tokenizer.token_to_id("<|im_end|>")
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    data = encode_examples(tokenizer, examples)
+
+    from mlx_lm.utils import _get_classes, save_config
+
+    config = model_config("llama", tokenizer.get_vocab_size(), eos, SHAPE["hidden_size"], SHAPE["layers"],
+                          SHAPE["intermediate_size"], SHAPE["heads"], SHAPE["kv_heads"], True)
+    config["max_position_embeddings"] = 1024
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(args.seed)
+    model = model_class(args_class.from_dict(config))
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"{n:,} parameters; {len(data)} examples; {args.steps} steps of {args.batch_size}", flush=True)
+    save_config(config, out / "model" / "config.json")
+
+    def snapshot(step: int) -> None:
+        folder = Path(args.snapshots) / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((out / "model" / name).read_bytes())
+        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+
+    train_model(model, data, args.steps, args.batch_size, args.lr, pad, args.seed,
+                snapshot if args.snapshots else None, args.snapshot_every)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model" / "model.safetensors"), weights, metadata={"format": "mlx"})
+    write_prompt_files(out / "data", train=512, valid=200, heldout=200)
+    print(f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) and {out / 'data'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Task formats: the embedded synthetic tasks and answer extraction."""

@@ -1,0 +1,44 @@
+"""Answer extraction for accuracy: numbers after '####' or 'The answer is', choice letters.
+
+Rules (each tested on written-out cases):
+  number: the last '#### N' if present, else the last 'the answer is N' (any case);
+          commas and a trailing period are ignored; None when neither is found.
+  letter: the first letter A-E right after the last 'the answer is' (':' optional).
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
+_HASHES = re.compile(r"####\s*\$?\s*" + _NUMBER)
+_ANSWER_IS = re.compile(r"the answer is\s*:?\s*\$?\s*" + _NUMBER, re.IGNORECASE)
+_LETTER = re.compile(r"the answer is\s*:?\s*\(?([A-E])\b", re.IGNORECASE)
+
+
+def _number(text: str) -> str:
+    value = text.replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def extract_number(response: str) -> str | None:
+    for pattern in (_HASHES, _ANSWER_IS):
+        found = pattern.findall(response)
+        if found:
+            return _number(found[-1])
+    return None
+
+
+def extract_letter(response: str) -> str | None:
+    found = _LETTER.findall(response)
+    return found[-1].upper() if found else None
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """Exact match of the extracted answer: a letter for choice labels, else a number."""
+    if len(answer) == 1 and answer.isalpha():
+        return extract_letter(response) == answer.upper()
+    got = extract_number(response)
+    return got is not None and got == _number(answer)

@@ -1,0 +1,130 @@
+"""Evaluation: answer extraction on written-out cases, the PMI estimator on known answers,
+diversity, the report table, and `evaluate` on the tiny test model."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mipo_mlx.evaluate import distinct_n, markdown_table, other_prompts, pmi_scores
+from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
+
+
+@pytest.mark.parametrize("text, number", [
+    ("3 + 4 = 7. The answer is 7.", "7"),                      # right, the embedded format
+    ("Natalia sold 48 clips... #### 72", "72"),                 # GSM8K format
+    ("#### 1,234", "1234"),                                      # commas dropped
+    ("the answer is -5", "-5"),                                  # sign kept, case ignored
+    ("The answer is 12.50 dollars", "12.5"),                     # trailing zeros dropped
+    ("The answer is 3. Wait, the answer is 4.", "4"),            # the last one counts
+    ("#### 9 and the answer is 8", "9"),                         # '####' wins over 'the answer is'
+    ("I think it is 7.", None),                                  # missing
+    ("The answer is seven.", None),                              # malformed: no digits
+    ("", None),
+])
+def test_extract_number(text, number):
+    assert extract_number(text) == number
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("The largest number is 95. The answer is: B", "B"),
+    ("the answer is c", "C"),
+    ("The answer is (D).", "D"),
+    ("The answer is: A. No, the answer is: C", "C"),
+    ("Answer: B", None),                     # missing the phrase
+    ("The answer is: 42", None),             # malformed: not a letter
+    ("The answer is: Banana", None),         # a word, not a letter
+])
+def test_extract_letter(text, letter):
+    assert extract_letter(text) == letter
+
+
+@pytest.mark.parametrize("text, label, right", [
+    ("3 + 4 = 7. The answer is 7.", "7", True),
+    ("3 + 4 = 8. The answer is 8.", "7", False),       # wrong
+    ("3 + 4 = 7.", "7", False),                         # no final answer
+    ("The answer is: B", "B", True),
+    ("The answer is: C", "B", False),
+    ("The answer is 7", "7.0", True),
+])
+def test_is_correct(text, label, right):
+    assert is_correct(text, label) is right
+
+
+class FirstTokenModel:
+    """Logits at every position depend only on the first input token: W[x0] (V = 4).
+
+    So log p(y | x) = sum_t log softmax(W[x0])[y_t], which the test computes by hand.
+    """
+
+    def __init__(self, table):
+        self.table = mx.array(table, dtype=mx.float32)  # (prompts, V)
+
+    def __call__(self, inputs):
+        rows = self.table[inputs[:, 0]]  # (N, V)
+        return mx.broadcast_to(rows[:, None, :], (*inputs.shape, rows.shape[-1]))
+
+
+def log_softmax(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v - np.log(np.exp(v).sum())
+
+
+def test_pmi_known_answer():
+    """3 prompts (first tokens 0, 1, 2), answers of two tokens; with k = 2 every other prompt is used,
+    so PMI_i = lp(y_i | x_i) - mean_{j != i} lp(y_i | x_j), computed here by hand."""
+    table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0]]
+    prompts = [[0, 3], [1, 3], [2, 3]]
+    answers = [[0, 0], [1, 3], [2, 1]]
+    got = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3)
+    lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
+    expected = [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got[0] == pytest.approx(2 * (log_softmax(table[0])[0] - log_softmax(table[1])[0]), abs=1e-5)
+
+
+def test_pmi_is_zero_when_the_model_ignores_the_prompt():
+    table = [[1.0, 0.5, -0.5, 0.0]] * 4
+    got = pmi_scores(FirstTokenModel(table), [[0], [1], [2], [3]], [[1, 2], [0], [3, 3, 1], [2]], k=3, seed=1, pad=0)
+    np.testing.assert_allclose(got, 0.0, atol=1e-6)
+
+
+def test_other_prompts_never_self_and_distinct():
+    others = other_prompts(10, 4, seed=3)
+    assert others.shape == (10, 4)
+    for i, row in enumerate(others):
+        assert i not in row and len(set(row.tolist())) == 4 and row.max() < 10
+    assert other_prompts(3, 5, seed=0).shape == (3, 2)  # k is capped at n - 1
+
+
+def test_distinct_n():
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def test_markdown_table_with_change_column():
+    base = {"accuracy": 0.25, "pmi_mean": 1.0, "pmi_ci95": [0.5, 1.5], "length_mean": 10.0,
+            "distinct_2": 0.5, "finished_rate": 1.0}
+    mipo = {**base, "accuracy": 0.5, "pmi_mean": 2.0, "pmi_ci95": [1.5, 2.5]}
+    table = markdown_table({"base": base, "mipo": mipo})
+    assert "| accuracy | 0.250 | 0.500 | +0.250 |" in table
+    assert "| PMI (nats) | 1.00 [0.50, 1.50] | 2.00 [1.50, 2.50] | +1.00 |" in table
+
+
+def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
+    heldout = tmp_path / "heldout.jsonl"
+    rows = [{"prompt": f"Tom has {i} apples. How many?", "answer": str(i), "task": "add"} for i in range(6)]
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "mipo_mlx.evaluate", "--model", str(toy_model_dir), "--prompts", str(heldout),
+           "--output", str(tmp_path / "ev"), "--evaluation.max_tokens", "6", "--evaluation.pmi_negatives", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())["base"]
+    assert result["n"] == 6 and result["labelled"] == 6
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["pmi_ci95"][0] <= result["pmi_mean"] <= result["pmi_ci95"][1]
+    assert (tmp_path / "ev" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| PMI (nats) |" in (tmp_path / "ev" / "eval.md").read_text()
