@@ -42,6 +42,9 @@ class ModelConfig:
         None, "Quantize a full-precision base on load (QLoRA); null keeps it as it is.", choices=(None, 4, 8)
     )
     quantize_group_size: int = setting(64, "Group size for quantize-on-load.", choices=(32, 64, 128))
+    quantize_on_cpu: bool = setting(
+        False, "Also quantize on the CPU backend, where MLX's quantized matmul is ~40x slower than float32."
+    )
     trust_remote_code: bool = setting(False, "Allow the tokenizer to run code shipped with the model.")
 
 

@@ -7,6 +7,7 @@ switched off (`adapters_disabled`): never a second copy in memory.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,10 +58,17 @@ def load(config: ModelConfig):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{config.path}: could not load the model ({first})") from None
-    if config.quantize_bits:
+    if config.quantize_bits and (config.quantize_on_cpu or not on_cpu()):
         model_config = quantize(model, model_config, config.quantize_bits, config.quantize_group_size)
+    elif config.quantize_bits and not is_quantized(model):
+        print("note: model.quantize_bits skipped on the CPU backend, where MLX's quantized matmul is much "
+              "slower than float32 (set model.quantize_on_cpu=true to quantize anyway)", file=sys.stderr)
     model.freeze()
     return model, tokenizer, model_config
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -2,6 +2,8 @@
 
 import pytest
 
+import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before anything imports mlx)
+
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):

@@ -24,7 +24,8 @@ def perturb_adapters(model, seed=0):
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_adapters_off_equals_base_exactly(toy_model_dir, bits):
-    model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=bits, quantize_group_size=32))
+    model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=bits, quantize_group_size=32,
+                                          quantize_on_cpu=True))
     base = model(TOKENS)
     mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
     assert mx.array_equal(model(TOKENS), base).item()  # B = 0 at init
@@ -35,8 +36,15 @@ def test_adapters_off_equals_base_exactly(toy_model_dir, bits):
     assert not mx.allclose(model(TOKENS), base, atol=1e-3).item()  # adapters are back on
 
 
+def test_quantize_on_cpu_is_skipped_unless_asked(toy_model_dir, capsys):
+    model, _, config = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=4))
+    assert mdl.on_cpu() and not mdl.is_quantized(model) and "quantization" not in config
+    assert "quantize_bits skipped on the CPU backend" in capsys.readouterr().err
+
+
 def test_quantize_on_load(toy_model_dir):
-    model, _, config = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=4, quantize_group_size=32))
+    model, _, config = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=4, quantize_group_size=32,
+                                            quantize_on_cpu=True))
     assert mdl.is_quantized(model)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32

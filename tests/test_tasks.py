@@ -1,0 +1,64 @@
+"""The synthetic tasks: splits disjoint by construction, labels right, shipped files reproducible."""
+
+import json
+from pathlib import Path
+
+from mipo_mlx.embedded import HERE, resolve_path
+from mipo_mlx.embedded.build import write_prompt_files
+from mipo_mlx.tasks.extract import is_correct
+from mipo_mlx.tasks.synthetic import MAKERS, SPLITS, problems, split_of
+
+
+def test_each_split_holds_only_its_own_problems():
+    keys = {}
+    for split in SPLITS:
+        batch = problems(split, 300, seed=1)
+        assert all(split_of(p.key) == split for p in batch)
+        assert len({p.key for p in batch}) == 300
+        keys[split] = {p.key for p in batch}
+    assert not (keys["train"] & keys["valid"]) and not (keys["train"] & keys["heldout"])
+    assert not (keys["valid"] & keys["heldout"])
+
+
+def test_same_prompt_text_never_in_two_splits():
+    texts = {s: {p.prompt for p in problems(s, 400, seed=2)} for s in SPLITS}
+    assert not (texts["train"] & texts["heldout"]) and not (texts["valid"] & texts["heldout"])
+
+
+def test_worked_solutions_are_correct_and_kinds_rotate():
+    batch = problems("train", 50, seed=3)
+    assert all(is_correct(p.solution, p.answer) for p in batch)
+    assert [p.kind for p in batch[:5]] == ["add", "sub", "add_sub", "largest", "smallest"]
+    assert set(MAKERS) == {p.kind for p in batch}
+
+
+def test_arithmetic_labels_by_hand():
+    for p in problems("valid", 60, seed=4):
+        numbers = [int(t.strip(".?")) for t in p.prompt.split() if t.strip(".?").isdigit()]
+        if p.kind == "add":
+            assert int(p.answer) == numbers[0] + numbers[1]
+        elif p.kind == "sub":
+            assert int(p.answer) == numbers[0] - numbers[1]
+        elif p.kind == "add_sub":
+            assert int(p.answer) == numbers[0] + numbers[1] - numbers[2]
+
+
+def test_problems_are_reproducible():
+    assert problems("heldout", 20, seed=5) == problems("heldout", 20, seed=5)
+    assert problems("heldout", 20, seed=5) != problems("heldout", 20, seed=6)
+
+
+def test_shipped_prompt_files_are_what_the_build_writes(tmp_path):
+    write_prompt_files(tmp_path, train=512, valid=200, heldout=200)
+    for name in ("train.jsonl", "valid.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (HERE / "data" / name).read_bytes(), name
+
+
+def test_shipped_training_prompts_keep_labels_for_evaluation_only():
+    rows = [json.loads(line) for line in (HERE / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 512 and set(rows[0]) == {"prompt", "answer", "task"}
+
+
+def test_embedded_prefix_resolves_into_the_package():
+    assert Path(resolve_path("@embedded/model")) == HERE / "model"
+    assert resolve_path("org/name") == "org/name" and resolve_path(None) is None
