@@ -1,0 +1,61 @@
+"""Publishing to the Hugging Face Hub: a fused model folder, or the pairs as a dataset.
+
+The token comes from the environment (HF_TOKEN) or the cached `hf auth login`;
+it is passed to the client and never printed, logged or written to a file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_api():
+    """The Hub client (a seam: tests put a stand-in here; nothing else reaches the network)."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def require_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded")
+    return token
+
+
+def files_of(path: Path) -> list[tuple[str, int]]:
+    """(name relative to the upload root, size in bytes) for each file that would be sent."""
+    if path.is_file():
+        return [(path.name, path.stat().st_size)]
+    return [(str(p.relative_to(path)), p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+def publish(path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model") -> list[str]:
+    """Create the repo (if needed) and upload `path` (a folder, or one file); return the names sent."""
+    if not REPO_ID.match(repo_id):
+        raise UserError(f"--upload-repo {repo_id!r}: use the form user/name")
+    files = files_of(Path(path))
+    visibility = "private" if private else "public"
+    print(f"{'would upload' if dry_run else 'uploading'} to {kind} repo {repo_id} ({visibility}):")
+    for name, size in files:
+        print(f"  {name}  ({size:,} bytes)")
+    if dry_run:
+        print("dry run: nothing was sent")
+        return [name for name, _ in files]
+    token = require_token()
+    api = hub_api()
+    api.create_repo(repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token)
+    if Path(path).is_file():
+        api.upload_file(path_or_fileobj=str(path), path_in_repo=Path(path).name, repo_id=repo_id,
+                        repo_type=kind, token=token)
+    else:
+        api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type=kind, token=token)
+    print(f"published https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}")
+    return [name for name, _ in files]
