@@ -26,8 +26,11 @@ from mipo_mlx.pipeline import run
 METHODS = {"mipo": "sigmoid", "sft": "sft"}
 
 
-def one_run(out: Path, loss: str, lr: float, seed: int, split: str, iters: int | None) -> dict:
+def one_run(out: Path, loss: str, lr: float, seed: int, split: str, iters: int | None,
+            limits: tuple[int | None, int | None] = (None, None)) -> dict:
     config = resolve(str(default_config_path()), {})
+    config.data = replace(config.data, limit=limits[0] or config.data.limit)
+    config.evaluation = replace(config.evaluation, limit=limits[1] or config.evaluation.limit)
     config.training = replace(config.training, loss=loss, learning_rate=lr, seed=seed, iters=iters)
     config.generation = replace(config.generation, seed=seed)
     config.pairs = replace(config.pairs, seed=seed)
@@ -38,10 +41,10 @@ def one_run(out: Path, loss: str, lr: float, seed: int, split: str, iters: int |
     return json.loads((out / "eval.json").read_text())
 
 
-def choose_rate(root: Path, loss: str, rates: list[float], iters: int | None) -> tuple[float, dict]:
+def choose_rate(root: Path, loss: str, rates: list[float], iters: int | None, limits) -> tuple[float, dict]:
     scores = {}
     for lr in rates:
-        result = one_run(root / f"select-{loss}-{lr:g}", loss, lr, 0, "valid", iters)
+        result = one_run(root / f"select-{loss}-{lr:g}", loss, lr, 0, "valid", iters, limits)
         scores[lr] = result["mipo"]["accuracy"]
         print(f"[valid] {loss} lr={lr:g}: accuracy {scores[lr]:.3f} (base {result['base']['accuracy']:.3f})")
     return max(scores, key=scores.get), scores
@@ -58,18 +61,22 @@ def main() -> None:
     parser.add_argument("--rates", default="3e-5,1e-4,3e-4,1e-3")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--iters", type=int, default=None, help="steps per run (default: one epoch)")
+    parser.add_argument("--train-limit", type=int, help="use only N training prompts (a quick trial)")
+    parser.add_argument("--eval-limit", type=int, help="evaluate on only N prompts (a quick trial)")
     args = parser.parse_args()
+    limits = (args.train_limit, args.eval_limit)
     root = Path(args.output)
     rates = [float(r) for r in args.rates.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
     chosen, selection = {}, {}
     for method, loss in METHODS.items():
-        chosen[method], selection[method] = choose_rate(root, loss, rates, args.iters)
+        chosen[method], selection[method] = choose_rate(root, loss, rates, args.iters, limits)
     results = {"base": [], "mipo": [], "sft": []}
     for seed in seeds:
         for method, loss in METHODS.items():
-            result = one_run(root / f"{method}-seed{seed}", loss, chosen[method], seed, "heldout", args.iters)
+            result = one_run(root / f"{method}-seed{seed}", loss, chosen[method], seed, "heldout", args.iters,
+                             limits)
             results[method].append(result["mipo"])
             if method == "mipo":
                 results["base"].append(result["base"])

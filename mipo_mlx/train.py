@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .cli import build_parser as _build_parser
 from .cli import parse_args as _parse_args
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from .embedded import default_config_path
 
         yaml_path = str(default_config_path())
+        if "output.dir" not in overrides:  # a fresh folder each time, so a rerun never collides
+            overrides["output.dir"] = time.strftime("runs/embedded-%Y%m%d-%H%M%S")
     config = resolve(yaml_path, overrides)
     from ._backend import require_mlx
 

@@ -1,5 +1,6 @@
 """What a user runs (README, configs/, examples/) is exercised here, so none of it rots."""
 
+import json
 import re
 import subprocess
 import sys
@@ -50,3 +51,14 @@ def test_python_api_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "pairs; after 2 steps" in done.stdout
     assert (tmp_path / "api" / "adapter_config.json").is_file()
+
+
+def test_embedded_experiment_runs_small(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "embedded_experiment.py"), "--output", str(tmp_path / "exp"),
+           "--rates", "1e-4,3e-4", "--seeds", "0,1", "--iters", "1", "--train-limit", "8", "--eval-limit", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert set(report["chosen_rates"]) == {"mipo", "sft"} and report["chosen_rates"]["mipo"] in (1e-4, 3e-4)
+    assert [len(report["heldout"][m]) for m in ("base", "mipo", "sft")] == [2, 2, 2]
+    assert "| mipo |" in done.stdout

@@ -2,7 +2,7 @@
 
   python -m mipo_mlx.embedded.build            # writes mipo_mlx/embedded/{model,data}
 
-Reproducible: fixed seeds, a fixed number of steps; about 22 minutes on 2 CPU cores
+Reproducible: fixed seeds, a fixed number of steps; about 25 minutes on 2 CPU cores
 with the system OpenBLAS. The model is trained (from random init, full
 fine-tuning) to write worked answers to the train split's problems, for few
 enough steps that it answers held-out problems only sometimes: room for MIPO.
