@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print(f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
           f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "
-          f"accuracy {m.get('rewards/accuracies', float('nan')):.2f}; output in {result.output}")
+          f"reward accuracy {m.get('rewards/accuracies', float('nan')):.2f}; output in {result.output}")
     if result.evaluation is not None:
         print(result.evaluation)
     return 0
