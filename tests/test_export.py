@@ -169,3 +169,19 @@ def test_requantize_reports_drift(plain_run, tmp_path, capsys):
     assert "re-quantized to 4 bits vs base + adapters (drift)" in out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
+
+
+def test_dequantized_export_loads_in_transformers(plain_run, tmp_path):
+    """The de-quantized folder is a plain HF llama checkpoint (runs where torch is installed)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from mlx_lm import load
+
+    assert export.main(["--adapters", str(plain_run), "--output", str(tmp_path / "f")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "f"), dtype=torch.float32)
+    ids = read_pairs(plain_run / "pairs.jsonl")[0].prompt_ids
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits.numpy()
+    model, _ = load(str(tmp_path / "f"))
+    assert float(np.abs(np.array(model(mx.array([ids]))) - expected).max()) < 1e-3
