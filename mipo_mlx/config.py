@@ -118,6 +118,11 @@ class TrainingConfig:
     valid_every: int = setting(50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0)
     save_every: int = setting(100, "Save adapters every N steps; 0 = only at the end.", min=0)
     score_batch_size: int = setting(8, "Pairs per forward when scoring the reference.", min=1)
+    checkpoint_every: int = setting(25, "Write a resumable checkpoint every N steps (and at stops).", min=1)
+    on_nan: str = setting("stop", "A non-finite loss or gradient: stop (keeping the last checkpoint), "
+                          "or skip the step (undone).", choices=("stop", "skip"))
+    max_skipped_steps: int = setting(10, "With on_nan=skip, stop after this many skipped steps.", min=0)
+    memory_limit_gb: float | None = setting(None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0)
     seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0)
 
 

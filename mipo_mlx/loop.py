@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
 from .losses import LOSSES, preference_metrics
 from .score import Batch, pair_logps
@@ -131,6 +132,24 @@ def evaluate_pairs(model: nn.Module, loss: StepLoss, batches: Iterable[Batch]) -
     return {f"valid/{k}": sum(r[k] * w for r, w in zip(rows, weights)) / total for k in rows[0]}
 
 
+class TrainingStopped(Exception):
+    """A stop was requested (SIGINT/SIGTERM); the step in hand finished and was checkpointed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss or gradient at step {step}")
+        self.step = step
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
 def train(
     model: nn.Module,
     loss: StepLoss,
@@ -141,34 +160,57 @@ def train(
     validate: Callable[[], dict[str, float]] | None = None,
     save: Callable[[int], None] | None = None,
     log: Callable[[dict[str, float]], None] | None = None,
-    start_step: int = 0,
     optimizer: optim.Optimizer | None = None,
+    resume: TrainState | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Run `steps` optimizer steps; each takes `grad_accumulation` batches. Returns the last metrics."""
+    """Run optimizer steps up to `steps` (from `resume.step` when given); each takes
+    `grad_accumulation` batches. Returns the last metrics."""
     optimizer = optimizer or make_optimizer(config, steps)
+    if resume is not None:
+        restore(model, optimizer, resume)
     if config.grad_checkpoint:
         checkpoint_blocks(model)
     model.train()
     step_fn = make_step(model, optimizer, loss, config)
     state = [model.state, optimizer.state]
     last: dict[str, float] = {}
-    for step in range(start_step + 1, steps + 1):
+    start = resume.step if resume is not None else 0
+    batches_done = resume.batches_done if resume is not None else 0
+    skipped = 0
+    for step in range(start + 1, steps + 1):
+        mx.random.seed(config.seed * 1_000_003 + step)  # dropout draws depend on the step alone: resumable
+        before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
         for micro in range(config.grad_accumulation):
             batch = next(batches)
             metrics, grad_sum = step_fn(batch.arrays(), grad_sum, micro == config.grad_accumulation - 1)
             rows.append(metrics)
             tokens += batch.n_tokens
+        batches_done += config.grad_accumulation
         mx.eval(state, rows)  # one evaluation per optimizer step; a sync point
         seconds = time.perf_counter() - tic
         last = {"step": step, **_mean([{k: v.item() for k, v in r.items() if k != "grad_norm"} for r in rows]),
                 "grad_norm": rows[-1]["grad_norm"].item(),
                 "learning_rate": float(optimizer.learning_rate.item()),
                 "tokens_per_sec": tokens / seconds, "step_seconds": seconds, **memory_metrics()}
+        if not _finite(last["loss"], last["grad_norm"]):
+            if config.on_nan == "stop" or skipped >= config.max_skipped_steps:
+                raise NonFiniteLoss(step)
+            model.update(before[0])  # undo the update: arrays are immutable, the old ones are intact
+            optimizer.state.update(before[1])
+            skipped += 1
+            last["skipped_non_finite"] = 1.0
         if validate is not None and (step == steps or (config.valid_every and step % config.valid_every == 0)):
             last.update(validate())
         if log is not None:
             log(last)
         if save is not None and (step == steps or (config.save_every and step % config.save_every == 0)):
             save(step)
+        stop = should_stop is not None and should_stop()
+        if checkpoint is not None and (stop or step == steps or step % config.checkpoint_every == 0):
+            checkpoint(capture(model, optimizer, step, batches_done))
+        if stop and step < steps:
+            raise TrainingStopped(step)
     return last

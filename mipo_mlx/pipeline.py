@@ -6,7 +6,9 @@ metrics.jsonl, adapters), so any of them can be inspected, rerun or replaced.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -15,18 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checkpoint as ckpt
 from . import generate as gen
 from . import model as mdl
+from . import resume
 from .config import Config, to_yaml, validate
 from .errors import UserError
-from .files import append_jsonl, write_text
-from .loop import evaluate_pairs, make_loss, train
-from .pairs import Pair, altered_prompts, derangement, split_pairs, write_pairs
+from .files import append_jsonl, write_json, write_text
+from .loop import TrainingStopped, evaluate_pairs, make_loss, train
+from .pairs import Pair, altered_prompts, derangement, read_pairs, split_pairs, write_pairs
 from .progress import Progress
 from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
 from .score import Batch, pack_pairs, score_pairs
 
-RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors", "eval.json")
+RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors", "eval.json",
+             "responses.chosen.jsonl", "checkpoint")
 
 
 @dataclass
@@ -49,17 +54,24 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare_output(config: Config) -> Path:
+def prepare_output(config: Config, resume_run: bool = False) -> Path:
     out = Path(config.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another output.dir")
+    if resume_run:
+        resume.check_same_run(out, config)
+        return out
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not config.output.overwrite:
         raise UserError(f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
                         "output.dir or pass --output.overwrite true")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # overwrite was asked for: start the log anew
+    for name in ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
+                 "responses.rejected.jsonl"):  # overwrite was asked for: start anew
+        if (out / name).exists():
+            (out / name).unlink()
+    if (out / ckpt.NAME).exists():
+        shutil.rmtree(out / ckpt.NAME)
     return out
 
 
@@ -81,13 +93,26 @@ def render_prompts(prompts: list[Prompt], tokenizer, config: Config) -> Rendered
     return kept
 
 
-def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: str, stream0: int):
+def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: str, stream0: int,
+                 cache: Path | None = None, should_stop=None):
+    """Responses for all prompts; with `cache`, finished ones are kept there and not redone."""
+    done = resume.cached_responses(cache, len(ids)) if cache is not None else {}
+    todo = [i for i in range(len(ids)) if i not in done]
     progress = Progress(len(ids), stage)
-    responses = gen.generate(model, tokenizer, ids, config.generation,
-                             streams=[stream0 + i for i in range(len(ids))],
-                             on_done=lambda i, r: progress.update(1))
+    progress.update(len(done))
+
+    def finished(k: int, response: gen.Response) -> None:
+        if cache is not None:
+            resume.record_response(cache, todo[k], response)
+        progress.update(1)
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(0)
+
+    fresh = gen.generate(model, tokenizer, [ids[i] for i in todo], config.generation,
+                         streams=[stream0 + i for i in todo], on_done=finished)
+    done.update(zip(todo, fresh))
     progress.close()
-    return responses
+    return [done[i] for i in range(len(ids))]
 
 
 def usable(response: gen.Response, config: Config) -> bool:
@@ -117,7 +142,8 @@ def random_pairs(r: Rendered, positives, tokenizer, config: Config) -> list[Pair
     return pairs
 
 
-def generated_pairs(model, tokenizer, r: Rendered, positives, config: Config) -> list[Pair]:
+def generated_pairs(model, tokenizer, r: Rendered, positives, config: Config, out: Path | None = None,
+                    should_stop=None) -> list[Pair]:
     """incomplete / no_context / random_context: generate y- from an altered prompt."""
     strategy = config.pairs.negatives
     altered = altered_prompts(r.prompts, strategy, config.data, config.pairs.seed)
@@ -128,7 +154,8 @@ def generated_pairs(model, tokenizer, r: Rendered, positives, config: Config) ->
                         "two sentences for 'incomplete'); choose another strategy")
     ids = [render(tokenizer, messages_for(r.prompts[i], altered[i], config.data), config.data.enable_thinking)
            for i in todo]
-    negatives = generate_all(model, tokenizer, ids, config, f"generate {strategy}", gen.STREAM_STRIDE)
+    negatives = generate_all(model, tokenizer, ids, config, f"generate {strategy}", gen.STREAM_STRIDE,
+                             out / "responses.rejected.jsonl" if out else None, should_stop)
     pairs = []
     for i, negative in zip(todo, negatives):
         if usable(negative, config):
@@ -145,16 +172,18 @@ def decode(tokenizer, response: gen.Response) -> str:
     return tokenizer.decode(ids)
 
 
-def build_pairs(model, tokenizer, config: Config) -> tuple[list[Pair], Rendered]:
+def build_pairs(model, tokenizer, config: Config, out: Path | None = None,
+                should_stop=None) -> tuple[list[Pair], Rendered]:
     prompts = read_prompts(config.data.prompts, config.data.limit)
     rendered = render_prompts(prompts, tokenizer, config)
     if rendered.skipped:
         say(f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens={config.data.max_prompt_tokens}")
-    positives = generate_all(model, tokenizer, rendered.ids, config, "generate chosen", 0)
+    positives = generate_all(model, tokenizer, rendered.ids, config, "generate chosen", 0,
+                             out / "responses.chosen.jsonl" if out else None, should_stop)
     if config.pairs.negatives == "random":
         pairs = random_pairs(rendered, positives, tokenizer, config)
     else:
-        pairs = generated_pairs(model, tokenizer, rendered, positives, config)
+        pairs = generated_pairs(model, tokenizer, rendered, positives, config, out, should_stop)
     return split_pairs(pairs, config.data.valid_fraction, config.pairs.seed), rendered
 
 
@@ -171,16 +200,19 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int) -> Iterator[Batch]:
-    """Full batches from epoch after epoch of seeded shuffles (batch k is a pure function of k)."""
-    epoch = 0
+def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start: int = 0) -> Iterator[Batch]:
+    """Full batches from epoch after epoch of seeded shuffles (batch k is a pure function of k);
+    `start` skips the first batches without packing them (resuming at a data position)."""
+    epoch, k = 0, 0
     order: list[int] = []
     while True:
         while len(order) < batch_size:
             order += np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
             epoch += 1
-        yield pack_pairs([pairs[i] for i in order[:batch_size]], pad)
+        if k >= start:
+            yield pack_pairs([pairs[i] for i in order[:batch_size]], pad)
         order = order[batch_size:]
+        k += 1
 
 
 def total_steps(config: Config, n_train: int) -> int:
@@ -190,7 +222,8 @@ def total_steps(config: Config, n_train: int) -> int:
     return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accumulation)))
 
 
-def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Path) -> dict[str, float]:
+def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Path,
+                   should_stop=None) -> dict[str, float]:
     t = config.training
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
@@ -200,7 +233,13 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
         f"({len(valid_set)} held out)")
     loss = make_loss(t)
     pad = pad_id(tokenizer)
+    state = ckpt.load(out)
+    if state is not None:
+        say(f"resuming training from the checkpoint at step {state.step}")
+    if (out / "metrics.jsonl").exists():  # lines after the checkpoint will be logged again
+        resume.trim_metrics(out / "metrics.jsonl", state.step if state else 0)
     progress = Progress(steps, "train")
+    progress.update(state.step if state else 0)
 
     def validate():
         batches = (pack_pairs(valid_set[i : i + t.batch_size], pad) for i in range(0, len(valid_set), t.batch_size))
@@ -216,29 +255,51 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
         if step != steps:
             mdl.save_adapters(out, model, config.lora, config.model.path, name=f"{step:07d}_adapters.safetensors")
 
-    metrics = train(model, loss, batch_stream(train_set, t.batch_size, t.seed, pad), steps, t,
-                    validate=validate if valid_set else None, save=save, log=log)
+    announce_memory(model, train_set, config)
+    batches = batch_stream(train_set, t.batch_size, t.seed, pad, start=state.batches_done if state else 0)
+    metrics = train(model, loss, batches, steps, t, validate=validate if valid_set else None, save=save, log=log,
+                    resume=state, checkpoint=lambda s: ckpt.save(out, s), should_stop=should_stop)
     progress.close()
     return metrics
 
 
-def run(config: Config) -> RunResult:
-    """The whole job: (evaluate the base,) generate pairs, score them, train adapters (, evaluate)."""
+def run(config: Config, resume_run: bool = False) -> RunResult:
+    """The whole job: (evaluate the base,) generate pairs, score them, train adapters (, evaluate).
+
+    With `resume_run`, finished stages in the output folder are reused and training
+    continues from its last checkpoint. SIGINT/SIGTERM stop at the next safe point.
+    """
     validate(config)
-    out = prepare_output(config)
-    write_text(out / "config.yaml", to_yaml(config))
+    stop = resume.StopFlag()
+    with stop.installed():
+        if config.training.memory_limit_gb:
+            import mlx.core as mx
+
+            mx.set_memory_limit(int(config.training.memory_limit_gb * 1e9))
+        out = prepare_output(config, resume_run)
+        if not resume_run:
+            write_text(out / "config.yaml", to_yaml(config))
+        return stages(config, out, stop)
+
+
+def stages(config: Config, out: Path, stop) -> RunResult:
     model, tokenizer, _ = mdl.load(config.model)
     held = None
     if config.evaluation.prompts:
         from . import evaluate as ev
 
         held = ev.heldout(tokenizer, config)
-        before = ev.answer_and_measure(model, tokenizer, *held, config, nullcontext, "base")
-    pairs, _ = build_pairs(model, tokenizer, config)
-    add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
-    write_pairs(out / "pairs.jsonl", pairs)
-    say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
-    metrics = train_adapters(model, tokenizer, pairs, config, out)
+        before = cached_json(out / "eval_base.json",
+                             lambda: ev.answer_and_measure(model, tokenizer, *held, config, nullcontext, "base"))
+    if (out / "pairs.jsonl").is_file():  # written whole at the end of its stage
+        pairs = read_pairs(out / "pairs.jsonl")
+        say(f"reusing {len(pairs)} pairs from {out / 'pairs.jsonl'}")
+    else:
+        pairs, _ = build_pairs(model, tokenizer, config, out, stop)
+        add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
+        write_pairs(out / "pairs.jsonl", pairs)
+        say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
+    metrics = train_adapters(model, tokenizer, pairs, config, out, stop)
     say(f"adapters: {out / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{out}'))")
     table = None
     if held is not None:
@@ -249,3 +310,23 @@ def run(config: Config) -> RunResult:
 
             plot_training(out / "metrics.jsonl", out / "training.png")
     return RunResult(out, pairs, metrics, table)
+
+
+def cached_json(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_json(path, value)
+    return value
+
+
+def announce_memory(model, pairs: list[Pair], config: Config) -> None:
+    from .memory import estimate, working_set_bytes
+
+    need = estimate(model, pairs, config.training)
+    limit = working_set_bytes()
+    say(f"estimated peak memory {need.total / 1e9:.2f} GB (model {need.model / 1e9:.2f}, adapters + optimizer "
+        f"{need.adapters / 1e9:.3f}, activations {need.activations / 1e9:.2f} for the longest batch)")
+    if limit and need.total > limit:
+        say(f"warning: that exceeds the recommended working set ({limit / 1e9:.1f} GB); lower "
+            "training.batch_size, set training.grad_checkpoint=true or data.max_prompt_tokens")

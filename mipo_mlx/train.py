@@ -19,7 +19,7 @@ import time
 from .cli import build_parser as _build_parser
 from .cli import parse_args as _parse_args
 from .config import SHORTCUTS, resolve
-from .errors import reports_user_errors
+from .errors import UserError, reports_user_errors
 
 DESCRIPTION = ("MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
                "(chosen = its answer; rejected = its answer to another prompt). With no arguments, "
@@ -27,18 +27,31 @@ DESCRIPTION = ("MIPO: train LoRA adapters with DPO on pairs the model makes from
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
+    parser = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
+    parser.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings")
+    return parser
 
 
-def parse_args(argv: list[str] | None):
-    yaml_path, overrides, _ = _parse_args(build_parser(), argv)
+def parse_args(argv: list[str] | None, extras: dict | None = None):
+    yaml_path, overrides, rest = _parse_args(build_parser(), argv)
+    if extras is not None:
+        extras.update(rest)
     return yaml_path, overrides
 
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    yaml_path, overrides = parse_args(argv)
-    if yaml_path is None and not ({"model.path", "data.prompts"} & set(overrides)):
+    extras: dict = {}
+    yaml_path, overrides = parse_args(argv, extras)
+    resume_dir = extras.get("resume")
+    if resume_dir:
+        from pathlib import Path
+
+        if not (Path(resume_dir) / "config.yaml").is_file():
+            raise UserError(f"{resume_dir}: no config.yaml, so no run to resume; start it without --resume")
+        yaml_path = yaml_path or str(Path(resume_dir) / "config.yaml")
+        overrides["output.dir"] = resume_dir
+    elif yaml_path is None and not ({"model.path", "data.prompts"} & set(overrides)):
         from .embedded import default_config_path
 
         yaml_path = str(default_config_path())
@@ -48,9 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     from ._backend import require_mlx
 
     require_mlx()
+    from .loop import NonFiniteLoss, TrainingStopped
     from .pipeline import run
 
-    result = run(config)
+    out = config.output.dir
+    try:
+        result = run(config, resume_run=bool(resume_dir))
+    except TrainingStopped as stop:
+        where = f"after step {stop.step}" if stop.step else "during generation"
+        print(f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
+              file=sys.stderr)
+        return 130
+    except NonFiniteLoss as err:
+        raise UserError(f"{err}; training stopped and the last good checkpoint in {out}/checkpoint is kept. "
+                        "Lower training.learning_rate, or set training.on_nan=skip") from None
     m = result.metrics
     print(f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
           f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "

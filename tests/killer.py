@@ -1,0 +1,78 @@
+"""Run `python -m mipo_mlx.train ARGS` and SIGKILL the process itself at a chosen point.
+
+  python tests/killer.py after-step K -- ARGS       killed right after step K is logged
+  python tests/killer.py after-responses N -- ARGS  killed after N generated responses are saved
+  python tests/killer.py in-checkpoint K -- ARGS    killed between the renames of the step-K checkpoint
+  python tests/killer.py in-adapters-write K -- ARGS  killed while the step-K adapters file is being written
+
+A real SIGKILL: no handler, no cleanup, exactly what a kill -9 or the OOM killer does.
+"""
+
+import os
+import signal
+import sys
+
+import mipo_mlx  # noqa: F401  (BLAS first)
+from mipo_mlx import checkpoint, files, pipeline, resume, train
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    point, value = sys.argv[1], int(sys.argv[2])
+    args = sys.argv[sys.argv.index("--") + 1 :]
+    if point == "after-step":
+        real = pipeline.append_jsonl
+
+        def log(path, row):
+            real(path, row)
+            if row.get("step") == value:
+                die()
+
+        pipeline.append_jsonl = log
+    elif point == "after-responses":
+        real_record, count = resume.record_response, [0]
+
+        def record(*a):
+            real_record(*a)
+            count[0] += 1
+            if count[0] == value:
+                die()
+
+        resume.record_response = record
+    elif point == "in-checkpoint":
+        real_save = checkpoint.save
+
+        def save(out, state):
+            if state.step == value:
+                real_rename = type(out).rename
+
+                def rename(self, target):
+                    real_rename(self, target)
+                    if str(target).endswith(".old"):
+                        die()  # the old checkpoint moved aside, the new one not yet in place
+
+                type(out).rename = rename
+            return real_save(out, state)
+
+        checkpoint.save = save
+    elif point == "in-adapters-write":
+        real_replace, seen = os.replace, [0]
+
+        def replace(src, dst):
+            if str(dst).endswith("/adapters.safetensors"):
+                seen[0] += 1
+                if seen[0] == value:
+                    with open(src, "r+b") as fh:  # half-written temporary file, then the kill
+                        fh.truncate(os.path.getsize(src) // 2)
+                    die()
+            return real_replace(src, dst)
+
+        files.os.replace = replace
+    sys.exit(train.main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Interrupted runs end where uninterrupted ones do: SIGKILL at steps, in generation, in writes."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from .builders import write_prompts
+
+KILLER = str(Path(__file__).with_name("killer.py"))
+ARGS = ["--generation.max_tokens", "10", "--generation.truncated", "keep", "--generation.temperature", "1.0",
+        "--training.learning_rate", "3e-3", "--iters", "12", "--training.batch_size", "2",
+        "--training.checkpoint_every", "3", "--training.save_every", "4", "--lora.rank", "4",
+        "--lora.dropout", "0.1", "--data.valid_fraction", "0.2", "--training.valid_every", "5"]
+
+
+def train_cmd(model_dir, prompts, out, *extra):
+    return ["--model", str(model_dir), "--prompts", str(prompts), "--output", str(out), *ARGS, *extra]
+
+
+def run_killed(point, value, model_dir, prompts, out, *extra):
+    done = subprocess.run([sys.executable, KILLER, point, str(value), "--", *train_cmd(model_dir, prompts, out, *extra)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
+
+
+def resume(out):
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def adapters(out):
+    return {k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def setup(toy_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    prompts = write_prompts(root / "prompts.jsonl", n=14)
+    reference = root / "uninterrupted"
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", *train_cmd(toy_model_dir, prompts, reference)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return toy_model_dir, prompts, reference, root
+
+
+def assert_same_run(out, reference):
+    a, b = adapters(out), adapters(reference)
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    assert (out / "pairs.jsonl").read_bytes() == (reference / "pairs.jsonl").read_bytes()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # no step lost, none logged twice
+
+
+KILL_STEPS = sorted(random.Random(20261126).sample(range(1, 12), 3))
+
+
+@pytest.mark.parametrize("step", KILL_STEPS)
+def test_sigkill_during_training_then_resume(setup, step):
+    model_dir, prompts, reference, root = setup
+    out = root / f"killed-step-{step}"
+    run_killed("after-step", step, model_dir, prompts, out)
+    assert not (out / "adapters.safetensors").exists() or step >= 4
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def test_sigkill_during_generation_then_resume(setup):
+    model_dir, prompts, reference, root = setup
+    out = root / "killed-generation"
+    run_killed("after-responses", 5, model_dir, prompts, out)
+    saved = (out / "responses.chosen.jsonl").read_text().splitlines()
+    assert len(saved) == 5 and not (out / "pairs.jsonl").exists()
+    done = resume(out)
+    assert "generate chosen" in done.stderr
+    assert_same_run(out, reference)
+
+
+def test_sigkill_between_checkpoint_renames(setup):
+    model_dir, prompts, reference, root = setup
+    out = root / "killed-checkpoint"
+    run_killed("in-checkpoint", 6, model_dir, prompts, out)
+    assert (out / "checkpoint.old").is_dir() and not (out / "checkpoint").exists()
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def test_sigkill_during_adapter_write_keeps_the_previous_file(setup):
+    model_dir, prompts, reference, root = setup
+    out = root / "killed-write"
+    run_killed("in-adapters-write", 2, model_dir, prompts, out)  # the second save: step 8
+    step4 = adapters(out)  # the previous file is whole and loads
+    assert step4.keys() == adapters(reference).keys()
+    np.testing.assert_array_equal(step4[next(iter(step4))],
+                                  np.array(mx.load(str(out / "0000004_adapters.safetensors"))[next(iter(step4))]))
+    assert list(out.glob(".adapters.safetensors.*.tmp"))  # the torn temporary file, never renamed
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def test_torn_last_metrics_line_is_dropped(setup):
+    model_dir, prompts, reference, root = setup
+    out = root / "torn"
+    run_killed("after-step", 7, model_dir, prompts, out)
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 8, "loss": 0.6')  # a line cut by the kill
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def test_resume_refuses_another_runs_settings(setup):
+    _, _, reference, _ = setup
+    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--resume", str(reference),
+                           "--training.beta", "0.5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "belongs to another run (training.beta" in done.stderr
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(setup):
+    model_dir, prompts, reference, root = setup
+    out = root / "sigterm"
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, signal, sys\n"
+                             "import mipo_mlx\n"
+                             "from mipo_mlx import pipeline, train\n"
+                             "real = pipeline.append_jsonl\n"
+                             "def log(p, row):\n"
+                             "    real(p, row)\n"
+                             "    if row.get('step') == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
+                             "pipeline.append_jsonl = log\n"
+                             "sys.exit(train.main(sys.argv[1:]))\n",
+                             *train_cmd(model_dir, prompts, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "Resume with: python -m mipo_mlx.train --resume" in stderr
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 5
+    resume(out)
+    assert_same_run(out, reference)
