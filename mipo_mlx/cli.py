@@ -69,8 +69,25 @@ def parse_value(key: str, text: str) -> Any:
         raise UserError(f"command line: --{key} {text!r} is not a valid value") from None
 
 
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """'--key -1e-5' -> '--key=-1e-5': argparse would read '-1e-5' as an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[str | None, dict[str, Any], dict]:
     """(YAML path, {dotted key: value}, other options) from the command line."""
+    import sys
+
+    argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     args = vars(parser.parse_args(argv))
     yaml_path = args.pop("config", None)
     keys = set(all_keys())

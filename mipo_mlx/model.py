@@ -55,9 +55,9 @@ def load(config: ModelConfig):
             tokenizer_config={"trust_remote_code": config.trust_remote_code},
             trust_remote_code=config.trust_remote_code,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{config.path}: could not load the model ({first})") from None
+        raise UserError(f"{config.path}: could not load the model ({first}); check the folder or repo id") from None
     if config.quantize_bits and (config.quantize_on_cpu or not on_cpu()):
         model_config = quantize(model, model_config, config.quantize_bits, config.quantize_group_size)
     elif config.quantize_bits and not is_quantized(model):

@@ -95,6 +95,17 @@ def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
     write_jsonl(path, (p.to_row() for p in pairs))
 
 
+def check_derangeable(groups: list) -> None:
+    """A derangement avoiding equal groups exists iff no group holds more than half the items."""
+    n = len(groups)
+    if n < 2:
+        raise UserError(f"{n} prompt(s): a random negative needs at least 2 different prompts")
+    largest = max(Counter(groups).values())
+    if largest > n - largest:
+        raise UserError(f"{largest} of {n} prompts are identical: no derangement exists; "
+                        "remove duplicates or add more different prompts")
+
+
 def derangement(groups: list, seed: int) -> list[int]:
     """A random permutation p with groups[p[i]] != groups[i] for every i.
 
@@ -103,13 +114,8 @@ def derangement(groups: list, seed: int) -> list[int]:
     permutations are drawn until one fits (about e draws when all differ); a
     repair pass by swaps handles sets with many duplicates.
     """
+    check_derangeable(groups)
     n = len(groups)
-    if n < 2:
-        raise UserError(f"{n} prompt(s): a random negative needs at least 2 different prompts")
-    largest = max(Counter(groups).values())
-    if largest > n - largest:
-        raise UserError(f"{largest} of {n} prompts are identical: no derangement exists; "
-                        "remove duplicates or add more different prompts")
     rng = np.random.default_rng(seed)
     for _ in range(100):
         p = rng.permutation(n)

@@ -25,7 +25,15 @@ from .config import Config, to_yaml, validate
 from .errors import UserError
 from .files import append_jsonl, write_json, write_text
 from .loop import TrainingStopped, evaluate_pairs, make_loss, train
-from .pairs import Pair, altered_prompts, derangement, read_pairs, split_pairs, write_pairs
+from .pairs import (
+    Pair,
+    altered_prompts,
+    check_derangeable,
+    derangement,
+    read_pairs,
+    split_pairs,
+    write_pairs,
+)
 from .progress import Progress
 from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
 from .score import Batch, pack_pairs, score_pairs
@@ -54,7 +62,8 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare_output(config: Config, resume_run: bool = False) -> Path:
+def check_output(config: Config, resume_run: bool = False) -> Path:
+    """Refuse an output folder that cannot take this run; changes nothing on disk."""
     out = Path(config.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another output.dir")
@@ -65,6 +74,11 @@ def prepare_output(config: Config, resume_run: bool = False) -> Path:
     if earlier and not config.output.overwrite:
         raise UserError(f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
                         "output.dir or pass --output.overwrite true")
+    return out
+
+
+def start_output(out: Path, config: Config) -> None:
+    """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage files."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
                  "responses.rejected.jsonl"):  # overwrite was asked for: start anew
@@ -72,7 +86,7 @@ def prepare_output(config: Config, resume_run: bool = False) -> Path:
             (out / name).unlink()
     if (out / ckpt.NAME).exists():
         shutil.rmtree(out / ckpt.NAME)
-    return out
+    write_text(out / "config.yaml", to_yaml(config))
 
 
 def render_prompts(prompts: list[Prompt], tokenizer, config: Config) -> Rendered:
@@ -172,10 +186,21 @@ def decode(tokenizer, response: gen.Response) -> str:
     return tokenizer.decode(ids)
 
 
+def check_pairs_possible(r: Rendered, config: Config) -> None:
+    """Input problems the negative strategy would hit, found before any generation or write."""
+    if config.pairs.negatives == "random":
+        check_derangeable([m[-1]["content"] for m in r.messages])
+    else:
+        altered_prompts(r.prompts, config.pairs.negatives, config.data, config.pairs.seed)
+
+
+def load_prompts(tokenizer, config: Config) -> Rendered:
+    return render_prompts(read_prompts(config.data.prompts, config.data.limit), tokenizer, config)
+
+
 def build_pairs(model, tokenizer, config: Config, out: Path | None = None,
-                should_stop=None) -> tuple[list[Pair], Rendered]:
-    prompts = read_prompts(config.data.prompts, config.data.limit)
-    rendered = render_prompts(prompts, tokenizer, config)
+                should_stop=None, rendered: Rendered | None = None) -> tuple[list[Pair], Rendered]:
+    rendered = rendered or load_prompts(tokenizer, config)
     if rendered.skipped:
         say(f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens={config.data.max_prompt_tokens}")
     positives = generate_all(model, tokenizer, rendered.ids, config, "generate chosen", 0,
@@ -276,26 +301,32 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             import mlx.core as mx
 
             mx.set_memory_limit(int(config.training.memory_limit_gb * 1e9))
-        out = prepare_output(config, resume_run)
+        out = check_output(config, resume_run)
+        read_prompts(config.data.prompts, config.data.limit)  # bad input stops here, before any write
+        model, tokenizer, _ = mdl.load(config.model)
+        rendered = load_prompts(tokenizer, config)
+        check_pairs_possible(rendered, config)
+        held = None
+        if config.evaluation.prompts:
+            from .evaluate import heldout
+
+            held = heldout(tokenizer, config)
         if not resume_run:
-            write_text(out / "config.yaml", to_yaml(config))
-        return stages(config, out, stop)
+            start_output(out, config)
+        return stages(config, out, stop, model, tokenizer, rendered, held)
 
 
-def stages(config: Config, out: Path, stop) -> RunResult:
-    model, tokenizer, _ = mdl.load(config.model)
-    held = None
-    if config.evaluation.prompts:
+def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered, held) -> RunResult:
+    if held is not None:
         from . import evaluate as ev
 
-        held = ev.heldout(tokenizer, config)
         before = cached_json(out / "eval_base.json",
                              lambda: ev.answer_and_measure(model, tokenizer, *held, config, nullcontext, "base"))
     if (out / "pairs.jsonl").is_file():  # written whole at the end of its stage
         pairs = read_pairs(out / "pairs.jsonl")
         say(f"reusing {len(pairs)} pairs from {out / 'pairs.jsonl'}")
     else:
-        pairs, _ = build_pairs(model, tokenizer, config, out, stop)
+        pairs, _ = build_pairs(model, tokenizer, config, out, stop, rendered)
         add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
         write_pairs(out / "pairs.jsonl", pairs)
         say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
