@@ -57,24 +57,21 @@ def margins_and_logits(model, pairs, pad: int):
     """(chosen - rejected) summed log-probs per pair, and the logits, in one forward."""
     import mlx.core as mx
 
-    from .score import pack_pairs
+    from .score import logits_and_logps, pack_pairs
 
     batch = pack_pairs(pairs, pad)
-    logits = model(batch.inputs).astype(mx.float32)  # (2B, T, V)
-    logp = mx.take_along_axis(logits, batch.targets[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-    logps = (logp * batch.mask).sum(axis=-1)  # (2B,)
+    logits, logps = logits_and_logps(model, batch.inputs, batch.targets, batch.mask)  # (2B, T, V), (2B,)
     n = batch.n_pairs
-    keep = batch.mask.sum(axis=0) > 0  # compare logits only where some row has a real position
-    mask = (batch.inputs != pad) | (batch.mask > 0)
+    mask = (batch.inputs != pad) | (batch.mask > 0)  # compare logits only at real positions
     mx.eval(logits, logps)
-    return logps[:n] - logps[n:], logits, mask[..., None], keep
+    return logps[:n] - logps[n:], logits, mask[..., None]
 
 
 def compare(reference, candidate, base_margins) -> Check:
     import mlx.core as mx
 
-    ref_margin, ref_logits, mask, _ = reference
-    new_margin, new_logits, _, _ = candidate
+    ref_margin, ref_logits, mask = reference
+    new_margin, new_logits, _ = candidate
     diff = mx.abs(new_logits - ref_logits) * mask
     return Check(max_logit_diff=diff.max().item(),
                  max_margin_diff=mx.abs(new_margin - ref_margin).max().item(),
@@ -88,24 +85,13 @@ def fuse(model, dequantize: bool = True):
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model
 
-    from .model import _lora_modules
+    from .model import lora_modules
 
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in _lora_modules(model)]
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in lora_modules(model)]
     model.update_modules(tree_unflatten(fused))
     if dequantize:
         dequantize_model(model)  # embeddings and layers without adapters too
     return model
-
-
-def run_dtype(model_config: dict) -> str:
-    return str(model_config.get("torch_dtype") or "float32").replace("torch.", "")
-
-
-@dataclass
-class Exported:
-    folder: Path
-    check: Check
-    drift: Check | None  # the re-quantized model against base + adapters, when --quantize
 
 
 def build(run: Path, quantize: int | None, force: bool):

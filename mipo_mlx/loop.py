@@ -181,7 +181,8 @@ def train(
     skipped = 0
     for step in range(start + 1, steps + 1):
         mx.random.seed(config.seed * 1_000_003 + step)  # dropout draws depend on the step alone: resumable
-        before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
+        if config.on_nan == "skip":  # keep the state to undo a non-finite step (arrays are immutable)
+            before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
         for micro in range(config.grad_accumulation):
             batch = next(batches)
@@ -198,7 +199,7 @@ def train(
         if not _finite(last["loss"], last["grad_norm"]):
             if config.on_nan == "stop" or skipped >= config.max_skipped_steps:
                 raise NonFiniteLoss(step)
-            model.update(before[0])  # undo the update: arrays are immutable, the old ones are intact
+            model.update(before[0])  # undo the update: the old arrays are intact
             optimizer.state.update(before[1])
             skipped += 1
             last["skipped_non_finite"] = 1.0

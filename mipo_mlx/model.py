@@ -113,7 +113,7 @@ def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:
     return trainable
 
 
-def _lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "linear")]
 
 
@@ -124,7 +124,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     Swapping (rather than scale = 0) gives exactly the base computation, with no
     adapter matmuls, and no second copy of any weight.
     """
-    lora = _lora_modules(model)
+    lora = lora_modules(model)
     model.update_modules(tree_unflatten([(name, m.linear) for name, m in lora]))
     try:
         yield model

@@ -38,8 +38,10 @@ from .progress import Progress
 from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
 from .score import Batch, pack_pairs, score_pairs
 
-RUN_FILES = ("config.yaml", "pairs.jsonl", "metrics.jsonl", "adapters.safetensors", "eval.json",
-             "responses.chosen.jsonl", "checkpoint")
+# Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
+STAGE_FILES = ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
+               "responses.rejected.jsonl")
+RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
 
 
 @dataclass
@@ -80,8 +82,7 @@ def check_output(config: Config, resume_run: bool = False) -> Path:
 def start_output(out: Path, config: Config) -> None:
     """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage files."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
-                 "responses.rejected.jsonl"):  # overwrite was asked for: start anew
+    for name in STAGE_FILES:  # overwrite was asked for: start anew
         if (out / name).exists():
             (out / name).unlink()
     if (out / ckpt.NAME).exists():
@@ -302,9 +303,9 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
 
             mx.set_memory_limit(int(config.training.memory_limit_gb * 1e9))
         out = check_output(config, resume_run)
-        read_prompts(config.data.prompts, config.data.limit)  # bad input stops here, before any write
+        prompts = read_prompts(config.data.prompts, config.data.limit)  # bad input stops before the model loads
         model, tokenizer, _ = mdl.load(config.model)
-        rendered = load_prompts(tokenizer, config)
+        rendered = render_prompts(prompts, tokenizer, config)
         check_pairs_possible(rendered, config)
         held = None
         if config.evaluation.prompts:

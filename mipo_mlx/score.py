@@ -66,12 +66,17 @@ def pack_pairs(pairs, pad_id: int, pad_multiple: int = PAD_MULTIPLE) -> Batch:
                  mx.array([r["rejected"] for r in ref], dtype=mx.float32), n_tokens)
 
 
-def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Sum over masked positions of log p(target | inputs so far): (N, T) -> (N,)."""
+def logits_and_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """The logits (N, T, V), and the sum over masked positions of log p(target | inputs so far) (N,)."""
     logits = model(inputs).astype(mx.float32)  # (N, T, V)
     token_logps = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (N, T)
     token_logps = token_logps - mx.logsumexp(logits, axis=-1)  # (N, T)
-    return (token_logps * mask).sum(axis=-1)  # (N,)
+    return logits, (token_logps * mask).sum(axis=-1)  # (N,)
+
+
+def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Sum over masked positions of log p(target | inputs so far): (N, T) -> (N,)."""
+    return logits_and_logps(model, inputs, targets, mask)[1]
 
 
 def pair_logps(model, batch: Batch) -> tuple[mx.array, mx.array]:

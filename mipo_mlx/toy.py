@@ -32,12 +32,17 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int) -> int:
-    """Train a byte-level BPE tokenizer on `corpus`; write HF tokenizer files; return vocab size."""
+def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int, split_digits: bool = False,
+                    max_length: int = 4096):
+    """Train a byte-level BPE tokenizer on `corpus` and write the HF tokenizer files.
+
+    `split_digits` makes every digit its own token (numbers spelled digit by digit)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -55,11 +60,11 @@ def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int) -> int:
         "pad_token": "<|endoftext|>",
         "unk_token": None,
         "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 4096,
+        "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return tokenizer.get_vocab_size()
+    return tokenizer
 
 
 def model_config(architecture: str, vocab_size: int, eos_id: int, hidden_size: int, layers: int,
@@ -104,7 +109,7 @@ def build_model_folder(
     from mlx_lm.utils import _get_classes, save_config
 
     folder = Path(folder)
-    vocab = build_tokenizer(folder, corpus or DEFAULT_CORPUS, vocab_size)
+    vocab = build_tokenizer(folder, corpus or DEFAULT_CORPUS, vocab_size).get_vocab_size()
     tokens = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
     eos_id = next(t["id"] for t in tokens if t["content"] == "<|im_end|>")
     config = model_config(architecture, vocab, eos_id, hidden_size, layers, intermediate_size,

@@ -18,7 +18,7 @@ TOKENS = mx.array([[1, 5, 9, 40, 41, 42, 7, 8]])
 def perturb_adapters(model, seed=0):
     """Give every lora_b random values, as training would, so adapters change the output."""
     mx.random.seed(seed)
-    for _, m in mdl._lora_modules(model):
+    for _, m in mdl.lora_modules(model):
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.5
 
 

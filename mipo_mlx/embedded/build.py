@@ -13,7 +13,6 @@ are disjoint by construction (see mipo_mlx.tasks.synthetic).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from functools import partial
@@ -26,8 +25,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..files import write_jsonl
+from ..score import pack
 from ..tasks.synthetic import problems
-from ..toy import CHAT_TEMPLATE, SPECIAL_TOKENS, model_config
+from ..toy import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent
 SHAPE = {"hidden_size": 256, "layers": 4, "intermediate_size": 704, "heads": 4, "kv_heads": 4}
@@ -36,28 +36,6 @@ SHAPE = {"hidden_size": 256, "layers": 4, "intermediate_size": 704, "heads": 4, 
 def chat_text(prompt: str, answer: str) -> tuple[str, str]:
     """(prompt part, answer part) exactly as the chat template renders them."""
     return (f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", f"{answer}<|im_end|>")
-
-
-def train_tokenizer(folder: Path, texts: list[str], vocab_size: int):
-    """Byte-level BPE with every digit its own token (so numbers are spelled digit by digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 1024, "clean_up_tokenization_spaces": False}, indent=2))
-    return tokenizer
 
 
 def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
@@ -71,13 +49,9 @@ def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
 
 
 def make_batch(rows, pad_id: int):
-    width = max(len(ids) for ids, _ in rows) - 1
-    inputs = np.full((len(rows), width), pad_id, np.int32)
-    targets = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.float32)
-    for r, (ids, plen) in enumerate(rows):
-        inputs[r, : len(ids) - 1], targets[r, : len(ids) - 1] = ids[:-1], ids[1:]
-        mask[r, plen - 1 : len(ids) - 1] = 1.0  # answer tokens and the end token
+    """(inputs, targets, mask) for (ids, prompt length) rows: the answer and end token are scored."""
+    inputs, targets, mask = pack([ids[:plen] for ids, plen in rows], [ids[plen:] for ids, plen in rows],
+                                 pad_id, pad_multiple=1)
     return mx.array(inputs), mx.array(targets), mx.array(mask)
 
 
@@ -143,7 +117,8 @@ def main() -> None:
     out = Path(args.output)
     corpus = problems("train", args.examples, seed=args.seed)
     examples = [(p.prompt, p.solution) for p in corpus]
-    tokenizer = train_tokenizer(out / "model", [t for e in examples for t in chat_text(*e)], args.vocab)
+    tokenizer = build_tokenizer(out / "model", [t for e in examples for t in chat_text(*e)], args.vocab,
+                                split_digits=True, max_length=1024)
     eos = tokenizer.token_to_id("<|im_end|>")
     pad = tokenizer.token_to_id("<|endoftext|>")
     data = encode_examples(tokenizer, examples)
