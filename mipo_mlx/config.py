@@ -113,6 +113,11 @@ class TrainingConfig:
     grad_accumulation: int = setting(1, "Micro-batches summed into one optimizer step.", min=1)
     epochs: int = setting(1, "Passes over the training pairs (paper: 1).", min=1)
     iters: int | None = setting(None, "Optimizer steps; null = epochs x pairs / batch.", min=1)
+    shared_prompt: str = setting("auto", "Run each prompt once for its chosen and rejected responses (same "
+                                 "log-probs, less work); auto checks the model supports it.",
+                                 choices=("auto", "on", "off"))
+    length_buckets: int = setting(16, "Batches drawn together and sorted by length, so a batch pads little; "
+                                  "1 = plain random batches.", min=1)
     grad_checkpoint: bool = setting(False, "Recompute block activations in backward to save memory.")
     compile: bool = setting(True, "Compile the training step with mx.compile.")
     valid_every: int = setting(50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0)

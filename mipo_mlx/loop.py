@@ -19,18 +19,17 @@ from mlx.utils import tree_map
 from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
 from .losses import LOSSES, preference_metrics
-from .score import Batch, pair_logps
+from .score import Batch, batch_logps
 
 StepLoss = Callable[..., tuple[mx.array, dict[str, mx.array]]]
 
 
 def make_loss(config: TrainingConfig) -> StepLoss:
-    """loss(model, inputs, targets, mask, ref_chosen, ref_rejected) -> (mean loss, metrics)."""
+    """loss(model, *Batch.arrays()) -> (mean loss, metrics)."""
     loss_fn = LOSSES[config.loss]
 
-    def loss(model, inputs, targets, mask, reference_chosen, reference_rejected):
-        batch = Batch(inputs, targets, mask, reference_chosen, reference_rejected, 0)
-        chosen, rejected = pair_logps(model, batch)  # (B,), (B,)
+    def loss(model, prefix, prefix_lengths, inputs, targets, mask, reference_chosen, reference_rejected):
+        chosen, rejected = batch_logps(model, prefix, prefix_lengths, inputs, targets, mask)  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = loss_fn(
             chosen, rejected, reference_chosen, reference_rejected,
             beta=config.beta, label_smoothing=config.label_smoothing)

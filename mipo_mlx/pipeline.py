@@ -36,7 +36,7 @@ from .pairs import (
 )
 from .progress import Progress
 from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
-from .score import Batch, pack_pairs, score_pairs
+from .score import Batch, pack_pairs, score_pairs, sharing_works
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
 STAGE_FILES = ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
@@ -213,10 +213,10 @@ def build_pairs(model, tokenizer, config: Config, out: Path | None = None,
     return split_pairs(pairs, config.data.valid_fraction, config.pairs.seed), rendered
 
 
-def add_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> None:
+def add_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int, shared: bool = False) -> None:
     """Score every pair once under the base model (no adapters); stored with the pairs."""
     progress = Progress(len(pairs), "score reference")
-    scores = score_pairs(model, pairs, pad_id, batch_size, on_batch=progress.update)
+    scores = score_pairs(model, pairs, pad_id, batch_size, shared, on_batch=progress.update)
     progress.close()
     for pair, (chosen, rejected) in zip(pairs, scores):
         pair.reference_logps = {"chosen": chosen, "rejected": rejected}
@@ -226,17 +226,52 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start: int = 0) -> Iterator[Batch]:
-    """Full batches from epoch after epoch of seeded shuffles (batch k is a pure function of k);
-    `start` skips the first batches without packing them (resuming at a data position)."""
+def use_shared_prompt(model, pairs: list[Pair], config: Config, pad: int) -> bool:
+    """training.shared_prompt: on, off, or auto (on when this model gives the same log-probs)."""
+    choice = config.training.shared_prompt
+    if choice != "auto" or not pairs:
+        return choice == "on"
+    if sharing_works(model, pairs[:2], pad):
+        return True
+    say("note: this model's attention does not take a shared prompt prefix; each prompt runs "
+        "with each response (training.shared_prompt=off)")
+    return False
+
+
+def epoch_order(pairs: list[Pair], batch_size: int, seed: int, epoch: int, buckets: int) -> list[int]:
+    """A seeded permutation of the pairs; with buckets > 1, each run of `buckets` batches is
+    sorted by length before it is cut into batches, and those batches are shuffled."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
+    if buckets == 1:
+        return order
+
+    def length(i: int) -> int:
+        p = pairs[i]
+        return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+
+    rng = np.random.default_rng([seed, epoch, 1])
+    out: list[int] = []
+    group = batch_size * buckets
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=length)
+        batches = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        for b in rng.permutation(len(batches)):
+            out += batches[b]
+    return out
+
+
+def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start: int = 0,
+                 buckets: int = 1, shared: bool = False) -> Iterator[Batch]:
+    """Full batches from epoch after epoch (each visits every pair once; batch k is a pure
+    function of k); `start` skips the first batches without packing them (resuming)."""
     epoch, k = 0, 0
     order: list[int] = []
     while True:
         while len(order) < batch_size:
-            order += np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
+            order += epoch_order(pairs, batch_size, seed, epoch, buckets)
             epoch += 1
         if k >= start:
-            yield pack_pairs([pairs[i] for i in order[:batch_size]], pad)
+            yield pack_pairs([pairs[i] for i in order[:batch_size]], pad, shared)
         order = order[batch_size:]
         k += 1
 
@@ -253,12 +288,13 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
     t = config.training
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
+    pad = pad_id(tokenizer)
+    shared = use_shared_prompt(model, train_set, config, pad)
     trainable = mdl.attach_lora(model, config.lora, t.seed)
     steps = total_steps(config, len(train_set))
     say(f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
         f"({len(valid_set)} held out)")
     loss = make_loss(t)
-    pad = pad_id(tokenizer)
     state = ckpt.load(out)
     if state is not None:
         say(f"resuming training from the checkpoint at step {state.step}")
@@ -268,7 +304,8 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
     progress.update(state.step if state else 0)
 
     def validate():
-        batches = (pack_pairs(valid_set[i : i + t.batch_size], pad) for i in range(0, len(valid_set), t.batch_size))
+        batches = (pack_pairs(valid_set[i : i + t.batch_size], pad, shared)
+                   for i in range(0, len(valid_set), t.batch_size))
         return evaluate_pairs(model, loss, batches)
 
     def log(metrics):
@@ -282,7 +319,8 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
             mdl.save_adapters(out, model, config.lora, config.model.path, name=f"{step:07d}_adapters.safetensors")
 
     announce_memory(model, train_set, config)
-    batches = batch_stream(train_set, t.batch_size, t.seed, pad, start=state.batches_done if state else 0)
+    batches = batch_stream(train_set, t.batch_size, t.seed, pad, start=state.batches_done if state else 0,
+                           buckets=t.length_buckets, shared=shared)
     metrics = train(model, loss, batches, steps, t, validate=validate if valid_set else None, save=save, log=log,
                     resume=state, checkpoint=lambda s: ckpt.save(out, s), should_stop=should_stop)
     progress.close()
@@ -328,7 +366,8 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
         say(f"reusing {len(pairs)} pairs from {out / 'pairs.jsonl'}")
     else:
         pairs, _ = build_pairs(model, tokenizer, config, out, stop, rendered)
-        add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size)
+        shared = use_shared_prompt(model, pairs, config, pad_id(tokenizer))
+        add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size, shared)
         write_pairs(out / "pairs.jsonl", pairs)
         say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
     metrics = train_adapters(model, tokenizer, pairs, config, out, stop)

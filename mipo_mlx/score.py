@@ -12,27 +12,45 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.base import create_causal_mask
 
 PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompiles of the compiled step
 
 
 @dataclass
 class Batch:
-    """B pairs packed as 2B rows: chosen rows first, then rejected rows."""
+    """B pairs packed as 2B rows: chosen rows first, then rejected rows.
 
+    With a shared prompt (`prefix` not empty), each prompt but its last token runs
+    once (B rows of `prefix`), and the 2B rows hold the last prompt token and the
+    response, attending to the prompt's keys and values. Without (`prefix` of
+    width 0), the rows hold prompt and response whole. Both give the same log-probs.
+    """
+
+    prefix: mx.array  # (B, P) prompt tokens but the last, right-padded; (B, 0) unshared
+    prefix_lengths: mx.array  # (B,) real tokens in each prefix row
     inputs: mx.array  # (2B, T) token ids fed to the model
     targets: mx.array  # (2B, T) next-token ids
     mask: mx.array  # (2B, T) 1.0 where the target is a response token
     reference_chosen: mx.array  # (B,) stored reference log-probs
     reference_rejected: mx.array  # (B,)
-    n_tokens: int  # real (non-padding) tokens in the rows, for throughput
+    n_tokens: int  # real (non-padding) tokens that go through the model, for throughput
 
     @property
     def n_pairs(self) -> int:
         return self.inputs.shape[0] // 2
 
+    @property
+    def shared(self) -> bool:
+        return self.prefix.shape[1] > 0
+
     def arrays(self) -> tuple[mx.array, ...]:
-        return (self.inputs, self.targets, self.mask, self.reference_chosen, self.reference_rejected)
+        return (self.prefix, self.prefix_lengths, self.inputs, self.targets, self.mask,
+                self.reference_chosen, self.reference_rejected)
+
+
+def _width(longest: int, pad_multiple: int) -> int:
+    return -(-max(longest, 1) // pad_multiple) * pad_multiple
 
 
 def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
@@ -43,7 +61,7 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: i
     predicts token t+1, so the mask is 1 for t in [P-1, P+R-2].
     """
     lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, responses)]
-    width = -(-max(lengths) // pad_multiple) * pad_multiple
+    width = _width(max(lengths), pad_multiple)
     inputs = np.full((len(lengths), width), pad_id, dtype=np.int32)
     targets = np.full((len(lengths), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(lengths), width), dtype=np.float32)
@@ -55,38 +73,124 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: i
     return inputs, targets, mask
 
 
-def pack_pairs(pairs, pad_id: int, pad_multiple: int = PAD_MULTIPLE) -> Batch:
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
+def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
+    """Pack pairs for one forward; `shared` runs each prompt once for both responses."""
     ref = [p.reference_logps or {"chosen": 0.0, "rejected": 0.0} for p in pairs]
-    n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-    return Batch(mx.array(inputs), mx.array(targets), mx.array(mask),
-                 mx.array([r["chosen"] for r in ref], dtype=mx.float32),
-                 mx.array([r["rejected"] for r in ref], dtype=mx.float32), n_tokens)
+    reference = (mx.array([r["chosen"] for r in ref], dtype=mx.float32),
+                 mx.array([r["rejected"] for r in ref], dtype=mx.float32))
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    if not shared:
+        prompts = [p.prompt_ids for p in pairs] * 2
+        inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
+        n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+        return Batch(mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32),
+                     mx.array(inputs), mx.array(targets), mx.array(mask), *reference, n_tokens)
+    heads = [p.prompt_ids[:-1] for p in pairs]
+    prefix = np.full((len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32)
+    for row, head in enumerate(heads):
+        prefix[row, : len(head)] = head
+    # The rows start at the last prompt token, whose output predicts the first response token.
+    inputs, targets, mask = pack([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
+    n_tokens = sum(map(len, heads)) + sum(len(r) + 1 for r in responses)
+    return Batch(mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32),
+                 mx.array(inputs), mx.array(targets), mx.array(mask), *reference, n_tokens)
+
+
+class _RecordKV:
+    """A cache for the prompt pass: keeps each layer's keys and values, differentiably."""
+
+    offset = 0
+    keys = values = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        if window_size is not None:
+            raise NotImplementedError("sliding-window attention")  # the check falls back to unshared
+        return create_causal_mask(n) if return_array else "causal"
+
+
+class _AfterPrefix:
+    """A cache for the response pass: the prompt's keys and values, repeated for the
+    chosen and the rejected rows; row r sits at positions lengths[r], lengths[r]+1, ..."""
+
+    def __init__(self, record: _RecordKV, lengths: mx.array, copies: int):
+        self.prefix = (mx.concatenate([record.keys] * copies), mx.concatenate([record.values] * copies))
+        self.lengths = mx.concatenate([lengths] * copies)  # (2B,)
+        self.offset = self.lengths  # per-row RoPE offsets
+        self.keys = self.values = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.concatenate([self.prefix[0], keys], axis=2)
+        self.values = mx.concatenate([self.prefix[1], values], axis=2)
+        return self.keys, self.values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        if window_size is not None:
+            raise NotImplementedError("sliding-window attention")
+        width = self.prefix[0].shape[2]
+        cols = mx.arange(width + n)
+        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (cols < width)  # (2B, 1, W+n)
+        causal = (cols[None, :] >= width) & (cols[None, :] - width <= mx.arange(n)[:, None])  # (n, W+n)
+        return (in_prompt | causal)[:, None]  # (2B, 1, n, W+n)
+
+
+def forward(model, prefix: mx.array, prefix_lengths: mx.array, inputs: mx.array) -> mx.array:
+    """Logits of the rows (N, T, V); with a non-empty prefix, the rows continue their prompt's
+    prefix (row r and row r + B share prefix r), which runs once."""
+    if prefix.shape[1] == 0:
+        return model(inputs)
+    records = [_RecordKV() for _ in model.layers]
+    model(prefix, cache=records)  # only the keys and values are used: the prompt's logits are never computed
+    copies = inputs.shape[0] // prefix.shape[0]
+    return model(inputs, cache=[_AfterPrefix(r, prefix_lengths, copies) for r in records])
+
+
+def token_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Sum over masked positions of log p(target): (N, T, V) -> (N,)."""
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (N, T)
+    return ((picked - mx.logsumexp(logits, axis=-1)) * mask).sum(axis=-1)
 
 
 def logits_and_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     """The logits (N, T, V), and the sum over masked positions of log p(target | inputs so far) (N,)."""
-    logits = model(inputs).astype(mx.float32)  # (N, T, V)
-    token_logps = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (N, T)
-    token_logps = token_logps - mx.logsumexp(logits, axis=-1)  # (N, T)
-    return logits, (token_logps * mask).sum(axis=-1)  # (N,)
+    logits = model(inputs).astype(mx.float32)
+    return logits, token_logps(logits, targets, mask)
 
 
 def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     """Sum over masked positions of log p(target | inputs so far): (N, T) -> (N,)."""
-    return logits_and_logps(model, inputs, targets, mask)[1]
+    return token_logps(model(inputs), targets, mask)
 
 
-def pair_logps(model, batch: Batch) -> tuple[mx.array, mx.array]:
+def batch_logps(model, prefix, prefix_lengths, inputs, targets, mask) -> tuple[mx.array, mx.array]:
     """(chosen, rejected) summed log-probs, each (B,), from one forward of 2B rows."""
-    logps = sequence_logps(model, batch.inputs, batch.targets, batch.mask)  # (2B,)
-    n = batch.n_pairs
+    logps = token_logps(forward(model, prefix, prefix_lengths, inputs), targets, mask)  # (2B,)
+    n = inputs.shape[0] // 2
     return logps[:n], logps[n:]
 
 
-def score_pairs(model, pairs, pad_id: int, batch_size: int,
+def pair_logps(model, batch: Batch) -> tuple[mx.array, mx.array]:
+    return batch_logps(model, *batch.arrays()[:5])
+
+
+def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
+    """Whether this model's attention takes a shared prompt prefix (standard mlx-lm attention
+    with RoPE offsets and caches does; sliding windows and other layouts may not): the
+    two packings must give the same log-probs on these pairs."""
+    try:
+        shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True)))
+        plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False)))
+        gap = mx.abs(shared - plain).max().item()
+    except Exception:  # an architecture whose attention rejects the caches: the plain packing it is
+        return False
+    return gap <= tolerance * max(1.0, mx.abs(plain).max().item())
+
+
+def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False,
                 on_batch: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
     """Log-probs of every pair's chosen and rejected response; one mx.eval per batch.
 
@@ -97,7 +201,7 @@ def score_pairs(model, pairs, pad_id: int, batch_size: int,
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        chosen, rejected = pair_logps(model, pack_pairs([pairs[i] for i in idx], pad_id))
+        chosen, rejected = pair_logps(model, pack_pairs([pairs[i] for i in idx], pad_id, shared))
         mx.eval(chosen, rejected)  # one evaluation for the whole batch; a sync point
         for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
             out[i] = (c, r)
