@@ -57,12 +57,13 @@ def margins_and_logits(model, pairs, pad: int):
     """(chosen - rejected) summed log-probs per pair, and the logits, in one forward."""
     import mlx.core as mx
 
-    from .score import logits_and_logps, pack_pairs
+    from .score import logits_and_logps, pack
 
-    batch = pack_pairs(pairs, pad)
-    logits, logps = logits_and_logps(model, batch.inputs, batch.targets, batch.mask)  # (2B, T, V), (2B,)
-    n = batch.n_pairs
-    mask = (batch.inputs != pad) | (batch.mask > 0)  # compare logits only at real positions
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    inputs, targets, scored = map(mx.array, pack([p.prompt_ids for p in pairs] * 2, responses, pad))
+    logits, logps = logits_and_logps(model, inputs, targets, scored)  # (2B, T, V), (2B,)
+    n = len(pairs)
+    mask = (inputs != pad) | (scored > 0)  # compare logits only at real positions
     mx.eval(logits, logps)
     return logps[:n] - logps[n:], logits, mask[..., None]
 

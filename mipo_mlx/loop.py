@@ -28,8 +28,9 @@ def make_loss(config: TrainingConfig) -> StepLoss:
     """loss(model, *Batch.arrays()) -> (mean loss, metrics)."""
     loss_fn = LOSSES[config.loss]
 
-    def loss(model, prefix, prefix_lengths, inputs, targets, mask, reference_chosen, reference_rejected):
-        chosen, rejected = batch_logps(model, prefix, prefix_lengths, inputs, targets, mask)  # (B,), (B,)
+    def loss(model, prefix, prefix_lengths, inputs, positions, targets, owners, reference_chosen,
+             reference_rejected):
+        chosen, rejected = batch_logps(model, prefix, prefix_lengths, inputs, positions, targets, owners)
         losses, chosen_rewards, rejected_rewards = loss_fn(
             chosen, rejected, reference_chosen, reference_rejected,
             beta=config.beta, label_smoothing=config.label_smoothing)

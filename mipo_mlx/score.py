@@ -25,13 +25,16 @@ class Batch:
     once (B rows of `prefix`), and the 2B rows hold the last prompt token and the
     response, attending to the prompt's keys and values. Without (`prefix` of
     width 0), the rows hold prompt and response whole. Both give the same log-probs.
+    Only the K scored positions (response tokens; K rounded up with dummies of weight
+    0) go through the log-softmax, and with a shared prompt, through the LM head.
     """
 
     prefix: mx.array  # (B, P) prompt tokens but the last, right-padded; (B, 0) unshared
     prefix_lengths: mx.array  # (B,) real tokens in each prefix row
     inputs: mx.array  # (2B, T) token ids fed to the model
-    targets: mx.array  # (2B, T) next-token ids
-    mask: mx.array  # (2B, T) 1.0 where the target is a response token
+    positions: mx.array  # (K,) flat indices row * T + t of the scored positions
+    targets: mx.array  # (K,) the token each scored position predicts
+    owners: mx.array  # (K, 2B) 1.0 where position k belongs to row r (0 for the dummies)
     reference_chosen: mx.array  # (B,) stored reference log-probs
     reference_rejected: mx.array  # (B,)
     n_tokens: int  # real (non-padding) tokens that go through the model, for throughput
@@ -45,7 +48,7 @@ class Batch:
         return self.prefix.shape[1] > 0
 
     def arrays(self) -> tuple[mx.array, ...]:
-        return (self.prefix, self.prefix_lengths, self.inputs, self.targets, self.mask,
+        return (self.prefix, self.prefix_lengths, self.inputs, self.positions, self.targets, self.owners,
                 self.reference_chosen, self.reference_rejected)
 
 
@@ -73,6 +76,19 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: i
     return inputs, targets, mask
 
 
+def scored_positions(targets: np.ndarray, mask: np.ndarray, pad_multiple: int = PAD_MULTIPLE):
+    """(positions, targets, owners) of the masked entries of (N, T) arrays; see Batch."""
+    rows, cols = np.nonzero(mask)
+    k = _width(len(rows), pad_multiple)
+    positions = np.zeros(k, dtype=np.int32)
+    picked = np.zeros(k, dtype=np.int32)
+    owners = np.zeros((k, mask.shape[0]), dtype=np.float32)
+    positions[: len(rows)] = rows * mask.shape[1] + cols
+    picked[: len(rows)] = targets[rows, cols]
+    owners[np.arange(len(rows)), rows] = 1.0
+    return mx.array(positions), mx.array(picked), mx.array(owners)
+
+
 def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
     """Pack pairs for one forward; `shared` runs each prompt once for both responses."""
     ref = [p.reference_logps or {"chosen": 0.0, "rejected": 0.0} for p in pairs]
@@ -83,8 +99,8 @@ def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD
         prompts = [p.prompt_ids for p in pairs] * 2
         inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
         n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-        return Batch(mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32),
-                     mx.array(inputs), mx.array(targets), mx.array(mask), *reference, n_tokens)
+        return Batch(mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32), mx.array(inputs),
+                     *scored_positions(targets, mask, pad_multiple), *reference, n_tokens)
     heads = [p.prompt_ids[:-1] for p in pairs]
     prefix = np.full((len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32)
     for row, head in enumerate(heads):
@@ -92,8 +108,8 @@ def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD
     # The rows start at the last prompt token, whose output predicts the first response token.
     inputs, targets, mask = pack([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
     n_tokens = sum(map(len, heads)) + sum(len(r) + 1 for r in responses)
-    return Batch(mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32),
-                 mx.array(inputs), mx.array(targets), mx.array(mask), *reference, n_tokens)
+    return Batch(mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32), mx.array(inputs),
+                 *scored_positions(targets, mask, pad_multiple), *reference, n_tokens)
 
 
 class _RecordKV:
@@ -137,15 +153,29 @@ class _AfterPrefix:
         return (in_prompt | causal)[:, None]  # (2B, 1, n, W+n)
 
 
-def forward(model, prefix: mx.array, prefix_lengths: mx.array, inputs: mx.array) -> mx.array:
-    """Logits of the rows (N, T, V); with a non-empty prefix, the rows continue their prompt's
-    prefix (row r and row r + B share prefix r), which runs once."""
+def body_and_head(model):
+    """The transformer (tokens, cache -> hidden states) and the LM head of an mlx-lm model."""
+    body = model.model
+    args = getattr(model, "args", None)
+    if getattr(args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return body, body.embed_tokens.as_linear
+    return body, model.lm_head
+
+
+def scored_logits(model, prefix: mx.array, prefix_lengths: mx.array, inputs: mx.array,
+                  positions: mx.array) -> mx.array:
+    """Logits (K, V) at the scored positions of the rows. With a non-empty prefix, the rows
+    continue their prompt's prefix (row r and row r + B share prefix r), which runs once
+    through the blocks; only the scored positions go through the LM head."""
     if prefix.shape[1] == 0:
-        return model(inputs)
+        logits = model(inputs)  # (N, T, V)
+        return logits.reshape(-1, logits.shape[-1])[positions]
+    body, head = body_and_head(model)
     records = [_RecordKV() for _ in model.layers]
-    model(prefix, cache=records)  # only the keys and values are used: the prompt's logits are never computed
+    body(prefix, cache=records)  # only the keys and values are used
     copies = inputs.shape[0] // prefix.shape[0]
-    return model(inputs, cache=[_AfterPrefix(r, prefix_lengths, copies) for r in records])
+    hidden = body(inputs, cache=[_AfterPrefix(r, prefix_lengths, copies) for r in records])  # (N, T, H)
+    return head(hidden.reshape(-1, hidden.shape[-1])[positions])
 
 
 def token_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
@@ -166,15 +196,17 @@ def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -
     return token_logps(model(inputs), targets, mask)
 
 
-def batch_logps(model, prefix, prefix_lengths, inputs, targets, mask) -> tuple[mx.array, mx.array]:
+def batch_logps(model, prefix, prefix_lengths, inputs, positions, targets, owners) -> tuple[mx.array, mx.array]:
     """(chosen, rejected) summed log-probs, each (B,), from one forward of 2B rows."""
-    logps = token_logps(forward(model, prefix, prefix_lengths, inputs), targets, mask)  # (2B,)
+    logits = scored_logits(model, prefix, prefix_lengths, inputs, positions).astype(mx.float32)  # (K, V)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)  # (K,)
+    logps = picked @ owners  # (2B,): each row's sum; the dummies weigh 0
     n = inputs.shape[0] // 2
     return logps[:n], logps[n:]
 
 
 def pair_logps(model, batch: Batch) -> tuple[mx.array, mx.array]:
-    return batch_logps(model, *batch.arrays()[:5])
+    return batch_logps(model, *batch.arrays()[:6])
 
 
 def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:

@@ -96,3 +96,29 @@ def test_matmul_with_system_blas_matches_numpy():
         got_t = np.array(mx.matmul(mx.array(a).T, mx.array(b)))
     want_t = a.T.astype(np.float64) @ b.astype(np.float64)
     assert np.linalg.norm(got_t - want_t) / np.linalg.norm(want_t) < 1e-3
+
+
+def test_no_metal_only_device_info_lookup():
+    """mx.device_info() has 'max_recommended_working_set_size' on Metal only; indexing it
+    stops other backends with a KeyError (as mlx-lm-lora's trainers do on Linux). Our code
+    reads device_info with .get only."""
+    import re
+    from pathlib import Path
+
+    import mipo_mlx
+
+    offenders = []
+    for path in Path(mipo_mlx.__file__).parent.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"device_info\(\)\s*\[", line) or re.search(r"\binfo\s*\[\s*['\"]max_recommended", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_working_set_without_metal_key(monkeypatch):
+    import mlx.core as mx
+
+    from mipo_mlx.memory import working_set_bytes
+
+    monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 1}, raising=False)
+    assert working_set_bytes() > 0  # the physical memory, no KeyError

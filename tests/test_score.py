@@ -90,8 +90,10 @@ def test_shared_layout_row_by_row():
     assert batch.prefix.tolist() == [[5, 6, 0, 0]]
     assert batch.prefix_lengths.tolist() == [2]
     assert batch.inputs.tolist() == [[7, 8, 0, 0], [7, 0, 0, 0]]
-    assert batch.targets.tolist() == [[8, 9, 0, 0], [4, 0, 0, 0]]
-    assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    # scored: row 0 at t = 0, 1 (targets 8, 9), row 1 at t = 0 (target 4), then a dummy
+    assert batch.positions.tolist() == [0, 1, 4, 0]
+    assert batch.targets.tolist() == [8, 9, 4, 0]
+    assert batch.owners.tolist() == [[1, 0], [1, 0], [0, 1], [0, 0]]
     assert batch.n_tokens == 2 + 3 + 2  # prefix once, then 7+8+9 and 7+4
     plain = pack_pairs([pair], pad_id=0, shared=False, pad_multiple=4)
     assert not plain.shared and plain.n_tokens == 2 * 3 + 2 + 1
@@ -151,29 +153,38 @@ def test_shared_reference_scores_equal_unshared(toy_model):
     assert np.allclose(np.array(shared), np.array(plain), rtol=1e-5, atol=1e-5)
 
 
-def test_sharing_check_refuses_a_model_that_ignores_the_prefix(toy_model):
-    """A model whose attention does not use the caches (here: it drops them) gives other
-    log-probs with a shared prefix; the check says so, and the pipeline falls back."""
+def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
+    """The fast path calls the model's blocks and LM head itself. A model that does more
+    than that (here: scales its logits, as some architectures do) gives other log-probs
+    that way; one whose blocks reject the caches raises. The check says no to both, and
+    the pipeline falls back to the plain packing."""
     from mipo_mlx.score import sharing_works
 
     model, _ = toy_model
     pairs = random_pairs(2, seed=5)
     assert sharing_works(model, pairs, 0)
 
-    class DropsCache:
-        layers = model.layers
+    class ScalesLogits:
+        layers, args = model.layers, model.args
+
+        def __init__(self):
+            self.model = model.model
+
+        def __call__(self, inputs, cache=None):
+            return 0.5 * model(inputs)
+
+    assert not sharing_works(ScalesLogits(), pairs, 0)
+
+    class RejectsCaches(ScalesLogits):
+        def __init__(self):
+            def body(inputs, cache=None):
+                if cache is not None:
+                    raise TypeError("no cache here")
+                return model.model(inputs)
+
+            self.model = body
 
         def __call__(self, inputs, cache=None):
             return model(inputs)
 
-    assert not sharing_works(DropsCache(), pairs, 0)
-
-    class Rejects:
-        layers = model.layers
-
-        def __call__(self, inputs, cache=None):
-            if cache is not None:
-                raise TypeError("no cache here")
-            return model(inputs)
-
-    assert not sharing_works(Rejects(), pairs, 0)
+    assert not sharing_works(RejectsCaches(), pairs, 0)
