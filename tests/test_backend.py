@@ -105,8 +105,6 @@ def test_no_metal_only_device_info_lookup():
     import re
     from pathlib import Path
 
-    import mipo_mlx
-
     offenders = []
     for path in Path(mipo_mlx.__file__).parent.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
