@@ -46,8 +46,9 @@ def working_set_bytes() -> int | None:
     import mlx.core as mx
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
-    if info.get("max_recommended_working_set_size"):
-        return int(info["max_recommended_working_set_size"])
+    recommended = info.get("max_recommended_working_set_size")
+    if recommended:
+        return int(recommended)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
