@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from . import distributed as dist
 from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
 from .losses import LOSSES, preference_metrics
@@ -93,10 +94,12 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, conf
 
     def step(arrays, grad_sum, update: bool):
         (_, metrics), grads = loss_and_grad(model, *arrays)
+        metrics = dist.mean_over_ranks(metrics)  # each rank holds an equal slice of the global batch
         if grad_sum is not None:
             grads = tree_map(lambda a, b: a + b, grads, grad_sum)
         if not update:
             return metrics, grads
+        grads = dist.average_gradients(grads)
         if config.grad_accumulation > 1:
             grads = tree_map(lambda g: g / config.grad_accumulation, grads)
         if config.grad_clip > 0:

@@ -11,13 +11,14 @@ import math
 import shutil
 import sys
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import generate as gen
 from . import model as mdl
 from . import resume
@@ -30,6 +31,7 @@ from .pairs import (
     altered_prompts,
     check_derangeable,
     derangement,
+    pair_from_row,
     read_pairs,
     split_pairs,
     write_pairs,
@@ -61,7 +63,12 @@ class RunResult:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if dist.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress_bar(total: int, stage: str) -> Progress:
+    return Progress(total, stage, enabled=dist.is_main())
 
 
 def check_output(config: Config, resume_run: bool = False) -> Path:
@@ -110,22 +117,36 @@ def render_prompts(prompts: list[Prompt], tokenizer, config: Config) -> Rendered
 
 def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: str, stream0: int,
                  cache: Path | None = None, should_stop=None):
-    """Responses for all prompts; with `cache`, finished ones are kept there and not redone."""
-    done = resume.cached_responses(cache, len(ids)) if cache is not None else {}
+    """Responses for all prompts; with `cache`, finished ones are kept there and not redone.
+
+    With several ranks, each generates every size-th prompt left to do and all see all
+    the responses (each prompt's random stream is its own, so they equal one rank's)."""
+    done = resume.cached_responses(cache, len(ids)) if cache is not None and dist.is_main() else {}
+    if dist.size() > 1:
+        shared = dist.broadcast_object({i: [r.token_ids, r.finished] for i, r in done.items()})
+        done = {int(i): gen.Response(t, f) for i, (t, f) in shared.items()}
     todo = [i for i in range(len(ids)) if i not in done]
-    progress = Progress(len(ids), stage)
+    mine = todo[dist.rank():: dist.size()]
+    progress = progress_bar(len(ids), stage)
     progress.update(len(done))
 
     def finished(k: int, response: gen.Response) -> None:
-        if cache is not None:
-            resume.record_response(cache, todo[k], response)
-        progress.update(1)
+        if cache is not None and dist.is_main():
+            resume.record_response(cache, mine[k], response)
+        progress.update(dist.size())
         if should_stop is not None and should_stop():
             raise TrainingStopped(0)
 
-    fresh = gen.generate(model, tokenizer, [ids[i] for i in todo], config.generation,
-                         streams=[stream0 + i for i in todo], on_done=finished)
-    done.update(zip(todo, fresh))
+    fresh = gen.generate(model, tokenizer, [ids[i] for i in mine], config.generation,
+                         streams=[stream0 + i for i in mine], on_done=finished)
+    done.update(zip(mine, fresh))
+    if dist.size() > 1:
+        theirs = dist.all_gather_objects({i: [r.token_ids, r.finished] for i, r in zip(mine, fresh)})
+        for r, part in enumerate(theirs):
+            for i, (tokens, ok) in part.items():
+                done[int(i)] = gen.Response(tokens, ok)
+                if cache is not None and dist.is_main() and r != 0:
+                    resume.record_response(cache, int(i), done[int(i)])
     progress.close()
     return [done[i] for i in range(len(ids))]
 
@@ -215,9 +236,14 @@ def build_pairs(model, tokenizer, config: Config, out: Path | None = None,
 
 def add_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int, shared: bool = False) -> None:
     """Score every pair once under the base model (no adapters); stored with the pairs."""
-    progress = Progress(len(pairs), "score reference")
-    scores = score_pairs(model, pairs, pad_id, batch_size, shared, on_batch=progress.update)
+    progress = progress_bar(len(pairs), "score reference")
+    mine = dist.shard(len(pairs))
+    scores = score_pairs(model, [pairs[i] for i in mine], pad_id, batch_size, shared,
+                         on_batch=lambda n: progress.update(n * dist.size()))
     progress.close()
+    if dist.size() > 1:  # every rank scored every size-th pair: put them back in order
+        parts = dist.all_gather_objects(scores)
+        scores = [parts[i % dist.size()][i // dist.size()] for i in range(len(pairs))]
     for pair, (chosen, rejected) in zip(pairs, scores):
         pair.reference_logps = {"chosen": chosen, "rejected": rejected}
 
@@ -261,9 +287,11 @@ def epoch_order(pairs: list[Pair], batch_size: int, seed: int, epoch: int, bucke
 
 
 def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start: int = 0,
-                 buckets: int = 1, shared: bool = False) -> Iterator[Batch]:
+                 buckets: int = 1, shared: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """Full batches from epoch after epoch (each visits every pair once; batch k is a pure
-    function of k); `start` skips the first batches without packing them (resuming)."""
+    function of k); `start` skips the first batches without packing them (resuming).
+    With `part` = (rank, ranks), `batch_size` is the global batch and this rank gets
+    every ranks-th pair of it."""
     epoch, k = 0, 0
     order: list[int] = []
     while True:
@@ -271,7 +299,7 @@ def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start:
             order += epoch_order(pairs, batch_size, seed, epoch, buckets)
             epoch += 1
         if k >= start:
-            yield pack_pairs([pairs[i] for i in order[:batch_size]], pad, shared)
+            yield pack_pairs([pairs[i] for i in order[:batch_size][part[0]:: part[1]]], pad, shared)
         order = order[batch_size:]
         k += 1
 
@@ -280,7 +308,7 @@ def total_steps(config: Config, n_train: int) -> int:
     t = config.training
     if t.iters is not None:
         return t.iters
-    return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accumulation)))
+    return max(1, math.ceil(t.epochs * n_train / (t.batch_size * dist.size() * t.grad_accumulation)))
 
 
 def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Path,
@@ -295,12 +323,12 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
     say(f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
         f"({len(valid_set)} held out)")
     loss = make_loss(t)
-    state = ckpt.load(out)
+    state = load_checkpoint(out)
     if state is not None:
         say(f"resuming training from the checkpoint at step {state.step}")
-    if (out / "metrics.jsonl").exists():  # lines after the checkpoint will be logged again
+    if dist.is_main() and (out / "metrics.jsonl").exists():  # lines after the checkpoint will be logged again
         resume.trim_metrics(out / "metrics.jsonl", state.step if state else 0)
-    progress = Progress(steps, "train")
+    progress = progress_bar(steps, "train")
     progress.update(state.step if state else 0)
 
     def validate():
@@ -309,22 +337,52 @@ def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Pat
         return evaluate_pairs(model, loss, batches)
 
     def log(metrics):
-        append_jsonl(out / "metrics.jsonl", metrics)
+        if dist.is_main():
+            append_jsonl(out / "metrics.jsonl", metrics)
         progress.update(1, loss=metrics["loss"], margin=metrics["rewards/margins"],
                         tok_s=f"{metrics['tokens_per_sec']:.0f}")
 
     def save(step):
+        if not dist.is_main():
+            return
         mdl.save_adapters(out, model, config.lora, config.model.path)
         if step != steps:
             mdl.save_adapters(out, model, config.lora, config.model.path, name=f"{step:07d}_adapters.safetensors")
 
     announce_memory(model, train_set, config)
-    batches = batch_stream(train_set, t.batch_size, t.seed, pad, start=state.batches_done if state else 0,
-                           buckets=t.length_buckets, shared=shared)
+    batches = batch_stream(train_set, t.batch_size * dist.size(), t.seed, pad,
+                           start=state.batches_done if state else 0, buckets=t.length_buckets, shared=shared,
+                           part=(dist.rank(), dist.size()))
     metrics = train(model, loss, batches, steps, t, validate=validate if valid_set else None, save=save, log=log,
-                    resume=state, checkpoint=lambda s: ckpt.save(out, s), should_stop=should_stop)
+                    resume=state, checkpoint=lambda s: ckpt.save(out, s) if dist.is_main() else None,
+                    should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None)
     progress.close()
     return metrics
+
+
+def load_checkpoint(out: Path) -> ckpt.TrainState | None:
+    """The run's last checkpoint, read by rank 0 and sent to the others (their hosts may not
+    have the output folder)."""
+    state = ckpt.load(out) if dist.is_main() else None
+    if dist.size() == 1:
+        return state
+    import mlx.core as mx
+
+    def layout(arrays):
+        return {k: [list(v.shape), str(v.dtype).split(".")[-1]] for k, v in arrays.items()}
+
+    meta = dist.broadcast_object(None if state is None else {
+        "step": state.step, "batches_done": state.batches_done,
+        "adapters": layout(state.adapters), "optimizer": layout(state.optimizer)})
+    if meta is None:
+        return None
+
+    def arrays(kind: str, mine):
+        blank = {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in meta[kind].items()}
+        return dist.broadcast_arrays(mine if mine is not None else blank)
+
+    return ckpt.TrainState(meta["step"], meta["batches_done"], arrays("adapters", state and state.adapters),
+                           arrays("optimizer", state and state.optimizer))
 
 
 def run(config: Config, resume_run: bool = False) -> RunResult:
@@ -340,17 +398,18 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             import mlx.core as mx
 
             mx.set_memory_limit(int(config.training.memory_limit_gb * 1e9))
-        out = check_output(config, resume_run)
-        prompts = read_prompts(config.data.prompts, config.data.limit)  # bad input stops before the model loads
-        model, tokenizer, _ = mdl.load(config.model)
-        rendered = render_prompts(prompts, tokenizer, config)
-        check_pairs_possible(rendered, config)
-        held = None
-        if config.evaluation.prompts:
-            from .evaluate import heldout
+        with together():  # on several ranks: a problem on any stops all
+            out = check_output(config, resume_run) if dist.is_main() else Path(config.output.dir).expanduser()
+            prompts = read_prompts(config.data.prompts, config.data.limit)  # bad input stops before the model loads
+            model, tokenizer, _ = mdl.load(config.model)
+            rendered = render_prompts(prompts, tokenizer, config)
+            check_pairs_possible(rendered, config)
+            held = None
+            if config.evaluation.prompts:
+                from .evaluate import heldout
 
-            held = heldout(tokenizer, config)
-        if not resume_run:
+                held = heldout(tokenizer, config)
+        if not resume_run and dist.is_main():
             start_output(out, config)
         return stages(config, out, stop, model, tokenizer, rendered, held)
 
@@ -361,22 +420,26 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
 
         before = cached_json(out / "eval_base.json",
                              lambda: ev.answer_and_measure(model, tokenizer, *held, config, nullcontext, "base"))
-    if (out / "pairs.jsonl").is_file():  # written whole at the end of its stage
-        pairs = read_pairs(out / "pairs.jsonl")
+    reuse = dist.is_main() and (out / "pairs.jsonl").is_file()  # written whole at the end of its stage
+    if dist.broadcast_object(reuse):
+        rows = dist.broadcast_object([p.to_row() for p in read_pairs(out / "pairs.jsonl")] if reuse else None)
+        pairs = [pair_from_row(row, f"{out / 'pairs.jsonl'}:{n}") for n, row in enumerate(rows, 1)]
         say(f"reusing {len(pairs)} pairs from {out / 'pairs.jsonl'}")
     else:
         pairs, _ = build_pairs(model, tokenizer, config, out, stop, rendered)
         shared = use_shared_prompt(model, pairs, config, pad_id(tokenizer))
         add_reference_logps(model, pairs, pad_id(tokenizer), config.training.score_batch_size, shared)
-        write_pairs(out / "pairs.jsonl", pairs)
+        if dist.is_main():
+            write_pairs(out / "pairs.jsonl", pairs)
         say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
     metrics = train_adapters(model, tokenizer, pairs, config, out, stop)
     say(f"adapters: {out / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{out}'))")
     table = None
     if held is not None:
         after = ev.answer_and_measure(model, tokenizer, *held, config, lambda: mdl.adapters_disabled(model), "mipo")
-        table = ev.write_report(out, {"base": before, "mipo": after}, config.evaluation.plots)
-        if config.evaluation.plots:
+        results = {"base": before, "mipo": after}
+        table = ev.write_report(out, results, config.evaluation.plots) if dist.is_main() else ev.markdown_table(results)
+        if config.evaluation.plots and dist.is_main():
             from .plots import plot_training
 
             plot_training(out / "metrics.jsonl", out / "training.png")
@@ -384,11 +447,28 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
 
 
 def cached_json(path: Path, compute):
-    if path.is_file():
+    """Rank 0's cached value, or a fresh one (the same on every rank: evaluation is seeded)."""
+    if dist.is_main() and path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    write_json(path, value)
+    if dist.is_main():
+        write_json(path, value)
     return value
+
+
+@contextmanager
+def together():
+    """Checks every rank runs: a UserError on any rank stops every rank with its message,
+    so none is left waiting for a rank that quit."""
+    if dist.size() == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except UserError as err:
+        error = str(err)
+    dist.agree(error)
 
 
 def announce_memory(model, pairs: list[Pair], config: Config) -> None:

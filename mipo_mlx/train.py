@@ -61,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     from ._backend import require_mlx
 
     require_mlx()
+    from . import distributed as dist
+
+    if dist.size() > 1:  # rank 0's folder (the default one is timestamped) for every rank
+        config.output.dir = dist.broadcast_object(config.output.dir)
     from .loop import NonFiniteLoss, TrainingStopped
     from .pipeline import run
 
     out = config.output.dir
     try:
         result = run(config, resume_run=bool(resume_dir))
+    except RuntimeError as err:
+        if not dist.lost_peer(err):
+            raise
+        raise UserError(f"{dist.describe()}: another rank stopped ({err}); the last checkpoint in {out} is kept. "
+                        f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}") from None
     except TrainingStopped as stop:
         where = f"after step {stop.step}" if stop.step else "during generation"
         print(f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         raise UserError(f"{err}; training stopped and the last good checkpoint in {out}/checkpoint is kept. "
                         "Lower training.learning_rate, or set training.on_nan=skip") from None
+    if not dist.is_main():
+        return 0
     m = result.metrics
     print(f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
           f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "

@@ -4,6 +4,7 @@
   python tests/killer.py after-responses N -- ARGS  killed after N generated responses are saved
   python tests/killer.py in-checkpoint K -- ARGS    killed between the renames of the step-K checkpoint
   python tests/killer.py in-adapters-write K -- ARGS  killed while the step-K adapters file is being written
+  python tests/killer.py rank-1-after-step K -- ARGS  (under mlx.launch) rank 1 killed right after step K
 
 A real SIGKILL: no handler, no cleanup, exactly what a kill -9 or the OOM killer does.
 """
@@ -13,7 +14,7 @@ import signal
 import sys
 
 import mipo_mlx  # noqa: F401  (BLAS first)
-from mipo_mlx import checkpoint, files, pipeline, resume, train
+from mipo_mlx import checkpoint, files, loop, pipeline, resume, train
 
 
 def die():
@@ -23,7 +24,20 @@ def die():
 def main():
     point, value = sys.argv[1], int(sys.argv[2])
     args = sys.argv[sys.argv.index("--") + 1 :]
-    if point == "after-step":
+    if point == "rank-1-after-step":
+        real_memory, steps = loop.memory_metrics, [0]
+
+        def memory_metrics():  # called once per step, on every rank
+            steps[0] += 1
+            if steps[0] == value:
+                from mipo_mlx import distributed
+
+                if distributed.rank() == 1:
+                    die()
+            return real_memory()
+
+        loop.memory_metrics = memory_metrics
+    elif point == "after-step":
         real = pipeline.append_jsonl
 
         def log(path, row):

@@ -1,0 +1,134 @@
+"""Data-parallel runs over MLX's own distributed layer (`mx.distributed`, `mlx.launch`).
+
+One process per rank: every rank holds the model, generates and scores its share of
+the prompts, and sees every result (gathered), so all ranks build the same pairs and
+draw the same batches. In training each rank takes its slice of the global batch
+and the gradients are averaged across ranks every step. Rank 0 alone writes files
+and prints. Outside `mlx.launch` the group has one rank and nothing here costs
+anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import UserError
+
+
+@lru_cache(maxsize=1)
+def group():
+    """The global group: the one `mlx.launch` set up, or a single rank."""
+    return mx.distributed.init()
+
+
+def rank() -> int:
+    return group().rank()
+
+
+def size() -> int:
+    return group().size()
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by mlx.launch (or another MLX launcher)."""
+    return any(key in os.environ for key in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR"))
+
+
+def shard(n: int) -> list[int]:
+    """The indices of n items this rank works on: rank, rank + size, ..."""
+    return list(range(rank(), n, size()))
+
+
+def _all_sum_cpu(x: mx.array) -> mx.array:
+    return mx.distributed.all_sum(x, stream=mx.cpu)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's JSON-able object, in rank order (a collective: all ranks must call it)."""
+    if size() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    lengths = np.zeros(size(), dtype=np.int32)
+    lengths[rank()] = len(data)
+    lengths = np.array(_all_sum_cpu(mx.array(lengths)))
+    table = np.zeros((size(), int(lengths.max())), dtype=np.int32)  # int32: all_sum of uint8 could overflow
+    table[rank(), : len(data)] = data
+    table = np.array(_all_sum_cpu(mx.array(table)))
+    return [json.loads(bytes(table[r, : lengths[r]].astype(np.uint8)).decode()) for r in range(size())]
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    return all_gather_objects(obj if is_main() else None)[0]
+
+
+def broadcast_arrays(arrays: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Rank 0's arrays on every rank (the others pass arrays of the same shapes and dtypes)."""
+    if size() == 1:
+        return arrays
+    out = {}
+    for name, value in arrays.items():
+        mine = value if is_main() else mx.zeros_like(value)
+        out[name] = _all_sum_cpu(mine.astype(mx.float32) if value.dtype == mx.bool_ else mine).astype(value.dtype)
+    mx.eval(out)
+    return out
+
+
+def agree(error: str | None) -> None:
+    """A collective check: when any rank met a problem, every rank stops with it (no rank is
+    left waiting in a collective for one that quit)."""
+    if size() == 1:
+        if error:
+            raise UserError(error)
+        return
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise UserError(errors[0])
+
+
+def average_gradients(grads):
+    """Mean of each gradient over the ranks (identity on one rank)."""
+    if size() == 1:
+        return grads
+    from mlx.nn.utils import average_gradients as mlx_average
+
+    return mlx_average(grads)
+
+
+def mean_over_ranks(values: dict[str, mx.array]) -> dict[str, mx.array]:
+    if size() == 1:
+        return values
+    n = size()
+    return {k: mx.distributed.all_sum(v) / n for k, v in values.items()}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a stop request, say)."""
+    if size() == 1:
+        return flag
+    return _all_sum_cpu(mx.array([1.0 if flag else 0.0])).item() > 0
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether an error is MLX's distributed layer reporting a rank that went away."""
+    return size() > 1 and isinstance(err, RuntimeError) and any(
+        word in str(err) for word in ("[ring]", "[mpi]", "[jaccl]", "[nccl]", "peer"))
+
+
+def describe() -> str:
+    return f"rank {rank()} of {size()}"
+
+
+def fail(message: str) -> None:
+    """A rank that cannot go on: say which, so the launcher's log shows who stopped first."""
+    print(f"mipo_mlx: {describe()}: {message}", file=sys.stderr, flush=True)
