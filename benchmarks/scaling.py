@@ -44,11 +44,12 @@ def worker(out: str) -> None:
     positives = pipeline.generate_all(model, tokenizer, rendered.ids, config, "generate", 0)
     generate_s = time.perf_counter() - tic
     pairs = split_pairs(pipeline.random_pairs(rendered, positives, tokenizer, config), 0.05, 0)
+    shared = pipeline.use_shared_prompt(model, pairs, config, pipeline.pad_id(tokenizer))
     tic = time.perf_counter()
-    pipeline.add_reference_logps(model, pairs, pipeline.pad_id(tokenizer), config.training.score_batch_size, True)
+    pipeline.add_reference_logps(model, pairs, pipeline.pad_id(tokenizer), config.training.score_batch_size, shared)
     score_s = time.perf_counter() - tic
     Path(out).mkdir(parents=True, exist_ok=True)
-    pipeline.train_adapters(model, tokenizer, pairs, config, Path(out))
+    pipeline.train_adapters(model, tokenizer, pairs, config, Path(out), shared=shared)
     if dist.is_main():
         steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         print("RESULT " + json.dumps({

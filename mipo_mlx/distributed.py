@@ -11,8 +11,6 @@ anything.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from functools import lru_cache
 
 import mlx.core as mx
@@ -37,11 +35,6 @@ def size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def launched() -> bool:
-    """Whether this process was started by mlx.launch (or another MLX launcher)."""
-    return any(key in os.environ for key in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_JACCL_COORDINATOR"))
 
 
 def shard(n: int) -> list[int]:
@@ -78,8 +71,7 @@ def broadcast_arrays(arrays: dict[str, mx.array]) -> dict[str, mx.array]:
         return arrays
     out = {}
     for name, value in arrays.items():
-        mine = value if is_main() else mx.zeros_like(value)
-        out[name] = _all_sum_cpu(mine.astype(mx.float32) if value.dtype == mx.bool_ else mine).astype(value.dtype)
+        out[name] = _all_sum_cpu(value if is_main() else mx.zeros_like(value))
     mx.eval(out)
     return out
 
@@ -87,10 +79,6 @@ def broadcast_arrays(arrays: dict[str, mx.array]) -> dict[str, mx.array]:
 def agree(error: str | None) -> None:
     """A collective check: when any rank met a problem, every rank stops with it (no rank is
     left waiting in a collective for one that quit)."""
-    if size() == 1:
-        if error:
-            raise UserError(error)
-        return
     errors = [e for e in all_gather_objects(error) if e]
     if errors:
         raise UserError(errors[0])
@@ -127,8 +115,3 @@ def lost_peer(err: BaseException) -> bool:
 
 def describe() -> str:
     return f"rank {rank()} of {size()}"
-
-
-def fail(message: str) -> None:
-    """A rank that cannot go on: say which, so the launcher's log shows who stopped first."""
-    print(f"mipo_mlx: {describe()}: {message}", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ def estimate(model, pairs, config: TrainingConfig) -> Estimate:
     heads = getattr(args, "num_attention_heads", 16)
     vocab = getattr(args, "vocab_size", 32000)
     layers = len(getattr(model, "layers", [])) or 1
-    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
+    longest = max((p.length for p in pairs), default=1)
     t = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     rows = 2 * config.batch_size
     kept_blocks = 1 if config.grad_checkpoint else layers

@@ -42,6 +42,11 @@ class Pair:
     split: str = "train"
     reference_logps: dict[str, float] | None = None
 
+    @property
+    def length(self) -> int:
+        """Tokens in the longer of its two rows (prompt + response): what a batch pads to."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
     def to_row(self) -> dict:
         row = asdict(self)
         messages = row.pop("messages")

@@ -123,8 +123,7 @@ def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: 
     the responses (each prompt's random stream is its own, so they equal one rank's)."""
     done = resume.cached_responses(cache, len(ids)) if cache is not None and dist.is_main() else {}
     if dist.size() > 1:
-        shared = dist.broadcast_object({i: [r.token_ids, r.finished] for i, r in done.items()})
-        done = {int(i): gen.Response(t, f) for i, (t, f) in shared.items()}
+        done = _responses(dist.broadcast_object(_rows(done)))
     todo = [i for i in range(len(ids)) if i not in done]
     mine = todo[dist.rank():: dist.size()]
     progress = progress_bar(len(ids), stage)
@@ -141,14 +140,22 @@ def generate_all(model, tokenizer, ids: list[list[int]], config: Config, stage: 
                          streams=[stream0 + i for i in mine], on_done=finished)
     done.update(zip(mine, fresh))
     if dist.size() > 1:
-        theirs = dist.all_gather_objects({i: [r.token_ids, r.finished] for i, r in zip(mine, fresh)})
-        for r, part in enumerate(theirs):
-            for i, (tokens, ok) in part.items():
-                done[int(i)] = gen.Response(tokens, ok)
+        for r, part in enumerate(dist.all_gather_objects(_rows(dict(zip(mine, fresh))))):
+            for i, response in _responses(part).items():
+                done[i] = response
                 if cache is not None and dist.is_main() and r != 0:
-                    resume.record_response(cache, int(i), done[int(i)])
+                    resume.record_response(cache, i, response)
     progress.close()
     return [done[i] for i in range(len(ids))]
+
+
+def _rows(responses: dict[int, gen.Response]) -> dict[int, list]:
+    """Responses as JSON for the other ranks (keys come back as strings)."""
+    return {i: [r.token_ids, r.finished] for i, r in responses.items()}
+
+
+def _responses(rows: dict) -> dict[int, gen.Response]:
+    return {int(i): gen.Response(tokens, finished) for i, (tokens, finished) in rows.items()}
 
 
 def usable(response: gen.Response, config: Config) -> bool:
@@ -270,16 +277,11 @@ def epoch_order(pairs: list[Pair], batch_size: int, seed: int, epoch: int, bucke
     order = np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
     if buckets == 1:
         return order
-
-    def length(i: int) -> int:
-        p = pairs[i]
-        return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-
     rng = np.random.default_rng([seed, epoch, 1])
     out: list[int] = []
     group = batch_size * buckets
     for start in range(0, len(order), group):
-        chunk = sorted(order[start : start + group], key=length)
+        chunk = sorted(order[start : start + group], key=lambda i: pairs[i].length)
         batches = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
         for b in rng.permutation(len(batches)):
             out += batches[b]
@@ -312,12 +314,12 @@ def total_steps(config: Config, n_train: int) -> int:
 
 
 def train_adapters(model, tokenizer, pairs: list[Pair], config: Config, out: Path,
-                   should_stop=None) -> dict[str, float]:
+                   should_stop=None, shared: bool = False) -> dict[str, float]:
+    """LoRA training on the pairs; `shared` packs each prompt once for both responses."""
     t = config.training
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
     pad = pad_id(tokenizer)
-    shared = use_shared_prompt(model, train_set, config, pad)
     trainable = mdl.attach_lora(model, config.lora, t.seed)
     steps = total_steps(config, len(train_set))
     say(f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
@@ -425,6 +427,7 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
         rows = dist.broadcast_object([p.to_row() for p in read_pairs(out / "pairs.jsonl")] if reuse else None)
         pairs = [pair_from_row(row, f"{out / 'pairs.jsonl'}:{n}") for n, row in enumerate(rows, 1)]
         say(f"reusing {len(pairs)} pairs from {out / 'pairs.jsonl'}")
+        shared = use_shared_prompt(model, pairs, config, pad_id(tokenizer))
     else:
         pairs, _ = build_pairs(model, tokenizer, config, out, stop, rendered)
         shared = use_shared_prompt(model, pairs, config, pad_id(tokenizer))
@@ -432,7 +435,7 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
         if dist.is_main():
             write_pairs(out / "pairs.jsonl", pairs)
         say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {out / 'pairs.jsonl'}")
-    metrics = train_adapters(model, tokenizer, pairs, config, out, stop)
+    metrics = train_adapters(model, tokenizer, pairs, config, out, stop, shared)
     say(f"adapters: {out / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{out}'))")
     table = None
     if held is not None:

@@ -228,8 +228,7 @@ def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False
 
     Pairs are sorted by length so that batches hold rows of similar width.
     """
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(
-        len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
