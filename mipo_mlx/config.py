@@ -24,6 +24,10 @@ import yaml
 from .errors import UserError
 
 NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context")
+# Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
+DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
+# The paper's prompt templates, by name (their text is in formats.py).
+TEMPLATES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
 LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
 
 
@@ -61,7 +65,17 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = setting("", "JSONL file of prompts: {prompt}, {messages} or {prompt, context}.")
+    prompts: str = setting("", "Training prompts: a JSONL file ({prompt}, {messages} or {prompt, context}), "
+                           "or with data.format a public dataset file, folder or Hub dataset id.")
+    format: str = setting("prompts", "Row format of data.prompts: this project's JSONL, or a public dataset's "
+                          "(labels are never read for training).", choices=DATA_FORMATS)
+    split: str | None = setting(None, "Keep only files whose path contains this (e.g. train, main/train).")
+    skip: int = setting(0, "Leave out the first N rows (e.g. those an evaluation uses).", min=0)
+    subset: int | None = setting(None, "Draw N rows at random (seeded by data.subset_seed) before data.limit.",
+                                 min=2)
+    subset_seed: int = setting(42, "Seed of the data.subset draw.", min=0)
+    template: str | None = setting(None, "A paper prompt template by name; it replaces data.prompt_template and "
+                                   "data.context_template.", choices=TEMPLATES)
     max_prompt_tokens: int = setting(1024, "Longest rendered prompt, in tokens.", min=8)
     long_prompts: str = setting(
         "skip", "What to do with a longer prompt: skip it (reported), keep its end, or stop.",
@@ -133,13 +147,23 @@ class TrainingConfig:
 
 @dataclass
 class EvaluationConfig:
-    prompts: str | None = setting(None, "Held-out prompts (JSONL with 'answer' labels); null skips evaluation.")
+    prompts: str | None = setting(None, "Held-out prompts (JSONL with 'answer' labels, or a public dataset as "
+                                  "evaluation.format says); null skips evaluation.")
+    format: str = setting("prompts", "Row format of evaluation.prompts (as data.format).", choices=DATA_FORMATS)
+    split: str | None = setting(None, "Keep only files whose path contains this (e.g. test).")
+    subset: int | None = setting(None, "Draw N rows at random (seeded by evaluation.subset_seed) before "
+                                 "evaluation.limit (paper: GSM8K 200, ARC 500, seed 42).", min=2)
+    subset_seed: int = setting(42, "Seed of the evaluation.subset draw.", min=0)
     limit: int | None = setting(200, "Evaluate on the first N held-out prompts; null = all.", min=2)
     temperature: float = setting(0.1, "Sampling temperature for evaluation answers.", min=0)
     top_p: float = setting(0.9, "Nucleus sampling mass for evaluation answers.", gt=0, max=1)
     max_tokens: int = setting(256, "Longest evaluation answer, in tokens.", min=1)
     pmi_negatives: int = setting(4, "Other prompts x' per answer in the PMI estimate.", min=1)
     seed: int = setting(1234, "Sampling seed for evaluation (the same for base and adapters).", min=0)
+    judge: str | None = setting(None, "Judge model (Hub id or folder of any mlx-lm chat model) scoring answers "
+                                "1-5 per stated preference, for prompts with a context; null = no judge.")
+    judge_max_tokens: int = setting(128, "Longest judge answer, in tokens (greedy).", min=8)
+    judge_batch_size: int = setting(16, "Judge prompts decoded together.", min=1)
     plots: bool = setting(True, "Write PNG plots (needs matplotlib: pip install 'mipo_mlx[plot]').")
 
 
@@ -312,6 +336,14 @@ def validate(config: Config) -> Config:
     data = config.data
     check_template("data.prompt_template", data.prompt_template, {"prompt"})
     check_template("data.context_template", data.context_template, {"prompt", "context"})
+    if data.template is not None:
+        defaults = DataConfig()
+        changed = [k for k in ("prompt_template", "context_template") if getattr(data, k) != getattr(defaults, k)]
+        if changed:
+            raise UserError(f"data.template={data.template} replaces data.{changed[0]}; set one of the two")
+        if data.template != "prism" and config.pairs.negatives in ("no_context", "random_context"):
+            raise UserError(f"pairs.negatives={config.pairs.negatives} needs a template with the user's context; "
+                            f"data.template={data.template} has none (use prism or your own context_template)")
     if not config.model.path:
         raise UserError("model.path is not set: pass --model <repo-or-folder> or set it in the config")
     if not config.data.prompts:
@@ -330,6 +362,7 @@ def resolve(yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Conf
     config.model.path = resolve_path(config.model.path)
     config.data.prompts = resolve_path(config.data.prompts)
     config.evaluation.prompts = resolve_path(config.evaluation.prompts)
+    config.evaluation.judge = resolve_path(config.evaluation.judge)
     return config
 
 

@@ -6,7 +6,13 @@
 No fusing: adapters are attached to the base in memory. PMI is MIPO's own success
 measure and needs no labels: for a policy answer y to prompt x,
   PMI(y; x) = log p_base(y | x) - mean_k log p_base(y | x'_k),  x'_k other held-out prompts,
-averaged over prompts with a 95% normal interval.
+averaged over prompts with a 95% normal interval. When every held-out prompt carries a
+user context c (personalization), also the no-context PMI
+  PMI(y; c | x) = log p_base(y | x, c) - log p_base(y | x),
+and, with evaluation.judge set, a judge model's 1-5 score per stated preference
+(averaged per item) and the win rate of the adapters' answers against the base
+model's answers (an item is won when its score is at least the base's: ties win);
+rows with a `reference` response also get the win rate against it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from .tasks.extract import is_correct
 SHORTCUTS = {"model": "model.path", "prompts": "evaluation.prompts", "output": "output.dir",
              "limit": "evaluation.limit"}
 METRICS = [("accuracy", "accuracy", "{:.3f}"), ("pmi_mean", "PMI (nats)", "{:.2f}"),
+           ("pmi_context_mean", "no-context PMI (nats)", "{:.2f}"), ("judge_score", "judge score (1-5)", "{:.2f}"),
+           ("win_rate", "win rate vs base (ties win)", "{:.3f}"),
+           ("win_rate_reference", "win rate vs reference (ties win)", "{:.3f}"),
            ("length_mean", "length (tokens)", "{:.1f}"), ("distinct_2", "distinct-2", "{:.3f}"),
            ("finished_rate", "finished", "{:.3f}")]
 
@@ -39,23 +48,40 @@ def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
     return draws + (draws >= np.arange(n)[:, None])  # skip i itself
 
 
-def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int, batch_rows: int = 32) -> np.ndarray:
-    """Per-answer PMI under `model` (the base): (n,) array, one mx.eval per batch of rows."""
+def response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad: int,
+                   batch_rows: int = 32) -> np.ndarray:
+    """log p(response_r | prompt_r) under `model` for each row r; one mx.eval per batch of rows."""
     import mlx.core as mx
 
     from .score import pack, sequence_logps
 
-    others = other_prompts(len(prompt_ids), k, seed)
-    rows = [(i, j) for i in range(len(prompt_ids)) for j in (i, *others[i])]  # (answer, prompt) pairs
-    logps = np.zeros(len(rows))
-    for start in range(0, len(rows), batch_rows):
-        chunk = rows[start : start + batch_rows]
-        arrays = pack([prompt_ids[j] for _, j in chunk], [response_ids[i] for i, _ in chunk], pad)
+    logps = np.zeros(len(prompts))
+    for start in range(0, len(prompts), batch_rows):
+        arrays = pack(prompts[start : start + batch_rows], responses[start : start + batch_rows], pad)
         out = sequence_logps(model, *map(mx.array, arrays))
         mx.eval(out)
-        logps[start : start + len(chunk)] = np.array(out.tolist())
+        logps[start : start + len(out)] = np.array(out.tolist())
+    return logps
+
+
+def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int, batch_rows: int = 32) -> np.ndarray:
+    """Per-answer PMI under `model` (the base): (n,) array."""
+    others = other_prompts(len(prompt_ids), k, seed)
+    rows = [(i, j) for i in range(len(prompt_ids)) for j in (i, *others[i])]  # (answer, prompt) pairs
+    logps = response_logps(model, [prompt_ids[j] for _, j in rows], [response_ids[i] for i, _ in rows], pad,
+                           batch_rows)
     logps = logps.reshape(len(prompt_ids), others.shape[1] + 1)  # (n, 1 + k)
     return logps[:, 0] - logps[:, 1:].mean(axis=1)
+
+
+def context_free_ids(tokenizer, rendered, config: Config) -> list[list[int]] | None:
+    """Each held-out prompt rendered without its user context; None unless every one has a context."""
+    from .prompts import messages_for, render, user_text
+
+    if not rendered.prompts or any(p.context is None for p in rendered.prompts):
+        return None
+    return [render(tokenizer, messages_for(p, user_text(p.question, None, config.data), config.data),
+                   config.data.enable_thinking) for p in rendered.prompts]
 
 
 def distinct_n(sequences: list[list[int]], n: int) -> float:
@@ -97,22 +123,78 @@ def answer_and_measure(model, tokenizer, rendered, labels, tasks, config: Config
                        max_tokens=ev.max_tokens, seed=ev.seed, truncated="keep")
     responses: list[gen.Response] = generate_all(model, tokenizer, rendered.ids,
                                                  replace(config, generation=sampling), f"answer ({label})", 0)
+    answers = [r.token_ids for r in responses]
+    plain = context_free_ids(tokenizer, rendered, config)
     with base_context():
-        pmi = pmi_scores(model, rendered.ids, [r.token_ids for r in responses], ev.pmi_negatives, ev.seed,
-                         pad_id(tokenizer))
+        pmi = pmi_scores(model, rendered.ids, answers, ev.pmi_negatives, ev.seed, pad_id(tokenizer))
+        if plain is not None:
+            context_pmi = (response_logps(model, rendered.ids, answers, pad_id(tokenizer))
+                           - response_logps(model, plain, answers, pad_id(tokenizer)))
     texts = [decode(tokenizer, r) for r in responses]
     result = summarize(texts, responses, labels, tasks, pmi)
+    if plain is not None:
+        result.update(pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi))
     result["examples"] = [{"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])]
+    result["answers"] = texts
     return result
 
 
-def heldout(tokenizer, config: Config):
-    from .pipeline import render_prompts
-    from .prompts import read_prompts
+def add_judge(results: dict[str, dict], rendered, config: Config) -> None:
+    """With evaluation.judge: judge every model's answers (and the rows' reference responses);
+    add judge_score, unparsed and per-item scores to each, and the win rates (ties win)."""
+    import gc
 
-    if not config.evaluation.prompts:
+    from . import judge as jd
+    from . import model as mdl
+    from .config import ModelConfig
+
+    ev = config.evaluation
+    if not ev.judge:
+        return
+    judge, tokenizer, _ = mdl.load(ModelConfig(path=ev.judge, trust_remote_code=config.model.trust_remote_code))
+    prompts = rendered.prompts
+
+    def scores(answers: list[str]) -> list[jd.ItemScore]:
+        items = [jd.JudgeItem(p.question, p.context, a) for p, a in zip(prompts, answers)]
+        return jd.score_response(judge, tokenizer, items, ev.judge_max_tokens, ev.judge_batch_size)
+
+    judged = {name: scores(result["answers"]) for name, result in results.items()}
+    references = [p.extra.get("reference") for p in prompts]
+    reference = scores(references) if all(isinstance(r, str) and r.strip() for r in references) else None
+    for name, items in judged.items():
+        summary = jd.summarize(items, reference)
+        results[name].update(judge_score=summary["judge_score"], judge_unparsed=summary["unparsed"],
+                             judge_scores=[item.score for item in items])
+        if reference is not None:
+            results[name]["win_rate_reference"] = summary["win_rate"]
+    if "base" in judged and len(judged) > 1:
+        base = [item.score for item in judged["base"]]
+        for name, items in judged.items():
+            if name != "base":
+                results[name]["win_rate"] = jd.win_rate([item.score for item in items], base)
+    del judge
+    gc.collect()
+
+
+def heldout_prompts(config: Config):
+    """The held-out prompts as evaluation.* says (read before any model loads: bad input stops early)."""
+    from .prompts import read_source
+
+    ev = config.evaluation
+    if not ev.prompts:
         raise UserError("evaluation.prompts is not set: pass --prompts <heldout.jsonl>")
-    prompts = read_prompts(config.evaluation.prompts, config.evaluation.limit)
+    prompts = read_source(ev.prompts, ev.format, ev.split, 0, ev.subset, ev.subset_seed, ev.limit)
+    if ev.judge and any(p.context is None for p in prompts):
+        line = next(p.line for p in prompts if p.context is None)
+        raise UserError(f"{ev.prompts}: row {line} has no user context; evaluation.judge scores answers "
+                        "against the stated preferences of personalization rows (set it to null otherwise)")
+    return prompts
+
+
+def heldout(tokenizer, config: Config, prompts=None):
+    from .pipeline import render_prompts
+
+    prompts = prompts if prompts is not None else heldout_prompts(config)
     rendered = render_prompts(prompts, tokenizer, replace(config, data=replace(config.data, prompts=config.evaluation.prompts)))
     labels = [p.extra.get("answer") for p in rendered.prompts]
     tasks = [p.extra.get("task", "all") for p in rendered.prompts]
@@ -124,12 +206,16 @@ def markdown_table(results: dict[str, dict]) -> str:
     header = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
     lines = [header, "|" + " --- |" * (len(names) + 1 + (len(names) == 2))]
     for key, title, fmt in METRICS:
-        if not all(key in r for r in results.values()):
+        if not any(key in r for r in results.values()):
             continue
-        cells = [fmt.format(results[n][key]) for n in names]
-        if key == "pmi_mean":
-            cells = [c + " [{:.2f}, {:.2f}]".format(*results[n]["pmi_ci95"]) for c, n in zip(cells, names)]
-        change = [("{:+" + fmt[2:]).format(results[names[1]][key] - results[names[0]][key])] if len(names) == 2 else []
+        cells = [fmt.format(results[n][key]) if key in results[n] else "-" for n in names]
+        if key in ("pmi_mean", "pmi_context_mean"):
+            ci = key.replace("_mean", "_ci95")
+            cells = [c + (" [{:.2f}, {:.2f}]".format(*results[n][ci]) if ci in results[n] else "")
+                     for c, n in zip(cells, names)]
+        both = all(key in results[n] for n in names)
+        change = ([("{:+" + fmt[2:]).format(results[names[1]][key] - results[names[0]][key]) if both else "-"]
+                  if len(names) == 2 else [])
         lines.append(f"| {title} | " + " | ".join(cells + change) + " |")
     return "\n".join(lines) + "\n"
 
@@ -172,13 +258,15 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
 
     from . import model as mdl
 
+    prompts = heldout_prompts(config)
     model, tokenizer, _ = mdl.load(config.model)
-    rendered, labels, tasks = heldout(tokenizer, config)
+    rendered, labels, tasks = heldout(tokenizer, config, prompts)
     results = {"base": answer_and_measure(model, tokenizer, rendered, labels, tasks, config, nullcontext, "base")}
     if adapters:
         mdl.load_adapters(model, Path(adapters))
         results["mipo"] = answer_and_measure(model, tokenizer, rendered, labels, tasks, config,
                                              lambda: mdl.adapters_disabled(model), "mipo")
+    add_judge(results, rendered, config)
     return results
 
 

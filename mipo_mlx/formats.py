@@ -3,6 +3,8 @@
 A row is `{"prompt": str, "context": str | None, "answer": str | None, "id": str}`.
 `answer` holds the label (a number string or a choice letter); only evaluation
 reads it. `context` holds a user's stated preferences (personalization formats).
+SVAMP rows also carry `incomplete`: the Question alone, the paper's `incomplete`
+negative prompt for SVAMP (the Body dropped).
 
 Formats and the keys each reads:
   gsm8k               question, answer ("... #### 72": the number after the last '####')
@@ -241,7 +243,10 @@ def normalize_row(raw: dict, format: str, where: str, position: int) -> Row:
     """One public-format record as a plain row; `where` names the file and line for errors."""
     parse = _format_parser(format)
     prompt, context, answer = parse(raw, where)
-    return {"prompt": prompt, "context": context, "answer": answer, "id": _row_id(raw, format, position)}
+    row = {"prompt": prompt, "context": context, "answer": answer, "id": _row_id(raw, format, position)}
+    if format == "svamp":
+        row["incomplete"] = raw["Question"].strip()
+    return row
 
 
 def _format_parser(format: str) -> Callable[[dict, str], Fields]:
@@ -348,27 +353,36 @@ def read_rows(source: str, format: str, split: str | None = None, limit: int | N
     200 test items, ARC 500, seed 42); `split` keeps the files whose path contains it.
     """
     _format_parser(format)  # an unknown format fails before any download
-    for name, value in (("limit", limit), ("subset", subset)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
     rows = []
     for path in _source_files(source, split):
         for where, raw in _file_rows(path):
             rows.append(normalize_row(raw, format, where, len(rows)))
+    return select(rows, source, subset=subset, seed=seed, limit=limit)
+
+
+def select(rows: list, source: str, skip: int = 0, subset: int | None = None, seed: int = 42,
+           limit: int | None = None) -> list:
+    """Leave out the first `skip` rows, draw `subset` of the rest at random, keep the first `limit`."""
+    for name, value in (("limit", limit), ("subset", subset)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
     if not rows:
         raise UserError(f"{source}: no rows found")
+    if skip >= len(rows):
+        raise UserError(f"{source}: skip={skip} leaves none of its {len(rows)} rows; lower it")
+    rows = rows[skip:]
     if subset is not None:
         if subset > len(rows):
-            raise UserError(f"{source}: subset={subset} but the source has {len(rows)} rows; "
-                            "lower subset or drop it")
+            raise UserError(f"{source}: subset={subset} but the source has {len(rows)} rows"
+                            f"{f' after skipping {skip}' if skip else ''}; lower subset or drop it")
         rows = random.Random(seed).sample(rows, subset)
     return rows[:limit] if limit is not None else rows
 
 
 def write_prompt_rows(path: str | Path, rows: Iterable[Row]) -> None:
     """Write rows as the project's prompt JSONL: prompt, context, answer and id per line."""
-    write_jsonl(path, ({"prompt": r["prompt"], "context": r.get("context"),
-                        "answer": r.get("answer"), "id": r.get("id")} for r in rows))
+    keys = ("prompt", "context", "answer", "id", "incomplete")
+    write_jsonl(path, ({k: r[k] for k in keys if r.get(k) is not None} for r in rows))
 
 
 # ---------------------------------------------------------------- templates

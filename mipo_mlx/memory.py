@@ -19,10 +19,20 @@ class Estimate:
     total: int
 
 
+def activation_values(hidden: int, inter: int, heads: int, vocab: int, layers: int, tokens: int,
+                      scored: int, rows: int, grad_checkpoint: bool) -> int:
+    """Values the backward pass keeps for `rows` rows of `tokens` tokens, `scored` of them
+    response positions (the only ones through the LM head): per block ~ (12 h + 3 i) T +
+    heads T^2 (one block when checkpointing, plus each block's input), and logits,
+    log-softmax and their gradient, 3 V S."""
+    kept_blocks = 1 if grad_checkpoint else layers
+    per_row = (kept_blocks * ((12 * hidden + 3 * inter) * tokens + heads * tokens * tokens)
+               + layers * hidden * tokens + 3 * vocab * scored)
+    return rows * per_row
+
+
 def estimate(model, pairs, config: TrainingConfig) -> Estimate:
-    """Upper-bound style estimate; formulas per row of T tokens (fp32 activations):
-    per block ~ (12 h + 3 i) T + heads T^2 values kept (one block when checkpointing),
-    plus logits, log-softmax and their gradient: 3 V T values."""
+    """Upper-bound style estimate for the longest batch (fp32 activations)."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     args = getattr(model, "args", None)
@@ -32,13 +42,81 @@ def estimate(model, pairs, config: TrainingConfig) -> Estimate:
     vocab = getattr(args, "vocab_size", 32000)
     layers = len(getattr(model, "layers", [])) or 1
     longest = max((p.length for p in pairs), default=1)
+    scored = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     t = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    rows = 2 * config.batch_size
-    kept_blocks = 1 if config.grad_checkpoint else layers
-    per_row = kept_blocks * ((12 * hidden + 3 * inter) * t + heads * t * t) + layers * hidden * t + 3 * vocab * t
-    activations = 4 * rows * per_row
+    activations = 4 * activation_values(hidden, inter, heads, vocab, layers, t, scored, 2 * config.batch_size,
+                                        config.grad_checkpoint)
     adapters = 4 * 4 * trainable
     return Estimate(weights, adapters, activations, weights + adapters + activations)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's published configuration (config.json of its Hub release)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool  # input embedding reused as the LM head
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear of one block: q, k, v, o, gate, up, down."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, self.intermediate), (h, self.intermediate),
+                (self.intermediate, h)]
+
+    @property
+    def params(self) -> int:
+        block = sum(i * o for i, o in self.linears()) + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * block + embeddings + self.hidden
+
+
+# The paper's models (Hub config.json values); biases of Qwen's q/k/v are left out (<0.1%).
+PAPER_MODELS = (
+    Shape("Llama-3.2-1B-Instruct", 2048, 8192, 16, 32, 8, 128256, True),
+    Shape("Qwen2.5-1.5B-Instruct", 1536, 8960, 28, 12, 2, 151936, True),
+    Shape("Qwen2.5-3B-Instruct", 2048, 11008, 36, 16, 2, 151936, True),
+    Shape("Llama-3.2-3B-Instruct", 3072, 8192, 28, 24, 8, 128256, True),
+    Shape("Qwen2.5-7B-Instruct", 3584, 18944, 28, 28, 4, 152064, False),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a recipe asks of memory: longest prompt and response, batch and generation batch."""
+
+    prompt_tokens: int
+    response_tokens: int
+    batch_size: int
+    grad_checkpoint: bool
+    generation_batch: int
+    lora_rank: int = 8
+
+
+def plan(shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, compute_bytes: int = 2) -> dict:
+    """Estimated peak bytes of a run on `shape`: weights quantized to `bits` (plus a 16-bit
+    scale and bias per group), then the larger of training (adapters with gradients and
+    Adam moments in fp32, activations of the longest batch) and generation (KV cache of a
+    full generation batch, 16-bit)."""
+    weights = shape.params * (bits + 32 / group_size) / 8
+    trainable = shape.layers * sum(work.lora_rank * (i + o) for i, o in shape.linears())
+    tokens = work.prompt_tokens + work.response_tokens
+    activations = compute_bytes * activation_values(
+        shape.hidden, shape.intermediate, shape.heads, shape.vocab, shape.layers, tokens,
+        work.response_tokens, 2 * work.batch_size, work.grad_checkpoint)
+    kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * work.generation_batch * 2
+    training = 16 * trainable + activations
+    return {"weights": weights, "training": training, "generation": kv_cache,
+            "total": weights + max(training, kv_cache)}
 
 
 def working_set_bytes() -> int | None:

@@ -146,13 +146,15 @@ def _repair(groups: list, p: list[int], rng) -> list[int]:
 def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed: int) -> list[str | None]:
     """The user turn each negative is generated from, for the generating strategies.
 
-    incomplete: x with one random non-final sentence dropped (None: nothing to drop);
+    incomplete: the row's `incomplete` text if it has one, else x with one random
+    non-final sentence dropped (None: nothing to drop);
     no_context: x without the user's context; random_context: x with another
     user's context (a derangement over contexts). `random` generates nothing.
     """
     rng = np.random.default_rng(seed)
     if strategy == "incomplete":
-        return [_maybe(drop_one_sentence(p.question, rng), p.context, data) for p in prompts]
+        return [_maybe(_given_incomplete(p) or drop_one_sentence(p.question, rng), p.context, data)
+                for p in prompts]
     missing = [p.line for p in prompts if p.context is None]
     if missing:
         raise UserError(f"pairs.negatives={strategy} needs a 'context' on every prompt row; "
@@ -163,6 +165,12 @@ def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed
         other = derangement([p.context for p in prompts], seed)
         return [user_text(p.question, prompts[j].context, data) for p, j in zip(prompts, other)]
     raise ValueError(f"strategy {strategy!r} generates no negatives")
+
+
+def _given_incomplete(prompt: Prompt) -> str | None:
+    """The row's own prompt with information removed (SVAMP: the Question without its Body)."""
+    given = prompt.extra.get("incomplete")
+    return given.strip() if isinstance(given, str) and given.strip() else None
 
 
 def _maybe(question: str | None, context: str | None, data: DataConfig) -> str | None:

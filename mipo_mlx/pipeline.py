@@ -24,7 +24,7 @@ from . import model as mdl
 from . import resume
 from .config import Config, to_yaml, validate
 from .errors import UserError
-from .files import append_jsonl, write_json, write_text
+from .files import append_jsonl, write_json, write_jsonl, write_text
 from .loop import TrainingStopped, evaluate_pairs, make_loss, train
 from .pairs import (
     Pair,
@@ -37,12 +37,12 @@ from .pairs import (
     write_pairs,
 )
 from .progress import Progress
-from .prompts import Prompt, fit_length, messages_for, read_prompts, render, user_text
+from .prompts import Prompt, fit_length, messages_for, prompt_row, read_source, render, user_text
 from .score import Batch, pack_pairs, score_pairs, sharing_works
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
 STAGE_FILES = ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
-               "responses.rejected.jsonl")
+               "responses.rejected.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
 
 
@@ -223,8 +223,14 @@ def check_pairs_possible(r: Rendered, config: Config) -> None:
         altered_prompts(r.prompts, config.pairs.negatives, config.data, config.pairs.seed)
 
 
+def training_prompts(config: Config) -> list[Prompt]:
+    """The training prompts as data.* says: a prompt file or a public dataset, skipped, drawn, limited."""
+    d = config.data
+    return read_source(d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, d.limit)
+
+
 def load_prompts(tokenizer, config: Config) -> Rendered:
-    return render_prompts(read_prompts(config.data.prompts, config.data.limit), tokenizer, config)
+    return render_prompts(training_prompts(config), tokenizer, config)
 
 
 def build_pairs(model, tokenizer, config: Config, out: Path | None = None,
@@ -402,18 +408,29 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             mx.set_memory_limit(int(config.training.memory_limit_gb * 1e9))
         with together():  # on several ranks: a problem on any stops all
             out = check_output(config, resume_run) if dist.is_main() else Path(config.output.dir).expanduser()
-            prompts = read_prompts(config.data.prompts, config.data.limit)  # bad input stops before the model loads
+            prompts = training_prompts(config)  # bad input stops before the model loads
+            held_prompts = None
+            if config.evaluation.prompts:
+                from .evaluate import heldout, heldout_prompts
+
+                held_prompts = heldout_prompts(config)
             model, tokenizer, _ = mdl.load(config.model)
             rendered = render_prompts(prompts, tokenizer, config)
             check_pairs_possible(rendered, config)
-            held = None
-            if config.evaluation.prompts:
-                from .evaluate import heldout
-
-                held = heldout(tokenizer, config)
+            held = heldout(tokenizer, config, held_prompts) if held_prompts is not None else None
         if not resume_run and dist.is_main():
             start_output(out, config)
+            keep_prompts(out, config, prompts, held_prompts)
         return stages(config, out, stop, model, tokenizer, rendered, held)
+
+
+def keep_prompts(out: Path, config: Config, prompts: list[Prompt], held: list[Prompt] | None) -> None:
+    """Prompts read from a public dataset, as this project's JSONL in the run folder (inspectable,
+    and usable as data.prompts or evaluation.prompts of a later run)."""
+    if config.data.format != "prompts":
+        write_jsonl(out / "train_prompts.jsonl", map(prompt_row, prompts))
+    if held is not None and config.evaluation.format != "prompts":
+        write_jsonl(out / "eval_prompts.jsonl", map(prompt_row, held))
 
 
 def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered, held) -> RunResult:
@@ -441,6 +458,7 @@ def stages(config: Config, out: Path, stop, model, tokenizer, rendered: Rendered
     if held is not None:
         after = ev.answer_and_measure(model, tokenizer, *held, config, lambda: mdl.adapters_disabled(model), "mipo")
         results = {"base": before, "mipo": after}
+        ev.add_judge(results, held[0], config)
         table = ev.write_report(out, results, config.evaluation.plots) if dist.is_main() else ev.markdown_table(results)
         if config.evaluation.plots and dist.is_main():
             from .plots import plot_training

@@ -4,7 +4,11 @@ A prompt file is JSONL with one of three row shapes:
   {"prompt": "..."}                          a single user turn
   {"messages": [{"role": ..., "content": ...}, ...]}   chat turns ending with a user turn
   {"prompt": "...", "context": "..."}        personalization: the user's stated preferences
-Other keys (answers, ids) are kept for evaluation and never read by training.
+Other keys (answers, ids) are kept for evaluation and never read by training, except
+`incomplete`: when given, the `incomplete` negative strategy uses it as the prompt with
+information removed (SVAMP: the Question without its Body) instead of dropping a sentence.
+
+`read_source` also reads the public dataset formats of `formats.py`.
 """
 
 from __future__ import annotations
@@ -68,19 +72,51 @@ def parse_row(row: dict, where: str) -> Prompt:
     return Prompt(line, row["prompt"], context, [], extra)
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    prompts = []
-    for number, row in read_jsonl(path, "prompts"):
-        prompts.append(parse_row(row, f"{path}:{number}"))
-        if limit is not None and len(prompts) >= limit:
-            break
+def read_source(source: str, format: str = "prompts", split: str | None = None, skip: int = 0,
+                subset: int | None = None, seed: int = 42, limit: int | None = None) -> list[Prompt]:
+    """Prompts of `source` in `format`: skip the first `skip`, draw `subset` at random, keep `limit`."""
+    from . import formats
+
+    if format == "prompts":
+        if split is not None:
+            raise UserError(f"{source}: a split ({split!r}) only applies to a public data format; "
+                            "drop it or set the format")
+        rows = []
+        for n, row in read_jsonl(source, "prompts"):
+            rows.append(parse_row(row, f"{source}:{n}"))
+            if subset is None and limit is not None and len(rows) >= skip + limit:
+                break  # lines after the last one used are not read
+        prompts = formats.select(rows, str(source), skip, subset, seed, limit) if rows else []
+    else:
+        rows = formats.select(formats.read_rows(str(source), format, split), str(source), skip, subset, seed, limit)
+        prompts = [Prompt(n, row["prompt"], row["context"],
+                          extra={k: v for k, v in row.items() if k not in PROMPT_KEYS and v is not None})
+                   for n, row in enumerate(rows, start=1)]
     if len(prompts) < 2:
-        raise UserError(f"{path}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
+        raise UserError(f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
     return prompts
+
+
+def prompt_row(prompt: Prompt) -> dict[str, Any]:
+    """A prompt as a row of a prompt file (read back by `parse_row`)."""
+    row: dict[str, Any] = {"prompt": prompt.question} if not prompt.history else {
+        "messages": [*prompt.history, {"role": "user", "content": prompt.question}]}
+    if prompt.context is not None:
+        row["context"] = prompt.context
+    return {**row, **prompt.extra}
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """The first `limit` prompts of a prompt file (all when None)."""
+    return read_source(str(path), limit=limit)
 
 
 def user_text(question: str, context: str | None, config: DataConfig) -> str:
     """The final user turn: the question with the user's context, if any, filled in."""
+    if config.template is not None:
+        from .formats import render_prompt
+
+        return render_prompt({"prompt": question, "context": context}, config.template)
     if context is None:
         return config.prompt_template.format(prompt=question)
     return config.context_template.format(prompt=question, context=context)

@@ -2,6 +2,7 @@
 
   python -m mipo_mlx.train                               # the embedded default: a small model improves itself
   python -m mipo_mlx.train --config configs/recipe.yaml
+  python -m mipo_mlx.train --config configs/gsm8k.yaml --limit 32   # a paper recipe, in minutes first
   python -m mipo_mlx.train --model <repo-or-folder> --prompts <file.jsonl> --output <dir> [--iters N]
                            [--section.key value ...]
 
@@ -29,7 +30,31 @@ DESCRIPTION = ("MIPO: train LoRA adapters with DPO on pairs the model makes from
 def build_parser() -> argparse.ArgumentParser:
     parser = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
     parser.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings")
+    parser.add_argument("--limit", metavar="N", type=_count,
+                        help="a quick trial: the first N training prompts and the first N held-out prompts "
+                             "(sets data.limit and evaluation.limit)")
+    parser.add_argument("--subset", metavar="N", type=_count,
+                        help="N training prompts drawn at random (seeded; sets data.subset)")
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def quick_trial(overrides: dict, extras: dict) -> None:
+    """--limit / --subset as the settings they stand for; an explicit --section.key wins."""
+    if "limit" in extras:
+        overrides.setdefault("data.limit", extras["limit"])
+        overrides.setdefault("evaluation.limit", extras["limit"])
+    if "subset" in extras:
+        overrides.setdefault("data.subset", extras["subset"])
 
 
 def parse_args(argv: list[str] | None, extras: dict | None = None):
@@ -44,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     extras: dict = {}
     yaml_path, overrides = parse_args(argv, extras)
     resume_dir = extras.get("resume")
+    quick_trial(overrides, extras)
     if resume_dir:
         from pathlib import Path
 

@@ -59,9 +59,9 @@ def test_svamp_rows(tmp_path):
                        {"Body": "A box has 2.5 kg.", "Question": "How much in 2 boxes?", "Answer": "5"})
     assert read_rows(path, "svamp") == [
         {"prompt": "Jack had 8 pens. He gave 3 away. How many are left?", "context": None,
-         "answer": "5", "id": "chal-1"},
+         "answer": "5", "id": "chal-1", "incomplete": "How many are left?"},
         {"prompt": "A box has 2.5 kg. How much in 2 boxes?", "context": None, "answer": "5",
-         "id": "svamp-1"},
+         "id": "svamp-1", "incomplete": "How much in 2 boxes?"},
     ]
 
 
@@ -182,7 +182,7 @@ def test_written_rows_read_back_as_prompts(tmp_path):
     out = tmp_path / "prompts.jsonl"
     write_prompt_rows(out, rows)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert lines[0] == {"prompt": "A?", "context": "Be kind.", "answer": None, "id": "prism-0"}
+    assert lines[0] == {"prompt": "A?", "context": "Be kind.", "id": "prism-0"}  # no label: no key
     prompts = read_prompts(out)
     assert [(p.question, p.context) for p in prompts] == [("A?", "Be kind."), ("B?", "Be brief.")]
 

@@ -4,6 +4,8 @@ Rules (each tested on written-out cases):
   number: the last '#### N' if present, else the last 'the answer is N' (any case);
           commas and a trailing period are ignored; None when neither is found.
   letter: the first letter A-E right after the last 'the answer is' (':' optional).
+Both read the response only up to a line starting 'Question:': a model answering a
+few-shot prompt (GSM8K 8-shot) may go on to invent the next exemplar and answer it too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
 _HASHES = re.compile(r"####\s*\$?\s*" + _NUMBER)
 _ANSWER_IS = re.compile(r"the answer is\s*:?\s*\$?\s*" + _NUMBER, re.IGNORECASE)
 _LETTER = re.compile(r"the answer is\s*:?\s*\(?([A-E])\b", re.IGNORECASE)
+_NEXT_EXEMPLAR = re.compile(r"\n\s*Question:")
+
+
+def own_answer(response: str) -> str:
+    """The response up to an invented next few-shot exemplar ('\nQuestion: ...')."""
+    return _NEXT_EXEMPLAR.split(response, maxsplit=1)[0]
 
 
 def _number(text: str) -> str:
@@ -24,6 +32,7 @@ def _number(text: str) -> str:
 
 
 def extract_number(response: str) -> str | None:
+    response = own_answer(response)
     for pattern in (_HASHES, _ANSWER_IS):
         found = pattern.findall(response)
         if found:
@@ -32,7 +41,7 @@ def extract_number(response: str) -> str | None:
 
 
 def extract_letter(response: str) -> str | None:
-    found = _LETTER.findall(response)
+    found = _LETTER.findall(own_answer(response))
     return found[-1].upper() if found else None
 
 
