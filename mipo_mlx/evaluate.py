@@ -142,8 +142,6 @@ def answer_and_measure(model, tokenizer, rendered, labels, tasks, config: Config
 def add_judge(results: dict[str, dict], rendered, config: Config) -> None:
     """With evaluation.judge: judge every model's answers (and the rows' reference responses);
     add judge_score, unparsed and per-item scores to each, and the win rates (ties win)."""
-    import gc
-
     from . import judge as jd
     from . import model as mdl
     from .config import ModelConfig
@@ -172,8 +170,6 @@ def add_judge(results: dict[str, dict], rendered, config: Config) -> None:
         for name, items in judged.items():
             if name != "base":
                 results[name]["win_rate"] = jd.win_rate([item.score for item in items], base)
-    del judge
-    gc.collect()
 
 
 def heldout_prompts(config: Config):
