@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlx.utils import tree_flatten
 
@@ -131,3 +132,33 @@ def working_set_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# Longest rendered prompt assumed per paper template, in tokens (chat template included):
+# the GSM8K 8-shot prefix is 439 words (~600 tokens) plus a question of up to ~200 tokens;
+# an ARC question with its choices stays under ~250; a PRISM prompt with its requirements ~300.
+PROMPT_TOKENS = {"gsm8k_8shot": 850, "arc_zero_shot": 250, "prism": 300}
+RECIPES = ("gsm8k", "svamp", "arc-challenge", "arc-easy", "prism", "community-alignment")
+
+
+def recipe_workload(config) -> Workload:
+    t = config.training
+    return Workload(PROMPT_TOKENS[config.data.template], config.generation.max_tokens, t.batch_size,
+                    t.grad_checkpoint, config.generation.batch_size, config.lora.rank)
+
+
+def recipe_memory_markdown(configs: Path) -> str:
+    """Estimated peak memory (GB) of each paper recipe on each of the paper's models, 4-bit."""
+    from .config import resolve
+
+    header = "| recipe | longest prompt + response (tokens) | " + " | ".join(m.name for m in PAPER_MODELS) + " |"
+    lines = [header, "|" + " --- |" * (len(PAPER_MODELS) + 2)]
+    for name in RECIPES:
+        work = recipe_workload(resolve(str(configs / f"{name}.yaml"), {}))
+        cells = [f"{plan(m, work)['total'] / 1e9:.1f}" for m in PAPER_MODELS]
+        lines.append(f"| `{name}` | {work.prompt_tokens} + {work.response_tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(recipe_memory_markdown(Path(__file__).resolve().parent.parent / "configs"), end="")

@@ -24,6 +24,12 @@ from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
     ("I think it is 7.", None),                                  # missing
     ("The answer is seven.", None),                              # malformed: no digits
     ("", None),
+    # an 8-shot answer that goes on to invent the next exemplar: its own '####' counts
+    ("Tom reads 3 * 300 = 900 pages. #### 900\n\nQuestion: Sam has 2 cats. How many?\n"
+     "Answer: 2 cats. #### 2", "900"),
+    ("He has 5 + 2 = 7. The answer is 7.\nQuestion: What is 1+1?\nAnswer: #### 2", "7"),
+    ("Question: a restated question? #### 4", "4"),                # at the very start: not a continuation
+    ("5 + 3 = 8\n  Question: next one #### 12", None),           # the own part has no answer
 ])
 def test_extract_number(text, number):
     assert extract_number(text) == number
@@ -37,6 +43,7 @@ def test_extract_number(text, number):
     ("Answer: B", None),                     # missing the phrase
     ("The answer is: 42", None),             # malformed: not a letter
     ("The answer is: Banana", None),         # a word, not a letter
+    ("The answer is: B\nQuestion: Which is a metal?\nThe answer is: D", "B"),  # invented next item ignored
 ])
 def test_extract_letter(text, letter):
     assert extract_letter(text) == letter

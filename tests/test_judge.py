@@ -148,3 +148,31 @@ def test_score_response_rejects_an_item_without_preferences(toy_model):
     judge, tokenizer = toy_model
     with pytest.raises(UserError, match="judge item 1: the context states no preference"):
         score_response(judge, tokenizer, [ITEMS[0], JudgeItem("Hi?", " ;\n- ", "Hello.")])
+
+
+def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
+    """Rows with a `reference` response: each model also gets its win rate against it (ties win)."""
+    from types import SimpleNamespace
+
+    from mipo_mlx import evaluate, judge, model
+    from mipo_mlx.config import Config
+    from mipo_mlx.prompts import Prompt
+
+    verdicts = {"b1": 3, "b2": 2, "b3": 4, "m1": 4, "m2": 2, "m3": 3, "r1": 3, "r2": 3, "r3": None}
+
+    def score_response(_judge, _tokenizer, items, max_tokens, batch_size):
+        return [judge.ItemScore(verdicts[i.response], [verdicts[i.response]], verdicts[i.response] is None)
+                for i in items]
+
+    monkeypatch.setattr(judge, "score_response", score_response)
+    monkeypatch.setattr(model, "load", lambda config: (object(), object(), {}))
+    prompts = [Prompt(n, f"q{n}", "be brief", extra={"reference": f"r{n}"}) for n in (1, 2, 3)]
+    results = {"base": {"answers": ["b1", "b2", "b3"]}, "mipo": {"answers": ["m1", "m2", "m3"]}}
+    config = Config()
+    config.evaluation.judge = "some/judge"
+    evaluate.add_judge(results, SimpleNamespace(prompts=prompts), config)
+    assert results["base"]["judge_score"] == 3.0 and results["mipo"]["judge_score"] == 3.0
+    assert results["mipo"]["win_rate"] == 2 / 3                   # 4>=3, 2>=2, 3<4
+    assert results["base"]["win_rate_reference"] == 1 / 2         # 3>=3, 2<3, item 3 unscored by the judge
+    assert results["mipo"]["win_rate_reference"] == 1 / 2         # 4>=3, 2<3, item 3 left out
+    assert results["mipo"]["judge_unparsed"] == 0 and results["mipo"]["judge_scores"] == [4, 2, 3]
