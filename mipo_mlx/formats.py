@@ -101,7 +101,7 @@ def _pick(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> tuple[str, 
         if key in raw and raw[key] is not None:
             return key, raw[key]
     names = " or ".join(repr(k) for k in keys)
-    raise UserError(f"{where}: missing key {names} ({fmt} format); check --format or the file")
+    raise UserError(f"{where}: missing key {names} ({fmt} format); check data.format (or evaluation.format) and the file")
 
 
 def _text(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> str:

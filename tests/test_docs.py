@@ -25,6 +25,14 @@ def test_readme_settings_table_is_generated_from_config():
     assert reference_markdown() in README
 
 
+def test_readme_recipe_memory_table_is_computed_from_the_recipes():
+    from mipo_mlx.memory import recipe_memory_markdown
+
+    assert recipe_memory_markdown(ROOT / "configs") in README
+    for recipe in ("gsm8k", "svamp", "arc-challenge", "arc-easy", "prism", "community-alignment"):
+        assert f"`python -m mipo_mlx.train --config configs/{recipe}.yaml`" in README
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     after = README.split("Set up and run the tests:", 1)[1]
     test_command = bash_blocks(after)[0].strip()

@@ -292,3 +292,30 @@ def test_judge_scores_reach_the_report(toy_model_dir, tmp_path, hub, monkeypatch
     # the judge sees the question and the stated requirements, not the templated prompt
     assert seen[0][0] == ("What should I cook tonight, option 0?", "I am vegetarian; keep it under 10 minutes")
     assert seen[0] == seen[1]
+
+
+def test_limit_and_subset_options():
+    """--limit caps the training and the evaluation prompts, --subset draws training prompts;
+    an explicit --section.key wins over either."""
+    from mipo_mlx.cli import parse_args
+    from mipo_mlx.train import build_parser, quick_trial
+
+    def settings(*argv):
+        _, overrides, extras = parse_args(build_parser(), list(argv))
+        quick_trial(overrides, extras)
+        return {k: v for k, v in overrides.items() if k.endswith(("limit", "subset"))}
+
+    assert settings("--limit", "32") == {"data.limit": 32, "evaluation.limit": 32}
+    assert settings("--subset", "700") == {"data.subset": 700}
+    assert settings("--limit", "32", "--evaluation.limit", "null") == {"data.limit": 32, "evaluation.limit": None}
+    assert settings() == {}
+
+
+def test_evaluation_subset_larger_than_the_split(toy_model_dir, tmp_path, hub, capsys):
+    """The paper's 200-item draw from a 10-row test file: one line naming the source, exit 2, nothing written."""
+    out = tmp_path / "out"
+    argv = ["--config", str(ROOT / "configs" / "gsm8k.yaml"), "--model", str(toy_model_dir), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "openai/gsm8k: subset=200 but the source has 10 rows" in err[0]
+    assert not out.exists()
