@@ -161,15 +161,20 @@ def add_judge(results: dict[str, dict], rendered, config: Config) -> None:
     reference = scores(references) if all(isinstance(r, str) and r.strip() for r in references) else None
     for name, items in judged.items():
         summary = jd.summarize(items, reference)
-        results[name].update(judge_score=summary["judge_score"], judge_unparsed=summary["unparsed"],
+        results[name].update(judge_score=_known(summary["judge_score"]), judge_unparsed=summary["unparsed"],
                              judge_scores=[item.score for item in items])
         if reference is not None:
-            results[name]["win_rate_reference"] = summary["win_rate"]
+            results[name]["win_rate_reference"] = _known(summary["win_rate"])
     if "base" in judged and len(judged) > 1:
         base = [item.score for item in judged["base"]]
         for name, items in judged.items():
             if name != "base":
-                results[name]["win_rate"] = jd.win_rate([item.score for item in items], base)
+                results[name]["win_rate"] = _known(jd.win_rate([item.score for item in items], base))
+
+
+def _known(value: float) -> float | None:
+    """nan (no judge answer parsed) as None: JSON has no nan."""
+    return None if math.isnan(value) else value
 
 
 def heldout_prompts(config: Config):
@@ -204,12 +209,13 @@ def markdown_table(results: dict[str, dict]) -> str:
     for key, title, fmt in METRICS:
         if not any(key in r for r in results.values()):
             continue
-        cells = [fmt.format(results[n][key]) if key in results[n] else "-" for n in names]
+        cells = [("n/a" if results[n][key] is None else fmt.format(results[n][key])) if key in results[n] else "-"
+                 for n in names]
         if key in ("pmi_mean", "pmi_context_mean"):
             ci = key.replace("_mean", "_ci95")
             cells = [c + (" [{:.2f}, {:.2f}]".format(*results[n][ci]) if ci in results[n] else "")
                      for c, n in zip(cells, names)]
-        both = all(key in results[n] for n in names)
+        both = all(results[n].get(key) is not None for n in names)
         change = ([("{:+" + fmt[2:]).format(results[names[1]][key] - results[names[0]][key]) if both else "-"]
                   if len(names) == 2 else [])
         lines.append(f"| {title} | " + " | ".join(cells + change) + " |")

@@ -323,7 +323,8 @@ def _download(repo_id: str, split: str | None) -> Path:
 
 
 def _source_files(source: str, split: str | None) -> list[Path]:
-    """The data files of `source` whose path (relative to the source) contains `split`."""
+    """The data files of `source` whose path (relative to the source) contains `split`;
+    a single file is read as it is (a recipe's split names files of a folder or Hub release)."""
     path = Path(source)
     if path.exists():
         root = path
@@ -335,7 +336,7 @@ def _source_files(source: str, split: str | None) -> list[Path]:
     files = _data_files(root)
     if not files:
         raise UserError(f"{source}: no .jsonl, .json or .parquet files found")
-    if split is None:
+    if split is None or root.is_file():  # a file named on its own is read whatever the split says
         return files
     names = {f: f.name if root.is_file() else f.relative_to(root).as_posix() for f in files}
     chosen = [f for f in files if split in names[f]]

@@ -144,6 +144,9 @@ def test_split_picks_files_in_a_folder(tmp_path):
     assert len(read_rows(str(tmp_path), "gsm8k")) == 2
     with pytest.raises(UserError, match="no file name contains split 'validation'"):
         read_rows(str(tmp_path), "gsm8k", split="validation")
+    # a file named on its own is what the user wants, whatever split a recipe names
+    one = next(p for p in tmp_path.rglob("*.jsonl") if "test" in str(p.relative_to(tmp_path)))
+    assert [r["prompt"] for r in read_rows(str(one), "gsm8k", split="main/train")] == ["E?"]
 
 
 def test_hub_id_downloads_with_patterns(tmp_path, monkeypatch):

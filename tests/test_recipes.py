@@ -247,8 +247,9 @@ def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
     held = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (out / "train_prompts.jsonl").read_text().splitlines()]
     assert len(held) == 6 and not {r["id"] for r in held} & {r["id"] for r in train}  # evaluation held out
-    report = json.loads((out / "eval.json").read_text())
-    preferences = 2 if recipe == "prism" else 2  # 'vegetarian; under N minutes' / two bullet points
+    strict = json.loads((out / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))
+    report = strict
+    preferences = 2  # 'vegetarian; under N minutes' / two bullet points
     for name in ("base", "mipo"):
         r = report[name]
         assert "pmi_context_mean" in r and len(r["pmi_context_ci95"]) == 2
