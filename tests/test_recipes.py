@@ -23,7 +23,7 @@ from .test_docs import ROOT
 GSM8K_TRAIN = [(f"Ann has {n} apples. She buys {n + 2} more. How many apples does she have now?",
                 f"Ann has {n} + {n + 2} = {2 * n + 2} apples.\n#### {2 * n + 2}") for n in range(1, 11)]
 GSM8K_TEST = [(f"Tom reads {n} pages a day. How many pages does he read in 3 days?",
-               f"He reads {n} * 3 = {3 * n} pages.\n#### {3 * n:,}") for n in range(300, 310)]
+               f"He reads {n} * 3 = {3 * n} pages.\n#### {3 * n:,}") for n in range(400, 410)]
 ARC_CHOICES = {"text": ["ice", "steam", "rock", "sand"], "label": ["A", "B", "C", "D"]}
 
 
@@ -170,7 +170,7 @@ def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
     assert "answer" not in json.dumps(pairs[0]["chosen"])
     held = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(held) == 6 and all(r["prompt"].startswith("Tom reads") for r in held)
-    assert {r["answer"] for r in held} <= {str(3 * n) for n in range(300, 310)}  # '#### 900' (commas gone)
+    assert {r["answer"] for r in held} <= {str(3 * n) for n in range(400, 410)}  # "#### 1,200": commas gone
     report = json.loads((out / "eval.json").read_text())
     for name in ("base", "mipo"):
         assert report[name]["labelled"] == 6 and 0.0 <= report[name]["accuracy"] <= 1.0
