@@ -48,28 +48,13 @@ def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
     return draws + (draws >= np.arange(n)[:, None])  # skip i itself
 
 
-def response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad: int,
-                   batch_rows: int = 32) -> np.ndarray:
-    """log p(response_r | prompt_r) under `model` for each row r; one mx.eval per batch of rows."""
-    import mlx.core as mx
-
-    from .score import pack, sequence_logps
-
-    logps = np.zeros(len(prompts))
-    for start in range(0, len(prompts), batch_rows):
-        arrays = pack(prompts[start : start + batch_rows], responses[start : start + batch_rows], pad)
-        out = sequence_logps(model, *map(mx.array, arrays))
-        mx.eval(out)
-        logps[start : start + len(out)] = np.array(out.tolist())
-    return logps
-
-
-def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int, batch_rows: int = 32) -> np.ndarray:
+def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int) -> np.ndarray:
     """Per-answer PMI under `model` (the base): (n,) array."""
+    from .score import response_logps
+
     others = other_prompts(len(prompt_ids), k, seed)
     rows = [(i, j) for i in range(len(prompt_ids)) for j in (i, *others[i])]  # (answer, prompt) pairs
-    logps = response_logps(model, [prompt_ids[j] for _, j in rows], [response_ids[i] for i, _ in rows], pad,
-                           batch_rows)
+    logps = response_logps(model, [prompt_ids[j] for _, j in rows], [response_ids[i] for i, _ in rows], pad)
     logps = logps.reshape(len(prompt_ids), others.shape[1] + 1)  # (n, 1 + k)
     return logps[:, 0] - logps[:, 1:].mean(axis=1)
 
@@ -123,6 +108,8 @@ def answer_and_measure(model, tokenizer, rendered, labels, tasks, config: Config
                        max_tokens=ev.max_tokens, seed=ev.seed, truncated="keep")
     responses: list[gen.Response] = generate_all(model, tokenizer, rendered.ids,
                                                  replace(config, generation=sampling), f"answer ({label})", 0)
+    from .score import response_logps
+
     answers = [r.token_ids for r in responses]
     plain = context_free_ids(tokenizer, rendered, config)
     with base_context():

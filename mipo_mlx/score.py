@@ -178,6 +178,53 @@ def scored_logits(model, prefix: mx.array, prefix_lengths: mx.array, inputs: mx.
     return head(hidden.reshape(-1, hidden.shape[-1])[positions])
 
 
+def head_only_works(model, tolerance: float = 1e-3) -> bool:
+    """Whether this model's blocks and LM head, called directly, give its own logits (then the
+    head may run on the scored positions alone; a model that scales or caps its logits in
+    `__call__`, or has no separate blocks, does not)."""
+    try:
+        ids = mx.arange(8)[None]
+        body, head = body_and_head(model)
+        direct, whole = head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32)
+        gap = mx.abs(direct - whole).max().item()
+        return gap <= tolerance * max(1.0, mx.abs(whole).max().item())
+    except Exception:  # no .model / .layers, or blocks that need other arguments
+        return False
+
+
+def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
+                   token_budget: int = 16384) -> np.ndarray:
+    """log p(response_r | prompt_r) for each row r, (N,), in batches of about `token_budget`
+    padded tokens (rows sorted by length; one mx.eval per batch). The LM head runs on the
+    response positions only when the model allows it; otherwise full logits are computed,
+    a few rows at a time (V logits per token)."""
+    head_only = head_only_works(model)
+    budget = token_budget if head_only else min(token_budget, 2048)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = np.zeros(len(prompts))
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * _width(
+                len(prompts[order[end]]) + len(responses[order[end]]), PAD_MULTIPLE) <= budget:
+            end += 1
+        rows = order[start:end]
+        inputs, targets, mask = pack([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
+        if head_only:
+            positions, picked, owners = scored_positions(targets, mask)
+            body, head = body_and_head(model)
+            hidden = body(mx.array(inputs))
+            logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
+            logps = (mx.take_along_axis(logits, picked[:, None], axis=-1)[:, 0]
+                     - mx.logsumexp(logits, axis=-1)) @ owners
+        else:
+            logps = sequence_logps(model, mx.array(inputs), mx.array(targets), mx.array(mask))
+        mx.eval(logps)
+        out[rows] = np.array(logps.tolist())
+        start = end
+    return out
+
+
 def token_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     """Sum over masked positions of log p(target): (N, T, V) -> (N,)."""
     logits = logits.astype(mx.float32)

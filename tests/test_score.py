@@ -188,3 +188,33 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
             return model(inputs)
 
     assert not sharing_works(RejectsCaches(), pairs, 0)
+
+
+def test_response_logps_equal_one_by_one_both_ways(toy_model):
+    """Evaluation's scorer: the head on response positions only (this model) and full logits
+    (a model that scales its logits) both give each row's own log-prob, whatever the batching."""
+    from mipo_mlx.score import head_only_works, response_logps
+
+    model, _ = toy_model
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(4, 300, size=n).tolist() for n in (3, 40, 1, 17, 64, 9)]
+    answers = [rng.integers(4, 300, size=n).tolist() for n in (5, 2, 30, 1, 12, 7)]
+    expected = [one_by_one(model, p, a) for p, a in zip(prompts, answers)]
+
+    class ScalesLogits:
+        layers, args = model.layers, model.args
+
+        def __init__(self):
+            self.model = model.model
+
+        def __call__(self, inputs, cache=None):
+            return 0.5 * model(inputs)
+
+    assert head_only_works(model) and not head_only_works(ScalesLogits())
+    for budget in (64, 100_000):  # one row per batch up to all rows in one
+        got = response_logps(model, prompts, answers, pad_id=0, token_budget=budget)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    scaled = [one_by_one(ScalesLogits(), p, a) for p, a in zip(prompts, answers)]
+    assert not np.allclose(scaled, expected, atol=1e-2)
+    np.testing.assert_allclose(response_logps(ScalesLogits(), prompts, answers, pad_id=0), scaled,
+                               rtol=1e-4, atol=1e-4)
