@@ -192,36 +192,85 @@ def head_only_works(model, tolerance: float = 1e-3) -> bool:
         return False
 
 
+def common_prefix(prompts: Sequence[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least its last token."""
+    if not prompts:
+        return 0
+    shortest = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < shortest and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _prefix_keys(model, prefix: list[int]) -> list[_RecordKV]:
+    body, _ = body_and_head(model)
+    records = [_RecordKV() for _ in model.layers]
+    body(mx.array([prefix]), cache=records)
+    mx.eval([(r.keys, r.values) for r in records])
+    return records
+
+
+def _rows_logps(model, records, start: int, prompts, responses, pad_id: int) -> mx.array:
+    """Summed response log-probs of rows (prompt[start:], response), the LM head on response
+    positions only; with `records`, the rows continue the keys and values of a common prefix
+    of `start` tokens (run once)."""
+    body, head = body_and_head(model)
+    inputs, targets, mask = pack([p[start:] for p in prompts], responses, pad_id)
+    positions, picked, owners = scored_positions(targets, mask)
+    cache = None
+    if records is not None:
+        cache = [_AfterPrefix(r, mx.array([start], dtype=mx.int32), len(prompts)) for r in records]
+    hidden = body(mx.array(inputs), cache=cache)
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
+    return (mx.take_along_axis(logits, picked[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)) @ owners
+
+
+def prefix_reuse_works(model, tolerance: float = 1e-3) -> bool:
+    """Whether rows continuing a common prefix's keys and values get the log-probs of whole rows."""
+    try:
+        prompts, responses = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7]], [[8, 9], [10, 11, 12]]
+        whole = _rows_logps(model, None, 0, prompts, responses, 0)
+        reused = _rows_logps(model, _prefix_keys(model, prompts[0][:4]), 4, prompts, responses, 0)
+        gap = mx.abs(whole - reused).max().item()
+        return gap <= tolerance * max(1.0, mx.abs(whole).max().item())
+    except Exception:  # blocks that reject the caches
+        return False
+
+
 def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
-                   token_budget: int = 16384) -> np.ndarray:
+                   token_budget: int = 16384, min_shared: int = 64) -> np.ndarray:
     """log p(response_r | prompt_r) for each row r, (N,), in batches of about `token_budget`
-    padded tokens (rows sorted by length; one mx.eval per batch). The LM head runs on the
-    response positions only when the model allows it; otherwise full logits are computed,
-    a few rows at a time (V logits per token)."""
+    padded tokens (rows sorted by length; one mx.eval per batch). When the model allows it,
+    the LM head runs on the response positions only, and a prefix all prompts share (a
+    few-shot prompt's exemplars, at least `min_shared` tokens) runs once, the rows attending
+    to its keys and values; otherwise full logits are computed, a few rows at a time."""
     head_only = head_only_works(model)
+    start = common_prefix(prompts) if head_only else 0
+    records = None
+    if start >= min_shared and prefix_reuse_works(model):
+        records = _prefix_keys(model, list(prompts[0][:start]))
+    else:
+        start = 0
     budget = token_budget if head_only else min(token_budget, 2048)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    width = [_width(len(prompts[i]) - start + len(responses[i]), PAD_MULTIPLE) for i in range(len(prompts))]
     out = np.zeros(len(prompts))
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end + 1 - start) * _width(
-                len(prompts[order[end]]) + len(responses[order[end]]), PAD_MULTIPLE) <= budget:
+    first = 0
+    while first < len(order):
+        end = first + 1
+        while end < len(order) and (end + 1 - first) * width[order[end]] <= budget:
             end += 1
-        rows = order[start:end]
-        inputs, targets, mask = pack([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
+        rows = order[first:end]
+        chunk_prompts, chunk_responses = [prompts[i] for i in rows], [responses[i] for i in rows]
         if head_only:
-            positions, picked, owners = scored_positions(targets, mask)
-            body, head = body_and_head(model)
-            hidden = body(mx.array(inputs))
-            logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
-            logps = (mx.take_along_axis(logits, picked[:, None], axis=-1)[:, 0]
-                     - mx.logsumexp(logits, axis=-1)) @ owners
+            logps = _rows_logps(model, records, start, chunk_prompts, chunk_responses, pad_id)
         else:
-            logps = sequence_logps(model, mx.array(inputs), mx.array(targets), mx.array(mask))
+            logps = sequence_logps(model, *map(mx.array, pack(chunk_prompts, chunk_responses, pad_id)))
         mx.eval(logps)
         out[rows] = np.array(logps.tolist())
-        start = end
+        first = end
     return out
 
 

@@ -218,3 +218,45 @@ def test_response_logps_equal_one_by_one_both_ways(toy_model):
     assert not np.allclose(scaled, expected, atol=1e-2)
     np.testing.assert_allclose(response_logps(ScalesLogits(), prompts, answers, pad_id=0), scaled,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_response_logps_reusing_a_common_prefix(toy_model):
+    """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
+    once and every row's log-prob is still its own; a model whose blocks reject caches falls back."""
+    from mipo_mlx.score import common_prefix, prefix_reuse_works, response_logps
+
+    model, _ = toy_model
+    rng = np.random.default_rng(11)
+    shots = rng.integers(4, 300, size=70).tolist()
+    prompts = [shots + rng.integers(4, 300, size=n).tolist() for n in (1, 9, 4, 23)]
+    answers = [rng.integers(4, 300, size=n).tolist() for n in (6, 1, 15, 3)]
+    assert common_prefix(prompts) >= 70 and common_prefix([[1, 2], [1, 2, 3]]) == 1 and common_prefix([]) == 0
+    assert prefix_reuse_works(model)
+    expected = [one_by_one(model, p, a) for p, a in zip(prompts, answers)]
+    for budget in (64, 100_000):
+        got = response_logps(model, prompts, answers, pad_id=0, token_budget=budget)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(response_logps(model, prompts, answers, pad_id=0, min_shared=10_000), expected,
+                               rtol=1e-4, atol=1e-4)  # the shared prefix not reused
+
+    class RejectsCaches:
+        layers, args = model.layers, model.args
+
+        def __init__(self):
+            def body(inputs, cache=None):
+                if cache is not None:
+                    raise TypeError("no cache here")
+                return model.model(inputs)
+
+            self.model = body
+            self.lm_head = model.lm_head if hasattr(model, "lm_head") else None
+
+        def __call__(self, inputs, cache=None):
+            return model(inputs)
+
+    rejecting = RejectsCaches()
+    if rejecting.lm_head is None:
+        del rejecting.lm_head
+        rejecting.model.embed_tokens = model.model.embed_tokens
+    assert not prefix_reuse_works(rejecting)
+    np.testing.assert_allclose(response_logps(rejecting, prompts, answers, pad_id=0), expected, rtol=1e-4, atol=1e-4)
