@@ -48,14 +48,23 @@ def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
     return draws + (draws >= np.arange(n)[:, None])  # skip i itself
 
 
-def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int) -> np.ndarray:
-    """Per-answer PMI under `model` (the base): (n,) array."""
+def pmi_columns(prompt_ids: list[list[int]], k: int, seed: int) -> list[list[list[int]]]:
+    """The prompts each answer is scored under for its PMI: column 0 its own, then k others."""
+    others = other_prompts(len(prompt_ids), k, seed)
+    return [list(prompt_ids)] + [[prompt_ids[j] for j in others[:, c]] for c in range(others.shape[1])]
+
+
+def column_logps(model, columns: list[list[list[int]]], response_ids, pad: int) -> np.ndarray:
+    """(n, len(columns)): log p(response_i | columns[c][i]) under `model`, all in one scoring pass."""
     from .score import response_logps
 
-    others = other_prompts(len(prompt_ids), k, seed)
-    rows = [(i, j) for i in range(len(prompt_ids)) for j in (i, *others[i])]  # (answer, prompt) pairs
-    logps = response_logps(model, [prompt_ids[j] for _, j in rows], [response_ids[i] for i, _ in rows], pad)
-    logps = logps.reshape(len(prompt_ids), others.shape[1] + 1)  # (n, 1 + k)
+    flat = response_logps(model, [p for column in columns for p in column], list(response_ids) * len(columns), pad)
+    return flat.reshape(len(columns), len(response_ids)).T
+
+
+def pmi_scores(model, prompt_ids, response_ids, k: int, seed: int, pad: int) -> np.ndarray:
+    """Per-answer PMI under `model` (the base): (n,) array."""
+    logps = column_logps(model, pmi_columns(prompt_ids, k, seed), response_ids, pad)  # (n, 1 + k)
     return logps[:, 0] - logps[:, 1:].mean(axis=1)
 
 
@@ -108,15 +117,14 @@ def answer_and_measure(model, tokenizer, rendered, labels, tasks, config: Config
                        max_tokens=ev.max_tokens, seed=ev.seed, truncated="keep")
     responses: list[gen.Response] = generate_all(model, tokenizer, rendered.ids,
                                                  replace(config, generation=sampling), f"answer ({label})", 0)
-    from .score import response_logps
-
     answers = [r.token_ids for r in responses]
     plain = context_free_ids(tokenizer, rendered, config)
-    with base_context():
-        pmi = pmi_scores(model, rendered.ids, answers, ev.pmi_negatives, ev.seed, pad_id(tokenizer))
-        if plain is not None:
-            context_pmi = (response_logps(model, rendered.ids, answers, pad_id(tokenizer))
-                           - response_logps(model, plain, answers, pad_id(tokenizer)))
+    columns = pmi_columns(rendered.ids, ev.pmi_negatives, ev.seed)
+    with base_context():  # own prompt, k others, and (personalization) the prompt without its context
+        logps = column_logps(model, columns + ([plain] if plain is not None else []), answers, pad_id(tokenizer))
+    pmi = logps[:, 0] - logps[:, 1 : len(columns)].mean(axis=1)
+    if plain is not None:
+        context_pmi = logps[:, 0] - logps[:, -1]
     texts = [decode(tokenizer, r) for r in responses]
     result = summarize(texts, responses, labels, tasks, pmi)
     if plain is not None:
@@ -179,10 +187,10 @@ def heldout_prompts(config: Config):
     return prompts
 
 
-def heldout(tokenizer, config: Config, prompts=None):
+def heldout(tokenizer, config: Config, prompts):
+    """The held-out prompts (from `heldout_prompts`) rendered, with their labels and tasks."""
     from .pipeline import render_prompts
 
-    prompts = prompts if prompts is not None else heldout_prompts(config)
     rendered = render_prompts(prompts, tokenizer, replace(config, data=replace(config.data, prompts=config.evaluation.prompts)))
     labels = [p.extra.get("answer") for p in rendered.prompts]
     tasks = [p.extra.get("task", "all") for p in rendered.prompts]

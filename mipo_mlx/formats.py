@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import read_jsonl, write_jsonl
+from .files import read_jsonl
 
 Row = dict[str, Any]
 Fields = tuple[str, str | None, str | None]  # prompt, context, answer
@@ -378,12 +378,6 @@ def select(rows: list, source: str, skip: int = 0, subset: int | None = None, se
                             f"{f' after skipping {skip}' if skip else ''}; lower subset or drop it")
         rows = random.Random(seed).sample(rows, subset)
     return rows[:limit] if limit is not None else rows
-
-
-def write_prompt_rows(path: str | Path, rows: Iterable[Row]) -> None:
-    """Write rows as the project's prompt JSONL: prompt, context, answer and id per line."""
-    keys = ("prompt", "context", "answer", "id", "incomplete")
-    write_jsonl(path, ({k: r[k] for k in keys if r.get(k) is not None} for r in rows))
 
 
 # ---------------------------------------------------------------- templates

@@ -185,9 +185,7 @@ def head_only_works(model, tolerance: float = 1e-3) -> bool:
     try:
         ids = mx.arange(8)[None]
         body, head = body_and_head(model)
-        direct, whole = head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32)
-        gap = mx.abs(direct - whole).max().item()
-        return gap <= tolerance * max(1.0, mx.abs(whole).max().item())
+        return _close(head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32), tolerance)
     except Exception:  # no .model / .layers, or blocks that need other arguments
         return False
 
@@ -232,9 +230,8 @@ def prefix_reuse_works(model, tolerance: float = 1e-3) -> bool:
     try:
         prompts, responses = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7]], [[8, 9], [10, 11, 12]]
         whole = _rows_logps(model, None, 0, prompts, responses, 0)
-        reused = _rows_logps(model, _prefix_keys(model, prompts[0][:4]), 4, prompts, responses, 0)
-        gap = mx.abs(whole - reused).max().item()
-        return gap <= tolerance * max(1.0, mx.abs(whole).max().item())
+        return _close(_rows_logps(model, _prefix_keys(model, prompts[0][:4]), 4, prompts, responses, 0), whole,
+                      tolerance)
     except Exception:  # blocks that reject the caches
         return False
 
@@ -312,10 +309,14 @@ def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
     try:
         shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True)))
         plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False)))
-        gap = mx.abs(shared - plain).max().item()
+        return _close(shared, plain, tolerance)
     except Exception:  # an architecture whose attention rejects the caches: the plain packing it is
         return False
-    return gap <= tolerance * max(1.0, mx.abs(plain).max().item())
+
+
+def _close(got: mx.array, want: mx.array, tolerance: float) -> bool:
+    """Equal up to `tolerance`, relative to the largest |want| (absolute below 1)."""
+    return mx.abs(got - want).max().item() <= tolerance * max(1.0, mx.abs(want).max().item())
 
 
 def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False,

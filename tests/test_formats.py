@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mipo_mlx import files
 from mipo_mlx.errors import UserError
 from mipo_mlx.formats import (
     GSM8K_EXEMPLARS,
@@ -15,9 +16,8 @@ from mipo_mlx.formats import (
     number_text,
     read_rows,
     render_prompt,
-    write_prompt_rows,
 )
-from mipo_mlx.prompts import read_prompts
+from mipo_mlx.prompts import prompt_row, read_prompts, read_source
 
 
 def write_jsonl(path: Path, *objs) -> str:
@@ -179,11 +179,12 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 
 
 def test_written_rows_read_back_as_prompts(tmp_path):
-    rows = read_rows(write_jsonl(tmp_path / "p.jsonl",
-                                 {"prompt": "A?", "request": "Be kind."},
-                                 {"prompt": "B?", "request": "Be brief."}), "prism")
+    """What a run writes to train_prompts.jsonl / eval_prompts.jsonl reads back as the same prompts."""
+    prompts = read_source(write_jsonl(tmp_path / "p.jsonl",
+                                      {"prompt": "A?", "request": "Be kind."},
+                                      {"prompt": "B?", "request": "Be brief."}), "prism")
     out = tmp_path / "prompts.jsonl"
-    write_prompt_rows(out, rows)
+    files.write_jsonl(out, map(prompt_row, prompts))
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert lines[0] == {"prompt": "A?", "context": "Be kind.", "id": "prism-0"}  # no label: no key
     prompts = read_prompts(out)

@@ -40,6 +40,36 @@ def test_pack_pairs_puts_chosen_rows_first_and_counts_tokens():
     assert batch.n_pairs == 3
 
 
+class ScalesLogits:
+    """`model` with its logits halved in `__call__`: blocks + head alone give other log-probs."""
+
+    def __init__(self, model):
+        self.inner, self.layers, self.args, self.model = model, model.layers, model.args, model.model
+
+    def __call__(self, inputs, cache=None):
+        return 0.5 * self.inner(inputs)
+
+
+class RejectsCaches:
+    """`model` whose blocks raise when given a cache (its logits are the model's own)."""
+
+    def __init__(self, model):
+        self.inner, self.layers, self.args = model, model.layers, model.args
+
+        def body(inputs, cache=None):
+            if cache is not None:
+                raise TypeError("no cache here")
+            return model.model(inputs)
+
+        body.embed_tokens = model.model.embed_tokens  # the tied LM head
+        self.model = body
+        if hasattr(model, "lm_head"):
+            self.lm_head = model.lm_head
+
+    def __call__(self, inputs, cache=None):
+        return self.inner(inputs)
+
+
 def one_by_one(model, prompt, response):
     """log p(response | prompt) from an unpadded forward, summed by hand."""
     seq = mx.array([prompt + response])
@@ -163,31 +193,8 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
     model, _ = toy_model
     pairs = random_pairs(2, seed=5)
     assert sharing_works(model, pairs, 0)
-
-    class ScalesLogits:
-        layers, args = model.layers, model.args
-
-        def __init__(self):
-            self.model = model.model
-
-        def __call__(self, inputs, cache=None):
-            return 0.5 * model(inputs)
-
-    assert not sharing_works(ScalesLogits(), pairs, 0)
-
-    class RejectsCaches(ScalesLogits):
-        def __init__(self):
-            def body(inputs, cache=None):
-                if cache is not None:
-                    raise TypeError("no cache here")
-                return model.model(inputs)
-
-            self.model = body
-
-        def __call__(self, inputs, cache=None):
-            return model(inputs)
-
-    assert not sharing_works(RejectsCaches(), pairs, 0)
+    assert not sharing_works(ScalesLogits(model), pairs, 0)
+    assert not sharing_works(RejectsCaches(model), pairs, 0)
 
 
 def test_response_logps_equal_one_by_one_both_ways(toy_model):
@@ -201,22 +208,13 @@ def test_response_logps_equal_one_by_one_both_ways(toy_model):
     answers = [rng.integers(4, 300, size=n).tolist() for n in (5, 2, 30, 1, 12, 7)]
     expected = [one_by_one(model, p, a) for p, a in zip(prompts, answers)]
 
-    class ScalesLogits:
-        layers, args = model.layers, model.args
-
-        def __init__(self):
-            self.model = model.model
-
-        def __call__(self, inputs, cache=None):
-            return 0.5 * model(inputs)
-
-    assert head_only_works(model) and not head_only_works(ScalesLogits())
+    assert head_only_works(model) and not head_only_works(ScalesLogits(model))
     for budget in (64, 100_000):  # one row per batch up to all rows in one
         got = response_logps(model, prompts, answers, pad_id=0, token_budget=budget)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    scaled = [one_by_one(ScalesLogits(), p, a) for p, a in zip(prompts, answers)]
+    scaled = [one_by_one(ScalesLogits(model), p, a) for p, a in zip(prompts, answers)]
     assert not np.allclose(scaled, expected, atol=1e-2)
-    np.testing.assert_allclose(response_logps(ScalesLogits(), prompts, answers, pad_id=0), scaled,
+    np.testing.assert_allclose(response_logps(ScalesLogits(model), prompts, answers, pad_id=0), scaled,
                                rtol=1e-4, atol=1e-4)
 
 
@@ -239,24 +237,6 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     np.testing.assert_allclose(response_logps(model, prompts, answers, pad_id=0, min_shared=10_000), expected,
                                rtol=1e-4, atol=1e-4)  # the shared prefix not reused
 
-    class RejectsCaches:
-        layers, args = model.layers, model.args
-
-        def __init__(self):
-            def body(inputs, cache=None):
-                if cache is not None:
-                    raise TypeError("no cache here")
-                return model.model(inputs)
-
-            self.model = body
-            self.lm_head = model.lm_head if hasattr(model, "lm_head") else None
-
-        def __call__(self, inputs, cache=None):
-            return model(inputs)
-
-    rejecting = RejectsCaches()
-    if rejecting.lm_head is None:
-        del rejecting.lm_head
-        rejecting.model.embed_tokens = model.model.embed_tokens
+    rejecting = RejectsCaches(model)
     assert not prefix_reuse_works(rejecting)
     np.testing.assert_allclose(response_logps(rejecting, prompts, answers, pad_id=0), expected, rtol=1e-4, atol=1e-4)
