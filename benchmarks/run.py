@@ -162,12 +162,11 @@ def worker_train(spec: dict) -> dict:
 def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     import mlx.core as mx
 
-    from mipo_mlx.config import Config, LoraConfig, TrainingConfig
+    from mipo_mlx.config import LoraConfig, TrainingConfig
     from mipo_mlx.loop import make_loss, train
     from mipo_mlx.model import adapters_disabled, attach_lora
     from mipo_mlx.pairs import Pair
-    from mipo_mlx.pipeline import use_shared_prompt
-    from mipo_mlx.score import pack_pairs, pair_logps, score_pairs
+    from mipo_mlx.score import pack_pairs, pair_logps, score_pairs, use_shared_prompt
 
     variant = spec["variant"]
     pairs = [Pair([], "", "", r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], "random", i)
@@ -175,7 +174,7 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     config = TrainingConfig(batch_size=len(pairs), learning_rate=1e-5, grad_checkpoint=variant == "checkpoint",
                             compile=variant != "eager", shared_prompt="off" if variant == "unshared" else "auto",
                             warmup_fraction=0.0)
-    shared = use_shared_prompt(model, pairs, Config(training=config), 0)
+    shared = use_shared_prompt(model, pairs, config.shared_prompt, 0)
     tic = time.perf_counter()
     for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
         pair.reference_logps = {"chosen": c, "rejected": r}
@@ -187,7 +186,7 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
         while True:
             if variant == "recompute":  # the reference forward every step (adapters off, same weights)
                 with adapters_disabled(model):
-                    chosen, rejected = pair_logps(model, batch)
+                    chosen, rejected = pair_logps(model, batch.tree())
                     mx.eval(chosen, rejected)
                 batch.reference_chosen, batch.reference_rejected = chosen, rejected
             yield batch

@@ -30,26 +30,31 @@ STEPS = 20
 def worker(out: str) -> None:
     from mipo_mlx import distributed as dist
     from mipo_mlx import model as mdl
-    from mipo_mlx import pipeline
     from mipo_mlx.config import resolve
     from mipo_mlx.embedded import default_config_path
-    from mipo_mlx.pairs import split_pairs
+    from mipo_mlx.generate import generate_all
+    from mipo_mlx.pairs import random_pairs, split_pairs
+    from mipo_mlx.prompts import read_source, render_prompts
+    from mipo_mlx.run_folder import RunFolder
+    from mipo_mlx.score import add_reference_logps, use_shared_prompt
+    from mipo_mlx.training import train_adapters
 
     config = resolve(str(default_config_path()), {
         "output.dir": out, "evaluation.prompts": None, "training.iters": STEPS,
         "training.batch_size": GLOBAL_BATCH // dist.size(), "training.valid_every": 0})
     model, tokenizer, _ = mdl.load(config.model)
-    rendered = pipeline.load_prompts(tokenizer, config)
+    pad = mdl.pad_id(tokenizer)
+    rendered = render_prompts(read_source(config.data.prompts), tokenizer, config.data, config.data.prompts)
     tic = time.perf_counter()
-    positives = pipeline.generate_all(model, tokenizer, rendered.ids, config, "generate", 0)
+    positives = generate_all(model, tokenizer, rendered.ids, config.generation, "generate", 0)
     generate_s = time.perf_counter() - tic
-    pairs = split_pairs(pipeline.random_pairs(rendered, positives, tokenizer, config), 0.05, 0)
-    shared = pipeline.use_shared_prompt(model, pairs, config, pipeline.pad_id(tokenizer))
+    pairs = split_pairs(random_pairs(rendered, positives, tokenizer, config.generation, config.pairs.seed), 0.05, 0)
+    shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
     tic = time.perf_counter()
-    pipeline.add_reference_logps(model, pairs, pipeline.pad_id(tokenizer), config.training.score_batch_size, shared)
+    add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
     score_s = time.perf_counter() - tic
     Path(out).mkdir(parents=True, exist_ok=True)
-    pipeline.train_adapters(model, tokenizer, pairs, config, Path(out), shared=shared)
+    train_adapters(model, pad, pairs, config.training, config.lora, config.model.path, RunFolder(out), shared=shared)
     if dist.is_main():
         steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         print("RESULT " + json.dumps({

@@ -26,7 +26,7 @@ import numpy as np
 from mlx_lm.models import qwen2
 
 import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before mlx)
-from mipo_mlx.evaluate import other_prompts
+from mipo_mlx.measure import other_prompts
 from mipo_mlx.score import pack, response_logps, sequence_logps
 
 

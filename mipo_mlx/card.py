@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from .config import Config
 
@@ -12,42 +12,38 @@ TAGS = ["mipo", "dpo", "lora", "mlx"]
 
 
 def front_matter(text: str) -> dict:
-    """The YAML block between the leading '---' lines of a card, or {}."""
-    if not text.startswith("---"):
-        return {}
+    """The metadata (YAML front matter) of a model card, as the Hub reads it; {} if it has none
+    or it is unreadable."""
     try:
-        data = yaml.safe_load(text.split("---", 2)[1])
-    except (yaml.YAMLError, IndexError):
+        return ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except ValueError:  # a front matter that is not a mapping
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def base_card(model_path: str) -> dict:
-    """The base model's own front matter, from its folder or the local Hub cache."""
+    """The base model's own card metadata, from its folder or the local Hub cache."""
     local = Path(model_path) / "README.md"
     if not local.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
+        try:
             cached = try_to_load_from_cache(model_path, "README.md")
-            local = Path(cached) if isinstance(cached, str) else local
-        except Exception:  # noqa: BLE001 - no cache entry is the common case
+        except ValueError:  # not a repo id (a local path that has no card)
             return {}
+        local = Path(cached) if isinstance(cached, str) else local
     return front_matter(local.read_text(encoding="utf-8")) if local.is_file() else {}
 
 
 def model_card(run: Path, config: Config, model_config: dict, check, drift, quantize: int | None) -> str:
-    base = base_card(config.model.path)
-    meta = {"base_model": config.model.path, "library_name": "mlx", "pipeline_tag": "text-generation",
-            "tags": TAGS + (["quantized"] if quantize else [])}
-    if base.get("license"):
-        meta["license"] = base["license"]
+    meta = ModelCardData(base_model=config.model.path, library_name="mlx", pipeline_tag="text-generation",
+                         tags=TAGS + (["quantized"] if quantize else []),
+                         license=base_card(config.model.path).get("license"))
     pairs = sum(1 for line in (run / "pairs.jsonl").read_text().splitlines() if line.strip())
     t, lora = config.training, config.lora
     evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else "No evaluation was run.\n"
     weights = f"re-quantized to {quantize} bits" if quantize else f"de-quantized ({model_config.get('torch_dtype', 'float')})"
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        "---", meta.to_yaml(), "---", "",
         f"# {config.model.path} + MIPO", "",
         "Fine-tuned with **MIPO** (Mutual Information Preference Optimization) using mipo_mlx: the base model",
         "answered each training prompt (chosen); the rejected answer was made without the prompt's information",
@@ -67,4 +63,4 @@ def model_card(run: Path, config: Config, model_config: dict, check, drift, quan
         lines.append(f"- after re-quantizing to {quantize} bits: {drift.line()}")
     lines += ["", "## Use", "", "```python", "from mlx_lm import load, generate", "",
               'model, tokenizer = load("<this repo or folder>")', "```", ""]
-    return "\n".join(lines)
+    return str(ModelCard("\n".join(lines)))  # parsed back: the front matter is what the Hub will read

@@ -1,24 +1,27 @@
-"""Training checkpoints: adapters, optimizer state, step, random state; written atomically.
+"""Training checkpoints: adapters, optimizer state and the data position; written atomically.
 
 A checkpoint is a folder `checkpoint/` in the run's output:
   adapters.safetensors   the LoRA weights
   state.safetensors      the optimizer's state (Adam moments, step, learning rate)
   state.json             the step, and the number of micro-batches consumed (the data position)
-It is written to `checkpoint.partial/` and swapped in, so a kill at any instant
-leaves the previous checkpoint or the new one whole.
+No random state is stored: the loop re-seeds MLX from (training.seed, step) before
+every step. The folder is replaced with `files.atomic_folder`, so a kill at any
+instant leaves the previous checkpoint or the new one whole.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed as dist
 from .errors import UserError
+from .files import atomic_folder, newest_folder
+from .model import adapter_weights
 
 NAME = "checkpoint"
 
@@ -29,43 +32,56 @@ class TrainState:
     batches_done: int  # micro-batches consumed: batch k of the stream is a pure function of k
     adapters: dict[str, mx.array]
     optimizer: dict[str, mx.array]  # flattened optimizer state
-    # No random state: the loop re-seeds MLX from (training.seed, step) before every step.
 
 
 def save(out: Path, state: TrainState) -> Path:
-    final, partial, old = out / NAME, out / f"{NAME}.partial", out / f"{NAME}.old"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    mx.save_safetensors(str(partial / "adapters.safetensors"), state.adapters)
-    mx.save_safetensors(str(partial / "state.safetensors"), {f"optimizer.{k}": v for k, v in state.optimizer.items()})
-    (partial / "state.json").write_text(json.dumps({"step": state.step, "batches_done": state.batches_done}))
-    if final.exists():
-        final.rename(old)
-    partial.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    with atomic_folder(out / NAME) as folder:
+        mx.save_safetensors(str(folder / "adapters.safetensors"), state.adapters)
+        mx.save_safetensors(str(folder / "state.safetensors"),
+                            {f"optimizer.{k}": v for k, v in state.optimizer.items()})
+        (folder / "state.json").write_text(json.dumps({"step": state.step, "batches_done": state.batches_done}))
+    return out / NAME
 
 
 def load(out: Path) -> TrainState | None:
     """The newest whole checkpoint in `out`, or None."""
-    for folder in (out / NAME, out / f"{NAME}.old"):  # .old survives a kill between the two renames
-        if (folder / "state.json").is_file():
-            try:
-                meta = json.loads((folder / "state.json").read_text())
-                tensors = mx.load(str(folder / "state.safetensors"))
-                adapters = mx.load(str(folder / "adapters.safetensors"))
-            except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as err:
-                raise UserError(f"{folder}: unreadable checkpoint ({err}); delete it to restart training") from None
-            optimizer = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-            return TrainState(meta["step"], meta["batches_done"], adapters, optimizer)
-    return None
+    folder = newest_folder(out / NAME)
+    if folder is None or not (folder / "state.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = mx.load(str(folder / "state.safetensors"))
+        adapters = mx.load(str(folder / "adapters.safetensors"))
+    except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder}: unreadable checkpoint ({err}); delete it to restart training") from None
+    optimizer = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    return TrainState(meta["step"], meta["batches_done"], adapters, optimizer)
+
+
+def _layout(arrays: dict[str, mx.array]) -> dict[str, list]:
+    return {k: [list(v.shape), str(v.dtype).split(".")[-1]] for k, v in arrays.items()}
+
+
+def load_on_every_rank(out: Path) -> TrainState | None:
+    """Rank 0's checkpoint (read from its folder; other hosts may not have it) on every rank."""
+    state = load(out) if dist.is_main() else None
+    if dist.size() == 1:
+        return state
+    meta = dist.decided(lambda: None if state is None else {
+        "step": state.step, "batches_done": state.batches_done,
+        "adapters": _layout(state.adapters), "optimizer": _layout(state.optimizer)})
+    if meta is None:
+        return None
+
+    def arrays(kind: str, mine: dict[str, mx.array] | None) -> dict[str, mx.array]:
+        blank = {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in meta[kind].items()}
+        return dist.broadcast_arrays(mine if mine is not None else blank)
+
+    return TrainState(meta["step"], meta["batches_done"], arrays("adapters", state and state.adapters),
+                      arrays("optimizer", state and state.optimizer))
 
 
 def capture(model, optimizer, step: int, batches_done: int) -> TrainState:
-    from .model import adapter_weights
-
     return TrainState(step, batches_done, adapter_weights(model), dict(tree_flatten(optimizer.state)))
 
 

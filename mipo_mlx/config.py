@@ -21,13 +21,14 @@ from typing import Any
 
 import yaml
 
+from .embedded import resolve_path
 from .errors import UserError
 
 NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context")
 # Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
-# The paper's prompt templates, by name (their text is in formats.py).
-TEMPLATES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
+# The names data.template takes: the paper's prompt templates (formats.PAPER_TEMPLATES holds them).
+TEMPLATE_NAMES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
 LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
 
 
@@ -75,7 +76,7 @@ class DataConfig:
                                  min=2)
     subset_seed: int = setting(42, "Seed of the data.subset draw.", min=0)
     template: str | None = setting(None, "A paper prompt template by name; it replaces data.prompt_template and "
-                                   "data.context_template.", choices=TEMPLATES)
+                                   "data.context_template.", choices=TEMPLATE_NAMES)
     max_prompt_tokens: int = setting(1024, "Longest rendered prompt, in tokens.", min=8)
     long_prompts: str = setting(
         "skip", "What to do with a longer prompt: skip it (reported), keep its end, or stop.",
@@ -331,8 +332,9 @@ def check_template(key: str, template: str, names: set[str]) -> None:
         raise UserError(f"{key} must use exactly {need} as fields, got {template!r}")
 
 
-def validate(config: Config) -> Config:
-    """Rules across keys that one field's limits cannot state."""
+def validate(config: Config, command: str = "train") -> Config:
+    """Rules across keys that one field's limits cannot state, and the keys `command`
+    ('train' or 'evaluate') needs: every check that spans sections is here."""
     data = config.data
     check_template("data.prompt_template", data.prompt_template, {"prompt"})
     check_template("data.context_template", data.context_template, {"prompt", "context"})
@@ -345,9 +347,12 @@ def validate(config: Config) -> Config:
             raise UserError(f"pairs.negatives={config.pairs.negatives} needs a template with the user's context; "
                             f"data.template={data.template} has none (use prism or your own context_template)")
     if not config.model.path:
-        raise UserError("model.path is not set: pass --model <repo-or-folder> or set it in the config")
-    if not config.data.prompts:
+        hint = "--adapters <run-dir>" if command == "evaluate" else "set it in the config"
+        raise UserError(f"model.path is not set: pass --model <repo-or-folder> or {hint}")
+    if command == "train" and not config.data.prompts:
         raise UserError("data.prompts is not set: pass --prompts <file.jsonl> or set it in the config")
+    if command == "evaluate" and not config.evaluation.prompts:
+        raise UserError("evaluation.prompts is not set: pass --prompts <heldout.jsonl>")
     return config
 
 
@@ -357,8 +362,6 @@ def resolve(yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Conf
     if yaml_path:
         apply(config, load_yaml(yaml_path), str(yaml_path))
     apply(config, cli_overrides, "command line")
-    from .embedded import resolve_path
-
     config.model.path = resolve_path(config.model.path)
     config.data.prompts = resolve_path(config.data.prompts)
     config.evaluation.prompts = resolve_path(config.evaluation.prompts)

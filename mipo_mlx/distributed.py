@@ -3,20 +3,31 @@
 One process per rank: every rank holds the model, generates and scores its share of
 the prompts, and sees every result (gathered), so all ranks build the same pairs and
 draw the same batches. In training each rank takes its slice of the global batch
-and the gradients are averaged across ranks every step. Rank 0 alone writes files
-and prints. Outside `mlx.launch` the group has one rank and nothing here costs
-anything.
+and the gradients are averaged across ranks every step. Outside `mlx.launch` the
+group has one rank and nothing here costs anything.
+
+Rank 0 decides, every rank follows: whatever only rank 0 can know (its files: cached
+responses, pairs, evaluations, checkpoints; the output folder's name) reaches the
+other ranks through `decided`, so every rank takes the same branch and meets the same
+collectives. Rank 0 alone writes (`main_only`) and prints (`say`, `progress`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .progress import Progress
+
+T = TypeVar("T")
 
 
 @lru_cache(maxsize=1)
@@ -63,6 +74,56 @@ def all_gather_objects(obj) -> list:
 def broadcast_object(obj):
     """Rank 0's object on every rank."""
     return all_gather_objects(obj if is_main() else None)[0]
+
+
+def decided(read: Callable[[], T]) -> T:
+    """Rank 0 decides, every rank follows: `read` runs on rank 0 alone and its JSON-able
+    result reaches every rank (a collective: all ranks must call it). A UserError that
+    `read` raises is raised on every rank."""
+    if size() == 1:
+        return read()
+    mine = None
+    if is_main():
+        try:
+            mine = {"value": read()}
+        except UserError as err:
+            mine = {"error": str(err)}
+    got = broadcast_object(mine)
+    if "error" in got:
+        raise UserError(got["error"])
+    return got["value"]
+
+
+def main_only(write: Callable[..., object], *args, **kwargs) -> None:
+    """Run `write` on rank 0 alone (the rank that owns the output folder)."""
+    if is_main():
+        write(*args, **kwargs)
+
+
+def say(message: str) -> None:
+    """A note for the user, printed by rank 0 alone."""
+    if is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress(total: int, stage: str) -> Progress:
+    """A progress line that rank 0 alone shows."""
+    return Progress(total, stage, enabled=is_main())
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Checks every rank runs: a UserError on any rank stops every rank with its message,
+    so none is left waiting in a collective for a rank that quit."""
+    if size() == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except UserError as err:
+        error = str(err)
+    agree(error)
 
 
 def broadcast_arrays(arrays: dict[str, mx.array]) -> dict[str, mx.array]:

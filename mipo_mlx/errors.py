@@ -1,21 +1,60 @@
-"""Errors a user can cause, and how the command-line tools report them.
+"""How a run ends early: errors a user can cause, and stop requests.
 
 A `UserError` carries one line that names the input (file, line, key) and what
 to do. Command-line entry points turn it into that line on stderr and exit
 status 2, with no traceback; anything else is a bug and keeps its traceback.
+A first SIGINT/SIGTERM sets a `StopFlag`; the stage in hand stops at its next safe
+point (finished work saved) by raising `Stopped`.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
     """Bad input or environment: reported as one line, exit status 2."""
+
+
+class Stopped(Exception):
+    """A stop was requested; finished work is saved. `step` is the last optimizer step done
+    (0 when generation was stopped)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+class StopFlag:
+    """Set by the first SIGINT/SIGTERM; work stops at the next safe point. A second signal interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                  "(send again to stop at once)", flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def reports_user_errors(main: Callable[..., int | None]) -> Callable[..., int]:

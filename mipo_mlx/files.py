@@ -1,7 +1,7 @@
-"""Reading and writing the run's files: atomic replaces and checked JSONL.
+"""Reading and writing files: atomic replaces of files and folders, and checked JSONL.
 
-Every artifact is written to a temporary file in the same folder and renamed
-over the target, so a kill at any instant leaves the old file or the new one,
+Every artifact is written to a temporary file (or folder) beside its target and
+renamed over it, so a kill at any instant leaves the old one or the new one,
 never a torn one.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,11 +20,13 @@ from .errors import UserError
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it over `target` on success."""
+def atomic_path(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` on success.
+
+    `suffix` ends the temporary name (writers that add their own extension need it)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
@@ -34,6 +37,47 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def partial_and_old(target: Path) -> tuple[Path, Path]:
+    """The names `atomic_folder` writes into and moves the previous folder aside to."""
+    return target.with_name(f"{target.name}.partial"), target.with_name(f"{target.name}.old")
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `target` to fill; on success it replaces `target`.
+
+    The previous folder is moved aside to `<target>.old` before the new one is renamed
+    into place and deleted after, so a kill at any instant leaves a whole folder at
+    `target` or at `<target>.old` (`newest_folder` finds it). A failure while filling
+    leaves `target` as it was."""
+    target = Path(target)
+    partial, old = partial_and_old(target)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    partial.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def newest_folder(target: str | Path) -> Path | None:
+    """`target`, or the `.old` copy a kill between `atomic_folder`'s two renames left; None if neither."""
+    target = Path(target)
+    for folder in (target, partial_and_old(target)[1]):
+        if folder.is_dir():
+            return folder
+    return None
 
 
 def _umask() -> int:
@@ -93,3 +137,20 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: each line must be a JSON object")
             yield number, row
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Whole JSON lines of a file being appended to; a torn last line (a kill mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if number < len(lines) - 1:  # only the last line may be torn
+                raise UserError(f"{path}:{number}: corrupt line; delete the file to redo this stage") from None
+    return rows

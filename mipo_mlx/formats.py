@@ -353,12 +353,18 @@ def read_rows(source: str, format: str, split: str | None = None, limit: int | N
     `subset` rows are `random.Random(seed).sample` of all rows (the paper: GSM8K
     200 test items, ARC 500, seed 42); `split` keeps the files whose path contains it.
     """
+    rows = [row for _, row in read_located(source, format, split)]
+    return select(rows, source, subset=subset, seed=seed, limit=limit)
+
+
+def read_located(source: str, format: str, split: str | None = None) -> list[tuple[str, Row]]:
+    """(where, row) for every record of `source`: `where` names its file and line (or row)."""
     _format_parser(format)  # an unknown format fails before any download
-    rows = []
+    located: list[tuple[str, Row]] = []
     for path in _source_files(source, split):
         for where, raw in _file_rows(path):
-            rows.append(normalize_row(raw, format, where, len(rows)))
-    return select(rows, source, subset=subset, seed=seed, limit=limit)
+            located.append((where, normalize_row(raw, format, where, len(located))))
+    return located
 
 
 def select(rows: list, source: str, skip: int = 0, subset: int | None = None, seed: int = 42,
@@ -401,7 +407,7 @@ def _prism_no_context(row: Row) -> str:
     return PRISM_NO_CONTEXT.format(prompt=row["prompt"])
 
 
-TEMPLATES: dict[str, Callable[[Row], str]] = {
+PAPER_TEMPLATES: dict[str, Callable[[Row], str]] = {
     "gsm8k_8shot": _gsm8k_8shot,
     "arc_zero_shot": _arc_zero_shot,
     "prism": _prism_prompt,  # a row without context gets the context-free version
@@ -410,7 +416,7 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
 
 
 def render_prompt(row: Row, template: str) -> str:
-    """The user-turn text of `row` under a named template (see TEMPLATES)."""
-    if template not in TEMPLATES:
-        raise UserError(f"unknown template {template!r}; use one of: {', '.join(TEMPLATES)}")
-    return TEMPLATES[template](row)
+    """The user-turn text of `row` under a named template (see PAPER_TEMPLATES)."""
+    if template not in PAPER_TEMPLATES:
+        raise UserError(f"unknown template {template!r}; use one of: {', '.join(PAPER_TEMPLATES)}")
+    return PAPER_TEMPLATES[template](row)

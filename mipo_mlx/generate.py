@@ -3,18 +3,22 @@
 Scoring later uses these ids directly, so there is no decode/re-encode drift.
 Each prompt samples from its own seeded random stream, so a prompt's response
 does not depend on which other prompts share its batch (resume and sharding
-give the same responses).
+give the same responses). `generate_all` spreads the prompts over the ranks and
+keeps finished responses in a cache, so an interrupted pass resumes where it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
 
+from . import distributed as dist
 from .config import GenerationConfig
+from .errors import Stopped, UserError
 
 STREAM_STRIDE = 1_000_003  # stream ids of the negative pass start here (positives use 0..N-1)
 
@@ -23,6 +27,42 @@ STREAM_STRIDE = 1_000_003  # stream ids of the negative pass start here (positiv
 class Response:
     token_ids: list[int]  # as sampled; ends with the stop token when `finished`
     finished: bool  # False when max_tokens was reached before a stop token
+
+    def to_row(self, index: int) -> dict:
+        return {"index": index, "token_ids": self.token_ids, "finished": self.finished}
+
+    @classmethod
+    def from_row(cls, row: dict) -> Response:
+        return cls(row["token_ids"], row["finished"])
+
+
+class ResponseCache(Protocol):
+    """Where one generation pass keeps its finished responses (the run folder's
+    `responses.<pass>.jsonl`): rows of `Response.to_row`."""
+
+    def rows(self) -> list[dict]: ...  # the rows saved so far (read by rank 0, sent to all)
+
+    def record(self, index: int, response: Response) -> None: ...  # a no-op on ranks but 0
+
+
+def decode(tokenizer, response: Response) -> str:
+    """The response's text, without the stop token it ended with."""
+    ids = response.token_ids[:-1] if response.finished else response.token_ids
+    return tokenizer.decode(ids)
+
+
+def usable(response: Response, config: GenerationConfig) -> bool:
+    """The truncation rule: a response that hit max_tokens is dropped unless told to keep it."""
+    return response.finished or config.truncated == "keep"
+
+
+def usable_indices(responses: list[Response], config: GenerationConfig, needed: int) -> list[int]:
+    """The responses the truncation rule keeps; at least `needed` of them."""
+    keep = [i for i, response in enumerate(responses) if usable(response, config)]
+    if len(keep) < needed:
+        raise UserError(f"only {len(keep)} response(s) finished within generation.max_tokens="
+                        f"{config.max_tokens}; raise it or set generation.truncated=keep")
+    return keep
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -88,3 +128,38 @@ def generate(
     finally:
         generator.close()
     return results  # type: ignore[return-value]
+
+
+def generate_all(model, tokenizer, ids: list[list[int]], config: GenerationConfig, stage: str, stream0: int,
+                 cache: ResponseCache | None = None, should_stop: Callable[[], bool] | None = None,
+                 ) -> list[Response]:
+    """One response per prompt, prompt i sampling from stream `stream0 + i`; with `cache`, the
+    responses it holds are kept and the rest generated (and recorded as they finish).
+
+    With several ranks, each generates every size-th prompt left to do and every rank gets
+    every response (each prompt's stream is its own, so they equal one rank's)."""
+    done = {row["index"]: Response.from_row(row)
+            for row in dist.decided(cache.rows if cache is not None else list) if 0 <= row["index"] < len(ids)}
+    todo = [i for i in range(len(ids)) if i not in done]
+    mine = todo[dist.rank():: dist.size()]
+    progress = dist.progress(len(ids), stage)
+    progress.update(len(done))
+
+    def finished(k: int, response: Response) -> None:
+        if cache is not None:
+            cache.record(mine[k], response)
+        progress.update(dist.size())
+        if should_stop is not None and should_stop():
+            raise Stopped(0)
+
+    fresh = dict(zip(mine, generate(model, tokenizer, [ids[i] for i in mine], config,
+                                    streams=[stream0 + i for i in mine], on_done=finished)))
+    if dist.size() > 1:  # every rank's share to every rank; the cache records the others' too
+        parts = dist.all_gather_objects([r.to_row(i) for i, r in fresh.items()])
+        fresh = {row["index"]: Response.from_row(row) for part in parts for row in part}
+        if cache is not None:
+            for i in sorted(set(fresh) - set(mine)):
+                cache.record(i, fresh[i])
+    done.update(fresh)
+    progress.close()
+    return [done[i] for i in range(len(ids))]

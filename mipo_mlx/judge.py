@@ -20,8 +20,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import GenerationConfig
+from . import model as mdl
+from .config import EvaluationConfig, GenerationConfig, ModelConfig
 from .errors import UserError
+from .generate import decode, generate
+from .prompts import Prompt, render
 
 SCALE = (1, 5)
 
@@ -116,10 +119,6 @@ def score_response(judge, tokenizer, items: list[JudgeItem], max_tokens: int = 1
 
     `judge` and `tokenizer` are a loaded mlx-lm model (e.g. from `mlx_lm.load`).
     """
-    from .generate import generate
-    from .pipeline import decode
-    from .prompts import render
-
     preferences = [split_preferences(item.context) for item in items]
     for number, prefs in enumerate(preferences):
         if not prefs:
@@ -151,7 +150,7 @@ def win_rate(policy: list[float | None], reference: list[float | None]) -> float
     return sum(p >= r for p, r in pairs) / len(pairs)
 
 
-def summarize(policy: list[ItemScore], reference: list[ItemScore] | None = None) -> dict:
+def judge_summary(policy: list[ItemScore], reference: list[ItemScore] | None = None) -> dict:
     """Judge metrics of the policy's responses; win_rate is nan without reference scores.
 
     judge_score: mean of the items' scores (items with none parsed are left out; nan if all);
@@ -162,3 +161,36 @@ def summarize(policy: list[ItemScore], reference: list[ItemScore] | None = None)
     rate = math.nan if reference is None else win_rate(scores, [item.score for item in reference])
     return {"judge_score": sum(kept) / len(kept) if kept else math.nan, "win_rate": rate,
             "unparsed": sum(item.unparsed for item in policy), "items": len(policy)}
+
+
+def _known(value: float) -> float | None:
+    """nan (no judge answer parsed) as None: JSON has no nan."""
+    return None if math.isnan(value) else value
+
+
+def add_judge(results: dict[str, dict], prompts: list[Prompt], config: EvaluationConfig,
+              trust_remote_code: bool = False) -> None:
+    """With evaluation.judge: judge every model's answers (and the rows' reference responses);
+    add judge_score, unparsed and per-item scores to each, and the win rates (ties win)."""
+    if not config.judge:
+        return
+    judge, tokenizer, _ = mdl.load(ModelConfig(path=config.judge, trust_remote_code=trust_remote_code))
+
+    def scores(answers: list[str]) -> list[ItemScore]:
+        items = [JudgeItem(p.question, p.context, a) for p, a in zip(prompts, answers)]
+        return score_response(judge, tokenizer, items, config.judge_max_tokens, config.judge_batch_size)
+
+    judged = {name: scores(result["answers"]) for name, result in results.items()}
+    references = [p.extra.get("reference") for p in prompts]
+    reference = scores(references) if all(isinstance(r, str) and r.strip() for r in references) else None
+    for name, items in judged.items():
+        summary = judge_summary(items, reference)
+        results[name].update(judge_score=_known(summary["judge_score"]), judge_unparsed=summary["unparsed"],
+                             judge_scores=[item.score for item in items])
+        if reference is not None:
+            results[name]["win_rate_reference"] = _known(summary["win_rate"])
+    if "base" in judged and len(judged) > 1:
+        base = [item.score for item in judged["base"]]
+        for name, items in judged.items():
+            if name != "base":
+                results[name]["win_rate"] = _known(win_rate([item.score for item in items], base))

@@ -19,21 +19,21 @@ from mlx.utils import tree_map
 from . import distributed as dist
 from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
+from .errors import Stopped
 from .losses import LOSSES, preference_metrics
-from .score import Batch, batch_logps
+from .score import Batch, pair_logps
 
-StepLoss = Callable[..., tuple[mx.array, dict[str, mx.array]]]
+StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, mx.array]]]
 
 
 def make_loss(config: TrainingConfig) -> StepLoss:
-    """loss(model, *Batch.arrays()) -> (mean loss, metrics)."""
+    """loss(model, batch.tree()) -> (mean loss, metrics)."""
     loss_fn = LOSSES[config.loss]
 
-    def loss(model, prefix, prefix_lengths, inputs, positions, targets, owners, reference_chosen,
-             reference_rejected):
-        chosen, rejected = batch_logps(model, prefix, prefix_lengths, inputs, positions, targets, owners)
+    def loss(model, batch: dict[str, mx.array]):
+        chosen, rejected = pair_logps(model, batch)
         losses, chosen_rewards, rejected_rewards = loss_fn(
-            chosen, rejected, reference_chosen, reference_rejected,
+            chosen, rejected, batch["reference_chosen"], batch["reference_rejected"],
             beta=config.beta, label_smoothing=config.label_smoothing)
         metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
         return metrics["loss"], metrics
@@ -88,12 +88,12 @@ def memory_metrics() -> dict[str, float]:
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, config: TrainingConfig):
-    """step(arrays, grad_sum, update) -> (metrics, grad_sum); compiled unless config.compile is off."""
+    """step(batch tree, grad_sum, update) -> (metrics, grad_sum); compiled unless config.compile is off."""
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step(arrays, grad_sum, update: bool):
-        (_, metrics), grads = loss_and_grad(model, *arrays)
+    def step(batch: dict[str, mx.array], grad_sum, update: bool):
+        (_, metrics), grads = loss_and_grad(model, batch)
         metrics = dist.mean_over_ranks(metrics)  # each rank holds an equal slice of the global batch
         if grad_sum is not None:
             grads = tree_map(lambda a, b: a + b, grads, grad_sum)
@@ -124,7 +124,7 @@ def evaluate_pairs(model: nn.Module, loss: StepLoss, batches: Iterable[Batch]) -
     model.eval()
     rows, weights = [], []
     for batch in batches:
-        _, metrics = loss(model, *batch.arrays())
+        _, metrics = loss(model, batch.tree())
         mx.eval(metrics)
         rows.append({k: v.item() for k, v in metrics.items()})
         weights.append(batch.n_pairs)
@@ -133,14 +133,6 @@ def evaluate_pairs(model: nn.Module, loss: StepLoss, batches: Iterable[Batch]) -
         return {}
     total = sum(weights)
     return {f"valid/{k}": sum(r[k] * w for r, w in zip(rows, weights)) / total for k in rows[0]}
-
-
-class TrainingStopped(Exception):
-    """A stop was requested (SIGINT/SIGTERM); the step in hand finished and was checkpointed."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped after step {step}")
-        self.step = step
 
 
 class NonFiniteLoss(Exception):
@@ -189,7 +181,7 @@ def train(
         tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
         for micro in range(config.grad_accumulation):
             batch = next(batches)
-            metrics, grad_sum = step_fn(batch.arrays(), grad_sum, micro == config.grad_accumulation - 1)
+            metrics, grad_sum = step_fn(batch.tree(), grad_sum, micro == config.grad_accumulation - 1)
             rows.append(metrics)
             tokens += batch.n_tokens
         batches_done += config.grad_accumulation
@@ -216,5 +208,5 @@ def train(
         if checkpoint is not None and (stop or step == steps or step % config.checkpoint_every == 0):
             checkpoint(capture(model, optimizer, step, batches_done))
         if stop and step < steps:
-            raise TrainingStopped(step)
+            raise Stopped(step)
     return last

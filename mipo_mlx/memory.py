@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import TrainingConfig
+from .config import TrainingConfig, resolve
 from .score import PAD_MULTIPLE
 
 
@@ -122,8 +123,6 @@ def plan(shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, comp
 
 def working_set_bytes() -> int | None:
     """Metal's recommended working set; elsewhere the physical memory. Never a Metal-only key lookup."""
-    import mlx.core as mx
-
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     recommended = info.get("max_recommended_working_set_size")
     if recommended:
@@ -149,8 +148,6 @@ def recipe_workload(config) -> Workload:
 
 def recipe_memory_markdown(configs: Path) -> str:
     """Estimated peak memory (GB) of each paper recipe on each of the paper's models, 4-bit."""
-    from .config import resolve
-
     header = "| recipe | longest prompt + response (tokens) | " + " | ".join(m.name for m in PAPER_MODELS) + " |"
     lines = [header, "|" + " --- |" * (len(PAPER_MODELS) + 2)]
     for name in RECIPES:

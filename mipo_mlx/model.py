@@ -67,6 +67,11 @@ def load(config: ModelConfig):
     return model, tokenizer, model_config
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads rows (never scored): the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
@@ -141,9 +146,8 @@ def save_adapters(folder: Path, model: nn.Module, lora: LoraConfig, base_model: 
     """Write adapters in mlx-lm's format (loads with mlx_lm.load(..., adapter_path=folder))."""
     weights = adapter_weights(model)
     target = folder / name
-    with atomic_path(target) as tmp:
-        mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights)
-        tmp.with_suffix(".safetensors").replace(tmp)
+    with atomic_path(target, suffix=".safetensors") as tmp:  # mx.save_safetensors adds the suffix otherwise
+        mx.save_safetensors(str(tmp), weights)
     write_json(folder / ADAPTER_CONFIG, {
         "fine_tune_type": "lora",
         "num_layers": num_adapted_layers(model, lora),
@@ -187,3 +191,8 @@ def load_adapters(model: nn.Module, folder: Path) -> None:
                         "use the base model they were trained on")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
+
+
+def set_memory_limit(gigabytes: float) -> None:
+    """Cap MLX's memory use (training.memory_limit_gb)."""
+    mx.set_memory_limit(int(gigabytes * 1e9))

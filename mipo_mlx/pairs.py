@@ -1,8 +1,9 @@
-"""Negative strategies, the derangement, and the pair file.
+"""The pairs stage: negative strategies, the derangement, and the pair file.
 
 A pair is (x, y+, y-): y+ is the base model's answer to x; y- is an answer made
 without x's information (another prompt's answer, or an answer to x with a
 sentence or the user's context removed). Both are always scored under x.
+`build_pairs` generates the answers and makes the pairs.
 
 The pair file (`pairs.jsonl`) uses the official release's chat format, so other
 trainers can read it, plus the token ids and the stored reference log-probs:
@@ -21,10 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, GenerationConfig, PairsConfig
 from .errors import UserError
 from .files import read_jsonl, write_jsonl
-from .prompts import Prompt, drop_one_sentence, user_text
+from .generate import (
+    STREAM_STRIDE,
+    Response,
+    ResponseCache,
+    decode,
+    generate_all,
+    usable,
+    usable_indices,
+)
+from .prompts import Prompt, Rendered, drop_one_sentence, messages_for, render, user_text
 
 
 @dataclass
@@ -155,10 +165,10 @@ def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed
     if strategy == "incomplete":
         return [_maybe(_given_incomplete(p) or drop_one_sentence(p.question, rng), p.context, data)
                 for p in prompts]
-    missing = [p.line for p in prompts if p.context is None]
+    missing = [p.where for p in prompts if p.context is None]
     if missing:
-        raise UserError(f"pairs.negatives={strategy} needs a 'context' on every prompt row; "
-                        f"line {missing[0]} has none")
+        raise UserError(f"{missing[0]}: pairs.negatives={strategy} needs a 'context' on every prompt row; "
+                        "this one has none")
     if strategy == "no_context":
         return [user_text(p.question, None, data) for p in prompts]
     if strategy == "random_context":
@@ -186,3 +196,63 @@ def split_pairs(pairs: list[Pair], valid_fraction: float, seed: int) -> list[Pai
     for i, pair in enumerate(pairs):
         pair.split = "valid" if i in chosen else "train"
     return pairs
+
+
+def check_pairs_possible(rendered: Rendered, config: PairsConfig, data: DataConfig) -> None:
+    """Input problems the negative strategy would hit, found before any generation or write."""
+    if config.negatives == "random":
+        check_derangeable([m[-1]["content"] for m in rendered.messages])
+    else:
+        altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+
+
+def random_pairs(rendered: Rendered, positives: list[Response], tokenizer, generation: GenerationConfig,
+                 seed: int) -> list[Pair]:
+    """`random` negatives: another prompt's positive, via a derangement; no second generation."""
+    keep = usable_indices(positives, generation, 2)
+    other = derangement([rendered.messages[i][-1]["content"] for i in keep], seed)
+    pairs = []
+    for slot, i in enumerate(keep):
+        j = keep[other[slot]]
+        pairs.append(Pair(rendered.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, positives[j]),
+                          rendered.ids[i], positives[i].token_ids, positives[j].token_ids, "random", i,
+                          rejected_source=j))
+    return pairs
+
+
+def generated_pairs(model, tokenizer, rendered: Rendered, positives: list[Response], config: PairsConfig,
+                    generation: GenerationConfig, data: DataConfig, cache: ResponseCache | None = None,
+                    should_stop=None) -> list[Pair]:
+    """incomplete / no_context / random_context: generate y- from an altered prompt."""
+    altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+    keep = set(usable_indices(positives, generation, 1))
+    todo = [i for i, text in enumerate(altered) if text is not None and i in keep]
+    if not todo:
+        raise UserError(f"pairs.negatives={config.negatives}: no prompt can be altered (e.g. no prompt has "
+                        "two sentences for 'incomplete'); choose another strategy")
+    ids = [render(tokenizer, messages_for(rendered.prompts[i], altered[i], data), data.enable_thinking)
+           for i in todo]
+    negatives = generate_all(model, tokenizer, ids, generation, f"generate {config.negatives}", STREAM_STRIDE,
+                             cache, should_stop)
+    pairs = [Pair(rendered.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, negative),
+                  rendered.ids[i], positives[i].token_ids, negative.token_ids, config.negatives, i,
+                  rejected_prompt=altered[i])
+             for i, negative in zip(todo, negatives) if usable(negative, generation)]
+    if not pairs:
+        raise UserError("no pair survived the truncation rule; raise generation.max_tokens")
+    return pairs
+
+
+def build_pairs(model, tokenizer, rendered: Rendered, config: PairsConfig, generation: GenerationConfig,
+                data: DataConfig, caches: dict[str, ResponseCache] | None = None, should_stop=None) -> list[Pair]:
+    """Answer every prompt (chosen), make the negatives as `config.negatives` says, and mark a
+    share of the pairs for validation. `caches` keep each pass's responses ('chosen', 'rejected')."""
+    caches = caches or {}
+    positives = generate_all(model, tokenizer, rendered.ids, generation, "generate chosen", 0,
+                             caches.get("chosen"), should_stop)
+    if config.negatives == "random":
+        pairs = random_pairs(rendered, positives, tokenizer, generation, config.seed)
+    else:
+        pairs = generated_pairs(model, tokenizer, rendered, positives, config, generation, data,
+                                caches.get("rejected"), should_stop)
+    return split_pairs(pairs, data.valid_fraction, config.seed)

@@ -8,7 +8,8 @@ Other keys (answers, ids) are kept for evaluation and never read by training, ex
 `incomplete`: when given, the `incomplete` negative strategy uses it as the prompt with
 information removed (SVAMP: the Question without its Body) instead of dropping a sentence.
 
-`read_source` also reads the public dataset formats of `formats.py`.
+`read_source` also reads the public dataset formats of `formats.py`; `render_prompts`
+turns prompts into token ids through the model's chat template.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import formats
 from .config import DataConfig
 from .errors import UserError
 from .files import read_jsonl
@@ -30,7 +32,7 @@ PROMPT_KEYS = {"prompt", "messages", "context"}
 class Prompt:
     """One training prompt, normalised from any row shape."""
 
-    line: int  # line in the prompt file, for messages that point at it
+    where: str  # its file and line (or row), for messages that point at it
     question: str  # text of the final user turn, before any context is added
     context: str | None = None  # personalization: the user's stated preferences
     history: list[dict[str, str]] = field(default_factory=list)  # earlier turns
@@ -54,7 +56,6 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 def parse_row(row: dict, where: str) -> Prompt:
     """Normalise one JSONL row to a `Prompt`; `where` is 'file:line' for errors."""
     extra = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
-    line = int(where.rsplit(":", 1)[-1]) if ":" in where else 0
     context = row.get("context")
     if context is not None and (not isinstance(context, str) or not context.strip()):
         raise UserError(f"{where}: 'context' must be a non-empty string")
@@ -62,21 +63,19 @@ def parse_row(row: dict, where: str) -> Prompt:
         if "prompt" in row:
             raise UserError(f"{where}: give 'prompt' or 'messages', not both")
         turns = _check_messages(row["messages"], where)
-        return Prompt(line, turns[-1]["content"], context, turns[:-1], extra)
+        return Prompt(where, turns[-1]["content"], context, turns[:-1], extra)
     if "prompt" not in row:
         raise UserError(f"{where}: missing key 'prompt' (or 'messages'); each row needs the prompt text")
     if not isinstance(row["prompt"], str):
         raise UserError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
     if not row["prompt"].strip():
         raise UserError(f"{where}: 'prompt' is empty; remove the row or give it text")
-    return Prompt(line, row["prompt"], context, [], extra)
+    return Prompt(where, row["prompt"], context, [], extra)
 
 
 def read_source(source: str, format: str = "prompts", split: str | None = None, skip: int = 0,
                 subset: int | None = None, seed: int = 42, limit: int | None = None) -> list[Prompt]:
     """Prompts of `source` in `format`: skip the first `skip`, draw `subset` at random, keep `limit`."""
-    from . import formats
-
     if format == "prompts":
         if split is not None:
             raise UserError(f"{source}: a split ({split!r}) only applies to a public data format; "
@@ -88,10 +87,11 @@ def read_source(source: str, format: str = "prompts", split: str | None = None, 
                 break  # lines after the last one used are not read
         prompts = formats.select(rows, str(source), skip, subset, seed, limit) if rows else []
     else:
-        rows = formats.select(formats.read_rows(str(source), format, split), str(source), skip, subset, seed, limit)
-        prompts = [Prompt(n, row["prompt"], row["context"],
+        located = formats.select(formats.read_located(str(source), format, split), str(source), skip, subset,
+                                 seed, limit)
+        prompts = [Prompt(where, row["prompt"], row["context"],
                           extra={k: v for k, v in row.items() if k not in PROMPT_KEYS and v is not None})
-                   for n, row in enumerate(rows, start=1)]
+                   for where, row in located]
     if len(prompts) < 2:
         raise UserError(f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
     return prompts
@@ -114,9 +114,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
 def user_text(question: str, context: str | None, config: DataConfig) -> str:
     """The final user turn: the question with the user's context, if any, filled in."""
     if config.template is not None:
-        from .formats import render_prompt
-
-        return render_prompt({"prompt": question, "context": context}, config.template)
+        return formats.render_prompt({"prompt": question, "context": context}, config.template)
     if context is None:
         return config.prompt_template.format(prompt=question)
     return config.context_template.format(prompt=question, context=context)
@@ -138,6 +136,35 @@ def render(tokenizer, messages: list[dict[str, str]], enable_thinking: bool) -> 
     # enable_thinking is passed explicitly: mlx-lm turns it on for thinking-capable models.
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                               enable_thinking=enable_thinking))
+
+
+@dataclass
+class Rendered:
+    """Prompts through the chat template: the ones that fit, in file order."""
+
+    prompts: list[Prompt]
+    messages: list[list[dict[str, str]]]  # their chat turns
+    ids: list[list[int]]  # their token ids, generation prompt included
+    skipped: int  # prompts over data.max_prompt_tokens, skipped by data.long_prompts
+
+
+def render_prompts(prompts: list[Prompt], tokenizer, data: DataConfig, source: str) -> Rendered:
+    """Each prompt's chat turns and token ids, the long-prompt policy applied; `source` names
+    the prompts in messages. At least 2 must fit (a negative comes from another prompt)."""
+    kept = Rendered([], [], [], 0)
+    for prompt in prompts:
+        messages = messages_for(prompt, user_text(prompt.question, prompt.context, data), data)
+        ids = fit_length(render(tokenizer, messages, data.enable_thinking), data, prompt.where)
+        if ids is None:
+            kept.skipped += 1
+            continue
+        kept.prompts.append(prompt)
+        kept.messages.append(messages)
+        kept.ids.append(ids)
+    if len(kept.prompts) < 2:
+        raise UserError(f"{source}: {len(kept.prompts)} prompt(s) fit data.max_prompt_tokens="
+                        f"{data.max_prompt_tokens}; raise it or set data.long_prompts=truncate")
+    return kept
 
 
 def fit_length(ids: list[int], config: DataConfig, where: str) -> list[int] | None:

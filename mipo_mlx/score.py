@@ -1,12 +1,16 @@
 """Summed response log-probs of (prompt, response) token sequences.
 
-Chosen and rejected go through the model in one batched forward. Only response
-tokens are scored: the prompt is masked, the stop token the model generated is
-scored, padding never is, and nothing is length-normalised (MIPO.md, step 6).
+One primitive (`token_logps`: log p(target) = logit[target] - logsumexp(logits)) and
+one packing (`Rows`: token rows, the scored positions and the row each belongs to)
+serve training batches, evaluation rows and the export check. Only response tokens
+are scored: the prompt is masked, the stop token the model generated is scored,
+padding never is, and nothing is length-normalised (MIPO's DPO log-probs are sums
+over the response). Chosen and rejected go through the model in one batched forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,30 +18,43 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_causal_mask
 
+from . import distributed as dist
+
 PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompiles of the compiled step
 
 
 @dataclass
-class Batch:
-    """B pairs packed as 2B rows: chosen rows first, then rejected rows.
+class Rows:
+    """N token rows packed for one forward, and the K positions that are scored.
 
-    With a shared prompt (`prefix` not empty), each prompt but its last token runs
-    once (B rows of `prefix`), and the 2B rows hold the last prompt token and the
-    response, attending to the prompt's keys and values. Without (`prefix` of
-    width 0), the rows hold prompt and response whole. Both give the same log-probs.
-    Only the K scored positions (response tokens; K rounded up with dummies of weight
-    0) go through the log-softmax, and with a shared prompt, through the LM head.
-    """
+    With a prefix (width > 0), each prefix row runs once through the blocks and the
+    rows continue from its keys and values: row r continues prefix r % P, at RoPE
+    offset prefix_lengths[r % P]. Only the scored positions (response tokens; K rounded
+    up with dummies of weight 0) go through the log-softmax, and, where the model allows,
+    through the LM head."""
 
-    prefix: mx.array  # (B, P) prompt tokens but the last, right-padded; (B, 0) unshared
-    prefix_lengths: mx.array  # (B,) real tokens in each prefix row
-    inputs: mx.array  # (2B, T) token ids fed to the model
+    prefix: mx.array  # (P, W) token ids, right-padded; (N, 0) for no prefix
+    prefix_lengths: mx.array  # (P,) real tokens in each prefix row
+    inputs: mx.array  # (N, T) token ids fed to the model
     positions: mx.array  # (K,) flat indices row * T + t of the scored positions
     targets: mx.array  # (K,) the token each scored position predicts
-    owners: mx.array  # (K, 2B) 1.0 where position k belongs to row r (0 for the dummies)
+    owners: mx.array  # (K, N) 1.0 where position k belongs to row r (0 for the dummies)
+
+    def tree(self) -> dict[str, mx.array]:
+        """The arrays by name: what goes through `mx.compile` and the loss."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "n_tokens"}
+
+
+@dataclass
+class Batch(Rows):
+    """B pairs packed as 2B rows, chosen rows first, then rejected rows, with their stored
+    reference log-probs. With a shared prompt the B prefix rows are the prompts but
+    their last token, and the rows hold that last token and the response; without,
+    the rows hold prompt and response whole. Both give the same log-probs."""
+
     reference_chosen: mx.array  # (B,) stored reference log-probs
     reference_rejected: mx.array  # (B,)
-    n_tokens: int  # real (non-padding) tokens that go through the model, for throughput
+    n_tokens: int  # real (non-padding) tokens through the model, for throughput
 
     @property
     def n_pairs(self) -> int:
@@ -46,10 +63,6 @@ class Batch:
     @property
     def shared(self) -> bool:
         return self.prefix.shape[1] > 0
-
-    def arrays(self) -> tuple[mx.array, ...]:
-        return (self.prefix, self.prefix_lengths, self.inputs, self.positions, self.targets, self.owners,
-                self.reference_chosen, self.reference_rejected)
 
 
 def _width(longest: int, pad_multiple: int) -> int:
@@ -77,7 +90,7 @@ def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: i
 
 
 def scored_positions(targets: np.ndarray, mask: np.ndarray, pad_multiple: int = PAD_MULTIPLE):
-    """(positions, targets, owners) of the masked entries of (N, T) arrays; see Batch."""
+    """(positions, targets, owners) of the masked entries of (N, T) arrays; see Rows."""
     rows, cols = np.nonzero(mask)
     k = _width(len(rows), pad_multiple)
     positions = np.zeros(k, dtype=np.int32)
@@ -89,31 +102,40 @@ def scored_positions(targets: np.ndarray, mask: np.ndarray, pad_multiple: int = 
     return mx.array(positions), mx.array(picked), mx.array(owners)
 
 
+def pack_rows(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
+              pad_multiple: int = PAD_MULTIPLE) -> Rows:
+    """Rows prompt+response with no prefix; the response tokens are scored."""
+    inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
+    n = len(prompts)
+    return Rows(mx.zeros((n, 0), mx.int32), mx.zeros((n,), mx.int32), mx.array(inputs),
+                *scored_positions(targets, mask, pad_multiple))
+
+
 def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
     """Pack pairs for one forward; `shared` runs each prompt once for both responses."""
     ref = [p.reference_logps or {"chosen": 0.0, "rejected": 0.0} for p in pairs]
-    reference = (mx.array([r["chosen"] for r in ref], dtype=mx.float32),
-                 mx.array([r["rejected"] for r in ref], dtype=mx.float32))
+    reference = {"reference_chosen": mx.array([r["chosen"] for r in ref], dtype=mx.float32),
+                 "reference_rejected": mx.array([r["rejected"] for r in ref], dtype=mx.float32)}
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     if not shared:
         prompts = [p.prompt_ids for p in pairs] * 2
-        inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
+        rows = pack_rows(prompts, responses, pad_id, pad_multiple)
+        rows.prefix, rows.prefix_lengths = mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32)
         n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-        return Batch(mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32), mx.array(inputs),
-                     *scored_positions(targets, mask, pad_multiple), *reference, n_tokens)
+        return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
     heads = [p.prompt_ids[:-1] for p in pairs]
     prefix = np.full((len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32)
     for row, head in enumerate(heads):
         prefix[row, : len(head)] = head
     # The rows start at the last prompt token, whose output predicts the first response token.
-    inputs, targets, mask = pack([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
+    rows = pack_rows([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
+    rows.prefix, rows.prefix_lengths = mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32)
     n_tokens = sum(map(len, heads)) + sum(len(r) + 1 for r in responses)
-    return Batch(mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32), mx.array(inputs),
-                 *scored_positions(targets, mask, pad_multiple), *reference, n_tokens)
+    return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
 
 
 class _RecordKV:
-    """A cache for the prompt pass: keeps each layer's keys and values, differentiably."""
+    """A cache for the prefix pass: keeps each layer's keys and values, differentiably."""
 
     offset = 0
     keys = values = None
@@ -124,17 +146,17 @@ class _RecordKV:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         if window_size is not None:
-            raise NotImplementedError("sliding-window attention")  # the check falls back to unshared
+            raise NotImplementedError("sliding-window attention")  # the check falls back to no prefix
         return create_causal_mask(n) if return_array else "causal"
 
 
 class _AfterPrefix:
-    """A cache for the response pass: the prompt's keys and values, repeated for the
-    chosen and the rejected rows; row r sits at positions lengths[r], lengths[r]+1, ..."""
+    """A cache for the rows: the prefix rows' keys and values, each repeated for the `copies`
+    rows that continue it; row r sits at positions lengths[r], lengths[r]+1, ..."""
 
     def __init__(self, record: _RecordKV, lengths: mx.array, copies: int):
         self.prefix = (mx.concatenate([record.keys] * copies), mx.concatenate([record.values] * copies))
-        self.lengths = mx.concatenate([lengths] * copies)  # (2B,)
+        self.lengths = mx.concatenate([lengths] * copies)  # (N,)
         self.offset = self.lengths  # per-row RoPE offsets
         self.keys = self.values = None
 
@@ -148,9 +170,9 @@ class _AfterPrefix:
             raise NotImplementedError("sliding-window attention")
         width = self.prefix[0].shape[2]
         cols = mx.arange(width + n)
-        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (cols < width)  # (2B, 1, W+n)
+        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (cols < width)  # (N, 1, W+n)
         causal = (cols[None, :] >= width) & (cols[None, :] - width <= mx.arange(n)[:, None])  # (n, W+n)
-        return (in_prompt | causal)[:, None]  # (2B, 1, n, W+n)
+        return (in_prompt | causal)[:, None]  # (N, 1, n, W+n)
 
 
 def body_and_head(model):
@@ -162,32 +184,98 @@ def body_and_head(model):
     return body, model.lm_head
 
 
-def scored_logits(model, prefix: mx.array, prefix_lengths: mx.array, inputs: mx.array,
-                  positions: mx.array) -> mx.array:
-    """Logits (K, V) at the scored positions of the rows. With a non-empty prefix, the rows
-    continue their prompt's prefix (row r and row r + B share prefix r), which runs once
-    through the blocks; only the scored positions go through the LM head."""
-    if prefix.shape[1] == 0:
+def prefix_keys(model, prefix: mx.array) -> list[_RecordKV]:
+    """Each layer's keys and values of the prefix rows (P, W), from one pass through the blocks."""
+    records = [_RecordKV() for _ in model.layers]
+    body_and_head(model)[0](prefix, cache=records)  # only the keys and values are used
+    return records
+
+
+def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """log p(target) under each row of logits: (K, V), (K,) -> (K,), in float32."""
+    logits = logits.astype(mx.float32)
+    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+
+
+def scored_logits(model, rows: dict[str, mx.array], records: list[_RecordKV] | None = None,
+                  head_only: bool = False) -> mx.array:
+    """Logits (K, V) at the scored positions of `rows` (a `Rows.tree()`).
+
+    A prefix in the rows runs once through the blocks; `records` are the keys and values
+    of a prefix computed before (one row, shared by all rows). With a prefix or
+    `head_only`, only the scored positions go through the LM head; otherwise the model's
+    own call gives every position's logits (for models that change logits in `__call__`)."""
+    inputs, positions = rows["inputs"], rows["positions"]
+    if rows["prefix"].shape[1] > 0:
+        records = prefix_keys(model, rows["prefix"])
+        lengths = rows["prefix_lengths"]
+    elif records is not None:
+        lengths = mx.array([records[0].keys.shape[2]], dtype=mx.int32)
+    elif not head_only:
         logits = model(inputs)  # (N, T, V)
         return logits.reshape(-1, logits.shape[-1])[positions]
     body, head = body_and_head(model)
-    records = [_RecordKV() for _ in model.layers]
-    body(prefix, cache=records)  # only the keys and values are used
-    copies = inputs.shape[0] // prefix.shape[0]
-    hidden = body(inputs, cache=[_AfterPrefix(r, prefix_lengths, copies) for r in records])  # (N, T, H)
+    cache = None
+    if records is not None:
+        cache = [_AfterPrefix(r, lengths, inputs.shape[0] // r.keys.shape[0]) for r in records]
+    hidden = body(inputs, cache=cache)  # (N, T, H)
     return head(hidden.reshape(-1, hidden.shape[-1])[positions])
+
+
+def row_logps(model, rows: dict[str, mx.array], records: list[_RecordKV] | None = None,
+              head_only: bool = False) -> mx.array:
+    """Each row's summed log-prob of its scored tokens, (N,)."""
+    logps = token_logps(scored_logits(model, rows, records, head_only), rows["targets"])  # (K,)
+    return logps @ rows["owners"]  # (N,): each row's sum; the dummies weigh 0
+
+
+def pair_logps(model, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+    """(chosen, rejected) summed log-probs, each (B,), from one forward of the 2B rows."""
+    logps = row_logps(model, batch)
+    n = batch["inputs"].shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Sum over masked positions of log p(target | inputs so far), from full logits: (N, T) -> (N,)."""
+    logits = model(inputs)  # (N, T, V)
+    logps = token_logps(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # (N * T,)
+    return (logps.reshape(targets.shape) * mask).sum(axis=-1)
+
+
+_said: set[str] = set()
+
+
+def _fell_back(what: str, reason: str) -> bool:
+    """Say once why a fast path is not taken (a bug there must not hide as slowness); False."""
+    line = f"note: {what} ({reason}); using the slower path"
+    if line not in _said:
+        _said.add(line)
+        dist.say(line)
+    return False
+
+
+def _gap(got: mx.array, want: mx.array) -> float:
+    """max |got - want|, relative to the largest |want| (absolute below 1)."""
+    return mx.abs(got - want).max().item() / max(1.0, mx.abs(want).max().item())
+
+
+def _matches(what: str, got: mx.array, want: mx.array, tolerance: float) -> bool:
+    gap = _gap(got, want)
+    return gap <= tolerance or _fell_back(what, f"log-probs differ by {gap:.2e}")
 
 
 def head_only_works(model, tolerance: float = 1e-3) -> bool:
     """Whether this model's blocks and LM head, called directly, give its own logits (then the
     head may run on the scored positions alone; a model that scales or caps its logits in
     `__call__`, or has no separate blocks, does not)."""
+    what = "the LM head cannot run on response positions alone"
     try:
         ids = mx.arange(8)[None]
         body, head = body_and_head(model)
-        return _close(head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32), tolerance)
-    except Exception:  # no .model / .layers, or blocks that need other arguments
-        return False
+        return _matches(what, head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32), tolerance)
+    except Exception as err:  # no .model / .layers, or blocks that need other arguments
+        return _fell_back(what, f"{type(err).__name__}: {err}")
 
 
 def common_prefix(prompts: Sequence[list[int]]) -> int:
@@ -202,38 +290,23 @@ def common_prefix(prompts: Sequence[list[int]]) -> int:
     return n
 
 
-def _prefix_keys(model, prefix: list[int]) -> list[_RecordKV]:
-    body, _ = body_and_head(model)
-    records = [_RecordKV() for _ in model.layers]
-    body(mx.array([prefix]), cache=records)
-    mx.eval([(r.keys, r.values) for r in records])
-    return records
-
-
-def _rows_logps(model, records, start: int, prompts, responses, pad_id: int) -> mx.array:
-    """Summed response log-probs of rows (prompt[start:], response), the LM head on response
-    positions only; with `records`, the rows continue the keys and values of a common prefix
-    of `start` tokens (run once)."""
-    body, head = body_and_head(model)
-    inputs, targets, mask = pack([p[start:] for p in prompts], responses, pad_id)
-    positions, picked, owners = scored_positions(targets, mask)
-    cache = None
-    if records is not None:
-        cache = [_AfterPrefix(r, mx.array([start], dtype=mx.int32), len(prompts)) for r in records]
-    hidden = body(mx.array(inputs), cache=cache)
-    logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
-    return (mx.take_along_axis(logits, picked[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)) @ owners
+def _suffix_logps(model, records, start: int, prompts, responses, pad_id: int) -> mx.array:
+    """Log-probs of rows (prompt[start:], response), continuing `records` (a prefix of `start`
+    tokens) when given; the LM head on response positions only."""
+    rows = pack_rows([p[start:] for p in prompts], responses, pad_id)
+    return row_logps(model, rows.tree(), records, head_only=True)
 
 
 def prefix_reuse_works(model, tolerance: float = 1e-3) -> bool:
     """Whether rows continuing a common prefix's keys and values get the log-probs of whole rows."""
+    what = "a prefix all prompts share cannot run once"
     try:
         prompts, responses = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7]], [[8, 9], [10, 11, 12]]
-        whole = _rows_logps(model, None, 0, prompts, responses, 0)
-        return _close(_rows_logps(model, _prefix_keys(model, prompts[0][:4]), 4, prompts, responses, 0), whole,
-                      tolerance)
-    except Exception:  # blocks that reject the caches
-        return False
+        whole = _suffix_logps(model, None, 0, prompts, responses, 0)
+        records = prefix_keys(model, mx.array([prompts[0][:4]]))
+        return _matches(what, _suffix_logps(model, records, 4, prompts, responses, 0), whole, tolerance)
+    except Exception as err:  # blocks that reject the caches
+        return _fell_back(what, f"{type(err).__name__}: {err}")
 
 
 def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
@@ -247,7 +320,8 @@ def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list
     start = common_prefix(prompts) if head_only else 0
     records = None
     if start >= min_shared and prefix_reuse_works(model):
-        records = _prefix_keys(model, list(prompts[0][:start]))
+        records = prefix_keys(model, mx.array([list(prompts[0][:start])]))
+        mx.eval([(r.keys, r.values) for r in records])
     else:
         start = 0
     budget = token_budget if head_only else min(token_budget, 2048)
@@ -260,63 +334,25 @@ def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list
         while end < len(order) and (end + 1 - first) * width[order[end]] <= budget:
             end += 1
         rows = order[first:end]
-        chunk_prompts, chunk_responses = [prompts[i] for i in rows], [responses[i] for i in rows]
-        if head_only:
-            logps = _rows_logps(model, records, start, chunk_prompts, chunk_responses, pad_id)
-        else:
-            logps = sequence_logps(model, *map(mx.array, pack(chunk_prompts, chunk_responses, pad_id)))
-        mx.eval(logps)
+        packed = pack_rows([prompts[i][start:] for i in rows], [responses[i] for i in rows], pad_id)
+        logps = row_logps(model, packed.tree(), records, head_only)
+        mx.eval(logps)  # one evaluation per batch; a sync point
         out[rows] = np.array(logps.tolist())
         first = end
     return out
-
-
-def token_logps(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Sum over masked positions of log p(target): (N, T, V) -> (N,)."""
-    logits = logits.astype(mx.float32)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (N, T)
-    return ((picked - mx.logsumexp(logits, axis=-1)) * mask).sum(axis=-1)
-
-
-def logits_and_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """The logits (N, T, V), and the sum over masked positions of log p(target | inputs so far) (N,)."""
-    logits = model(inputs).astype(mx.float32)
-    return logits, token_logps(logits, targets, mask)
-
-
-def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Sum over masked positions of log p(target | inputs so far): (N, T) -> (N,)."""
-    return token_logps(model(inputs), targets, mask)
-
-
-def batch_logps(model, prefix, prefix_lengths, inputs, positions, targets, owners) -> tuple[mx.array, mx.array]:
-    """(chosen, rejected) summed log-probs, each (B,), from one forward of 2B rows."""
-    logits = scored_logits(model, prefix, prefix_lengths, inputs, positions).astype(mx.float32)  # (K, V)
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)  # (K,)
-    logps = picked @ owners  # (2B,): each row's sum; the dummies weigh 0
-    n = inputs.shape[0] // 2
-    return logps[:n], logps[n:]
-
-
-def pair_logps(model, batch: Batch) -> tuple[mx.array, mx.array]:
-    return batch_logps(model, *batch.arrays()[:6])
 
 
 def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
     """Whether this model's attention takes a shared prompt prefix (standard mlx-lm attention
     with RoPE offsets and caches does; sliding windows and other layouts may not): the
     two packings must give the same log-probs on these pairs."""
+    what = "this model's attention does not take a shared prompt prefix (training.shared_prompt=off)"
     try:
-        shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True)))
-        plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False)))
-        return _close(shared, plain, tolerance)
-    except Exception:  # an architecture whose attention rejects the caches: the plain packing it is
-        return False
-
-
-def _close(got: mx.array, want: mx.array, tolerance: float) -> bool:
-    """Equal up to `tolerance`, relative to the largest |want| (absolute below 1)."""
-    return mx.abs(got - want).max().item() <= tolerance * max(1.0, mx.abs(want).max().item())
+        shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True).tree()))
+        plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False).tree()))
+        return _matches(what, shared, plain, tolerance)
+    except Exception as err:  # an architecture whose attention rejects the caches: the plain packing it is
+        return _fell_back(what, f"{type(err).__name__}: {err}")
 
 
 def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False,
@@ -329,10 +365,32 @@ def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        chosen, rejected = pair_logps(model, pack_pairs([pairs[i] for i in idx], pad_id, shared))
+        chosen, rejected = pair_logps(model, pack_pairs([pairs[i] for i in idx], pad_id, shared).tree())
         mx.eval(chosen, rejected)  # one evaluation for the whole batch; a sync point
         for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
             out[i] = (c, r)
         if on_batch is not None:
             on_batch(len(idx))
     return out
+
+
+def use_shared_prompt(model, pairs, choice: str, pad_id: int) -> bool:
+    """training.shared_prompt: on, off, or auto (on when this model gives the same log-probs)."""
+    if choice != "auto" or not pairs:
+        return choice == "on"
+    return sharing_works(model, pairs[:2], pad_id)
+
+
+def add_reference_logps(model, pairs, pad_id: int, batch_size: int, shared: bool = False) -> None:
+    """Score every pair once under the base model (no adapters); stored with the pairs.
+    With several ranks, each scores every size-th pair and all get every score."""
+    progress = dist.progress(len(pairs), "score reference")
+    mine = dist.shard(len(pairs))
+    scores = score_pairs(model, [pairs[i] for i in mine], pad_id, batch_size, shared,
+                         on_batch=lambda n: progress.update(n * dist.size()))
+    progress.close()
+    if dist.size() > 1:  # put them back in order
+        parts = dist.all_gather_objects(scores)
+        scores = [parts[i % dist.size()][i // dist.size()] for i in range(len(pairs))]
+    for pair, (chosen, rejected) in zip(pairs, scores):
+        pair.reference_logps = {"chosen": chosen, "rejected": rejected}

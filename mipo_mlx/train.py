@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .cli import build_parser as _build_parser
 from .cli import parse_args as _parse_args
 from .config import SHORTCUTS, resolve
-from .errors import UserError, reports_user_errors
+from .embedded import default_config_path
+from .errors import Stopped, UserError, reports_user_errors
 
 DESCRIPTION = ("MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
                "(chosen = its answer; rejected = its answer to another prompt). With no arguments, "
@@ -71,15 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     resume_dir = extras.get("resume")
     quick_trial(overrides, extras)
     if resume_dir:
-        from pathlib import Path
-
         if not (Path(resume_dir) / "config.yaml").is_file():
             raise UserError(f"{resume_dir}: no config.yaml, so no run to resume; start it without --resume")
         yaml_path = yaml_path or str(Path(resume_dir) / "config.yaml")
         overrides["output.dir"] = resume_dir
     elif yaml_path is None and not ({"model.path", "data.prompts"} & set(overrides)):
-        from .embedded import default_config_path
-
         yaml_path = str(default_config_path())
         if "output.dir" not in overrides:  # a fresh folder each time, so a rerun never collides
             overrides["output.dir"] = time.strftime("runs/embedded-%Y%m%d-%H%M%S")
@@ -89,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     require_mlx()
     from . import distributed as dist
 
-    if dist.size() > 1:  # rank 0's folder (the default one is timestamped) for every rank
-        config.output.dir = dist.broadcast_object(config.output.dir)
-    from .loop import NonFiniteLoss, TrainingStopped
+    output_dir = config.output.dir  # rank 0's folder for every rank (the default one is timestamped)
+    config.output.dir = dist.decided(lambda: output_dir)
+    from .loop import NonFiniteLoss
     from .pipeline import run
 
     out = config.output.dir
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise UserError(f"{dist.describe()}: another rank stopped ({err}); the last checkpoint in {out} is kept. "
                         f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}") from None
-    except TrainingStopped as stop:
+    except Stopped as stop:
         where = f"after step {stop.step}" if stop.step else "during generation"
         print(f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
               file=sys.stderr)

@@ -22,7 +22,7 @@ def write_prompts(path: Path, n: int = 16, seed: int = 0, context: bool = False)
     return path
 
 
-def random_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = None) -> list[Pair]:
+def made_up_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = None) -> list[Pair]:
     """Pairs of random token ids with varied lengths (for scoring and training tests)."""
     rng = random.Random(seed)
 

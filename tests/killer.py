@@ -14,7 +14,7 @@ import signal
 import sys
 
 import mipo_mlx  # noqa: F401  (BLAS first)
-from mipo_mlx import checkpoint, files, loop, pipeline, resume, train
+from mipo_mlx import checkpoint, files, loop, run_folder, train
 
 
 def die():
@@ -38,16 +38,16 @@ def main():
 
         loop.memory_metrics = memory_metrics
     elif point == "after-step":
-        real = pipeline.append_jsonl
+        real = run_folder.append_jsonl
 
         def log(path, row):
             real(path, row)
             if row.get("step") == value:
                 die()
 
-        pipeline.append_jsonl = log
+        run_folder.append_jsonl = log
     elif point == "after-responses":
-        real_record, count = resume.record_response, [0]
+        real_record, count = run_folder.ResponseFile.record, [0]
 
         def record(*a):
             real_record(*a)
@@ -55,7 +55,7 @@ def main():
             if count[0] == value:
                 die()
 
-        resume.record_response = record
+        run_folder.ResponseFile.record = record
     elif point == "in-checkpoint":
         real_save = checkpoint.save
 

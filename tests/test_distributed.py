@@ -97,3 +97,39 @@ def test_a_dying_rank_stops_the_other_and_the_run_resumes(runs, toy_model_dir):
     final, reference = adapters(out), adapters(tmp / "two")
     scale = max(np.abs(v).max() for v in reference.values())
     assert max(np.abs(final[k] - reference[k]).max() for k in reference) <= 1e-5 * scale
+
+
+def eval_args(model_dir, prompts, heldout, out):
+    return [*train_args(model_dir, prompts, out, 2), "--evaluation.prompts", str(heldout),
+            "--evaluation.max_tokens", "6", "--evaluation.pmi_negatives", "2", "--evaluation.temperature", "1.0",
+            "--evaluation.plots", "false"]
+
+
+def test_two_ranks_with_evaluation_killed_and_resumed_give_the_uninterrupted_result(runs, toy_model_dir):
+    """Evaluation before and after training, on 2 ranks. Rank 1 is killed after step 5, when
+    rank 0's folder holds eval_base.json; on --resume rank 0 decides to reuse it and every
+    rank follows (before, rank 1 recomputed it while rank 0 read it, and their collectives
+    fell out of step). mlx.launch exits 0 even when a rank fails, so the ranks' output and
+    the files written are read, not only the exit status."""
+    tmp, prompts, _, _ = runs
+    heldout = tmp / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": f"Tom has {i} apples and buys {i + 1} more. How many?",
+                                           "answer": str(2 * i + 1)}) + "\n" for i in range(6)))
+    whole = launch(2, *eval_args(toy_model_dir, prompts, heldout, tmp / "eval-whole"))
+    assert whole.returncode == 0 and "Traceback" not in whole.stderr, whole.stderr[-3000:]
+    out = tmp / "eval-killed"
+    killed = launch(2, "rank-1-after-step", "5", "--", *eval_args(toy_model_dir, prompts, heldout, out),
+                    killer=[KILLER])
+    assert "another rank stopped" in killed.stderr, killed.stderr[-2000:]
+    assert (out / "eval_base.json").is_file() and not (out / "eval.json").exists()
+    resumed = launch(2, "--resume", str(out))
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert resumed.stdout.count("done:") == 1 and "| PMI (nats) |" in resumed.stdout
+    want, got = (json.loads((d / "eval.json").read_text()) for d in (tmp / "eval-whole", out))
+    for model in ("base", "mipo"):
+        assert got[model]["answers"] == want[model]["answers"]
+        for key in ("accuracy", "pmi_mean", "length_mean", "distinct_2"):
+            assert got[model][key] == pytest.approx(want[model][key], abs=1e-4), (model, key)
+    final, reference = adapters(out), adapters(tmp / "eval-whole")
+    scale = max(np.abs(v).max() for v in reference.values())
+    assert max(np.abs(final[k] - reference[k]).max() for k in reference) <= 1e-5 * scale

@@ -1,5 +1,6 @@
 """Evaluation: answer extraction on written-out cases, the PMI estimator on known answers,
-diversity, the report table, and `evaluate` on the tiny test model."""
+the evaluation stage as the pipeline runs it against one-by-one log-probs, diversity,
+the report table, and `evaluate` on the tiny test model."""
 
 import json
 import subprocess
@@ -9,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.evaluate import distinct_n, markdown_table, other_prompts, pmi_scores
+from mipo_mlx.measure import distinct_n, markdown_table, other_prompts, pmi_scores
 from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
 
 
@@ -86,7 +87,8 @@ def test_pmi_known_answer():
     table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0]]
     prompts = [[0, 3], [1, 3], [2, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]
-    got = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3)
+    got, context = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3)
+    assert context is None
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
     expected = [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -95,8 +97,59 @@ def test_pmi_known_answer():
 
 def test_pmi_is_zero_when_the_model_ignores_the_prompt():
     table = [[1.0, 0.5, -0.5, 0.0]] * 4
-    got = pmi_scores(FirstTokenModel(table), [[0], [1], [2], [3]], [[1, 2], [0], [3, 3, 1], [2]], k=3, seed=1, pad=0)
+    got, _ = pmi_scores(FirstTokenModel(table), [[0], [1], [2], [3]], [[1, 2], [0], [3, 3, 1], [2]], k=3, seed=1,
+                        pad=0)
     np.testing.assert_allclose(got, 0.0, atol=1e-6)
+
+
+def test_context_pmi_known_answer():
+    """Prompts with a context start with tokens 0, 1, 2; the same prompts without it start with 3.
+    The context PMI is lp(y_i | x_i, c_i) - lp(y_i | x_i) (sign: positive when the context makes
+    the answer likelier), and the PMI's mean runs over the k other prompts only, never over the
+    context-free column."""
+    table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.5, 0.5]]
+    prompts, plain = [[0, 3], [1, 3], [2, 3]], [[3, 3], [3, 3], [3, 3]]
+    answers = [[0, 0], [1, 3], [2, 1]]
+    pmi, context = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain)
+    lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
+    np.testing.assert_allclose(pmi, [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)],
+                               atol=1e-5)
+    np.testing.assert_allclose(context, [lp(i, i) - lp(i, 3) for i in range(3)], atol=1e-5)
+    # answer 0 is two tokens 0 under its own prompt: 2 * (log softmax([2, 0, 0, -1])[0] - log(1/4))
+    assert context[0] == pytest.approx(2 * (log_softmax(table[0])[0] - np.log(0.25)), abs=1e-5)
+    assert context[0] > 0
+
+
+def test_answer_and_measure_equals_one_by_one(toy_model):
+    """The evaluation stage as the pipeline runs it (personalization rows, so the context PMI too):
+    its PMI and context PMI means equal the ones computed here, row by row, from single-row
+    log-probs of the same answers under their own, the k other and the context-free prompts."""
+    from contextlib import nullcontext
+
+    from mipo_mlx.config import DataConfig, EvaluationConfig
+    from mipo_mlx.generate import generate_all
+    from mipo_mlx.measure import answer_and_measure, context_free_ids, heldout, sampling
+    from mipo_mlx.prompts import Prompt
+    from mipo_mlx.score import response_logps
+
+    model, tokenizer = toy_model
+    prompts = [Prompt(f"p.jsonl:{i}", f"Tom has {i} apples. How many?", c, extra={"answer": str(i)})
+               for i, c in enumerate(["Be brief.", "Use numbers.", "Be polite.", "One line.", "Say why."])]
+    data, ev = DataConfig(), EvaluationConfig(max_tokens=6, pmi_negatives=2, seed=3, temperature=1.0)
+    held = heldout(tokenizer, prompts, data, "p.jsonl")
+    result = answer_and_measure(model, tokenizer, held, ev, data, 4, nullcontext, "base")
+
+    ids = held.rendered.ids
+    answers = [r.token_ids for r in generate_all(model, tokenizer, ids, sampling(ev, 4), "again", 0)]
+    plain = context_free_ids(tokenizer, held.rendered, data)
+    one = lambda prompt, answer: response_logps(model, [prompt], [answer], 0)[0]  # noqa: E731
+    others = other_prompts(len(ids), 2, 3)
+    pmi = [one(ids[i], a) - np.mean([one(ids[j], a) for j in others[i]]) for i, a in enumerate(answers)]
+    context = [one(ids[i], a) - one(plain[i], a) for i, a in enumerate(answers)]
+    assert result["pmi_mean"] == pytest.approx(np.mean(pmi), abs=1e-4)
+    assert result["pmi_context_mean"] == pytest.approx(np.mean(context), abs=1e-4)
+    assert result["n"] == 5 and result["labelled"] == 5
+    assert result["accuracy"] == np.mean([is_correct(t, str(i)) for i, t in enumerate(result["answers"])])
 
 
 def test_other_prompts_never_self_and_distinct():

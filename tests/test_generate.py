@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.config import Config, GenerationConfig
-from mipo_mlx.generate import STREAM_STRIDE, Response, generate, seeded_sampler, stream_seed
+from mipo_mlx.batching import batch_stream, total_steps
+from mipo_mlx.config import GenerationConfig, TrainingConfig
+from mipo_mlx.generate import STREAM_STRIDE, Response, decode, generate, seeded_sampler, stream_seed
 from mipo_mlx.pairs import Pair
-from mipo_mlx.pipeline import batch_stream, decode, total_steps
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -250,11 +250,8 @@ def test_batch_stream_first_epoch_is_the_seeded_permutation():
     assert [i for b in batches for i in b] == expected
 
 
-def training_config(**kw) -> Config:
-    config = Config()
-    for k, v in kw.items():
-        setattr(config.training, k, v)
-    return config
+def training_config(**kw) -> TrainingConfig:
+    return TrainingConfig(**kw)
 
 
 @pytest.mark.parametrize("epochs, batch_size, accumulation, n_train", [
@@ -278,14 +275,14 @@ def test_total_steps_values():
 # ---------------------------------------------------------------- length buckets
 
 def _lengths_pairs(n, seed=0):
-    from .builders import random_pairs
+    from .builders import made_up_pairs
 
-    return random_pairs(n, seed=seed)
+    return made_up_pairs(n, seed=seed)
 
 
 @pytest.mark.parametrize("n,batch_size,buckets", [(40, 4, 4), (37, 4, 16), (10, 3, 2)])
 def test_bucketed_epoch_visits_every_pair_once(n, batch_size, buckets):
-    from mipo_mlx.pipeline import epoch_order
+    from mipo_mlx.batching import epoch_order
 
     pairs = _lengths_pairs(n)
     for epoch in range(3):
@@ -295,7 +292,7 @@ def test_bucketed_epoch_visits_every_pair_once(n, batch_size, buckets):
 
 def test_buckets_cut_padding():
     """Sorted groups put similar lengths together: the padded area of an epoch shrinks."""
-    from mipo_mlx.pipeline import batch_stream
+    from mipo_mlx.batching import batch_stream
 
     pairs = _lengths_pairs(64, seed=3)
 
@@ -305,7 +302,7 @@ def test_buckets_cut_padding():
         return sum(b.inputs.size for b in batches)
 
     def padded_exact(buckets):  # with pad_multiple 1, to see the effect on a small model
-        from mipo_mlx.pipeline import epoch_order
+        from mipo_mlx.batching import epoch_order
 
         order = epoch_order(pairs, 4, seed=0, epoch=0, buckets=buckets)
         total = 0
@@ -321,14 +318,14 @@ def test_buckets_cut_padding():
 def test_bucketed_and_unbucketed_batches_give_the_same_loss(toy_model):
     """The same epoch of pairs, batched at random or by length (shared prefix or not):
     the pair-weighted mean loss over the epoch is the same to 1e-5."""
+    from mipo_mlx.batching import batch_stream
     from mipo_mlx.config import TrainingConfig
     from mipo_mlx.loop import make_loss
-    from mipo_mlx.pipeline import batch_stream
 
-    from .builders import random_pairs
+    from .builders import made_up_pairs
 
     model, _ = toy_model
-    pairs = random_pairs(24, seed=6)
+    pairs = made_up_pairs(24, seed=6)
     for i, p in enumerate(pairs):  # references that differ from the policy, so the loss is not log 2
         p.reference_logps = {"chosen": -30.0 + i, "rejected": -40.0 + 0.5 * i}
     loss = make_loss(TrainingConfig(beta=0.1))
@@ -337,7 +334,7 @@ def test_bucketed_and_unbucketed_batches_give_the_same_loss(toy_model):
         total, seen = 0.0, []
         stream = batch_stream(pairs, 4, seed=2, pad=0, buckets=buckets, shared=shared)
         for batch in (next(stream) for _ in range(6)):
-            value, _ = loss(model, *batch.arrays())
+            value, _ = loss(model, batch.tree())
             total += value.item() * batch.n_pairs
             seen.append(batch.n_pairs)
         return total / sum(seen)

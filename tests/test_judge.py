@@ -11,10 +11,10 @@ from mipo_mlx.judge import (
     ItemScore,
     JudgeItem,
     judge_prompt,
+    judge_summary,
     parse_score,
     score_response,
     split_preferences,
-    summarize,
     win_rate,
 )
 
@@ -105,13 +105,13 @@ def test_win_rate_rejects_unequal_lengths():
         win_rate([1, 2, 3], [1, 2])
 
 
-def test_summarize_counts_unparsed_and_compares_with_the_reference():
+def test_judge_summary_counts_unparsed_and_compares_with_the_reference():
     policy = [ItemScore(4.0, [4, None], 1), ItemScore(None, [None], 1), ItemScore(2.0, [2], 0)]
     reference = [ItemScore(3.0, [3], 0), ItemScore(5.0, [5], 0), ItemScore(2.5, [2, 3], 0)]
-    summary = summarize(policy, reference)
+    summary = judge_summary(policy, reference)
     assert summary == {"judge_score": 3.0, "win_rate": 0.5, "unparsed": 2, "items": 3}
-    assert math.isnan(summarize(policy)["win_rate"])
-    assert math.isnan(summarize([ItemScore(None, [None], 1)])["judge_score"])
+    assert math.isnan(judge_summary(policy)["win_rate"])
+    assert math.isnan(judge_summary([ItemScore(None, [None], 1)])["judge_score"])
 
 
 ITEMS = [
@@ -130,7 +130,7 @@ def test_score_response_with_the_toy_model_as_judge(toy_model):
         kept = [s for s in result.scores if s is not None]
         assert result.unparsed == result.scores.count(None)
         assert result.score == (pytest.approx(sum(kept) / len(kept)) if kept else None)
-    summary = summarize(results, results)
+    summary = judge_summary(results, results)
     assert set(summary) == {"judge_score", "win_rate", "unparsed", "items"}
     assert summary["items"] == 3
     assert summary["unparsed"] == sum(r.scores.count(None) for r in results)
@@ -152,9 +152,7 @@ def test_score_response_rejects_an_item_without_preferences(toy_model):
 
 def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
     """Rows with a `reference` response: each model also gets its win rate against it (ties win)."""
-    from types import SimpleNamespace
-
-    from mipo_mlx import evaluate, judge, model
+    from mipo_mlx import judge, model
     from mipo_mlx.config import Config
     from mipo_mlx.prompts import Prompt
 
@@ -166,11 +164,11 @@ def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
 
     monkeypatch.setattr(judge, "score_response", score_response)
     monkeypatch.setattr(model, "load", lambda config: (object(), object(), {}))
-    prompts = [Prompt(n, f"q{n}", "be brief", extra={"reference": f"r{n}"}) for n in (1, 2, 3)]
+    prompts = [Prompt(f"p.jsonl:{n}", f"q{n}", "be brief", extra={"reference": f"r{n}"}) for n in (1, 2, 3)]
     results = {"base": {"answers": ["b1", "b2", "b3"]}, "mipo": {"answers": ["m1", "m2", "m3"]}}
     config = Config()
     config.evaluation.judge = "some/judge"
-    evaluate.add_judge(results, SimpleNamespace(prompts=prompts), config)
+    judge.add_judge(results, prompts, config.evaluation)
     assert results["base"]["judge_score"] == 3.0 and results["mipo"]["judge_score"] == 3.0
     assert results["mipo"]["win_rate"] == 2 / 3                   # 4>=3, 2>=2, 3<4
     assert results["base"]["win_rate_reference"] == 1 / 2         # 3>=3, 2<3, item 3 unscored by the judge

@@ -15,12 +15,12 @@ from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.loop import checkpoint_blocks, make_loss, schedule, train
 from mipo_mlx.score import pack_pairs, score_pairs
 
-from .builders import random_pairs
+from .builders import made_up_pairs
 
 
 def setup(model_dir, n=8, seed=0):
     model, _, _ = mdl.load(ModelConfig(path=str(model_dir)))
-    pairs = random_pairs(n, seed=seed)
+    pairs = made_up_pairs(n, seed=seed)
     for p, (c, r) in zip(pairs, score_pairs(model, pairs, 0, 4)):
         p.reference_logps = {"chosen": c, "rejected": r}
     mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
@@ -51,7 +51,7 @@ def test_only_adapters_change_and_their_gradients_are_nonzero(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     before = params(model)
     loss = make_loss(TrainingConfig())
-    _, grads = nn.value_and_grad(model, loss)(model, *pack_pairs(pairs[:4], 0).arrays())
+    _, grads = nn.value_and_grad(model, loss)(model, pack_pairs(pairs[:4], 0).tree())
     grads = dict(tree_flatten(grads))
     assert set(grads) == {k for k in before if k.endswith(("lora_a", "lora_b"))}
     # At B = 0, d loss / d A = x^T (dy B^T) = 0 exactly, while d loss / d B is not zero.

@@ -6,13 +6,13 @@ from mipo_mlx import model as mdl
 from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.memory import estimate, working_set_bytes
 
-from .builders import random_pairs
+from .builders import made_up_pairs
 
 
 def test_estimate_parts_and_checkpointing(toy_model_dir):
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
     trainable = mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
-    pairs = random_pairs(4)
+    pairs = made_up_pairs(4)
     plain = estimate(model, pairs, TrainingConfig(batch_size=4))
     assert plain.adapters == 16 * trainable  # weights, gradients, two Adam moments, fp32
     assert plain.total == plain.model + plain.adapters + plain.activations

@@ -14,14 +14,14 @@ from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.loop import NonFiniteLoss, make_loss, train
 from mipo_mlx.score import pack_pairs, score_pairs
 
-from .builders import random_pairs
+from .builders import made_up_pairs
 
 POISONED_STEP = 3
 
 
 def setup(model_dir):
     model, _, _ = mdl.load(ModelConfig(path=str(model_dir)))
-    pairs = random_pairs(8, seed=5)
+    pairs = made_up_pairs(8, seed=5)
     for p, (c, r) in zip(pairs, score_pairs(model, pairs, 0, 4)):
         p.reference_logps = {"chosen": c, "rejected": r}
     mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
@@ -77,12 +77,12 @@ def test_too_many_skips_stop(toy_model_dir):
 
 
 def test_cli_reports_nan_in_one_line(toy_model_dir, tmp_path, monkeypatch, capsys):
-    from mipo_mlx import pipeline
     from mipo_mlx import train as train_cli
+    from mipo_mlx import training
 
     from .builders import write_prompts
 
-    real = pipeline.batch_stream
+    real = training.batch_stream
 
     def poison(*args, **kwargs):
         for k, batch in enumerate(real(*args, **kwargs)):
@@ -90,7 +90,7 @@ def test_cli_reports_nan_in_one_line(toy_model_dir, tmp_path, monkeypatch, capsy
                 batch.reference_chosen = batch.reference_chosen * float("nan")
             yield batch
 
-    monkeypatch.setattr(pipeline, "batch_stream", poison)
+    monkeypatch.setattr(training, "batch_stream", poison)
     prompts = write_prompts(tmp_path / "p.jsonl", n=8)
     code = train_cli.main(["--model", str(toy_model_dir), "--prompts", str(prompts), "--output", str(tmp_path / "o"),
                            "--generation.max_tokens", "6", "--generation.truncated", "keep", "--iters", "4",

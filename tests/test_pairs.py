@@ -139,7 +139,7 @@ PLAIN = DataConfig(prompt_template="{prompt}", context_template="{prompt} || {co
 
 
 def prompt(line, question, context=None):
-    return Prompt(line=line, question=question, context=context)
+    return Prompt(where=f"p.jsonl:{line}", question=question, context=context)
 
 
 QUESTIONS = [
@@ -201,7 +201,7 @@ def test_no_context_removes_the_context():
 @pytest.mark.parametrize("strategy", ["no_context", "random_context"])
 def test_context_strategies_need_a_context_on_every_row(strategy):
     prompts = [prompt(1, "Q1?", "c1"), prompt(2, "Q2?", "c2"), prompt(7, "Q3?"), prompt(9, "Q4?")]
-    with pytest.raises(UserError, match=rf"pairs.negatives={strategy} .*line 7 has none"):
+    with pytest.raises(UserError, match=rf"p.jsonl:7: pairs.negatives={strategy} .*this one has none"):
         altered_prompts(prompts, strategy, PLAIN, 0)
 
 

@@ -1,4 +1,4 @@
-"""Every negative strategy end to end through `build_pairs`, on the toy model."""
+"""Every negative strategy end to end through the pairs stage (`pairs.build_pairs`), on the toy model."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ import json
 
 import pytest
 
-import mipo_mlx.pipeline as pipeline
+import mipo_mlx.generate as gen
 from mipo_mlx.config import Config
 from mipo_mlx.errors import UserError
-from mipo_mlx.generate import Response
-from mipo_mlx.pairs import altered_prompts
-from mipo_mlx.prompts import read_prompts, render, split_sentences, user_text
+from mipo_mlx.generate import Response, decode, usable
+from mipo_mlx.pairs import altered_prompts, build_pairs
+from mipo_mlx.prompts import (
+    read_prompts,
+    read_source,
+    render,
+    render_prompts,
+    split_sentences,
+    user_text,
+)
 
 ROWS = [
     {"prompt": "Tom has 3 apples. He buys 4 more. How many apples does he have?",
@@ -52,6 +59,12 @@ def prompts_file(tmp_path_factory):
     return write_rows(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", ROWS)
 
 
+def build_pairs_of(model, tokenizer, config: Config):
+    """The pairs stage on the config's prompt file, as the pipeline runs it: (pairs, rendered)."""
+    rendered = render_prompts(read_source(config.data.prompts), tokenizer, config.data, config.data.prompts)
+    return build_pairs(model, tokenizer, rendered, config.pairs, config.generation, config.data), rendered
+
+
 class Run:
     def __init__(self, pairs, rendered, calls, config):
         self.pairs, self.rendered, self.calls, self.config = pairs, rendered, calls, config
@@ -59,7 +72,7 @@ class Run:
 
 def build(model, tokenizer, config: Config) -> Run:
     """build_pairs with every call to generate recorded (prompts, streams, responses)."""
-    real = pipeline.gen.generate
+    real = gen.generate
     calls = []
 
     def spy(model, tokenizer, prompts, gen_config, streams, on_done=None):
@@ -68,9 +81,9 @@ def build(model, tokenizer, config: Config) -> Run:
         return out
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline.gen, "generate", spy)
+    mp.setattr(gen, "generate", spy)
     try:
-        pairs, rendered = pipeline.build_pairs(model, tokenizer, config)
+        pairs, rendered = build_pairs_of(model, tokenizer, config)
     finally:
         mp.undo()
     return Run(pairs, rendered, calls, config)
@@ -108,7 +121,7 @@ def test_random_pairs_structure(runs, toy_model):
         assert pair.rejected_prompt is None
         assert pair.chosen_ids == positives[i].token_ids
         assert pair.rejected_ids == run.pairs[j].chosen_ids == positives[j].token_ids
-        assert pair.chosen == pipeline.decode(tokenizer, positives[i])
+        assert pair.chosen == decode(tokenizer, positives[i])
         assert pair.rejected == run.pairs[j].chosen
         # both are scored under this pair's own prompt
         assert pair.prompt_ids == original_ids(tokenizer, ROWS[i], run.config)
@@ -137,7 +150,7 @@ def test_random_never_pairs_duplicate_prompts(toy_model, tmp_path):
     config = make_config(write_rows(tmp_path / "dup.jsonl", rows), "random")
     for seed in range(5):
         config.pairs.seed = seed
-        pairs, _ = pipeline.build_pairs(model, tokenizer, config)
+        pairs, _ = build_pairs_of(model, tokenizer, config)
         for pair in pairs:
             assert pair.rejected_source != pair.source
             assert not (pair.source < 3 and pair.rejected_source < 3)
@@ -176,7 +189,7 @@ def test_generated_strategies(runs, toy_model, prompts_file, strategy):
         altered_ids = render(tokenizer, [{"role": "user", "content": expected[i]}], False)
         assert run.calls[1]["prompts"][k] == altered_ids
         assert pair.rejected_ids == negatives[k].token_ids
-        assert pair.rejected == pipeline.decode(tokenizer, negatives[k])
+        assert pair.rejected == decode(tokenizer, negatives[k])
 
 
 def test_incomplete_rejected_prompt(runs):
@@ -214,7 +227,7 @@ def test_incomplete_skips_single_sentence_prompts(toy_model, tmp_path):
     rows = [{"prompt": "One sentence only?"}, {"prompt": "First part. Second part?"},
             {"prompt": "Just this?"}, {"prompt": "A. B. C?"}]
     config = make_config(write_rows(tmp_path / "p.jsonl", rows), "incomplete")
-    pairs, _ = pipeline.build_pairs(model, tokenizer, config)
+    pairs, _ = build_pairs_of(model, tokenizer, config)
     assert [p.source for p in pairs] == [1, 3]
     assert pairs[0].rejected_prompt == "Second part?"
 
@@ -224,15 +237,15 @@ def test_incomplete_nothing_to_drop_raises(toy_model, tmp_path):
     config = make_config(write_rows(tmp_path / "p.jsonl", [{"prompt": "Why?"}, {"prompt": "How?"}]),
                          "incomplete")
     with pytest.raises(UserError, match="no prompt can be altered"):
-        pipeline.build_pairs(model, tokenizer, config)
+        build_pairs_of(model, tokenizer, config)
 
 
 def test_context_strategy_without_context_names_the_line(toy_model, tmp_path):
     model, tokenizer = toy_model
     rows = [ROWS[0], ROWS[1], {"prompt": "No context here. Why?"}]
     config = make_config(write_rows(tmp_path / "p.jsonl", rows), "no_context")
-    with pytest.raises(UserError, match="line 3 has none"):
-        pipeline.build_pairs(model, tokenizer, config)
+    with pytest.raises(UserError, match=r"p.jsonl:3: pairs.negatives=no_context needs a .context. on every prompt row; this one has none"):
+        build_pairs_of(model, tokenizer, config)
 
 
 # ---------------------------------------------------------------- the truncation rule
@@ -258,10 +271,10 @@ def test_keep_keeps_unfinished_responses_without_eos(runs, toy_model, strategy):
 def test_usable():
     config = Config()
     config.generation.truncated = "drop"
-    assert pipeline.usable(Response([1, 2], True), config) is True
-    assert pipeline.usable(Response([1, 2], False), config) is False
+    assert usable(Response([1, 2], True), config.generation) is True
+    assert usable(Response([1, 2], False), config.generation) is False
     config.generation.truncated = "keep"
-    assert pipeline.usable(Response([1, 2], False), config) is True
+    assert usable(Response([1, 2], False), config.generation) is True
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -269,14 +282,14 @@ def test_drop_with_nothing_finished_raises(toy_model, prompts_file, strategy):
     model, tokenizer = toy_model
     config = make_config(prompts_file, strategy, max_tokens=1, truncated="drop")
     with pytest.raises(UserError):
-        pipeline.build_pairs(model, tokenizer, config)
+        build_pairs_of(model, tokenizer, config)
 
 
 def test_drop_random_error_names_max_tokens(toy_model, prompts_file):
     model, tokenizer = toy_model
     config = make_config(prompts_file, "random", max_tokens=1, truncated="drop")
     with pytest.raises(UserError, match=r"only 0 response\(s\) finished within generation.max_tokens=1"):
-        pipeline.build_pairs(model, tokenizer, config)
+        build_pairs_of(model, tokenizer, config)
 
 
 @pytest.mark.parametrize("strategy", ["incomplete", "no_context", "random_context"])
@@ -286,23 +299,23 @@ def test_drop_generated_error_points_at_max_tokens(toy_model, prompts_file, stra
     model, tokenizer = toy_model
     config = make_config(prompts_file, strategy, max_tokens=1, truncated="drop")
     with pytest.raises(UserError, match="max_tokens"):
-        pipeline.build_pairs(model, tokenizer, config)
+        build_pairs_of(model, tokenizer, config)
 
 
 def test_drop_removes_unfinished_pairs(toy_model, prompts_file, monkeypatch):
     # Make prompts 1 and 4 "finish" (their responses end with EOS) and drop the rest.
     model, tokenizer = toy_model
     eos = next(iter(tokenizer.eos_token_ids))
-    real = pipeline.gen.generate
+    real = gen.generate
 
     def fake(model, tokenizer, prompts, config, streams, on_done=None):
         out = real(model, tokenizer, prompts, config, streams, on_done)
         return [Response(r.token_ids[:3] + [eos], True) if s in (1, 4) else Response(r.token_ids, False)
                 for r, s in zip(out, streams)]
 
-    monkeypatch.setattr(pipeline.gen, "generate", fake)
+    monkeypatch.setattr(gen, "generate", fake)
     config = make_config(prompts_file, "random", truncated="drop")
-    pairs, _ = pipeline.build_pairs(model, tokenizer, config)
+    pairs, _ = build_pairs_of(model, tokenizer, config)
     assert sorted((p.source, p.rejected_source) for p in pairs) == [(1, 4), (4, 1)]
     for pair in pairs:
         assert pair.chosen_ids[-1] == eos and len(pair.chosen_ids) == 4

@@ -44,7 +44,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_parse_row_plain_prompt():
-    assert parse_row({"prompt": "What is 2+2?"}, "p.jsonl:3") == Prompt(3, "What is 2+2?", None, [], {})
+    assert parse_row({"prompt": "What is 2+2?"}, "p.jsonl:3") == Prompt("p.jsonl:3", "What is 2+2?", None, [], {})
 
 
 def test_parse_row_messages():
@@ -56,7 +56,7 @@ def test_parse_row_messages():
     ], "id": 7}
     prompt = parse_row(row, "p.jsonl:12")
     assert prompt == Prompt(
-        12, "What is 2+2?", None,
+        "p.jsonl:12", "What is 2+2?", None,
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}],  # extra turn keys are dropped
         {"id": 7},
@@ -70,7 +70,7 @@ def test_parse_row_single_message():
 
 def test_parse_row_prompt_with_context():
     prompt = parse_row({"prompt": "Plan a trip.", "context": "I hate flying.", "answer": "train"}, "f:2")
-    assert prompt == Prompt(2, "Plan a trip.", "I hate flying.", [], {"answer": "train"})
+    assert prompt == Prompt("f:2", "Plan a trip.", "I hate flying.", [], {"answer": "train"})
 
 
 def test_parse_row_null_context_means_none():
@@ -87,8 +87,9 @@ def test_parse_row_keeps_extra_keys():
     assert prompt.extra == {"answer": "A", "meta": {"k": [1, 2]}, "id": "x1"}
 
 
-def test_parse_row_without_line_number():
-    assert parse_row({"prompt": "Q"}, "inline").line == 0
+def test_parse_row_keeps_where_it_came_from():
+    assert parse_row({"prompt": "Q"}, "inline").where == "inline"
+    assert parse_row({"prompt": "Q"}, "f.jsonl:7").where == "f.jsonl:7"
 
 
 @pytest.mark.parametrize(
@@ -141,8 +142,8 @@ def test_read_prompts_all_shapes(tmp_path):
         {"prompt": "Three.", "context": "ctx"},
     ))
     prompts = read_prompts(path)
-    assert [(p.line, p.question, p.context) for p in prompts] == [
-        (1, "One.", None), (2, "Two?", None), (3, "Three.", "ctx")]
+    assert [(p.where, p.question, p.context) for p in prompts] == [
+        (f"{path}:1", "One.", None), (f"{path}:2", "Two?", None), (f"{path}:3", "Three.", "ctx")]
 
 
 def test_read_prompts_error_names_file_and_line(tmp_path):
@@ -195,7 +196,7 @@ def test_read_prompts_skips_blank_lines_and_keeps_numbers(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", ["", json.dumps({"prompt": "a"}), "   ", "\t",
                                               json.dumps({"prompt": "b"}), ""])
     prompts = read_prompts(path)
-    assert [(p.line, p.question) for p in prompts] == [(2, "a"), (5, "b")]
+    assert [(p.where, p.question) for p in prompts] == [(f"{path}:2", "a"), (f"{path}:5", "b")]
 
 
 def test_read_prompts_limit(tmp_path):
@@ -236,13 +237,13 @@ def test_user_text_leaves_braces_in_the_prompt_alone():
 
 
 def test_messages_for_plain():
-    prompt = Prompt(1, "Q")
+    prompt = Prompt("f:1", "Q")
     assert messages_for(prompt, "Q!", DataConfig()) == [{"role": "user", "content": "Q!"}]
 
 
 def test_messages_for_with_system_prompt_and_history():
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    prompt = Prompt(1, "Q", None, history)
+    prompt = Prompt("f:1", "Q", None, history)
     assert messages_for(prompt, "text", DataConfig(system_prompt="Be brief.")) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -254,7 +255,7 @@ def test_messages_for_with_system_prompt_and_history():
 
 def test_messages_for_keeps_the_rows_own_system_turn():
     history = [{"role": "system", "content": "Row system."}]
-    prompt = Prompt(1, "Q", None, history)
+    prompt = Prompt("f:1", "Q", None, history)
     assert messages_for(prompt, "Q", DataConfig(system_prompt="Config system.")) == [
         {"role": "system", "content": "Row system."}, {"role": "user", "content": "Q"}]
 

@@ -257,7 +257,7 @@ def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
         assert "accuracy" not in r  # no labels in personalization rows
     assert "win_rate" in report["mipo"] and "win_rate" not in report["base"]
     table = (out / "eval.md").read_text()
-    assert "| no-context PMI (nats) |" in table and "| win rate vs base (ties win) |" in table
+    assert "| context PMI (nats) |" in table and "| win rate vs base (ties win) |" in table
 
 
 def test_judge_needs_contexts(toy_model_dir, tmp_path, hub, capsys):

@@ -102,7 +102,7 @@ def test_sigkill_during_adapter_write_keeps_the_previous_file(setup):
     assert step4.keys() == adapters(reference).keys()
     np.testing.assert_array_equal(step4[next(iter(step4))],
                                   np.array(mx.load(str(out / "0000004_adapters.safetensors"))[next(iter(step4))]))
-    assert list(out.glob(".adapters.safetensors.*.tmp"))  # the torn temporary file, never renamed
+    assert list(out.glob(".adapters.safetensors.*"))  # the torn temporary file, never renamed
     resume(out)
     assert_same_run(out, reference)
 
@@ -130,12 +130,12 @@ def test_sigterm_finishes_the_step_and_checkpoints(setup):
     proc = subprocess.Popen([sys.executable, "-c",
                              "import os, signal, sys\n"
                              "import mipo_mlx\n"
-                             "from mipo_mlx import pipeline, train\n"
-                             "real = pipeline.append_jsonl\n"
+                             "from mipo_mlx import run_folder, train\n"
+                             "real = run_folder.append_jsonl\n"
                              "def log(p, row):\n"
                              "    real(p, row)\n"
                              "    if row.get('step') == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
-                             "pipeline.append_jsonl = log\n"
+                             "run_folder.append_jsonl = log\n"
                              "sys.exit(train.main(sys.argv[1:]))\n",
                              *train_cmd(model_dir, prompts, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

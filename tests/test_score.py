@@ -6,7 +6,7 @@ import pytest
 
 from mipo_mlx.score import pack, pack_pairs, pair_logps, score_pairs, sequence_logps
 
-from .builders import random_pairs
+from .builders import made_up_pairs
 
 
 def test_mask_row_by_row():
@@ -29,7 +29,7 @@ def test_width_rounds_up_to_pad_multiple():
 
 
 def test_pack_pairs_puts_chosen_rows_first_and_counts_tokens():
-    pairs = random_pairs(3)
+    pairs = made_up_pairs(3)
     batch = pack_pairs(pairs, pad_id=0)
     rows = np.array(batch.inputs)
     for i, p in enumerate(pairs):
@@ -83,8 +83,8 @@ def one_by_one(model, prompt, response):
 
 def test_batched_scoring_equals_one_by_one(toy_model):
     model, _ = toy_model
-    pairs = random_pairs(5, seed=1)
-    chosen, rejected = pair_logps(model, pack_pairs(pairs, pad_id=0))
+    pairs = made_up_pairs(5, seed=1)
+    chosen, rejected = pair_logps(model, pack_pairs(pairs, pad_id=0).tree())
     for i, p in enumerate(pairs):
         assert chosen[i].item() == pytest.approx(one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3)
         assert rejected[i].item() == pytest.approx(one_by_one(model, p.prompt_ids, p.rejected_ids), abs=1e-3)
@@ -100,7 +100,7 @@ def test_padding_is_never_scored(toy_model):
 
 def test_score_pairs_restores_order(toy_model):
     model, _ = toy_model
-    pairs = random_pairs(7, seed=2)
+    pairs = made_up_pairs(7, seed=2)
     scores = score_pairs(model, pairs, pad_id=0, batch_size=3)
     for p, (c, r) in zip(pairs, scores):
         assert c == pytest.approx(one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3)
@@ -155,11 +155,11 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
     from mipo_mlx.pairs import Pair
 
     model = _lora_model(toy_model_dir)
-    pairs = random_pairs(6, seed=seed)
+    pairs = made_up_pairs(6, seed=seed)
     pairs.append(Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6))  # a one-token prompt: empty prefix
 
     def objective(model, shared):
-        chosen, rejected = pair_logps(model, pack_pairs(pairs, 0, shared=shared))
+        chosen, rejected = pair_logps(model, pack_pairs(pairs, 0, shared=shared).tree())
         return (chosen - 0.7 * rejected).sum(), (chosen, rejected)
 
     (value_s, logps_s), grads_s = nn.value_and_grad(model, lambda m: objective(m, True))(model)
@@ -177,7 +177,7 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
 
 def test_shared_reference_scores_equal_unshared(toy_model):
     model, _ = toy_model
-    pairs = random_pairs(9, seed=4)
+    pairs = made_up_pairs(9, seed=4)
     shared = score_pairs(model, pairs, pad_id=0, batch_size=4, shared=True)
     plain = score_pairs(model, pairs, pad_id=0, batch_size=4, shared=False)
     assert np.allclose(np.array(shared), np.array(plain), rtol=1e-5, atol=1e-5)
@@ -191,7 +191,7 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
     from mipo_mlx.score import sharing_works
 
     model, _ = toy_model
-    pairs = random_pairs(2, seed=5)
+    pairs = made_up_pairs(2, seed=5)
     assert sharing_works(model, pairs, 0)
     assert not sharing_works(ScalesLogits(model), pairs, 0)
     assert not sharing_works(RejectsCaches(model), pairs, 0)

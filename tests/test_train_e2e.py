@@ -83,7 +83,7 @@ def test_adapters_load_in_mlx_lm_and_change_logps(run_dir, toy_model_dir, toy_mo
 
     tuned, _ = load(str(toy_model_dir), adapter_path=str(run_dir))
     base, _ = toy_model
-    batch = pack_pairs(read_pairs(run_dir / "pairs.jsonl")[:4], 0)
+    batch = pack_pairs(read_pairs(run_dir / "pairs.jsonl")[:4], 0).tree()
     tuned_c, tuned_r = pair_logps(tuned, batch)
     base_c, base_r = pair_logps(base, batch)
     margin_gain = ((tuned_c - base_c) - (tuned_r - base_r)).mean().item()

@@ -1,0 +1,166 @@
+"""The run folder: what a run writes, what an earlier run left, and resuming into it.
+
+Only rank 0 has the folder (the other ranks' hosts may not share its disk). Every read
+of it is rank 0's and reaches every rank through `distributed.decided`, and every write
+is rank 0's alone: whatever the folder holds, all ranks take the same branch and meet
+the same collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from . import model as mdl
+from .config import Config, LoraConfig, to_dict, to_yaml
+from .errors import UserError
+from .files import (
+    append_jsonl,
+    partial_and_old,
+    read_jsonl,
+    read_lines,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+from .generate import Response
+from .pairs import Pair, pair_from_row, write_pairs
+from .prompts import Prompt, prompt_row
+
+# Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
+STAGE_FILES = ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
+               "responses.rejected.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")
+RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
+# Settings that may differ between an interrupted run and its resumption.
+MAY_CHANGE = {"output.overwrite", "training.memory_limit_gb", "evaluation.plots"}
+
+
+def _flat(data: dict) -> dict:
+    return {f"{s}.{k}": v for s, body in data.items() for k, v in body.items()}
+
+
+def check_same_run(out: Path, config: Config) -> None:
+    """Resuming into `out` needs the settings it was started with (a few may change)."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"{out}: no config.yaml, so no run to resume; start it without --resume")
+    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
+    now = _flat(to_dict(config))
+    for key in sorted(now):
+        if key not in MAY_CHANGE and saved.get(key) != now[key]:
+            raise UserError(f"{out}: belongs to another run ({key} was {saved.get(key)!r}, now {now[key]!r}); "
+                            "resume with the same settings or choose another output.dir")
+
+
+def check_run_folder(out: Path, config: Config, resume: bool) -> None:
+    """Refuse a folder that cannot take this run (a new one, or the resumption of `config`'s
+    run); changes nothing on disk."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another output.dir")
+    if resume:
+        check_same_run(out, config)
+        return
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not config.output.overwrite:
+        raise UserError(f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
+                        "output.dir or pass --output.overwrite true")
+
+
+class ResponseFile:
+    """One generation pass's finished responses, a line each (`responses.<pass>.jsonl`), so an
+    interrupted pass resumes with the responses it had (each prompt samples from its own
+    seeded stream, so the resumed responses are the uninterrupted ones)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict]:
+        return read_lines(self.path)
+
+    def record(self, index: int, response: Response) -> None:
+        dist.main_only(append_jsonl, self.path, response.to_row(index))
+
+
+class RunFolder:
+    """The output folder of one run, as every rank sees it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def check(self, config: Config, resume: bool) -> None:
+        dist.main_only(check_run_folder, self.path, config, resume)
+
+    def start(self, config: Config) -> None:
+        """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage files."""
+        dist.main_only(self._start, config)
+
+    def _start(self, config: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in STAGE_FILES:  # overwrite was asked for: start anew
+            (self.path / name).unlink(missing_ok=True)
+        for folder in (self.path / ckpt.NAME, *partial_and_old(self.path / ckpt.NAME)):
+            if folder.exists():
+                shutil.rmtree(folder)
+        write_text(self.path / "config.yaml", to_yaml(config))
+
+    def keep_prompts(self, name: str, prompts: list[Prompt]) -> None:
+        """Prompts read from a public dataset, as this project's JSONL (inspectable, and usable
+        as data.prompts or evaluation.prompts of a later run)."""
+        dist.main_only(write_jsonl, self.path / name, map(prompt_row, prompts))
+
+    def responses(self, name: str) -> ResponseFile:
+        return ResponseFile(self.path / f"responses.{name}.jsonl")
+
+    def pairs(self) -> list[Pair] | None:
+        """The pairs of an earlier attempt (written whole at the end of their stage), or None."""
+        path = self.path / "pairs.jsonl"
+        rows = dist.decided(lambda: [row for _, row in read_jsonl(path, "pairs")] if path.is_file() else None)
+        if rows is None:
+            return None
+        return [pair_from_row(row, f"{path}:{n}") for n, row in enumerate(rows, 1)]
+
+    def write_pairs(self, pairs: list[Pair]) -> None:
+        dist.main_only(write_pairs, self.path / "pairs.jsonl", pairs)
+
+    def cached_json(self, name: str, compute: Callable[[], dict]) -> dict:
+        """The JSON file `name` if an earlier attempt wrote it, else `compute()` (run on every
+        rank: it may hold collectives) written there."""
+        path = self.path / name
+        value = dist.decided(lambda: json.loads(path.read_text()) if path.is_file() else None)
+        if value is None:
+            value = compute()
+            dist.main_only(write_json, path, value)
+        return value
+
+    def append_metrics(self, row: dict) -> None:
+        dist.main_only(append_jsonl, self.path / "metrics.jsonl", row)
+
+    def trim_metrics(self, last_step: int) -> None:
+        """Keep the metric lines up to the checkpoint's step (later ones will be logged again)."""
+        path = self.path / "metrics.jsonl"
+
+        def trim() -> None:
+            if path.exists():
+                rows = [r for r in read_lines(path) if r.get("step", 0) <= last_step]
+                write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+        dist.main_only(trim)
+
+    def save_adapters(self, model, lora: LoraConfig, base_model: str, step: int | None = None) -> None:
+        """The adapters (mlx-lm's format); with `step`, also a copy named after it."""
+        dist.main_only(mdl.save_adapters, self.path, model, lora, base_model)
+        if step is not None:
+            dist.main_only(mdl.save_adapters, self.path, model, lora, base_model,
+                           name=f"{step:07d}_adapters.safetensors")
+
+    def save_checkpoint(self, state: ckpt.TrainState) -> None:
+        dist.main_only(ckpt.save, self.path, state)
+
+    def load_checkpoint(self) -> ckpt.TrainState | None:
+        return ckpt.load_on_every_rank(self.path)

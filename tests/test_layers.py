@@ -1,0 +1,142 @@
+"""The package's layers import one way: a module imports only from its own layer or the
+layers below it, no two modules import each other (directly or around a cycle), and a
+module imports the package's own modules inside a function only where that keeps mlx out
+of `--help`. The layers are listed in README.md ("Architecture"); this test keeps the two
+in step and reads the import graph from the source itself."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mipo_mlx"
+
+# Bottom to top. A module's layer is that of its own name or of the package it is in.
+LAYERS = [
+    ("foundation", ["__init__", "errors", "progress", "files", "embedded", "config", "cli", "_backend", "plots",
+                    "hub"]),
+    ("data", ["formats", "tasks", "prompts"]),
+    ("compute", ["distributed", "model", "generate", "score", "losses", "memory", "checkpoint", "toy"]),
+    ("stages", ["pairs", "batching", "loop", "run_folder", "training", "measure", "judge", "fuse", "card"]),
+    ("pipeline", ["pipeline"]),
+    ("commands", ["train", "evaluate", "export", "embedded.build"]),
+]
+# Command modules import the rest only after checking for an mlx backend (`--help` and
+# config errors need none), so their package imports may sit inside functions.
+LAZY_IMPORTS_ALLOWED = {"train", "evaluate", "export"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> int:
+    for number, (_, members) in enumerate(LAYERS):
+        if name in members:
+            return number
+    if "." in name:
+        return layer_of(name.rsplit(".", 1)[0])
+    raise KeyError(name)
+
+
+def package_imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, inside a function?) for each import of the package's own modules."""
+    name = module_name(path)
+    here = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            targets: list[str] = []
+            if isinstance(child, ast.ImportFrom) and child.level:
+                base = here[: len(here) - (child.level - 1)]
+                if child.module:
+                    targets = [".".join([*base, child.module])]
+                else:
+                    targets = [".".join([*base, alias.name]) for alias in child.names]
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("mipo_mlx"):
+                module = child.module.split(".", 1)[1] if "." in child.module else ""
+                targets = [module] if module else [alias.name for alias in child.names]
+            elif isinstance(child, ast.Import):
+                targets = [a.name.split(".", 1)[1] for a in child.names if a.name.startswith("mipo_mlx.")]
+            found.extend((t, in_function) for t in targets)
+            visit(child, nested)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return found
+
+
+def import_graph() -> dict[str, list[tuple[str, bool]]]:
+    return {module_name(p): package_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    missing = [name for name in import_graph() if _no_layer(name)]
+    assert not missing, f"place these modules in a layer (tests/test_layers.py and README.md): {missing}"
+
+
+def _no_layer(name: str) -> bool:
+    try:
+        layer_of(name)
+    except KeyError:
+        return True
+    return False
+
+
+def test_imports_go_down_the_layers():
+    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for name, imports in import_graph().items() for target, _ in imports
+              if layer_of(target) > layer_of(name)]
+    assert not upward, upward
+
+
+def test_no_import_cycles():
+    graph = {name: {t for t, _ in imports if t != name} for name, imports in import_graph().items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def walk(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+            if nxt not in state:
+                cycle = walk(nxt, [*path, nxt])
+                if cycle:
+                    return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = walk(start, [start])
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_package_imports_inside_functions_only_in_commands():
+    lazy = [f"{name} imports {target} inside a function" for name, imports in import_graph().items()
+            for target, in_function in imports if in_function and name not in LAZY_IMPORTS_ALLOWED]
+    assert not lazy, lazy
+
+
+def test_the_check_can_fail():
+    """A module of the data layer that imported the pipeline would be reported."""
+    assert layer_of("pipeline") > layer_of("prompts")
+    assert layer_of("tasks.extract") == layer_of("tasks") == 1
+    with pytest.raises(KeyError):
+        layer_of("no_such_module")
+
+
+def test_readme_lists_the_same_layers():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- layers -->", 2)[1]
+    listed = re.findall(r"^\d+\. \*\*(\w+)\*\*: (.+)$", block, flags=re.MULTILINE)
+    assert [(layer, [m.strip(" `") for m in members.split(",")]) for layer, members in listed] == \
+        [(layer, members) for layer, members in LAYERS]
