@@ -32,3 +32,24 @@ def made_up_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = Non
 
     return [Pair([{"role": "user", "content": f"p{i}"}], "c", "r", ids(5, 14), ids(2, 10), ids(2, 10),
                  "random", i, rejected_source=(i + 1) % n) for i in range(n)]
+
+
+def check_report(result: dict, labels: list[str] | None = None) -> None:
+    """The values an evaluation report must hold given its own answers: accuracy from the
+    answers and labels, intervals centred on their means, the judge score from its items."""
+    import numpy as np
+    import pytest
+
+    from mipo_mlx.tasks.extract import is_correct
+
+    if labels is not None:
+        assert result["labelled"] == len(labels)
+        assert result["accuracy"] == pytest.approx(
+            np.mean([is_correct(a, str(label)) for a, label in zip(result["answers"], labels)]), abs=1e-12)
+    for key in ("pmi", "pmi_context"):
+        if f"{key}_mean" in result:
+            low, high = result[f"{key}_ci95"]
+            assert (low + high) / 2 == pytest.approx(result[f"{key}_mean"], abs=1e-9) and low <= high
+    if "judge_scores" in result:
+        kept = [s for s in result["judge_scores"] if s is not None]
+        assert result["judge_score"] == (pytest.approx(np.mean(kept)) if kept else None)

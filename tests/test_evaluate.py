@@ -13,6 +13,8 @@ import pytest
 from mipo_mlx.measure import distinct_n, markdown_table, other_prompts, pmi_scores
 from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
 
+from .builders import check_report
+
 
 @pytest.mark.parametrize("text, number", [
     ("3 + 4 = 7. The answer is 7.", "7"),                      # right, the embedded format
@@ -185,6 +187,6 @@ def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())["base"]
     assert result["n"] == 6 and result["labelled"] == 6
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["pmi_ci95"][0] <= result["pmi_mean"] <= result["pmi_ci95"][1]
+    check_report(result, [r["answer"] for r in rows])
     assert (tmp_path / "ev" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| PMI (nats) |" in (tmp_path / "ev" / "eval.md").read_text()

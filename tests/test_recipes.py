@@ -8,16 +8,19 @@ recipe then runs unchanged but for the model (the tiny test model, also the judg
 """
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from mipo_mlx import judge
 from mipo_mlx.config import resolve, validate
 from mipo_mlx.formats import GSM8K_8SHOT_PREFIX
 from mipo_mlx.train import main
 
+from .builders import check_report
 from .test_docs import ROOT
 
 GSM8K_TRAIN = [(f"Ann has {n} apples. She buys {n + 2} more. How many apples does she have now?",
@@ -173,7 +176,7 @@ def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
     assert {r["answer"] for r in held} <= {str(3 * n) for n in range(400, 410)}  # "#### 1,200": commas gone
     report = json.loads((out / "eval.json").read_text())
     for name in ("base", "mipo"):
-        assert report[name]["labelled"] == 6 and 0.0 <= report[name]["accuracy"] <= 1.0
+        check_report(report[name], [r["answer"] for r in held])
         assert len(report[name]["answers"]) == 6
     assert "| accuracy |" in (out / "eval.md").read_text()
 
@@ -222,7 +225,8 @@ def test_arc_recipes(recipe, toy_model_dir, tmp_path, hub):
     train = [json.loads(line) for line in (out / "train_prompts.jsonl").read_text().splitlines()]
     assert all(r["id"].startswith(f"{level}-train-") for r in train)
     report = json.loads((out / "eval.json").read_text())
-    assert report["base"]["labelled"] == 6 and "accuracy" in report["mipo"]
+    for name in ("base", "mipo"):
+        check_report(report[name], [r["answer"] for r in held])
 
 
 @pytest.mark.parametrize("recipe", ["prism", "community-alignment"])
@@ -252,10 +256,13 @@ def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
     preferences = 2  # 'vegetarian; under N minutes' / two bullet points
     for name in ("base", "mipo"):
         r = report[name]
-        assert "pmi_context_mean" in r and len(r["pmi_context_ci95"]) == 2
-        assert len(r["judge_scores"]) == 6 and 0 <= r["judge_unparsed"] <= 6 * preferences
+        check_report(r)
+        assert isinstance(r["pmi_context_mean"], float) and len(r["judge_scores"]) == 6
+        assert r["judge_unparsed"] >= preferences * r["judge_scores"].count(None)  # an unscored item: none parsed
         assert "accuracy" not in r  # no labels in personalization rows
-    assert "win_rate" in report["mipo"] and "win_rate" not in report["base"]
+    win = judge.win_rate(report["mipo"]["judge_scores"], report["base"]["judge_scores"])
+    assert report["mipo"]["win_rate"] == (None if math.isnan(win) else pytest.approx(win))
+    assert "win_rate" not in report["base"]
     table = (out / "eval.md").read_text()
     assert "| context PMI (nats) |" in table and "| win rate vs base (ties win) |" in table
 

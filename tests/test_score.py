@@ -197,6 +197,25 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
     assert not sharing_works(RejectsCaches(model), pairs, 0)
 
 
+def test_a_fallback_says_why_once(toy_model, capsys):
+    """A fast path that is not taken says why, in one line, once per process: a bug there must
+    not hide as slowness."""
+    from mipo_mlx import score
+
+    model, _ = toy_model
+    pairs = made_up_pairs(2, seed=5)
+    score._said.clear()
+    assert not score.sharing_works(ScalesLogits(model), pairs, 0)
+    assert not score.sharing_works(ScalesLogits(model), pairs, 0)
+    assert not score.sharing_works(RejectsCaches(model), pairs, 0)
+    assert score.sharing_works(model, pairs, 0)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("note: this model's attention does not take a shared prompt prefix")
+    assert "log-probs differ by" in lines[0] and lines[0].endswith("; using the slower path")
+    assert "(TypeError: no cache here)" in lines[1]
+
+
 def test_response_logps_equal_one_by_one_both_ways(toy_model):
     """Evaluation's scorer: the head on response positions only (this model) and full logits
     (a model that scales its logits) both give each row's own log-prob, whatever the batching."""
