@@ -1,4 +1,11 @@
-"""A progress line with ETA for every long stage (generation, scoring, training)."""
+"""A progress line with ETA for every long stage (generation, scoring, training).
+
+On a terminal it redraws one line; when the output is a file or a pipe (CI, `nohup`,
+`mlx.launch`, which collects the ranks' output) it writes a plain line every ~10 s.
+tqdm (already installed with huggingface_hub) was tried for this: off a terminal it
+still writes carriage-return redraws with no newline, so a log file holds one endless
+line. These 50 lines keep the log readable.
+"""
 
 from __future__ import annotations
 
