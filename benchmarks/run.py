@@ -37,19 +37,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Model shapes: qwen2 blocks (GQA, q/k/v biases), untied head, 32k vocabulary.
 MODELS = {
-    "quick": dict(hidden_size=512, layers=6, intermediate_size=1408, heads=8, kv_heads=2, vocab=32000),
-    "full": dict(hidden_size=768, layers=8, intermediate_size=2048, heads=12, kv_heads=4, vocab=32000),
+    "quick": dict(
+        hidden_size=512, layers=6, intermediate_size=1408, heads=8, kv_heads=2, vocab=32000
+    ),
+    "full": dict(
+        hidden_size=768, layers=8, intermediate_size=2048, heads=12, kv_heads=4, vocab=32000
+    ),
 }
 # Workloads: pairs per batch, prompt and response length ranges (tokens).
 WORKLOADS = {
     "quick": {"chat": (2, (200, 400), (100, 200)), "personalization": (2, (500, 600), (100, 200))},
     "full": {"chat": (4, (200, 400), (100, 200)), "personalization": (4, (500, 600), (100, 200))},
 }
-QUANT_WORKLOAD = (1, (200, 300), (100, 150))  # 4-bit runs: MLX's CPU quantized matmul is ~40x slower
+QUANT_WORKLOAD = (
+    1,
+    (200, 300),
+    (100, 150),
+)  # 4-bit runs: MLX's CPU quantized matmul is ~40x slower
 LORA = dict(rank=8, scale=20.0, dropout=0.0, num_layers=-1)
 
 
 # ---------------------------------------------------------------- setup (parent process)
+
 
 def build_model(folder: Path, shape: dict) -> Path:
     """A random-init qwen2 model with a 32k byte-level BPE tokenizer (trained on random words,
@@ -60,12 +69,22 @@ def build_model(folder: Path, shape: dict) -> Path:
         return folder
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    corpus = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(50))
-              for _ in range(8000)]
-    return build_model_folder(folder, architecture="qwen2", hidden_size=shape["hidden_size"],
-                              layers=shape["layers"], intermediate_size=shape["intermediate_size"],
-                              heads=shape["heads"], kv_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-                              tie_word_embeddings=False, corpus=corpus)
+    corpus = [
+        " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(50))
+        for _ in range(8000)
+    ]
+    return build_model_folder(
+        folder,
+        architecture="qwen2",
+        hidden_size=shape["hidden_size"],
+        layers=shape["layers"],
+        intermediate_size=shape["intermediate_size"],
+        heads=shape["heads"],
+        kv_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        tie_word_embeddings=False,
+        corpus=corpus,
+    )
 
 
 def make_pairs(n: int, prompt_range, response_range, vocab: int, seed: int) -> list[dict]:
@@ -74,26 +93,44 @@ def make_pairs(n: int, prompt_range, response_range, vocab: int, seed: int) -> l
     def ids(lo, hi):
         return [rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))]
 
-    return [{"prompt_ids": ids(*prompt_range), "chosen_ids": ids(*response_range),
-             "rejected_ids": ids(*response_range)} for _ in range(n)]
+    return [
+        {
+            "prompt_ids": ids(*prompt_range),
+            "chosen_ids": ids(*response_range),
+            "rejected_ids": ids(*response_range),
+        }
+        for _ in range(n)
+    ]
 
 
 def run_worker(kind: str, spec: dict, env: dict | None = None, timeout: int = 3600) -> dict:
     """Run one measurement in a fresh Python process; its last stdout line is JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--spec",
+        json.dumps(spec),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker {kind} {spec.get('side', '')} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ---------------------------------------------------------------- workers (one per subprocess)
 
+
 def memory_sample(state: dict) -> None:
     import mlx.core as mx
 
-    state["peak_total"] = max(state.get("peak_total", 0), mx.get_active_memory() + mx.get_cache_memory())
+    state["peak_total"] = max(
+        state.get("peak_total", 0), mx.get_active_memory() + mx.get_cache_memory()
+    )
 
 
 def load_model(spec: dict):
@@ -134,9 +171,17 @@ def linear_parameters(model) -> tuple[int, int]:
             return module.weight.shape[0] * module.weight.shape[1] * 32 // module.bits
         return module.weight.size
 
-    body = sum(size(m) for layer in model.layers for _, m in layer.named_modules()
-               if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
-    head = size(model.lm_head) if hasattr(model, "lm_head") else model.args.vocab_size * model.args.hidden_size
+    body = sum(
+        size(m)
+        for layer in model.layers
+        for _, m in layer.named_modules()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    )
+    head = (
+        size(model.lm_head)
+        if hasattr(model, "lm_head")
+        else model.args.vocab_size * model.args.hidden_size
+    )
     return body, head
 
 
@@ -154,8 +199,12 @@ def worker_train(spec: dict) -> dict:
     else:
         result = ours_train(spec, model, pairs_rows, memory)
     memory_sample(memory)
-    result.update(peak_active_gb=mx.get_peak_memory() / 1e9, peak_total_gb=max(memory["peak_total"],
-                  mx.get_peak_memory()) / 1e9, body_params=body, head_params=head)
+    result.update(
+        peak_active_gb=mx.get_peak_memory() / 1e9,
+        peak_total_gb=max(memory["peak_total"], mx.get_peak_memory()) / 1e9,
+        body_params=body,
+        head_params=head,
+    )
     return result
 
 
@@ -169,11 +218,18 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     from mipo_mlx.score import pack_pairs, pair_logps, score_pairs, use_shared_prompt
 
     variant = spec["variant"]
-    pairs = [Pair([], "", "", r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], "random", i)
-             for i, r in enumerate(rows)]
-    config = TrainingConfig(batch_size=len(pairs), learning_rate=1e-5, grad_checkpoint=variant == "checkpoint",
-                            compile=variant != "eager", shared_prompt="off" if variant == "unshared" else "auto",
-                            warmup_fraction=0.0)
+    pairs = [
+        Pair([], "", "", r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], "random", i)
+        for i, r in enumerate(rows)
+    ]
+    config = TrainingConfig(
+        batch_size=len(pairs),
+        learning_rate=1e-5,
+        grad_checkpoint=variant == "checkpoint",
+        compile=variant != "eager",
+        shared_prompt="off" if variant == "unshared" else "auto",
+        warmup_fraction=0.0,
+    )
     shared = use_shared_prompt(model, pairs, config.shared_prompt, 0)
     tic = time.perf_counter()
     for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
@@ -184,7 +240,9 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     def batches():
         while True:
-            if variant == "recompute":  # the reference forward every step (adapters off, same weights)
+            if (
+                variant == "recompute"
+            ):  # the reference forward every step (adapters off, same weights)
                 with adapters_disabled(model):
                     chosen, rejected = pair_logps(model, batch.tree())
                     mx.eval(chosen, rejected)
@@ -199,9 +257,16 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     steps = spec["warmup"] + spec["steps"]
     train(model, make_loss(config), batches(), steps, config, log=log)
-    scored = int(batch.owners.sum().item())  # response positions: the only ones through the head when shared
-    return {"step_seconds": times[spec["warmup"]:], "shared": shared, "tokens": batch.n_tokens,
-            "head_tokens": scored if shared else batch.n_tokens, "reference_seconds": reference_seconds}
+    scored = int(
+        batch.owners.sum().item()
+    )  # response positions: the only ones through the head when shared
+    return {
+        "step_seconds": times[spec["warmup"] :],
+        "shared": shared,
+        "tokens": batch.n_tokens,
+        "head_tokens": scored if shared else batch.n_tokens,
+        "reference_seconds": reference_seconds,
+    }
 
 
 def peer_device_info_shim() -> None:
@@ -213,8 +278,10 @@ def peer_device_info_shim() -> None:
 
     def device_info():
         info = dict(original())
-        info.setdefault("max_recommended_working_set_size",
-                        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        info.setdefault(
+            "max_recommended_working_set_size",
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        )
         return info
 
     mx.device_info = device_info
@@ -233,10 +300,18 @@ def peer_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     peer_device_info_shim()
     reference, _ = load_model(spec)
     model.freeze()
-    linear_to_lora_layers(model, len(model.layers), {k: LORA[k] for k in ("rank", "scale", "dropout")})
-    dataset = [{"chosen": r["prompt_ids"] + r["chosen_ids"], "rejected": r["prompt_ids"] + r["rejected_ids"],
-                "chosen_prompt_length": len(r["prompt_ids"]), "rejected_prompt_length": len(r["prompt_ids"])}
-               for r in rows]
+    linear_to_lora_layers(
+        model, len(model.layers), {k: LORA[k] for k in ("rank", "scale", "dropout")}
+    )
+    dataset = [
+        {
+            "chosen": r["prompt_ids"] + r["chosen_ids"],
+            "rejected": r["prompt_ids"] + r["rejected_ids"],
+            "chosen_prompt_length": len(r["prompt_ids"]),
+            "rejected_prompt_length": len(r["prompt_ids"]),
+        }
+        for r in rows
+    ]
     times: list[float] = []
 
     class Timer(TrainingCallback):
@@ -246,13 +321,31 @@ def peer_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     steps = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOTrainingArgs(batch_size=len(rows), iters=steps, steps_per_report=1, steps_per_eval=10**9,
-                               steps_per_save=10**9, max_seq_length=4096, adapter_file=str(Path(tmp) / "a.safetensors"),
-                               grad_checkpoint=spec["variant"] == "checkpoint", beta=0.1)
-        train_dpo(model, reference, optim.AdamW(learning_rate=1e-5), dataset, None, args=args,
-                  training_callback=Timer(), loss_type="sigmoid")
-    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-    return {"step_seconds": times[spec["warmup"]:], "tokens": tokens, "head_tokens": tokens}
+        args = DPOTrainingArgs(
+            batch_size=len(rows),
+            iters=steps,
+            steps_per_report=1,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=4096,
+            adapter_file=str(Path(tmp) / "a.safetensors"),
+            grad_checkpoint=spec["variant"] == "checkpoint",
+            beta=0.1,
+        )
+        train_dpo(
+            model,
+            reference,
+            optim.AdamW(learning_rate=1e-5),
+            dataset,
+            None,
+            args=args,
+            training_callback=Timer(),
+            loss_type="sigmoid",
+        )
+    tokens = sum(
+        2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
+    return {"step_seconds": times[spec["warmup"] :], "tokens": tokens, "head_tokens": tokens}
 
 
 def worker_generate(spec: dict) -> dict:
@@ -270,7 +363,9 @@ def worker_generate(spec: dict) -> dict:
         from mipo_mlx.generate import generate
         from mipo_mlx.pairs import derangement
 
-        config = GenerationConfig(temperature=0.7, top_p=0.9, max_tokens=max_tokens, batch_size=spec["batch_size"])
+        config = GenerationConfig(
+            temperature=0.7, top_p=0.9, max_tokens=max_tokens, batch_size=spec["batch_size"]
+        )
         responses = generate(model, tokenizer, prompts, config, streams=list(range(n)))
         derangement(list(range(n)), seed=0)  # the negatives: other prompts' answers, no generation
         generated = sum(len(r.token_ids) for r in responses)
@@ -281,14 +376,24 @@ def worker_generate(spec: dict) -> dict:
         sampler = make_sampler(temp=0.7, top_p=0.9)
         generated = 0
         for i, prompt in enumerate(prompts):
-            for source in (prompt, prompts[(i + 1) % n]):  # the positive, then a negative from another prompt
-                for response in stream_generate(model, tokenizer, source, max_tokens=max_tokens, sampler=sampler):
+            for source in (
+                prompt,
+                prompts[(i + 1) % n],
+            ):  # the positive, then a negative from another prompt
+                for response in stream_generate(
+                    model, tokenizer, source, max_tokens=max_tokens, sampler=sampler
+                ):
                     last = response
                 generated += last.generation_tokens
     seconds = time.perf_counter() - tic
-    return {"seconds": seconds, "pairs": n, "generated_tokens": generated,
-            "seconds_per_pair": seconds / n, "tokens_per_second": generated / seconds,
-            "peak_active_gb": mx.get_peak_memory() / 1e9}
+    return {
+        "seconds": seconds,
+        "pairs": n,
+        "generated_tokens": generated,
+        "seconds_per_pair": seconds / n,
+        "tokens_per_second": generated / seconds,
+        "peak_active_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def worker_cli(spec: dict) -> dict:
@@ -296,20 +401,35 @@ def worker_cli(spec: dict) -> dict:
     from mipo_mlx._backend import blas_library
 
     tic = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mipo_mlx.train", *spec["args"]], capture_output=True, text=True,
-                          cwd=spec["cwd"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *spec["args"]],
+        capture_output=True,
+        text=True,
+        cwd=spec["cwd"],
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return {"seconds": time.perf_counter() - tic, "blas": blas_library()}
 
 
-WORKERS = {"matmul": worker_matmul, "train": worker_train, "generate": worker_generate, "cli": worker_cli}
+WORKERS = {
+    "matmul": worker_matmul,
+    "train": worker_train,
+    "generate": worker_generate,
+    "cli": worker_cli,
+}
 
 
 # ---------------------------------------------------------------- the benchmark (parent process)
 
+
 def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def say(message: str) -> None:
@@ -320,13 +440,19 @@ def train_flops(result: dict) -> float:
     """4 x parameters x tokens: forward (2) + activation gradients (2); the frozen base needs no
     weight gradients. Blocks count every real token they process, the LM head only the
     positions it is applied to. Attention scores and the LoRA matmuls are not counted."""
-    return 4 * (result["body_params"] * result["tokens"] + result["head_params"] * result["head_tokens"])
+    return 4 * (
+        result["body_params"] * result["tokens"] + result["head_params"] * result["head_tokens"]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smaller model and fewer repeats (minutes)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="folder for results.json and plots")
+    parser.add_argument(
+        "--quick", action="store_true", help="the smaller model and fewer repeats (minutes)"
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "out"), help="folder for results.json and plots"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -337,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
 
     if importlib.util.find_spec("mlx_lm_lora") is None:
-        print("benchmarks/run.py: the peer side needs mlx-lm-lora; install it with `pip install mlx-lm-lora`",
-              file=sys.stderr)
+        print(
+            "benchmarks/run.py: the peer side needs mlx-lm-lora; install it with `pip install mlx-lm-lora`",
+            file=sys.stderr,
+        )
         return 2
     mode = "quick" if args.quick else "full"
     out = Path(args.out)
@@ -357,36 +485,64 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["default", "unshared", "recompute"] + ([] if args.quick else ["checkpoint"])
     for name, (batch, prompt_range, response_range) in workloads.items():
         pairs_file = out / f"pairs-{name}-{mode}.json"
-        pairs_file.write_text(json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=1)))
+        pairs_file.write_text(
+            json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=1))
+        )
         base = {"model": str(model_dir), "pairs": str(pairs_file), "steps": steps, "warmup": warmup}
         runs = {}
         for side, variant in [("peer", "default")] + [("ours", v) for v in variants]:
             key = f"{side}-{variant}"
             runs[key] = run_worker("train", {**base, "side": side, "variant": variant})
             r = runs[key]
-            say(f"train {name:16s} {key:16s} {statistics.median(r['step_seconds']):7.2f} s/step  "
-                f"peak {r['peak_total_gb']:.2f} GB")
+            say(
+                f"train {name:16s} {key:16s} {statistics.median(r['step_seconds']):7.2f} s/step  "
+                f"peak {r['peak_total_gb']:.2f} GB"
+            )
         report["runs"][f"train/{name}"] = runs
     if not args.quick:
         batch, prompt_range, response_range = QUANT_WORKLOAD
         pairs_file = out / f"pairs-q4-{mode}.json"
-        pairs_file.write_text(json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=2)))
-        base = {"model": str(model_dir), "pairs": str(pairs_file), "steps": 3, "warmup": 1, "bits": 4}
+        pairs_file.write_text(
+            json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=2))
+        )
+        base = {
+            "model": str(model_dir),
+            "pairs": str(pairs_file),
+            "steps": 3,
+            "warmup": 1,
+            "bits": 4,
+        }
         runs = {}
         for side in ("peer", "ours"):
-            runs[f"{side}-default"] = run_worker("train", {**base, "side": side, "variant": "default"})
+            runs[f"{side}-default"] = run_worker(
+                "train", {**base, "side": side, "variant": "default"}
+            )
             r = runs[f"{side}-default"]
-            say(f"train 4-bit {side}: {statistics.median(r['step_seconds']):.2f} s/step  peak {r['peak_total_gb']:.2f} GB")
+            say(
+                f"train 4-bit {side}: {statistics.median(r['step_seconds']):.2f} s/step  peak {r['peak_total_gb']:.2f} GB"
+            )
         report["runs"]["train/chat-4bit"] = runs
 
     n_prompts, max_tokens = (8, 128) if args.quick else (16, 160)
     pairs_file = out / f"pairs-generate-{mode}.json"
-    pairs_file.write_text(json.dumps(make_pairs(n_prompts, (200, 400), (1, 2), shape["vocab"], seed=3)))
+    pairs_file.write_text(
+        json.dumps(make_pairs(n_prompts, (200, 400), (1, 2), shape["vocab"], seed=3))
+    )
     gen = {}
     for side in ("sequential", "ours"):
-        gen[side] = run_worker("generate", {"model": str(model_dir), "pairs": str(pairs_file), "side": side,
-                                            "max_tokens": max_tokens, "batch_size": n_prompts})
-        say(f"generate {side:10s} {gen[side]['seconds_per_pair']:.2f} s/pair  {gen[side]['tokens_per_second']:.0f} tok/s")
+        gen[side] = run_worker(
+            "generate",
+            {
+                "model": str(model_dir),
+                "pairs": str(pairs_file),
+                "side": side,
+                "max_tokens": max_tokens,
+                "batch_size": n_prompts,
+            },
+        )
+        say(
+            f"generate {side:10s} {gen[side]['seconds_per_pair']:.2f} s/pair  {gen[side]['tokens_per_second']:.0f} tok/s"
+        )
     report["generation"] = gen
 
     if not args.quick:
@@ -400,14 +556,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def blas_end_to_end(out: Path) -> dict:
     """The embedded default job, shortened, with the system OpenBLAS and with MLX's bundled BLAS."""
-    args = ["--evaluation.prompts", "null", "--training.iters", "10", "--generation.max_tokens", "32",
-            "--output.overwrite", "true"]
+    args = [
+        "--evaluation.prompts",
+        "null",
+        "--training.iters",
+        "10",
+        "--generation.max_tokens",
+        "32",
+        "--output.overwrite",
+        "true",
+    ]
     result = {}
     for label, env in (("openblas", {}), ("bundled", {"MIPO_MLX_BLAS": "off"})):
         spec = {"args": [*args, "--output", str(out / f"cli-{label}")], "cwd": str(ROOT)}
         run = run_worker("cli", spec, env=env, timeout=1800)
         result[label] = run["seconds"]
-        say(f"python -m mipo_mlx.train (embedded, 10 steps) with {label} BLAS ({run['blas']}): {run['seconds']:.1f} s")
+        say(
+            f"python -m mipo_mlx.train (embedded, 10 steps) with {label} BLAS ({run['blas']}): {run['seconds']:.1f} s"
+        )
     return result
 
 
@@ -424,9 +590,15 @@ def machine() -> dict:
             versions[package] = version(package)
         except Exception:
             versions[package] = "not installed"
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "device": str(mx.default_device()), "blas": blas_library(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(mx.default_device()),
+        "blas": blas_library(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def finish(report: dict, out: Path) -> None:
@@ -435,8 +607,14 @@ def finish(report: dict, out: Path) -> None:
     ratios = {}
     for name, runs in report["runs"].items():
         peer, ours = runs["peer-default"], runs["ours-default"]
-        peer_s, ours_s = statistics.median(peer["step_seconds"]), statistics.median(ours["step_seconds"])
-        ratios[name] = {"train_speedup": peer_s / ours_s, "memory_ratio": ours["peak_total_gb"] / peer["peak_total_gb"]}
+        peer_s, ours_s = (
+            statistics.median(peer["step_seconds"]),
+            statistics.median(ours["step_seconds"]),
+        )
+        ratios[name] = {
+            "train_speedup": peer_s / ours_s,
+            "memory_ratio": ours["peak_total_gb"] / peer["peak_total_gb"],
+        }
         for r in runs.values():
             r["summary"] = summary(r["step_seconds"])
             r["mfu"] = train_flops(r) / statistics.median(r["step_seconds"]) / peak
@@ -445,25 +623,37 @@ def finish(report: dict, out: Path) -> None:
     chat = ratios["train/chat"]
     mfu = report["runs"]["train/chat"]["ours-default"]["mfu"]
     report["ratios"] = ratios
-    report["last_line"] = (f"train_speedup={chat['train_speedup']:.2f} memory_ratio={chat['memory_ratio']:.2f} "
-                           f"generation_speedup={generation_speedup:.2f} mfu={mfu:.2f}")
+    report["last_line"] = (
+        f"train_speedup={chat['train_speedup']:.2f} memory_ratio={chat['memory_ratio']:.2f} "
+        f"generation_speedup={generation_speedup:.2f} mfu={mfu:.2f}"
+    )
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
     plot(report, out / "benchmarks.png")
 
 
 def markdown(report: dict) -> str:
-    lines = ["| workload | run | step s (median [min, max], n) | peak GB | tokens/step | MFU |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| workload | run | step s (median [min, max], n) | peak GB | tokens/step | MFU |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, runs in report["runs"].items():
         for key, r in runs.items():
             s = r["summary"]
-            lines.append(f"| {name} | {key} | {s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}], {s['n']} | "
-                         f"{r['peak_total_gb']:.2f} | {r['tokens']} | {100 * r['mfu']:.1f}% |")
-    lines += ["", "| generation | s/pair | tokens/s | generated tokens | peak GB |", "| --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {name} | {key} | {s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}], {s['n']} | "
+                f"{r['peak_total_gb']:.2f} | {r['tokens']} | {100 * r['mfu']:.1f}% |"
+            )
+    lines += [
+        "",
+        "| generation | s/pair | tokens/s | generated tokens | peak GB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for side, g in report["generation"].items():
-        lines.append(f"| {side} | {g['seconds_per_pair']:.2f} | {g['tokens_per_second']:.0f} | "
-                     f"{g['generated_tokens']} | {g['peak_active_gb']:.2f} |")
+        lines.append(
+            f"| {side} | {g['seconds_per_pair']:.2f} | {g['tokens_per_second']:.0f} | "
+            f"{g['generated_tokens']} | {g['peak_active_gb']:.2f} |"
+        )
     lines += ["", "| workload | train_speedup | memory_ratio |", "| --- | --- | --- |"]
     for name, r in report["ratios"].items():
         lines.append(f"| {name} | {r['train_speedup']:.2f} | {r['memory_ratio']:.2f} |")
@@ -481,18 +671,33 @@ def plot(report: dict, path: Path) -> None:
         return
     names = list(report["runs"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, metric, label in ((axes[0], "time", "seconds per training step"), (axes[1], "memory", "peak GB")):
+    for ax, metric, label in (
+        (axes[0], "time", "seconds per training step"),
+        (axes[1], "memory", "peak GB"),
+    ):
         keys = sorted({k for runs in report["runs"].values() for k in runs})
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
-            values = [(statistics.median(report["runs"][n][key]["step_seconds"]) if metric == "time"
-                       else report["runs"][n][key]["peak_total_gb"]) if key in report["runs"][n] else 0 for n in names]
+            values = [
+                (
+                    statistics.median(report["runs"][n][key]["step_seconds"])
+                    if metric == "time"
+                    else report["runs"][n][key]["peak_total_gb"]
+                )
+                if key in report["runs"][n]
+                else 0
+                for n in names
+            ]
             ax.bar([i + j * width for i in range(len(names))], values, width, label=key)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], [n.split("/")[1] for n in names])
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(names))], [n.split("/")[1] for n in names]
+        )
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     gen = report["generation"]
-    axes[2].bar(list(gen), [g["seconds_per_pair"] for g in gen.values()], color=["tab:gray", "tab:blue"])
+    axes[2].bar(
+        list(gen), [g["seconds_per_pair"] for g in gen.values()], color=["tab:gray", "tab:blue"]
+    )
     axes[2].set_ylabel("seconds per pair (generation)")
     fig.suptitle(f"mipo_mlx vs mlx-lm-lora DPO + sequential mlx_lm.generate ({report['mode']} run)")
     fig.tight_layout()

@@ -39,28 +39,60 @@ def worker(out: str) -> None:
     from mipo_mlx.score import add_reference_logps, use_shared_prompt
     from mipo_mlx.training import train_adapters
 
-    config = resolve(str(default_config_path()), {
-        "output.dir": out, "evaluation.prompts": None, "training.iters": STEPS,
-        "training.batch_size": GLOBAL_BATCH // dist.size(), "training.valid_every": 0})
+    config = resolve(
+        str(default_config_path()),
+        {
+            "output.dir": out,
+            "evaluation.prompts": None,
+            "training.iters": STEPS,
+            "training.batch_size": GLOBAL_BATCH // dist.size(),
+            "training.valid_every": 0,
+        },
+    )
     model, tokenizer, _ = mdl.load(config.model)
     pad = mdl.pad_id(tokenizer)
-    rendered = render_prompts(read_source(config.data.prompts), tokenizer, config.data, config.data.prompts)
+    rendered = render_prompts(
+        read_source(config.data.prompts), tokenizer, config.data, config.data.prompts
+    )
     tic = time.perf_counter()
     positives = generate_all(model, tokenizer, rendered.ids, config.generation, "generate", 0)
     generate_s = time.perf_counter() - tic
-    pairs = split_pairs(random_pairs(rendered, positives, tokenizer, config.generation, config.pairs.seed), 0.05, 0)
+    pairs = split_pairs(
+        random_pairs(rendered, positives, tokenizer, config.generation, config.pairs.seed), 0.05, 0
+    )
     shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
     tic = time.perf_counter()
     add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
     score_s = time.perf_counter() - tic
     Path(out).mkdir(parents=True, exist_ok=True)
-    train_adapters(model, pad, pairs, config.training, config.lora, config.model.path, RunFolder(out), shared=shared)
+    train_adapters(
+        model,
+        pad,
+        pairs,
+        config.training,
+        config.lora,
+        config.model.path,
+        RunFolder(out),
+        shared=shared,
+    )
     if dist.is_main():
-        steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-        print("RESULT " + json.dumps({
-            "ranks": dist.size(), "generate_s": generate_s, "score_s": score_s,
-            "generated_tokens": sum(len(p.token_ids) for p in positives), "pairs": len(pairs),
-            "step_s": statistics.median(s["step_seconds"] for s in steps[2:])}), flush=True)
+        steps = [
+            json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+        ]
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "ranks": dist.size(),
+                    "generate_s": generate_s,
+                    "score_s": score_s,
+                    "generated_tokens": sum(len(p.token_ids) for p in positives),
+                    "pairs": len(pairs),
+                    "step_s": statistics.median(s["step_seconds"] for s in steps[2:]),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -83,11 +115,15 @@ def main() -> int:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(lines[-1][7:]))
-    print("| processes | generation tokens/s | reference scoring pairs/s | training s/step (global batch 16) |")
+    print(
+        "| processes | generation tokens/s | reference scoring pairs/s | training s/step (global batch 16) |"
+    )
     print("| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['ranks']} | {r['generated_tokens'] / r['generate_s']:.0f} | {r['pairs'] / r['score_s']:.0f} | "
-              f"{r['step_s']:.3f} |")
+        print(
+            f"| {r['ranks']} | {r['generated_tokens'] / r['generate_s']:.0f} | {r['pairs'] / r['score_s']:.0f} | "
+            f"{r['step_s']:.3f} |"
+        )
     return 0
 
 

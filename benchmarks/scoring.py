@@ -33,7 +33,9 @@ from mipo_mlx.score import pack, response_logps, sequence_logps
 def full_logits(model, prompts, responses, pad: int, batch_rows: int = 32) -> np.ndarray:
     out = np.zeros(len(prompts))
     for start in range(0, len(prompts), batch_rows):
-        arrays = pack(prompts[start : start + batch_rows], responses[start : start + batch_rows], pad)
+        arrays = pack(
+            prompts[start : start + batch_rows], responses[start : start + batch_rows], pad
+        )
         logps = sequence_logps(model, *map(mx.array, arrays))
         mx.eval(logps)
         out[start : start + len(logps)] = np.array(logps.tolist())
@@ -57,24 +59,47 @@ def main() -> int:
     parser.add_argument("--answers", type=int, default=16)
     args = parser.parse_args()
     mx.random.seed(0)
-    model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", hidden_size=256, num_hidden_layers=4,
-                                        intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
-                                        rms_norm_eps=1e-6, vocab_size=args.vocab, tie_word_embeddings=False))
+    model = qwen2.Model(
+        qwen2.ModelArgs(
+            model_type="qwen2",
+            hidden_size=256,
+            num_hidden_layers=4,
+            intermediate_size=688,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            vocab_size=args.vocab,
+            tie_word_embeddings=False,
+        )
+    )
     mx.eval(model.parameters())
     rng = np.random.default_rng(0)
     shared = rng.integers(10, args.vocab, size=1500).tolist()
-    prompts = [shared + rng.integers(10, args.vocab, size=rng.integers(60, 121)).tolist()
-               for _ in range(args.answers)]
-    answers = [rng.integers(10, args.vocab, size=rng.integers(100, 201)).tolist() for _ in range(args.answers)]
+    prompts = [
+        shared + rng.integers(10, args.vocab, size=rng.integers(60, 121)).tolist()
+        for _ in range(args.answers)
+    ]
+    answers = [
+        rng.integers(10, args.vocab, size=rng.integers(100, 201)).tolist()
+        for _ in range(args.answers)
+    ]
     others = other_prompts(args.answers, 4, seed=0)
     rows = [(i, j) for i in range(args.answers) for j in (i, *others[i])]
     row_prompts, row_answers = [prompts[j] for _, j in rows], [answers[i] for i, _ in rows]
-    print(f"{len(rows)} rows of {min(map(len, row_prompts))}-{max(map(len, row_prompts))} prompt + "
-          f"{min(map(len, row_answers))}-{max(map(len, row_answers))} answer tokens, vocabulary {args.vocab}")
-    old, old_s, old_gb = measure("full logits", lambda: full_logits(model, row_prompts, row_answers, 0))
-    plain, plain_s, plain_gb = measure("no shared prefix", lambda: response_logps(
-        model, row_prompts, row_answers, 0, min_shared=10**9))
-    new, new_s, new_gb = measure("response_logps", lambda: response_logps(model, row_prompts, row_answers, 0))
+    print(
+        f"{len(rows)} rows of {min(map(len, row_prompts))}-{max(map(len, row_prompts))} prompt + "
+        f"{min(map(len, row_answers))}-{max(map(len, row_answers))} answer tokens, vocabulary {args.vocab}"
+    )
+    old, old_s, old_gb = measure(
+        "full logits", lambda: full_logits(model, row_prompts, row_answers, 0)
+    )
+    plain, plain_s, plain_gb = measure(
+        "no shared prefix",
+        lambda: response_logps(model, row_prompts, row_answers, 0, min_shared=10**9),
+    )
+    new, new_s, new_gb = measure(
+        "response_logps", lambda: response_logps(model, row_prompts, row_answers, 0)
+    )
     gap = max(float(np.abs(old - v).max() / np.abs(old).max()) for v in (plain, new))
     print(f"largest relative difference in log-probs: {gap:.1e}")
     print(f"no shared prefix: speedup={old_s / plain_s:.2f} memory_ratio={plain_gb / old_gb:.2f}")

@@ -1,7 +1,7 @@
 """MIPO from Python: build the config in code, run the pipeline, compare before and after.
 
-  python examples/python_api.py --model mlx-community/Qwen2.5-0.5B-Instruct-4bit
-  python examples/python_api.py --toy        # a small random model built on the spot (no download)
+python examples/python_api.py --model mlx-community/Qwen2.5-0.5B-Instruct-4bit
+python examples/python_api.py --toy        # a small random model built on the spot (no download)
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from mipo_mlx.pipeline import run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="Hub id or local folder of an mlx-lm chat model")
-    parser.add_argument("--toy", action="store_true", help="build a small random llama model to try the API")
+    parser.add_argument(
+        "--toy", action="store_true", help="build a small random llama model to try the API"
+    )
     parser.add_argument("--prompts", default=str(Path(__file__).with_name("prompts.jsonl")))
     parser.add_argument("--output", default="runs/python-api")
     parser.add_argument("--steps", type=int, default=20)
@@ -40,15 +44,19 @@ def main() -> None:
     config.output.dir, config.output.overwrite = args.output, True
 
     result = run(config)
-    print(f"{len(result.pairs)} pairs; after {args.steps} steps: loss {result.metrics['loss']:.4f}, "
-          f"reward margin {result.metrics['rewards/margins']:.4f}")
+    print(
+        f"{len(result.pairs)} pairs; after {args.steps} steps: loss {result.metrics['loss']:.4f}, "
+        f"reward margin {result.metrics['rewards/margins']:.4f}"
+    )
 
     # The adapters load with plain mlx-lm, like any LoRA adapters.
     from mlx_lm import generate, load
 
     model, tokenizer = load(config.model.path, adapter_path=str(result.output))
     messages = result.pairs[0].messages
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False
+    )
     print("prompt:", messages[-1]["content"])
     print("answer with adapters:", generate(model, tokenizer, prompt=prompt, max_tokens=40))
 

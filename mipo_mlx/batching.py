@@ -16,7 +16,9 @@ from .pairs import Pair
 from .score import Batch, pack_pairs
 
 
-def epoch_order(pairs: list[Pair], batch_size: int, seed: int, epoch: int, buckets: int) -> list[int]:
+def epoch_order(
+    pairs: list[Pair], batch_size: int, seed: int, epoch: int, buckets: int
+) -> list[int]:
     """A seeded permutation of the pairs; with buckets > 1, each run of `buckets` batches is
     sorted by length before it is cut into batches, and those batches are shuffled."""
     order = np.random.default_rng([seed, epoch]).permutation(len(pairs)).tolist()
@@ -33,8 +35,16 @@ def epoch_order(pairs: list[Pair], batch_size: int, seed: int, epoch: int, bucke
     return out
 
 
-def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start: int = 0,
-                 buckets: int = 1, shared: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+def batch_stream(
+    pairs: list[Pair],
+    batch_size: int,
+    seed: int,
+    pad: int,
+    start: int = 0,
+    buckets: int = 1,
+    shared: bool = False,
+    part: tuple[int, int] = (0, 1),
+) -> Iterator[Batch]:
     """Full batches from epoch after epoch (each visits every pair once; batch k is a pure
     function of k); `start` skips the first batches without packing them (resuming).
     With `part` = (rank, ranks), `batch_size` is the global batch and this rank gets
@@ -46,7 +56,9 @@ def batch_stream(pairs: list[Pair], batch_size: int, seed: int, pad: int, start:
             order += epoch_order(pairs, batch_size, seed, epoch, buckets)
             epoch += 1
         if k >= start:
-            yield pack_pairs([pairs[i] for i in order[:batch_size][part[0]:: part[1]]], pad, shared)
+            yield pack_pairs(
+                [pairs[i] for i in order[:batch_size][part[0] :: part[1]]], pad, shared
+            )
         order = order[batch_size:]
         k += 1
 
@@ -55,4 +67,7 @@ def total_steps(config: TrainingConfig, n_train: int, ranks: int = 1) -> int:
     """training.iters, or the optimizer steps of training.epochs over `n_train` pairs."""
     if config.iters is not None:
         return config.iters
-    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * ranks * config.grad_accumulation)))
+    return max(
+        1,
+        math.ceil(config.epochs * n_train / (config.batch_size * ranks * config.grad_accumulation)),
+    )

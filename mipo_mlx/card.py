@@ -34,33 +34,67 @@ def base_card(model_path: str) -> dict:
     return front_matter(local.read_text(encoding="utf-8")) if local.is_file() else {}
 
 
-def model_card(run: Path, config: Config, model_config: dict, check, drift, quantize: int | None) -> str:
-    meta = ModelCardData(base_model=config.model.path, library_name="mlx", pipeline_tag="text-generation",
-                         tags=TAGS + (["quantized"] if quantize else []),
-                         license=base_card(config.model.path).get("license"))
+def model_card(
+    run: Path, config: Config, model_config: dict, check, drift, quantize: int | None
+) -> str:
+    meta = ModelCardData(
+        base_model=config.model.path,
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        tags=TAGS + (["quantized"] if quantize else []),
+        license=base_card(config.model.path).get("license"),
+    )
     pairs = sum(1 for line in (run / "pairs.jsonl").read_text().splitlines() if line.strip())
     t, lora = config.training, config.lora
-    evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else "No evaluation was run.\n"
-    weights = f"re-quantized to {quantize} bits" if quantize else f"de-quantized ({model_config.get('torch_dtype', 'float')})"
+    evaluation = (
+        (run / "eval.md").read_text() if (run / "eval.md").is_file() else "No evaluation was run.\n"
+    )
+    weights = (
+        f"re-quantized to {quantize} bits"
+        if quantize
+        else f"de-quantized ({model_config.get('torch_dtype', 'float')})"
+    )
     lines = [
-        "---", meta.to_yaml(), "---", "",
-        f"# {config.model.path} + MIPO", "",
+        "---",
+        meta.to_yaml(),
+        "---",
+        "",
+        f"# {config.model.path} + MIPO",
+        "",
         "Fine-tuned with **MIPO** (Mutual Information Preference Optimization) using mipo_mlx: the base model",
         "answered each training prompt (chosen); the rejected answer was made without the prompt's information",
         "and scored under the right prompt; LoRA adapters were trained with DPO against the frozen base, then",
-        f"fused into the weights ({weights}). No labels, no judge, no new data.", "",
-        "## Training", "",
+        f"fused into the weights ({weights}). No labels, no judge, no new data.",
+        "",
+        "## Training",
+        "",
         f"- negatives: `{config.pairs.negatives}`; pairs: {pairs}",
         f"- loss: `{t.loss}`, beta {t.beta}, learning rate {t.learning_rate:g}, batch {t.batch_size} x "
         f"{t.grad_accumulation}, epochs {t.epochs}, steps {t.iters or 'one epoch'}",
         f"- LoRA: rank {lora.rank}, scale {lora.scale}, layers {lora.num_layers}, keys {lora.keys or 'all linears'}",
         f"- generation: temperature {config.generation.temperature}, top_p {config.generation.top_p}, "
-        f"max tokens {config.generation.max_tokens}", "",
-        "## Evaluation", "", evaluation,
-        "## Export check", "", f"- fused vs base + adapters: {check.line()}",
+        f"max tokens {config.generation.max_tokens}",
+        "",
+        "## Evaluation",
+        "",
+        evaluation,
+        "## Export check",
+        "",
+        f"- fused vs base + adapters: {check.line()}",
     ]
     if drift is not None:
         lines.append(f"- after re-quantizing to {quantize} bits: {drift.line()}")
-    lines += ["", "## Use", "", "```python", "from mlx_lm import load, generate", "",
-              'model, tokenizer = load("<this repo or folder>")', "```", ""]
-    return str(ModelCard("\n".join(lines)))  # parsed back: the front matter is what the Hub will read
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from mlx_lm import load, generate",
+        "",
+        'model, tokenizer = load("<this repo or folder>")',
+        "```",
+        "",
+    ]
+    return str(
+        ModelCard("\n".join(lines))
+    )  # parsed back: the front matter is what the Hub will read

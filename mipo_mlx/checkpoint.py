@@ -37,9 +37,13 @@ class TrainState:
 def save(out: Path, state: TrainState) -> Path:
     with atomic_folder(out / NAME) as folder:
         mx.save_safetensors(str(folder / "adapters.safetensors"), state.adapters)
-        mx.save_safetensors(str(folder / "state.safetensors"),
-                            {f"optimizer.{k}": v for k, v in state.optimizer.items()})
-        (folder / "state.json").write_text(json.dumps({"step": state.step, "batches_done": state.batches_done}))
+        mx.save_safetensors(
+            str(folder / "state.safetensors"),
+            {f"optimizer.{k}": v for k, v in state.optimizer.items()},
+        )
+        (folder / "state.json").write_text(
+            json.dumps({"step": state.step, "batches_done": state.batches_done})
+        )
     return out / NAME
 
 
@@ -53,8 +57,12 @@ def load(out: Path) -> TrainState | None:
         tensors = mx.load(str(folder / "state.safetensors"))
         adapters = mx.load(str(folder / "adapters.safetensors"))
     except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{folder}: unreadable checkpoint ({err}); delete it to restart training") from None
-    optimizer = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        raise UserError(
+            f"{folder}: unreadable checkpoint ({err}); delete it to restart training"
+        ) from None
+    optimizer = {
+        k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")
+    }
     return TrainState(meta["step"], meta["batches_done"], adapters, optimizer)
 
 
@@ -67,9 +75,18 @@ def load_on_every_rank(out: Path) -> TrainState | None:
     state = load(out) if dist.is_main() else None
     if dist.size() == 1:
         return state
-    meta = dist.decided(lambda: None if state is None else {
-        "step": state.step, "batches_done": state.batches_done,
-        "adapters": _layout(state.adapters), "optimizer": _layout(state.optimizer)})
+    meta = dist.decided(
+        lambda: (
+            None
+            if state is None
+            else {
+                "step": state.step,
+                "batches_done": state.batches_done,
+                "adapters": _layout(state.adapters),
+                "optimizer": _layout(state.optimizer),
+            }
+        )
+    )
     if meta is None:
         return None
 
@@ -77,12 +94,18 @@ def load_on_every_rank(out: Path) -> TrainState | None:
         blank = {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in meta[kind].items()}
         return dist.broadcast_arrays(mine if mine is not None else blank)
 
-    return TrainState(meta["step"], meta["batches_done"], arrays("adapters", state and state.adapters),
-                      arrays("optimizer", state and state.optimizer))
+    return TrainState(
+        meta["step"],
+        meta["batches_done"],
+        arrays("adapters", state and state.adapters),
+        arrays("optimizer", state and state.optimizer),
+    )
 
 
 def capture(model, optimizer, step: int, batches_done: int) -> TrainState:
-    return TrainState(step, batches_done, adapter_weights(model), dict(tree_flatten(optimizer.state)))
+    return TrainState(
+        step, batches_done, adapter_weights(model), dict(tree_flatten(optimizer.state))
+    )
 
 
 def restore(model, optimizer, state: TrainState) -> None:

@@ -19,7 +19,9 @@ from .errors import UserError
 
 
 def _describe(default: Any) -> str:
-    return "null" if default is None else repr(default) if isinstance(default, str) else str(default)
+    return (
+        "null" if default is None else repr(default) if isinstance(default, str) else str(default)
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +45,9 @@ def build_parser(prog: str, description: str, shortcuts: dict[str, str]) -> argp
         argument_default=argparse.SUPPRESS,  # an option not given never overrides the YAML file
     )
     parser.shortcuts = shortcuts
-    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (sections as below).")
+    parser.add_argument(
+        "--config", metavar="YAML", help="YAML file of settings (sections as below)."
+    )
     for short, key in shortcuts.items():
         parser.add_argument(f"--{short}", dest=key, metavar="VALUE", help=f"Same as --{key}.")
     defaults = Config()
@@ -52,8 +56,12 @@ def build_parser(prog: str, description: str, shortcuts: dict[str, str]) -> argp
         for name, (_, f) in settings_of(section).items():
             key = f"{section_name}.{name}"
             default = getattr(getattr(defaults, section_name), name)
-            group.add_argument(f"--{key}", dest=key, metavar="VALUE",
-                               help=f"{f.metadata['help']} (default: {_describe(default)})")
+            group.add_argument(
+                f"--{key}",
+                dest=key,
+                metavar="VALUE",
+                help=f"{f.metadata['help']} (default: {_describe(default)})",
+            )
     return parser
 
 
@@ -83,7 +91,9 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[str | None, dict[str, Any], dict]:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[str | None, dict[str, Any], dict]:
     """(YAML path, {dotted key: value}, other options) from the command line."""
     import sys
 

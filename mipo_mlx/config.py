@@ -44,13 +44,20 @@ class ModelConfig:
     path: str = setting("", "Hugging Face repo id or local folder of an mlx-lm model.")
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of the model.")
     quantize_bits: int | None = setting(
-        None, "Quantize a full-precision base on load (QLoRA); null keeps it as it is.", choices=(None, 4, 8)
+        None,
+        "Quantize a full-precision base on load (QLoRA); null keeps it as it is.",
+        choices=(None, 4, 8),
     )
-    quantize_group_size: int = setting(64, "Group size for quantize-on-load.", choices=(32, 64, 128))
+    quantize_group_size: int = setting(
+        64, "Group size for quantize-on-load.", choices=(32, 64, 128)
+    )
     quantize_on_cpu: bool = setting(
-        False, "Also quantize on the CPU backend, where MLX's quantized matmul is ~40x slower than float32."
+        False,
+        "Also quantize on the CPU backend, where MLX's quantized matmul is ~40x slower than float32.",
     )
-    trust_remote_code: bool = setting(False, "Allow the tokenizer to run code shipped with the model.")
+    trust_remote_code: bool = setting(
+        False, "Allow the tokenizer to run code shipped with the model."
+    )
 
 
 @dataclass
@@ -66,41 +73,67 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = setting("", "Training prompts: a JSONL file ({prompt}, {messages} or {prompt, context}), "
-                           "or with data.format a public dataset file, folder or Hub dataset id.")
-    format: str = setting("prompts", "Row format of data.prompts: this project's JSONL, or a public dataset's "
-                          "(labels are never read for training).", choices=DATA_FORMATS)
-    split: str | None = setting(None, "Keep only files whose path contains this (e.g. train, main/train).")
+    prompts: str = setting(
+        "",
+        "Training prompts: a JSONL file ({prompt}, {messages} or {prompt, context}), "
+        "or with data.format a public dataset file, folder or Hub dataset id.",
+    )
+    format: str = setting(
+        "prompts",
+        "Row format of data.prompts: this project's JSONL, or a public dataset's "
+        "(labels are never read for training).",
+        choices=DATA_FORMATS,
+    )
+    split: str | None = setting(
+        None, "Keep only files whose path contains this (e.g. train, main/train)."
+    )
     skip: int = setting(0, "Leave out the first N rows (e.g. those an evaluation uses).", min=0)
-    subset: int | None = setting(None, "Draw N rows at random (seeded by data.subset_seed) before data.limit.",
-                                 min=2)
+    subset: int | None = setting(
+        None, "Draw N rows at random (seeded by data.subset_seed) before data.limit.", min=2
+    )
     subset_seed: int = setting(42, "Seed of the data.subset draw.", min=0)
-    template: str | None = setting(None, "A paper prompt template by name; it replaces data.prompt_template and "
-                                   "data.context_template.", choices=TEMPLATE_NAMES)
+    template: str | None = setting(
+        None,
+        "A paper prompt template by name; it replaces data.prompt_template and "
+        "data.context_template.",
+        choices=TEMPLATE_NAMES,
+    )
     max_prompt_tokens: int = setting(1024, "Longest rendered prompt, in tokens.", min=8)
     long_prompts: str = setting(
-        "skip", "What to do with a longer prompt: skip it (reported), keep its end, or stop.",
+        "skip",
+        "What to do with a longer prompt: skip it (reported), keep its end, or stop.",
         choices=("skip", "truncate", "error"),
     )
-    prompt_template: str = setting("{prompt}", "Final user turn for a plain prompt; {prompt} is the row's text.")
+    prompt_template: str = setting(
+        "{prompt}", "Final user turn for a plain prompt; {prompt} is the row's text."
+    )
     context_template: str = setting(
         "{prompt}\n\nPlease respect the following requirements made by the user: {context}",
         "Final user turn for a row with a context; {prompt} and {context} are filled in.",
     )
-    system_prompt: str | None = setting(None, "System message put before every prompt (paper: none).")
-    enable_thinking: bool = setting(False, "Passed to the chat template for thinking-capable models.")
-    valid_fraction: float = setting(0.05, "Share of prompts held out as validation pairs.", min=0, max=0.5)
+    system_prompt: str | None = setting(
+        None, "System message put before every prompt (paper: none)."
+    )
+    enable_thinking: bool = setting(
+        False, "Passed to the chat template for thinking-capable models."
+    )
+    valid_fraction: float = setting(
+        0.05, "Share of prompts held out as validation pairs.", min=0, max=0.5
+    )
     limit: int | None = setting(None, "Use only the first N prompts (quick trial runs).", min=2)
 
 
 @dataclass
 class GenerationConfig:
-    temperature: float = setting(0.1, "Sampling temperature (paper: 0.1; 1.0 for multiple choice).", min=0)
+    temperature: float = setting(
+        0.1, "Sampling temperature (paper: 0.1; 1.0 for multiple choice).", min=0
+    )
     top_p: float = setting(0.9, "Nucleus sampling mass (paper: 0.9).", gt=0, max=1)
     max_tokens: int = setting(512, "Longest response, in tokens.", min=1)
     batch_size: int = setting(16, "Prompts decoded together.", min=1)
     truncated: str = setting(
-        "drop", "Responses that hit max_tokens: drop them, or keep them as generated (no EOS).",
+        "drop",
+        "Responses that hit max_tokens: drop them, or keep them as generated (no EOS).",
         choices=("drop", "keep"),
     )
     seed: int = setting(42, "Sampling seed; each prompt gets its own stream from it.", min=0)
@@ -108,7 +141,9 @@ class GenerationConfig:
 
 @dataclass
 class PairsConfig:
-    negatives: str = setting("random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES)
+    negatives: str = setting(
+        "random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES
+    )
     seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0)
 
 
@@ -116,7 +151,9 @@ class PairsConfig:
 class TrainingConfig:
     loss: str = setting("sigmoid", "Preference loss.", choices=LOSSES)
     beta: float = setting(0.1, "DPO beta.", gt=0)
-    label_smoothing: float = setting(0.0, "Label smoothing for sigmoid/robust losses.", min=0, max=0.49)
+    label_smoothing: float = setting(
+        0.0, "Label smoothing for sigmoid/robust losses.", min=0, max=0.49
+    )
     learning_rate: float = setting(1e-5, "Peak learning rate.", gt=0)
     warmup_fraction: float = setting(0.03, "Share of steps with linear warmup.", min=0, max=1)
     min_lr_ratio: float = setting(0.1, "Cosine decays to this fraction of the peak.", min=0, max=1)
@@ -128,41 +165,76 @@ class TrainingConfig:
     grad_accumulation: int = setting(1, "Micro-batches summed into one optimizer step.", min=1)
     epochs: int = setting(1, "Passes over the training pairs (paper: 1).", min=1)
     iters: int | None = setting(None, "Optimizer steps; null = epochs x pairs / batch.", min=1)
-    shared_prompt: str = setting("auto", "Run each prompt once for its chosen and rejected responses (same "
-                                 "log-probs, less work); auto checks the model supports it.",
-                                 choices=("auto", "on", "off"))
-    length_buckets: int = setting(16, "Batches drawn together and sorted by length, so a batch pads little; "
-                                  "1 = plain random batches.", min=1)
-    grad_checkpoint: bool = setting(False, "Recompute block activations in backward to save memory.")
+    shared_prompt: str = setting(
+        "auto",
+        "Run each prompt once for its chosen and rejected responses (same "
+        "log-probs, less work); auto checks the model supports it.",
+        choices=("auto", "on", "off"),
+    )
+    length_buckets: int = setting(
+        16,
+        "Batches drawn together and sorted by length, so a batch pads little; "
+        "1 = plain random batches.",
+        min=1,
+    )
+    grad_checkpoint: bool = setting(
+        False, "Recompute block activations in backward to save memory."
+    )
     compile: bool = setting(True, "Compile the training step with mx.compile.")
-    valid_every: int = setting(50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0)
+    valid_every: int = setting(
+        50, "Validate on held-out pairs every N steps; 0 = only at the end.", min=0
+    )
     save_every: int = setting(100, "Save adapters every N steps; 0 = only at the end.", min=0)
     score_batch_size: int = setting(8, "Pairs per forward when scoring the reference.", min=1)
-    checkpoint_every: int = setting(25, "Write a resumable checkpoint every N steps (and at stops).", min=1)
-    on_nan: str = setting("stop", "A non-finite loss or gradient: stop (keeping the last checkpoint), "
-                          "or skip the step (undone).", choices=("stop", "skip"))
-    max_skipped_steps: int = setting(10, "With on_nan=skip, stop after this many skipped steps.", min=0)
-    memory_limit_gb: float | None = setting(None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0)
+    checkpoint_every: int = setting(
+        25, "Write a resumable checkpoint every N steps (and at stops).", min=1
+    )
+    on_nan: str = setting(
+        "stop",
+        "A non-finite loss or gradient: stop (keeping the last checkpoint), "
+        "or skip the step (undone).",
+        choices=("stop", "skip"),
+    )
+    max_skipped_steps: int = setting(
+        10, "With on_nan=skip, stop after this many skipped steps.", min=0
+    )
+    memory_limit_gb: float | None = setting(
+        None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0
+    )
     seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0)
 
 
 @dataclass
 class EvaluationConfig:
-    prompts: str | None = setting(None, "Held-out prompts (JSONL with 'answer' labels, or a public dataset as "
-                                  "evaluation.format says); null skips evaluation.")
-    format: str = setting("prompts", "Row format of evaluation.prompts (as data.format).", choices=DATA_FORMATS)
+    prompts: str | None = setting(
+        None,
+        "Held-out prompts (JSONL with 'answer' labels, or a public dataset as "
+        "evaluation.format says); null skips evaluation.",
+    )
+    format: str = setting(
+        "prompts", "Row format of evaluation.prompts (as data.format).", choices=DATA_FORMATS
+    )
     split: str | None = setting(None, "Keep only files whose path contains this (e.g. test).")
-    subset: int | None = setting(None, "Draw N rows at random (seeded by evaluation.subset_seed) before "
-                                 "evaluation.limit (paper: GSM8K 200, ARC 500, seed 42).", min=2)
+    subset: int | None = setting(
+        None,
+        "Draw N rows at random (seeded by evaluation.subset_seed) before "
+        "evaluation.limit (paper: GSM8K 200, ARC 500, seed 42).",
+        min=2,
+    )
     subset_seed: int = setting(42, "Seed of the evaluation.subset draw.", min=0)
     limit: int | None = setting(200, "Evaluate on the first N held-out prompts; null = all.", min=2)
     temperature: float = setting(0.1, "Sampling temperature for evaluation answers.", min=0)
     top_p: float = setting(0.9, "Nucleus sampling mass for evaluation answers.", gt=0, max=1)
     max_tokens: int = setting(256, "Longest evaluation answer, in tokens.", min=1)
     pmi_negatives: int = setting(4, "Other prompts x' per answer in the PMI estimate.", min=1)
-    seed: int = setting(1234, "Sampling seed for evaluation (the same for base and adapters).", min=0)
-    judge: str | None = setting(None, "Judge model (Hub id or folder of any mlx-lm chat model) scoring answers "
-                                "1-5 per stated preference, for prompts with a context; null = no judge.")
+    seed: int = setting(
+        1234, "Sampling seed for evaluation (the same for base and adapters).", min=0
+    )
+    judge: str | None = setting(
+        None,
+        "Judge model (Hub id or folder of any mlx-lm chat model) scoring answers "
+        "1-5 per stated preference, for prompts with a context; null = no judge.",
+    )
     judge_max_tokens: int = setting(128, "Longest judge answer, in tokens (greedy).", min=8)
     judge_batch_size: int = setting(16, "Judge prompts decoded together.", min=1)
     plots: bool = setting(True, "Write PNG plots (needs matplotlib: pip install 'mipo_mlx[plot]').")
@@ -325,7 +397,9 @@ def check_template(key: str, template: str, names: set[str]) -> None:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as err:
-        raise UserError(f"{key}: {err} in {template!r}; write literal braces as {{{{ and }}}}") from None
+        raise UserError(
+            f"{key}: {err} in {template!r}; write literal braces as {{{{ and }}}}"
+        ) from None
     fields = {f.split("!")[0].split(":")[0] for f in fields}
     if fields != names:
         need = ", ".join("{" + n + "}" for n in sorted(names))
@@ -340,23 +414,35 @@ def validate(config: Config, command: str = "train") -> Config:
     check_template("data.context_template", data.context_template, {"prompt", "context"})
     if data.template is not None:
         defaults = DataConfig()
-        changed = [k for k in ("prompt_template", "context_template") if getattr(data, k) != getattr(defaults, k)]
+        changed = [
+            k
+            for k in ("prompt_template", "context_template")
+            if getattr(data, k) != getattr(defaults, k)
+        ]
         if changed:
-            raise UserError(f"data.template={data.template} replaces data.{changed[0]}; set one of the two")
+            raise UserError(
+                f"data.template={data.template} replaces data.{changed[0]}; set one of the two"
+            )
         if data.template != "prism" and config.pairs.negatives in ("no_context", "random_context"):
-            raise UserError(f"pairs.negatives={config.pairs.negatives} needs a template with the user's context; "
-                            f"data.template={data.template} has none (use prism or your own context_template)")
+            raise UserError(
+                f"pairs.negatives={config.pairs.negatives} needs a template with the user's context; "
+                f"data.template={data.template} has none (use prism or your own context_template)"
+            )
     if not config.model.path:
         hint = "--adapters <run-dir>" if command == "evaluate" else "set it in the config"
         raise UserError(f"model.path is not set: pass --model <repo-or-folder> or {hint}")
     if command == "train" and not config.data.prompts:
-        raise UserError("data.prompts is not set: pass --prompts <file.jsonl> or set it in the config")
+        raise UserError(
+            "data.prompts is not set: pass --prompts <file.jsonl> or set it in the config"
+        )
     if command == "evaluate" and not config.evaluation.prompts:
         raise UserError("evaluation.prompts is not set: pass --prompts <heldout.jsonl>")
     return config
 
 
-def resolve(yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Config | None = None) -> Config:
+def resolve(
+    yaml_path: str | None, cli_overrides: dict[str, Any], defaults: Config | None = None
+) -> Config:
     """Defaults, then the YAML file, then the command line."""
     config = defaults if defaults is not None else Config()
     if yaml_path:
@@ -388,10 +474,20 @@ def reference_markdown() -> str:
     for section_name, section in sections().items():
         for name, (_, f) in settings_of(section).items():
             value = getattr(getattr(defaults, section_name), name)
-            shown = "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
+            shown = (
+                "null"
+                if value is None
+                else json.dumps(value)
+                if isinstance(value, str)
+                else str(value)
+            )
             meaning = f.metadata["help"]
             if "choices" in f.metadata:
-                meaning += " One of: " + ", ".join("null" if c is None else str(c) for c in f.metadata["choices"]) + "."
+                meaning += (
+                    " One of: "
+                    + ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
+                    + "."
+                )
             lines.append(f"| `{section_name}.{name}` | `{shown}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

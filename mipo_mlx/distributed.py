@@ -65,10 +65,14 @@ def all_gather_objects(obj) -> list:
     lengths = np.zeros(size(), dtype=np.int32)
     lengths[rank()] = len(data)
     lengths = np.array(_all_sum_cpu(mx.array(lengths)))
-    table = np.zeros((size(), int(lengths.max())), dtype=np.int32)  # int32: all_sum of uint8 could overflow
+    table = np.zeros(
+        (size(), int(lengths.max())), dtype=np.int32
+    )  # int32: all_sum of uint8 could overflow
     table[rank(), : len(data)] = data
     table = np.array(_all_sum_cpu(mx.array(table)))
-    return [json.loads(bytes(table[r, : lengths[r]].astype(np.uint8)).decode()) for r in range(size())]
+    return [
+        json.loads(bytes(table[r, : lengths[r]].astype(np.uint8)).decode()) for r in range(size())
+    ]
 
 
 def broadcast_object(obj):
@@ -170,8 +174,11 @@ def any_rank(flag: bool) -> bool:
 
 def lost_peer(err: BaseException) -> bool:
     """Whether an error is MLX's distributed layer reporting a rank that went away."""
-    return size() > 1 and isinstance(err, RuntimeError) and any(
-        word in str(err) for word in ("[ring]", "[mpi]", "[jaccl]", "[nccl]", "peer"))
+    return (
+        size() > 1
+        and isinstance(err, RuntimeError)
+        and any(word in str(err) for word in ("[ring]", "[mpi]", "[jaccl]", "[nccl]", "peer"))
+    )
 
 
 def describe() -> str:

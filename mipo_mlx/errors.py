@@ -46,8 +46,11 @@ class StopFlag:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                  "(send again to stop at once)", flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                "(send again to stop at once)",
+                flush=True,
+            )
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

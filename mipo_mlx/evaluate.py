@@ -20,14 +20,22 @@ from .cli import build_parser, parse_args
 from .config import resolve, validate
 from .errors import reports_user_errors
 
-SHORTCUTS = {"model": "model.path", "prompts": "evaluation.prompts", "output": "output.dir",
-             "limit": "evaluation.limit"}
+SHORTCUTS = {
+    "model": "model.path",
+    "prompts": "evaluation.prompts",
+    "output": "output.dir",
+    "limit": "evaluation.limit",
+}
 
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m mipo_mlx.evaluate", __doc__.split("\n\n")[0], SHORTCUTS)
-    parser.add_argument("--adapters", metavar="DIR", help="a run folder with adapters (its config.yaml fills the rest)")
+    parser.add_argument(
+        "--adapters",
+        metavar="DIR",
+        help="a run folder with adapters (its config.yaml fills the rest)",
+    )
     yaml_path, overrides, extras = parse_args(parser, argv)
     adapters = extras.get("adapters")
     if adapters and yaml_path is None and (Path(adapters) / "config.yaml").is_file():

@@ -27,19 +27,40 @@ def check_export_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --output")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty; choose another --output or pass --overwrite")
+        raise UserError(
+            f"{out}: exists and is not empty; choose another --output or pass --overwrite"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mipo_mlx.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapters", required=True, metavar="RUN_DIR", help="folder written by mipo_mlx.train")
+    p = argparse.ArgumentParser(
+        prog="python -m mipo_mlx.export", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--adapters", required=True, metavar="RUN_DIR", help="folder written by mipo_mlx.train"
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the fused model")
-    p.add_argument("--quantize", type=int, choices=(4, 8), help="re-quantize the fused model (reports the drift)")
-    p.add_argument("--upload-repo", metavar="USER/NAME", help="publish to this Hugging Face Hub repo")
-    p.add_argument("--upload-pairs-repo", metavar="USER/NAME", help="also publish pairs.jsonl as a dataset repo")
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="re-quantize the fused model (reports the drift)",
+    )
+    p.add_argument(
+        "--upload-repo", metavar="USER/NAME", help="publish to this Hugging Face Hub repo"
+    )
+    p.add_argument(
+        "--upload-pairs-repo",
+        metavar="USER/NAME",
+        help="also publish pairs.jsonl as a dataset repo",
+    )
     p.add_argument("--private", action="store_true", help="make the uploaded repos private")
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send nothing")
-    p.add_argument("--force", action="store_true", help="write even if the fused model fails the check")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded; send nothing"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write even if the fused model fails the check"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     return p
 
@@ -67,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.upload_repo:
         publish(out, args.upload_repo, private=args.private, dry_run=args.dry_run, kind="model")
     if args.upload_pairs_repo:
-        publish(run / "pairs.jsonl", args.upload_pairs_repo, private=args.private, dry_run=args.dry_run,
-                kind="dataset")
+        publish(
+            run / "pairs.jsonl",
+            args.upload_pairs_repo,
+            private=args.private,
+            dry_run=args.dry_run,
+            kind="dataset",
+        )
     return 0
 
 

@@ -127,13 +127,17 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8") from None
+                raise UserError(
+                    f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8"
+                ) from None
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from None
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: each line must be a JSON object")
             yield number, row
@@ -152,5 +156,7 @@ def read_lines(path: Path) -> list[dict]:
             rows.append(json.loads(raw))
         except (json.JSONDecodeError, UnicodeDecodeError):
             if number < len(lines) - 1:  # only the last line may be torn
-                raise UserError(f"{path}:{number}: corrupt line; delete the file to redo this stage") from None
+                raise UserError(
+                    f"{path}:{number}: corrupt line; delete the file to redo this stage"
+                ) from None
     return rows

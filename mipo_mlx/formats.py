@@ -49,47 +49,77 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 # Wei et al. 2022 (chain-of-thought), the eight GSM8K exemplars: (question, reasoning, answer).
 GSM8K_EXEMPLARS: tuple[tuple[str, str, str], ...] = (
-    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
-     "After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. "
-     "So there must have been 21 - 15 = 6.", "6"),
-    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.", "5"),
-    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
-     "After eating 35, they had 74 - 35 = 39.", "39"),
-    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
-     "How many lollipops did Jason give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. "
-     "So he gave Denny 20 - 12 = 8.", "8"),
-    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
-     "How many toys does he have now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
-     "5 + 4 = 9.", "9"),
-    ("There were nine computers in the server room. Five more computers were installed each day, "
-     "from monday to thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. "
-     "So 5 * 4 = 20 computers were added. 9 + 20 is 29.", "29"),
-    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
-     "How many golf balls did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
-     "After losing 2 more, he had 35 - 2 = 33 golf balls.", "33"),
-    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
-     "So she has 23 - 15 dollars left. 23 - 15 is 8.", "8"),
+    (
+        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
+        "After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
+        "There are 15 trees originally. Then there were 21 trees after some more were planted. "
+        "So there must have been 21 - 15 = 6.",
+        "6",
+    ),
+    (
+        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.",
+        "5",
+    ),
+    (
+        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+        "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
+        "After eating 35, they had 74 - 35 = 39.",
+        "39",
+    ),
+    (
+        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
+        "How many lollipops did Jason give to Denny?",
+        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. "
+        "So he gave Denny 20 - 12 = 8.",
+        "8",
+    ),
+    (
+        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
+        "How many toys does he have now?",
+        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+        "5 + 4 = 9.",
+        "9",
+    ),
+    (
+        "There were nine computers in the server room. Five more computers were installed each day, "
+        "from monday to thursday. How many computers are now in the server room?",
+        "There were originally 9 computers. For each of 4 days, 5 more computers were added. "
+        "So 5 * 4 = 20 computers were added. 9 + 20 is 29.",
+        "29",
+    ),
+    (
+        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
+        "How many golf balls did he have at the end of wednesday?",
+        "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
+        "After losing 2 more, he had 35 - 2 = 33 golf balls.",
+        "33",
+    ),
+    (
+        "Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+        "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
+        "So she has 23 - 15 dollars left. 23 - 15 is 8.",
+        "8",
+    ),
 )
 
 GSM8K_8SHOT_PREFIX = "".join(
     f"Question: {question}\nAnswer: {reasoning} #### {answer}\n\n"
     for question, reasoning, answer in GSM8K_EXEMPLARS
 )
-ARC_ZERO_SHOT = ("{prompt}\n\nThink step by step, then finish your response with "
-                 "\"The answer is: <X>\" where X is the letter of the correct choice.")
-PRISM_WITH_CONTEXT = ("Give me short 2-3 sentence answers to the following prompt: {prompt} "
-                      "Please respect the following requirements made by the user: {context} "
-                      "Respond with short 2-3 sentences.")
-PRISM_NO_CONTEXT = ("Give me short 2-3 sentence answers to the following prompt: {prompt} "
-                    "Respond with short 2-3 sentences.")
+ARC_ZERO_SHOT = (
+    "{prompt}\n\nThink step by step, then finish your response with "
+    '"The answer is: <X>" where X is the letter of the correct choice.'
+)
+PRISM_WITH_CONTEXT = (
+    "Give me short 2-3 sentence answers to the following prompt: {prompt} "
+    "Please respect the following requirements made by the user: {context} "
+    "Respond with short 2-3 sentences."
+)
+PRISM_NO_CONTEXT = (
+    "Give me short 2-3 sentence answers to the following prompt: {prompt} "
+    "Respond with short 2-3 sentences."
+)
 
 
 # ---------------------------------------------------------------- field helpers
@@ -101,7 +131,9 @@ def _pick(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> tuple[str, 
         if key in raw and raw[key] is not None:
             return key, raw[key]
     names = " or ".join(repr(k) for k in keys)
-    raise UserError(f"{where}: missing key {names} ({fmt} format); check data.format (or evaluation.format) and the file")
+    raise UserError(
+        f"{where}: missing key {names} ({fmt} format); check data.format (or evaluation.format) and the file"
+    )
 
 
 def _text(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> str:
@@ -141,7 +173,9 @@ def _context(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> str:
         return "; ".join(v.strip() for v in value)
     if isinstance(value, str) and value.strip():
         return value.strip()
-    raise UserError(f"{where}: key '{key}' must be a non-empty string or list of strings ({fmt} format)")
+    raise UserError(
+        f"{where}: key '{key}' must be a non-empty string or list of strings ({fmt} format)"
+    )
 
 
 # ---------------------------------------------------------------- formats
@@ -164,20 +198,38 @@ def _arc_choices(question: Any, raw: dict, where: str) -> tuple[str, list[str], 
     if isinstance(question, dict):  # nested: {"stem": ..., "choices": [{"label", "text"}]}
         stem = _text(question, ("stem",), f"{where}: question", "arc")
         choices = question.get("choices")
-        if not isinstance(choices, list) or not choices or not all(
-                isinstance(c, dict) and isinstance(c.get("label"), str)
-                and isinstance(c.get("text"), str) for c in choices):
-            raise UserError(f"{where}: key 'question.choices' must be a list of {{label, text}} (arc format)")
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(
+                isinstance(c, dict)
+                and isinstance(c.get("label"), str)
+                and isinstance(c.get("text"), str)
+                for c in choices
+            )
+        ):
+            raise UserError(
+                f"{where}: key 'question.choices' must be a list of {{label, text}} (arc format)"
+            )
         return stem, [c["label"] for c in choices], [c["text"] for c in choices]
     if not isinstance(question, str) or not question.strip():
-        raise UserError(f"{where}: key 'question' must be a string or a {{stem, choices}} object (arc format)")
+        raise UserError(
+            f"{where}: key 'question' must be a string or a {{stem, choices}} object (arc format)"
+        )
     _, choices = _pick(raw, ("choices",), where, "arc")
     labels = choices.get("label") if isinstance(choices, dict) else None
     texts = choices.get("text") if isinstance(choices, dict) else None
-    if not (isinstance(labels, list) and isinstance(texts, list) and labels
-            and len(labels) == len(texts) and all(isinstance(x, str) for x in labels + texts)):
-        raise UserError(f"{where}: key 'choices' must be {{\"text\": [...], \"label\": [...]}} "
-                        "of equal length (arc format)")
+    if not (
+        isinstance(labels, list)
+        and isinstance(texts, list)
+        and labels
+        and len(labels) == len(texts)
+        and all(isinstance(x, str) for x in labels + texts)
+    ):
+        raise UserError(
+            f'{where}: key \'choices\' must be {{"text": [...], "label": [...]}} '
+            "of equal length (arc format)"
+        )
     return question.strip(), labels, texts
 
 
@@ -193,18 +245,25 @@ def _arc(raw: dict, where: str) -> Fields:
 def _mmlu(raw: dict, where: str) -> Fields:
     question = _text(raw, ("question",), where, "mmlu")
     _, choices = _pick(raw, ("choices",), where, "mmlu")
-    if not (isinstance(choices, list) and 2 <= len(choices) <= len(LETTERS)
-            and all(isinstance(c, str) for c in choices)):
-        raise UserError(f"{where}: key 'choices' must be a list of 2-{len(LETTERS)} strings (mmlu format)")
-    labels = list(LETTERS[:len(choices)])
+    if not (
+        isinstance(choices, list)
+        and 2 <= len(choices) <= len(LETTERS)
+        and all(isinstance(c, str) for c in choices)
+    ):
+        raise UserError(
+            f"{where}: key 'choices' must be a list of 2-{len(LETTERS)} strings (mmlu format)"
+        )
+    labels = list(LETTERS[: len(choices)])
     _, answer = _pick(raw, ("answer",), where, "mmlu")
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         letter = labels[answer]
     elif isinstance(answer, str) and answer.strip().upper() in labels:
         letter = answer.strip().upper()
     else:
-        raise UserError(f"{where}: key 'answer' must be an index 0-{len(choices) - 1} "
-                        f"or a letter {labels[0]}-{labels[-1]}, got {answer!r}")
+        raise UserError(
+            f"{where}: key 'answer' must be an index 0-{len(choices) - 1} "
+            f"or a letter {labels[0]}-{labels[-1]}, got {answer!r}"
+        )
     return _choices_prompt(question, labels, choices), None, letter
 
 
@@ -217,7 +276,9 @@ def _prism(raw: dict, where: str) -> Fields:
 def _community_alignment(raw: dict, where: str) -> Fields:
     fmt = "community_alignment"
     prompt = _text(raw, ("prompt", "first_turn_prompt", "question"), where, fmt)
-    context = _context(raw, ("preference", "user_preferences", "preferences", "context"), where, fmt)
+    context = _context(
+        raw, ("preference", "user_preferences", "preferences", "context"), where, fmt
+    )
     return prompt, context, None
 
 
@@ -243,7 +304,12 @@ def normalize_row(raw: dict, format: str, where: str, position: int) -> Row:
     """One public-format record as a plain row; `where` names the file and line for errors."""
     parse = _format_parser(format)
     prompt, context, answer = parse(raw, where)
-    row = {"prompt": prompt, "context": context, "answer": answer, "id": _row_id(raw, format, position)}
+    row = {
+        "prompt": prompt,
+        "context": context,
+        "answer": answer,
+        "id": _row_id(raw, format, position),
+    }
     if format == "svamp":
         row["incomplete"] = raw["Question"].strip()
     return row
@@ -304,8 +370,14 @@ def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _data_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in EXTENSIONS
-                  and p.name not in METADATA_FILES and ".cache" not in p.relative_to(root).parts)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix in EXTENSIONS
+        and p.name not in METADATA_FILES
+        and ".cache" not in p.relative_to(root).parts
+    )
 
 
 def _download(repo_id: str, split: str | None) -> Path:
@@ -313,12 +385,15 @@ def _download(repo_id: str, split: str | None) -> Path:
 
     pattern = f"*{split}*" if split else "*"
     try:
-        folder = snapshot_download(repo_id, repo_type="dataset",
-                                   allow_patterns=[pattern + ext for ext in EXTENSIONS])
+        folder = snapshot_download(
+            repo_id, repo_type="dataset", allow_patterns=[pattern + ext for ext in EXTENSIONS]
+        )
     except Exception as err:  # network, auth and not-found errors all end the same way
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{repo_id}: could not download the dataset ({type(err).__name__}: {first}); "
-                        "check the id and your network, or pass a local file") from None
+        raise UserError(
+            f"{repo_id}: could not download the dataset ({type(err).__name__}: {first}); "
+            "check the id and your network, or pass a local file"
+        ) from None
     return Path(folder)
 
 
@@ -331,8 +406,10 @@ def _source_files(source: str, split: str | None) -> list[Path]:
     elif _HUB_ID.fullmatch(source) and path.suffix not in EXTENSIONS:
         root = _download(source, split)
     else:
-        raise UserError(f"{source}: file not found; give a .jsonl/.json/.parquet file, "
-                        "a folder, or a Hugging Face dataset id (org/name)")
+        raise UserError(
+            f"{source}: file not found; give a .jsonl/.json/.parquet file, "
+            "a folder, or a Hugging Face dataset id (org/name)"
+        )
     files = _data_files(root)
     if not files:
         raise UserError(f"{source}: no .jsonl, .json or .parquet files found")
@@ -341,13 +418,21 @@ def _source_files(source: str, split: str | None) -> list[Path]:
     names = {f: f.name if root.is_file() else f.relative_to(root).as_posix() for f in files}
     chosen = [f for f in files if split in names[f]]
     if not chosen:
-        raise UserError(f"{source}: no file name contains split {split!r}; "
-                        f"files: {', '.join(sorted(names.values()))[:300]}")
+        raise UserError(
+            f"{source}: no file name contains split {split!r}; "
+            f"files: {', '.join(sorted(names.values()))[:300]}"
+        )
     return chosen
 
 
-def read_rows(source: str, format: str, split: str | None = None, limit: int | None = None,
-              subset: int | None = None, seed: int = 42) -> list[Row]:
+def read_rows(
+    source: str,
+    format: str,
+    split: str | None = None,
+    limit: int | None = None,
+    subset: int | None = None,
+    seed: int = 42,
+) -> list[Row]:
     """Rows of `source` in `format`: all, then `subset` drawn at random, then the first `limit`.
 
     `subset` rows are `random.Random(seed).sample` of all rows (the paper: GSM8K
@@ -367,8 +452,14 @@ def read_located(source: str, format: str, split: str | None = None) -> list[tup
     return located
 
 
-def select(rows: list, source: str, skip: int = 0, subset: int | None = None, seed: int = 42,
-           limit: int | None = None) -> list:
+def select(
+    rows: list,
+    source: str,
+    skip: int = 0,
+    subset: int | None = None,
+    seed: int = 42,
+    limit: int | None = None,
+) -> list:
     """Leave out the first `skip` rows, draw `subset` of the rest at random, keep the first `limit`."""
     for name, value in (("limit", limit), ("subset", subset)):
         if value is not None and value < 1:
@@ -380,8 +471,10 @@ def select(rows: list, source: str, skip: int = 0, subset: int | None = None, se
     rows = rows[skip:]
     if subset is not None:
         if subset > len(rows):
-            raise UserError(f"{source}: subset={subset} but the source has {len(rows)} rows"
-                            f"{f' after skipping {skip}' if skip else ''}; lower subset or drop it")
+            raise UserError(
+                f"{source}: subset={subset} but the source has {len(rows)} rows"
+                f"{f' after skipping {skip}' if skip else ''}; lower subset or drop it"
+            )
         rows = random.Random(seed).sample(rows, subset)
     return rows[:limit] if limit is not None else rows
 

@@ -39,15 +39,19 @@ class Check:
         return self.max_logit_diff <= logit_tol and self.max_margin_diff <= margin_tol
 
     def line(self) -> str:
-        return (f"{self.pairs} held-out pairs: max |logit diff| {self.max_logit_diff:.2e}, max |margin diff| "
-                f"{self.max_margin_diff:.2e} nats; mean margin gain over the base: adapters "
-                f"{self.mean_margin_gain_adapters:+.4f}, fused {self.mean_margin_gain_fused:+.4f}")
+        return (
+            f"{self.pairs} held-out pairs: max |logit diff| {self.max_logit_diff:.2e}, max |margin diff| "
+            f"{self.max_margin_diff:.2e} nats; mean margin gain over the base: adapters "
+            f"{self.mean_margin_gain_adapters:+.4f}, fused {self.mean_margin_gain_fused:+.4f}"
+        )
 
 
 def check_pairs(run: Path, limit: int = 16):
     path = run / "pairs.jsonl"
     if not path.is_file():
-        raise UserError(f"{path}: not found; export needs the run's pairs to verify the fused model")
+        raise UserError(
+            f"{path}: not found; export needs the run's pairs to verify the fused model"
+        )
     pairs = read_pairs(path)
     valid = [p for p in pairs if p.split == "valid"] or pairs
     return valid[:limit]
@@ -61,8 +65,12 @@ def margins_and_logits(model, pairs, pad: int):
     logits = model(rows.inputs).astype(mx.float32)  # (2B, T, V)
     flat = logits.reshape(-1, logits.shape[-1])  # (2B * T, V)
     logps = token_logps(flat[rows.positions], rows.targets) @ rows.owners  # (2B,)
-    lengths = mx.array([len(p) + len(r) - 1 for p, r in zip([p.prompt_ids for p in pairs] * 2, responses)])
-    real = mx.arange(logits.shape[1])[None, :] < lengths[:, None]  # (2B, T): compare logits only there
+    lengths = mx.array(
+        [len(p) + len(r) - 1 for p, r in zip([p.prompt_ids for p in pairs] * 2, responses)]
+    )
+    real = (
+        mx.arange(logits.shape[1])[None, :] < lengths[:, None]
+    )  # (2B, T): compare logits only there
     mx.eval(logits, logps)
     n = len(pairs)
     return logps[:n] - logps[n:], logits, real[..., None]
@@ -72,11 +80,13 @@ def compare(reference, candidate, base_margins) -> Check:
     ref_margin, ref_logits, mask = reference
     new_margin, new_logits, _ = candidate
     diff = mx.abs(new_logits - ref_logits) * mask
-    return Check(max_logit_diff=diff.max().item(),
-                 max_margin_diff=mx.abs(new_margin - ref_margin).max().item(),
-                 mean_margin_gain_adapters=(ref_margin - base_margins).mean().item(),
-                 mean_margin_gain_fused=(new_margin - base_margins).mean().item(),
-                 pairs=int(ref_margin.shape[0]))
+    return Check(
+        max_logit_diff=diff.max().item(),
+        max_margin_diff=mx.abs(new_margin - ref_margin).max().item(),
+        mean_margin_gain_adapters=(ref_margin - base_margins).mean().item(),
+        mean_margin_gain_fused=(new_margin - base_margins).mean().item(),
+        pairs=int(ref_margin.shape[0]),
+    )
 
 
 def fuse(model, dequantize: bool = True):
@@ -92,7 +102,9 @@ def build(run: Path, quantize: int | None, force: bool):
     """Load base + adapters, fuse (and re-quantize), verify; return (model, tokenizer, config, report)."""
     config_path = run / "config.yaml"
     if not config_path.is_file():
-        raise UserError(f"{config_path}: not found; --adapters must be a folder written by mipo_mlx.train")
+        raise UserError(
+            f"{config_path}: not found; --adapters must be a folder written by mipo_mlx.train"
+        )
     config = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
     model, tokenizer, model_config = mdl.load(config.model)
     pairs = check_pairs(run)
@@ -105,10 +117,14 @@ def build(run: Path, quantize: int | None, force: bool):
     model_config.pop("quantization_config", None)
     check = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
     print(f"fused (de-quantized) vs base + adapters: {check.line()}")
-    tolerance = LOGIT_TOLERANCE.get(str(model.layers[0].self_attn.q_proj.weight.dtype).split(".")[-1], 1e-1)
+    tolerance = LOGIT_TOLERANCE.get(
+        str(model.layers[0].self_attn.q_proj.weight.dtype).split(".")[-1], 1e-1
+    )
     if not check.passes(tolerance, MARGIN_TOLERANCE) and not force:
-        raise UserError(f"the fused model does not match base + adapters (tolerance {tolerance:g} logits, "
-                        f"{MARGIN_TOLERANCE} nats); nothing written. Pass --force to write it anyway")
+        raise UserError(
+            f"the fused model does not match base + adapters (tolerance {tolerance:g} logits, "
+            f"{MARGIN_TOLERANCE} nats); nothing written. Pass --force to write it anyway"
+        )
     drift = None
     if quantize:
         model_config = mdl.quantize(model, model_config, quantize, config.model.quantize_group_size)

@@ -60,8 +60,10 @@ def usable_indices(responses: list[Response], config: GenerationConfig, needed: 
     """The responses the truncation rule keeps; at least `needed` of them."""
     keep = [i for i, response in enumerate(responses) if usable(response, config)]
     if len(keep) < needed:
-        raise UserError(f"only {len(keep)} response(s) finished within generation.max_tokens="
-                        f"{config.max_tokens}; raise it or set generation.truncated=keep")
+        raise UserError(
+            f"only {len(keep)} response(s) finished within generation.max_tokens="
+            f"{config.max_tokens}; raise it or set generation.truncated=keep"
+        )
     return keep
 
 
@@ -111,9 +113,14 @@ def generate(
         completion_batch_size=config.batch_size,
         prefill_batch_size=min(config.batch_size, 8),
     )
-    samplers = [seeded_sampler(config.temperature, config.top_p, stream_seed(config.seed, s)) for s in streams]
+    samplers = [
+        seeded_sampler(config.temperature, config.top_p, stream_seed(config.seed, s))
+        for s in streams
+    ]
     try:
-        uids = generator.insert(prompts, max_tokens=[config.max_tokens] * len(prompts), samplers=samplers)
+        uids = generator.insert(
+            prompts, max_tokens=[config.max_tokens] * len(prompts), samplers=samplers
+        )
         index = {uid: i for i, uid in enumerate(uids)}
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
         results: list[Response | None] = [None] * len(prompts)
@@ -130,18 +137,28 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def generate_all(model, tokenizer, ids: list[list[int]], config: GenerationConfig, stage: str, stream0: int,
-                 cache: ResponseCache | None = None, should_stop: Callable[[], bool] | None = None,
-                 ) -> list[Response]:
+def generate_all(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    config: GenerationConfig,
+    stage: str,
+    stream0: int,
+    cache: ResponseCache | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Response]:
     """One response per prompt, prompt i sampling from stream `stream0 + i`; with `cache`, the
     responses it holds are kept and the rest generated (and recorded as they finish).
 
     With several ranks, each generates every size-th prompt left to do and every rank gets
     every response (each prompt's stream is its own, so they equal one rank's)."""
-    done = {row["index"]: Response.from_row(row)
-            for row in dist.decided(cache.rows if cache is not None else list) if 0 <= row["index"] < len(ids)}
+    done = {
+        row["index"]: Response.from_row(row)
+        for row in dist.decided(cache.rows if cache is not None else list)
+        if 0 <= row["index"] < len(ids)
+    }
     todo = [i for i in range(len(ids)) if i not in done]
-    mine = todo[dist.rank():: dist.size()]
+    mine = todo[dist.rank() :: dist.size()]
     progress = dist.progress(len(ids), stage)
     progress.update(len(done))
 
@@ -152,8 +169,19 @@ def generate_all(model, tokenizer, ids: list[list[int]], config: GenerationConfi
         if should_stop is not None and should_stop():
             raise Stopped(0)
 
-    fresh = dict(zip(mine, generate(model, tokenizer, [ids[i] for i in mine], config,
-                                    streams=[stream0 + i for i in mine], on_done=finished)))
+    fresh = dict(
+        zip(
+            mine,
+            generate(
+                model,
+                tokenizer,
+                [ids[i] for i in mine],
+                config,
+                streams=[stream0 + i for i in mine],
+                on_done=finished,
+            ),
+        )
+    )
     if dist.size() > 1:  # every rank's share to every rank; the cache records the others' too
         parts = dist.all_gather_objects([r.to_row(i) for i, r in fresh.items()])
         fresh = {row["index"]: Response.from_row(row) for part in parts for row in part}

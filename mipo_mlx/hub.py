@@ -26,7 +26,9 @@ def require_token() -> str:
 
     token = get_token()
     if not token:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded")
+        raise UserError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded"
+        )
     return token
 
 
@@ -34,10 +36,14 @@ def files_of(path: Path) -> list[tuple[str, int]]:
     """(name relative to the upload root, size in bytes) for each file that would be sent."""
     if path.is_file():
         return [(path.name, path.stat().st_size)]
-    return [(str(p.relative_to(path)), p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()]
+    return [
+        (str(p.relative_to(path)), p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()
+    ]
 
 
-def publish(path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model") -> list[str]:
+def publish(
+    path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model"
+) -> list[str]:
     """Create the repo (if needed) and upload `path` (a folder, or one file); return the names sent."""
     if not REPO_ID.match(repo_id):
         raise UserError(f"--upload-repo {repo_id!r}: use the form user/name")
@@ -53,8 +59,13 @@ def publish(path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str
     api = hub_api()
     api.create_repo(repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token)
     if Path(path).is_file():
-        api.upload_file(path_or_fileobj=str(path), path_in_repo=Path(path).name, repo_id=repo_id,
-                        repo_type=kind, token=token)
+        api.upload_file(
+            path_or_fileobj=str(path),
+            path_in_repo=Path(path).name,
+            repo_id=repo_id,
+            repo_type=kind,
+            token=token,
+        )
     else:
         api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type=kind, token=token)
     print(f"published https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}")

@@ -30,7 +30,9 @@ SCALE = (1, 5)
 
 _SEPARATORS = re.compile(r"[\n;]")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)])\s*")
-_SCORE_WORD = re.compile(r"\b(?:score|rating)\b\s*(?:of|is|=)?[\s:*]*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SCORE_WORD = re.compile(
+    r"\b(?:score|rating)\b\s*(?:of|is|=)?[\s:*]*(\d+(?:\.\d+)?)", re.IGNORECASE
+)
 _OUT_OF_FIVE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out of)\s*5\b", re.IGNORECASE)
 _NOT_A_SCORE = re.compile(r"\b\d+\s*(?:-|\u2013|to)\s*\d+\b|\b\d+\s*=")  # ranges, scale legends
 _STANDALONE = re.compile(r"(?<![\w.\-/])([1-5])(?![\w/]|\.\d)")
@@ -85,8 +87,9 @@ def judge_prompt(question: str, preference: str, response: str) -> list[dict[str
 
     A single user turn: some chat templates (Gemma's) reject a system turn.
     """
-    text = JUDGE_TEMPLATE.format(question=question.strip(), preference=preference.strip(),
-                                 response=response.strip())
+    text = JUDGE_TEMPLATE.format(
+        question=question.strip(), preference=preference.strip(), response=response.strip()
+    )
     return [{"role": "user", "content": text}]
 
 
@@ -109,12 +112,19 @@ def parse_score(text: str) -> int | None:
 
 def judge_config(max_tokens: int, batch_size: int) -> GenerationConfig:
     """Greedy decoding (temperature 0) that keeps answers cut at max_tokens."""
-    return GenerationConfig(temperature=0.0, top_p=1.0, max_tokens=max_tokens, batch_size=batch_size,
-                            truncated="keep", seed=0)
+    return GenerationConfig(
+        temperature=0.0,
+        top_p=1.0,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        truncated="keep",
+        seed=0,
+    )
 
 
-def score_response(judge, tokenizer, items: list[JudgeItem], max_tokens: int = 128,
-                   batch_size: int = 16) -> list[ItemScore]:
+def score_response(
+    judge, tokenizer, items: list[JudgeItem], max_tokens: int = 128, batch_size: int = 16
+) -> list[ItemScore]:
     """Judge each item's response against each of its stated preferences, in one batched pass.
 
     `judge` and `tokenizer` are a loaded mlx-lm model (e.g. from `mlx_lm.load`).
@@ -122,11 +132,21 @@ def score_response(judge, tokenizer, items: list[JudgeItem], max_tokens: int = 1
     preferences = [split_preferences(item.context) for item in items]
     for number, prefs in enumerate(preferences):
         if not prefs:
-            raise UserError(f"judge item {number}: the context states no preference to judge against")
-    prompts = [render(tokenizer, judge_prompt(item.question, pref, item.response), enable_thinking=False)
-               for item, prefs in zip(items, preferences) for pref in prefs]
-    answers = generate(judge, tokenizer, prompts, judge_config(max_tokens, batch_size),
-                       streams=list(range(len(prompts))))
+            raise UserError(
+                f"judge item {number}: the context states no preference to judge against"
+            )
+    prompts = [
+        render(tokenizer, judge_prompt(item.question, pref, item.response), enable_thinking=False)
+        for item, prefs in zip(items, preferences)
+        for pref in prefs
+    ]
+    answers = generate(
+        judge,
+        tokenizer,
+        prompts,
+        judge_config(max_tokens, batch_size),
+        streams=list(range(len(prompts))),
+    )
     parsed = iter([parse_score(decode(tokenizer, answer)) for answer in answers])
     results = []
     for prefs in preferences:
@@ -143,7 +163,9 @@ def win_rate(policy: list[float | None], reference: list[float | None]) -> float
     Items where either score is None are left out; nan when no item is left.
     """
     if len(policy) != len(reference):
-        raise ValueError(f"win_rate: {len(policy)} policy scores but {len(reference)} reference scores")
+        raise ValueError(
+            f"win_rate: {len(policy)} policy scores but {len(reference)} reference scores"
+        )
     pairs = [(p, r) for p, r in zip(policy, reference) if p is not None and r is not None]
     if not pairs:
         return math.nan
@@ -159,8 +181,12 @@ def judge_summary(policy: list[ItemScore], reference: list[ItemScore] | None = N
     scores = [item.score for item in policy]
     kept = [s for s in scores if s is not None]
     rate = math.nan if reference is None else win_rate(scores, [item.score for item in reference])
-    return {"judge_score": sum(kept) / len(kept) if kept else math.nan, "win_rate": rate,
-            "unparsed": sum(item.unparsed for item in policy), "items": len(policy)}
+    return {
+        "judge_score": sum(kept) / len(kept) if kept else math.nan,
+        "win_rate": rate,
+        "unparsed": sum(item.unparsed for item in policy),
+        "items": len(policy),
+    }
 
 
 def _known(value: float) -> float | None:
@@ -168,25 +194,38 @@ def _known(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def add_judge(results: dict[str, dict], prompts: list[Prompt], config: EvaluationConfig,
-              trust_remote_code: bool = False) -> None:
+def add_judge(
+    results: dict[str, dict],
+    prompts: list[Prompt],
+    config: EvaluationConfig,
+    trust_remote_code: bool = False,
+) -> None:
     """With evaluation.judge: judge every model's answers (and the rows' reference responses);
     add judge_score, unparsed and per-item scores to each, and the win rates (ties win)."""
     if not config.judge:
         return
-    judge, tokenizer, _ = mdl.load(ModelConfig(path=config.judge, trust_remote_code=trust_remote_code))
+    judge, tokenizer, _ = mdl.load(
+        ModelConfig(path=config.judge, trust_remote_code=trust_remote_code)
+    )
 
     def scores(answers: list[str]) -> list[ItemScore]:
         items = [JudgeItem(p.question, p.context, a) for p, a in zip(prompts, answers)]
-        return score_response(judge, tokenizer, items, config.judge_max_tokens, config.judge_batch_size)
+        return score_response(
+            judge, tokenizer, items, config.judge_max_tokens, config.judge_batch_size
+        )
 
     judged = {name: scores(result["answers"]) for name, result in results.items()}
     references = [p.extra.get("reference") for p in prompts]
-    reference = scores(references) if all(isinstance(r, str) and r.strip() for r in references) else None
+    reference = (
+        scores(references) if all(isinstance(r, str) and r.strip() for r in references) else None
+    )
     for name, items in judged.items():
         summary = judge_summary(items, reference)
-        results[name].update(judge_score=_known(summary["judge_score"]), judge_unparsed=summary["unparsed"],
-                             judge_scores=[item.score for item in items])
+        results[name].update(
+            judge_score=_known(summary["judge_score"]),
+            judge_unparsed=summary["unparsed"],
+            judge_scores=[item.score for item in items],
+        )
         if reference is not None:
             results[name]["win_rate_reference"] = _known(summary["win_rate"])
     if "base" in judged and len(judged) > 1:

@@ -33,8 +33,13 @@ def make_loss(config: TrainingConfig) -> StepLoss:
     def loss(model, batch: dict[str, mx.array]):
         chosen, rejected = pair_logps(model, batch)
         losses, chosen_rewards, rejected_rewards = loss_fn(
-            chosen, rejected, batch["reference_chosen"], batch["reference_rejected"],
-            beta=config.beta, label_smoothing=config.label_smoothing)
+            chosen,
+            rejected,
+            batch["reference_chosen"],
+            batch["reference_rejected"],
+            beta=config.beta,
+            label_smoothing=config.label_smoothing,
+        )
         metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
         return metrics["loss"], metrics
 
@@ -54,9 +59,11 @@ def schedule(config: TrainingConfig, steps: int) -> Callable[[mx.array], mx.arra
 
 
 def make_optimizer(config: TrainingConfig, steps: int) -> optim.Optimizer:
-    return optim.AdamW(learning_rate=schedule(config, steps),
-                       betas=[config.adam_beta1, config.adam_beta2],
-                       weight_decay=config.weight_decay)
+    return optim.AdamW(
+        learning_rate=schedule(config, steps),
+        betas=[config.adam_beta1, config.adam_beta2],
+        weight_decay=config.weight_decay,
+    )
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -77,14 +84,18 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-        layer.__class__ = type(base.__name__, (base,), {"__call__": call, "_mipo_checkpointed": True})
+        layer.__class__ = type(
+            base.__name__, (base,), {"__call__": call, "_mipo_checkpointed": True}
+        )
 
 
 def memory_metrics() -> dict[str, float]:
     """Active, cache and peak memory in GB (peak alone omits the buffer cache)."""
-    return {"memory/active_gb": mx.get_active_memory() / 1e9,
-            "memory/cache_gb": mx.get_cache_memory() / 1e9,
-            "memory/peak_gb": mx.get_peak_memory() / 1e9}
+    return {
+        "memory/active_gb": mx.get_active_memory() / 1e9,
+        "memory/cache_gb": mx.get_cache_memory() / 1e9,
+        "memory/peak_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, config: TrainingConfig):
@@ -94,7 +105,9 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, conf
 
     def step(batch: dict[str, mx.array], grad_sum, update: bool):
         (_, metrics), grads = loss_and_grad(model, batch)
-        metrics = dist.mean_over_ranks(metrics)  # each rank holds an equal slice of the global batch
+        metrics = dist.mean_over_ranks(
+            metrics
+        )  # each rank holds an equal slice of the global batch
         if grad_sum is not None:
             grads = tree_map(lambda a, b: a + b, grads, grad_sum)
         if not update:
@@ -175,22 +188,33 @@ def train(
     batches_done = resume.batches_done if resume is not None else 0
     skipped = 0
     for step in range(start + 1, steps + 1):
-        mx.random.seed(config.seed * 1_000_003 + step)  # dropout draws depend on the step alone: resumable
-        if config.on_nan == "skip":  # keep the state to undo a non-finite step (arrays are immutable)
+        mx.random.seed(
+            config.seed * 1_000_003 + step
+        )  # dropout draws depend on the step alone: resumable
+        if (
+            config.on_nan == "skip"
+        ):  # keep the state to undo a non-finite step (arrays are immutable)
             before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
         for micro in range(config.grad_accumulation):
             batch = next(batches)
-            metrics, grad_sum = step_fn(batch.tree(), grad_sum, micro == config.grad_accumulation - 1)
+            metrics, grad_sum = step_fn(
+                batch.tree(), grad_sum, micro == config.grad_accumulation - 1
+            )
             rows.append(metrics)
             tokens += batch.n_tokens
         batches_done += config.grad_accumulation
         mx.eval(state, rows)  # one evaluation per optimizer step; a sync point
         seconds = time.perf_counter() - tic
-        last = {"step": step, **_mean([{k: v.item() for k, v in r.items() if k != "grad_norm"} for r in rows]),
-                "grad_norm": rows[-1]["grad_norm"].item(),
-                "learning_rate": float(optimizer.learning_rate.item()),
-                "tokens_per_sec": tokens / seconds, "step_seconds": seconds, **memory_metrics()}
+        last = {
+            "step": step,
+            **_mean([{k: v.item() for k, v in r.items() if k != "grad_norm"} for r in rows]),
+            "grad_norm": rows[-1]["grad_norm"].item(),
+            "learning_rate": float(optimizer.learning_rate.item()),
+            "tokens_per_sec": tokens / seconds,
+            "step_seconds": seconds,
+            **memory_metrics(),
+        }
         if not _finite(last["loss"], last["grad_norm"]):
             if config.on_nan == "stop" or skipped >= config.max_skipped_steps:
                 raise NonFiniteLoss(step)
@@ -198,14 +222,20 @@ def train(
             optimizer.state.update(before[1])
             skipped += 1
             last["skipped_non_finite"] = 1.0
-        if validate is not None and (step == steps or (config.valid_every and step % config.valid_every == 0)):
+        if validate is not None and (
+            step == steps or (config.valid_every and step % config.valid_every == 0)
+        ):
             last.update(validate())
         if log is not None:
             log(last)
-        if save is not None and (step == steps or (config.save_every and step % config.save_every == 0)):
+        if save is not None and (
+            step == steps or (config.save_every and step % config.save_every == 0)
+        ):
             save(step)
         stop = should_stop is not None and should_stop()
-        if checkpoint is not None and (stop or step == steps or step % config.checkpoint_every == 0):
+        if checkpoint is not None and (
+            stop or step == steps or step % config.checkpoint_every == 0
+        ):
             checkpoint(capture(model, optimizer, step, batches_done))
         if stop and step < steps:
             raise Stopped(step)

@@ -34,79 +34,140 @@ def _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_reje
 
 
 @register("sigmoid")
-def sigmoid_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                 beta: float = 0.1, label_smoothing: float = 0.0):
+def sigmoid_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """DPO (Rafailov et al. 2023, eq. 7), conservative with label smoothing eps:
     L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     logits = beta * (chosen - rejected)
-    losses = -(1 - label_smoothing) * nn.log_sigmoid(logits) - label_smoothing * nn.log_sigmoid(-logits)
+    losses = -(1 - label_smoothing) * nn.log_sigmoid(logits) - label_smoothing * nn.log_sigmoid(
+        -logits
+    )
     return losses, beta * chosen, beta * rejected
 
 
 @register("robust")
-def robust_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                beta: float = 0.1, label_smoothing: float = 0.0):
+def robust_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """Robust DPO (Chowdhury et al. 2024, eq. 8), unbiased under label-flip rate eps:
     L = [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     logits = beta * (chosen - rejected)
-    losses = (-(1 - label_smoothing) * nn.log_sigmoid(logits)
-              + label_smoothing * nn.log_sigmoid(-logits)) / (1 - 2 * label_smoothing)
+    losses = (
+        -(1 - label_smoothing) * nn.log_sigmoid(logits) + label_smoothing * nn.log_sigmoid(-logits)
+    ) / (1 - 2 * label_smoothing)
     return losses, beta * chosen, beta * rejected
 
 
 @register("hinge")
-def hinge_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-               beta: float = 0.1, label_smoothing: float = 0.0):
+def hinge_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """SLiC-style hinge (Zhao et al. 2023): L = max(0, 1 - beta h)."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     losses = mx.maximum(0.0, 1.0 - beta * (chosen - rejected))
     return losses, beta * chosen, beta * rejected
 
 
 @register("ipo")
-def ipo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-             beta: float = 0.1, label_smoothing: float = 0.0):
+def ipo_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """IPO (Azar et al. 2023, eq. 17) on summed log-probs: L = (h - 1/(2 beta))^2.
     (TRL averages IPO's log-probs over tokens; we keep the paper's sums.)"""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
     return losses, beta * chosen, beta * rejected
 
 
 @register("sppo_hard")
-def sppo_hard_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                   beta: float = 0.1, label_smoothing: float = 0.0):
+def sppo_hard_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """SPPO with hard labels (Wu et al. 2024, eq. 4.5 as in TRL):
     L = (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2, a and b the chosen and rejected log-ratios."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
     return losses, beta * chosen, beta * rejected
 
 
 @register("nca_pair")
-def nca_pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                  beta: float = 0.1, label_smoothing: float = 0.0):
+def nca_pair_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """NCA (Chen et al. 2024, eq. 11 as in TRL), with r = beta * log-ratio:
     L = -log sigmoid(r_c) - 1/2 log sigmoid(-r_c) - 1/2 log sigmoid(-r_r)."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     rc, rr = beta * chosen, beta * rejected
     losses = -nn.log_sigmoid(rc) - 0.5 * nn.log_sigmoid(-rc) - 0.5 * nn.log_sigmoid(-rr)
     return losses, rc, rr
 
 
 @register("sft")
-def sft_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-             beta: float = 0.1, label_smoothing: float = 0.0):
+def sft_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+):
     """The paper's SFT baseline: maximise the likelihood of the model's own answers,
     L = -log pi(y+ | x) (summed over answer tokens); the rejected side is ignored.
     Rewards are still reported as beta * log-ratios, to compare with DPO runs."""
-    chosen, rejected = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    chosen, rejected = _log_ratios(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    )
     return -policy_chosen, beta * chosen, beta * rejected
 
 
-def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
+def preference_metrics(
+    losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected
+) -> dict:
     """Per-batch metrics with TRL's names; accuracy is the per-pair fraction."""
     return {
         "loss": losses.mean(),

@@ -27,12 +27,17 @@ from .prompts import Prompt, Rendered, messages_for, read_source, render, render
 from .score import response_logps
 from .tasks.extract import is_correct
 
-METRICS = [("accuracy", "accuracy", "{:.3f}"), ("pmi_mean", "PMI (nats)", "{:.2f}"),
-           ("pmi_context_mean", "context PMI (nats)", "{:.2f}"), ("judge_score", "judge score (1-5)", "{:.2f}"),
-           ("win_rate", "win rate vs base (ties win)", "{:.3f}"),
-           ("win_rate_reference", "win rate vs reference (ties win)", "{:.3f}"),
-           ("length_mean", "length (tokens)", "{:.1f}"), ("distinct_2", "distinct-2", "{:.3f}"),
-           ("finished_rate", "finished", "{:.3f}")]
+METRICS = [
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("pmi_mean", "PMI (nats)", "{:.2f}"),
+    ("pmi_context_mean", "context PMI (nats)", "{:.2f}"),
+    ("judge_score", "judge score (1-5)", "{:.2f}"),
+    ("win_rate", "win rate vs base (ties win)", "{:.3f}"),
+    ("win_rate_reference", "win rate vs reference (ties win)", "{:.3f}"),
+    ("length_mean", "length (tokens)", "{:.1f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("finished_rate", "finished", "{:.3f}"),
+]
 
 
 @dataclass
@@ -46,44 +51,71 @@ class Heldout:
 
 def heldout_prompts(config: EvaluationConfig) -> list[Prompt]:
     """The held-out prompts as evaluation.* says (read before any model loads: bad input stops early)."""
-    prompts = read_source(config.prompts, config.format, config.split, 0, config.subset, config.subset_seed,
-                          config.limit)
+    prompts = read_source(
+        config.prompts,
+        config.format,
+        config.split,
+        0,
+        config.subset,
+        config.subset_seed,
+        config.limit,
+    )
     if config.judge:
         for p in prompts:
             if p.context is None:
-                raise UserError(f"{p.where}: this row has no user context; evaluation.judge scores answers "
-                                "against the stated preferences of personalization rows (set it to null otherwise)")
+                raise UserError(
+                    f"{p.where}: this row has no user context; evaluation.judge scores answers "
+                    "against the stated preferences of personalization rows (set it to null otherwise)"
+                )
     return prompts
 
 
 def heldout(tokenizer, prompts: list[Prompt], data: DataConfig, source: str) -> Heldout:
     rendered = render_prompts(prompts, tokenizer, data, source)
-    return Heldout(rendered, [p.extra.get("answer") for p in rendered.prompts],
-                   [p.extra.get("task", "all") for p in rendered.prompts])
+    return Heldout(
+        rendered,
+        [p.extra.get("answer") for p in rendered.prompts],
+        [p.extra.get("task", "all") for p in rendered.prompts],
+    )
 
 
 def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
     """(n, k) indices of other prompts: row i never holds i and has no repeats."""
     k = min(k, n - 1)
     rng = np.random.default_rng(seed)
-    draws = np.stack([rng.choice(n - 1, size=k, replace=False) for _ in range(n)])  # (n, k) in [0, n-2]
+    draws = np.stack(
+        [rng.choice(n - 1, size=k, replace=False) for _ in range(n)]
+    )  # (n, k) in [0, n-2]
     return draws + (draws >= np.arange(n)[:, None])  # skip i itself
 
 
 def pmi_columns(prompt_ids: list[list[int]], k: int, seed: int) -> list[list[list[int]]]:
     """The prompts each answer is scored under for its PMI: column 0 its own, then k others."""
     others = other_prompts(len(prompt_ids), k, seed)
-    return [list(prompt_ids)] + [[prompt_ids[j] for j in others[:, c]] for c in range(others.shape[1])]
+    return [list(prompt_ids)] + [
+        [prompt_ids[j] for j in others[:, c]] for c in range(others.shape[1])
+    ]
 
 
-def pmi_scores(model, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int, seed: int, pad: int,
-               plain_ids: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def pmi_scores(
+    model,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    k: int,
+    seed: int,
+    pad: int,
+    plain_ids: list[list[int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
     user context) also the context PMI, (n,). Every log-prob comes from one scoring pass."""
     columns = pmi_columns(prompt_ids, k, seed)
     extra = [plain_ids] if plain_ids is not None else []
-    flat = response_logps(model, [p for column in columns + extra for p in column],
-                          list(response_ids) * (len(columns) + len(extra)), pad)
+    flat = response_logps(
+        model,
+        [p for column in columns + extra for p in column],
+        list(response_ids) * (len(columns) + len(extra)),
+        pad,
+    )
     logps = flat.reshape(len(columns) + len(extra), len(response_ids)).T  # (n, 1 + k [+ 1])
     pmi = logps[:, 0] - logps[:, 1 : len(columns)].mean(axis=1)
     return pmi, (logps[:, 0] - logps[:, -1]) if plain_ids is not None else None
@@ -93,8 +125,14 @@ def context_free_ids(tokenizer, rendered: Rendered, data: DataConfig) -> list[li
     """Each held-out prompt rendered without its user context; None unless every one has a context."""
     if not rendered.prompts or any(p.context is None for p in rendered.prompts):
         return None
-    return [render(tokenizer, messages_for(p, user_text(p.question, None, data), data), data.enable_thinking)
-            for p in rendered.prompts]
+    return [
+        render(
+            tokenizer,
+            messages_for(p, user_text(p.question, None, data), data),
+            data.enable_thinking,
+        )
+        for p in rendered.prompts
+    ]
 
 
 def distinct_n(sequences: list[list[int]], n: int) -> float:
@@ -110,13 +148,19 @@ def interval(values: np.ndarray) -> list[float]:
 def answer_metrics(texts: list[str], responses: list[Response], labels, tasks) -> dict:
     """Metrics of one model's answers that need no model; accuracy only over prompts with a label."""
     bodies = [r.token_ids[:-1] if r.finished else r.token_ids for r in responses]
-    result = {"n": len(texts), "length_mean": float(np.mean([len(b) for b in bodies])),
-              "distinct_1": distinct_n(bodies, 1), "distinct_2": distinct_n(bodies, 2),
-              "finished_rate": float(np.mean([r.finished for r in responses]))}
+    result = {
+        "n": len(texts),
+        "length_mean": float(np.mean([len(b) for b in bodies])),
+        "distinct_1": distinct_n(bodies, 1),
+        "distinct_2": distinct_n(bodies, 2),
+        "finished_rate": float(np.mean([r.finished for r in responses])),
+    }
     scored = [(t, str(a), task) for t, a, task in zip(texts, labels, tasks) if a is not None]
     if scored:
         hits = np.array([is_correct(t, a) for t, a, _ in scored], dtype=float)
-        result.update(accuracy=float(hits.mean()), accuracy_ci95=interval(hits), labelled=len(scored))
+        result.update(
+            accuracy=float(hits.mean()), accuracy_ci95=interval(hits), labelled=len(scored)
+        )
         by_task: dict[str, list[float]] = {}
         for (_, _, task), hit in zip(scored, hits):
             by_task.setdefault(str(task), []).append(hit)
@@ -127,25 +171,52 @@ def answer_metrics(texts: list[str], responses: list[Response], labels, tasks) -
 
 def sampling(config: EvaluationConfig, batch_size: int) -> GenerationConfig:
     """How evaluation answers are sampled (the same for every model compared); cut answers are kept."""
-    return GenerationConfig(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-                            batch_size=batch_size, truncated="keep", seed=config.seed)
+    return GenerationConfig(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        batch_size=batch_size,
+        truncated="keep",
+        seed=config.seed,
+    )
 
 
-def answer_and_measure(model, tokenizer, held: Heldout, config: EvaluationConfig, data: DataConfig,
-                       batch_size: int, base: Callable[[], AbstractContextManager], label: str) -> dict:
+def answer_and_measure(
+    model,
+    tokenizer,
+    held: Heldout,
+    config: EvaluationConfig,
+    data: DataConfig,
+    batch_size: int,
+    base: Callable[[], AbstractContextManager],
+    label: str,
+) -> dict:
     """The model's answers to the held-out prompts and their metrics; PMI is scored inside
     `base()` (the model with its adapters off)."""
     rendered = held.rendered
-    responses = generate_all(model, tokenizer, rendered.ids, sampling(config, batch_size), f"answer ({label})", 0)
+    responses = generate_all(
+        model, tokenizer, rendered.ids, sampling(config, batch_size), f"answer ({label})", 0
+    )
     with base():
-        pmi, context_pmi = pmi_scores(model, rendered.ids, [r.token_ids for r in responses], config.pmi_negatives,
-                                      config.seed, pad_id(tokenizer), context_free_ids(tokenizer, rendered, data))
+        pmi, context_pmi = pmi_scores(
+            model,
+            rendered.ids,
+            [r.token_ids for r in responses],
+            config.pmi_negatives,
+            config.seed,
+            pad_id(tokenizer),
+            context_free_ids(tokenizer, rendered, data),
+        )
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)
     result.update(pmi_mean=float(pmi.mean()), pmi_ci95=interval(pmi))
     if context_pmi is not None:
-        result.update(pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi))
-    result["examples"] = [{"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])]
+        result.update(
+            pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi)
+        )
+    result["examples"] = [
+        {"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])
+    ]
     result["answers"] = texts
     return result
 
@@ -157,15 +228,28 @@ def markdown_table(results: dict[str, dict]) -> str:
     for key, title, fmt in METRICS:
         if not any(key in r for r in results.values()):
             continue
-        cells = [("n/a" if results[n][key] is None else fmt.format(results[n][key])) if key in results[n] else "-"
-                 for n in names]
+        cells = [
+            ("n/a" if results[n][key] is None else fmt.format(results[n][key]))
+            if key in results[n]
+            else "-"
+            for n in names
+        ]
         if key in ("pmi_mean", "pmi_context_mean"):
             ci = key.replace("_mean", "_ci95")
-            cells = [c + (" [{:.2f}, {:.2f}]".format(*results[n][ci]) if ci in results[n] else "")
-                     for c, n in zip(cells, names)]
+            cells = [
+                c + (" [{:.2f}, {:.2f}]".format(*results[n][ci]) if ci in results[n] else "")
+                for c, n in zip(cells, names)
+            ]
         both = all(results[n].get(key) is not None for n in names)
-        change = ([("{:+" + fmt[2:]).format(results[names[1]][key] - results[names[0]][key]) if both else "-"]
-                  if len(names) == 2 else [])
+        change = (
+            [
+                ("{:+" + fmt[2:]).format(results[names[1]][key] - results[names[0]][key])
+                if both
+                else "-"
+            ]
+            if len(names) == 2
+            else []
+        )
         lines.append(f"| {title} | " + " | ".join(cells + change) + " |")
     return "\n".join(lines) + "\n"
 

@@ -21,15 +21,27 @@ class Estimate:
     total: int
 
 
-def activation_values(hidden: int, inter: int, heads: int, vocab: int, layers: int, tokens: int,
-                      scored: int, rows: int, grad_checkpoint: bool) -> int:
+def activation_values(
+    hidden: int,
+    inter: int,
+    heads: int,
+    vocab: int,
+    layers: int,
+    tokens: int,
+    scored: int,
+    rows: int,
+    grad_checkpoint: bool,
+) -> int:
     """Values the backward pass keeps for `rows` rows of `tokens` tokens, `scored` of them
     response positions (the only ones through the LM head): per block ~ (12 h + 3 i) T +
     heads T^2 (one block when checkpointing, plus each block's input), and logits,
     log-softmax and their gradient, 3 V S."""
     kept_blocks = 1 if grad_checkpoint else layers
-    per_row = (kept_blocks * ((12 * hidden + 3 * inter) * tokens + heads * tokens * tokens)
-               + layers * hidden * tokens + 3 * vocab * scored)
+    per_row = (
+        kept_blocks * ((12 * hidden + 3 * inter) * tokens + heads * tokens * tokens)
+        + layers * hidden * tokens
+        + 3 * vocab * scored
+    )
     return rows * per_row
 
 
@@ -46,8 +58,17 @@ def estimate(model, pairs, config: TrainingConfig) -> Estimate:
     longest = max((p.length for p in pairs), default=1)
     scored = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     t = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    activations = 4 * activation_values(hidden, inter, heads, vocab, layers, t, scored, 2 * config.batch_size,
-                                        config.grad_checkpoint)
+    activations = 4 * activation_values(
+        hidden,
+        inter,
+        heads,
+        vocab,
+        layers,
+        t,
+        scored,
+        2 * config.batch_size,
+        config.grad_checkpoint,
+    )
     adapters = 4 * 4 * trainable
     return Estimate(weights, adapters, activations, weights + adapters + activations)
 
@@ -72,8 +93,15 @@ class Shape:
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of each linear of one block: q, k, v, o, gate, up, down."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, self.intermediate), (h, self.intermediate),
-                (self.intermediate, h)]
+        return [
+            (h, h),
+            (h, kv),
+            (h, kv),
+            (h, h),
+            (h, self.intermediate),
+            (h, self.intermediate),
+            (self.intermediate, h),
+        ]
 
     @property
     def params(self) -> int:
@@ -104,7 +132,9 @@ class Workload:
     lora_rank: int = 8
 
 
-def plan(shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, compute_bytes: int = 2) -> dict:
+def plan(
+    shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, compute_bytes: int = 2
+) -> dict:
     """Estimated peak bytes of a run on `shape`: weights quantized to `bits` (plus a 16-bit
     scale and bias per group), then the larger of training (adapters with gradients and
     Adam moments in fp32, activations of the longest batch) and generation (KV cache of a
@@ -113,12 +143,26 @@ def plan(shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, comp
     trainable = shape.layers * sum(work.lora_rank * (i + o) for i, o in shape.linears())
     tokens = work.prompt_tokens + work.response_tokens
     activations = compute_bytes * activation_values(
-        shape.hidden, shape.intermediate, shape.heads, shape.vocab, shape.layers, tokens,
-        work.response_tokens, 2 * work.batch_size, work.grad_checkpoint)
-    kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * work.generation_batch * 2
+        shape.hidden,
+        shape.intermediate,
+        shape.heads,
+        shape.vocab,
+        shape.layers,
+        tokens,
+        work.response_tokens,
+        2 * work.batch_size,
+        work.grad_checkpoint,
+    )
+    kv_cache = (
+        2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * work.generation_batch * 2
+    )
     training = 16 * trainable + activations
-    return {"weights": weights, "training": training, "generation": kv_cache,
-            "total": weights + max(training, kv_cache)}
+    return {
+        "weights": weights,
+        "training": training,
+        "generation": kv_cache,
+        "total": weights + max(training, kv_cache),
+    }
 
 
 def working_set_bytes() -> int | None:
@@ -142,18 +186,32 @@ RECIPES = ("gsm8k", "svamp", "arc-challenge", "arc-easy", "prism", "community-al
 
 def recipe_workload(config) -> Workload:
     t = config.training
-    return Workload(PROMPT_TOKENS[config.data.template], config.generation.max_tokens, t.batch_size,
-                    t.grad_checkpoint, config.generation.batch_size, config.lora.rank)
+    return Workload(
+        PROMPT_TOKENS[config.data.template],
+        config.generation.max_tokens,
+        t.batch_size,
+        t.grad_checkpoint,
+        config.generation.batch_size,
+        config.lora.rank,
+    )
 
 
 def recipe_memory_markdown(configs: Path) -> str:
     """Estimated peak memory (GB) of each paper recipe on each of the paper's models, 4-bit."""
-    header = "| recipe | longest prompt + response (tokens) | " + " | ".join(m.name for m in PAPER_MODELS) + " |"
+    header = (
+        "| recipe | longest prompt + response (tokens) | "
+        + " | ".join(m.name for m in PAPER_MODELS)
+        + " |"
+    )
     lines = [header, "|" + " --- |" * (len(PAPER_MODELS) + 2)]
     for name in RECIPES:
         work = recipe_workload(resolve(str(configs / f"{name}.yaml"), {}))
         cells = [f"{plan(m, work)['total'] / 1e9:.1f}" for m in PAPER_MODELS]
-        lines.append(f"| `{name}` | {work.prompt_tokens} + {work.response_tokens} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| `{name}` | {work.prompt_tokens} + {work.response_tokens} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

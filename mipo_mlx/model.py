@@ -27,11 +27,20 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 def _check_local_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json; point model.path at an mlx-lm/Hugging Face model folder")
+        raise UserError(
+            f"{path}: no config.json; point model.path at an mlx-lm/Hugging Face model folder"
+        )
     if not list(path.glob("*.safetensors")):
-        raise UserError(f"{path}: no .safetensors weights (only safetensors are loaded, never pickle)")
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise UserError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); copy them from the base model")
+        raise UserError(
+            f"{path}: no .safetensors weights (only safetensors are loaded, never pickle)"
+        )
+    if not any(
+        (path / name).is_file()
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        raise UserError(
+            f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); copy them from the base model"
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -46,7 +55,9 @@ def load(config: ModelConfig):
     if path.exists():
         _check_local_folder(path)
     elif _looks_like_path(config.path):
-        raise UserError(f"{config.path}: model folder not found; give a local folder or a Hub id like org/name")
+        raise UserError(
+            f"{config.path}: model folder not found; give a local folder or a Hub id like org/name"
+        )
     try:
         model, tokenizer, model_config = mlx_load(
             str(path) if path.exists() else config.path,
@@ -57,12 +68,19 @@ def load(config: ModelConfig):
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{config.path}: could not load the model ({first}); check the folder or repo id") from None
+        raise UserError(
+            f"{config.path}: could not load the model ({first}); check the folder or repo id"
+        ) from None
     if config.quantize_bits and (config.quantize_on_cpu or not on_cpu()):
-        model_config = quantize(model, model_config, config.quantize_bits, config.quantize_group_size)
+        model_config = quantize(
+            model, model_config, config.quantize_bits, config.quantize_group_size
+        )
     elif config.quantize_bits and not is_quantized(model):
-        print("note: model.quantize_bits skipped on the CPU backend, where MLX's quantized matmul is much "
-              "slower than float32 (set model.quantize_on_cpu=true to quantize anyway)", file=sys.stderr)
+        print(
+            "note: model.quantize_bits skipped on the CPU backend, where MLX's quantized matmul is much "
+            "slower than float32 (set model.quantize_on_cpu=true to quantize anyway)",
+            file=sys.stderr,
+        )
     model.freeze()
     return model, tokenizer, model_config
 
@@ -77,7 +95,9 @@ def on_cpu() -> bool:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    )
 
 
 def quantize(model: nn.Module, model_config: dict, bits: int, group_size: int) -> dict:
@@ -114,12 +134,18 @@ def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:
         raise UserError(f"lora.keys: {err}") from None
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if trainable == 0:
-        raise UserError(f"lora.keys={config.keys} matched no layer; use names like self_attn.q_proj")
+        raise UserError(
+            f"lora.keys={config.keys} matched no layer; use names like self_attn.q_proj"
+        )
     return trainable
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "linear")]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_a") and hasattr(m, "linear")
+    ]
 
 
 @contextmanager
@@ -138,23 +164,31 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+    return {
+        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+    }
 
 
-def save_adapters(folder: Path, model: nn.Module, lora: LoraConfig, base_model: str,
-                  name: str = ADAPTER_WEIGHTS) -> Path:
+def save_adapters(
+    folder: Path, model: nn.Module, lora: LoraConfig, base_model: str, name: str = ADAPTER_WEIGHTS
+) -> Path:
     """Write adapters in mlx-lm's format (loads with mlx_lm.load(..., adapter_path=folder))."""
     weights = adapter_weights(model)
     target = folder / name
-    with atomic_path(target, suffix=".safetensors") as tmp:  # mx.save_safetensors adds the suffix otherwise
+    with atomic_path(
+        target, suffix=".safetensors"
+    ) as tmp:  # mx.save_safetensors adds the suffix otherwise
         mx.save_safetensors(str(tmp), weights)
-    write_json(folder / ADAPTER_CONFIG, {
-        "fine_tune_type": "lora",
-        "num_layers": num_adapted_layers(model, lora),
-        "lora_parameters": lora_parameters(lora),
-        "base_model": base_model,
-        "trainer": "mipo_mlx",
-    })
+    write_json(
+        folder / ADAPTER_CONFIG,
+        {
+            "fine_tune_type": "lora",
+            "num_layers": num_adapted_layers(model, lora),
+            "lora_parameters": lora_parameters(lora),
+            "base_model": base_model,
+            "trainer": "mipo_mlx",
+        },
+    )
     return target
 
 
@@ -183,12 +217,22 @@ def load_adapters(model: nn.Module, folder: Path) -> None:
     try:
         linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
     except (KeyError, ValueError, TypeError) as err:
-        raise UserError(f"{Path(folder) / ADAPTER_CONFIG}: unusable LoRA settings ({err})") from None
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
-    wrong = sorted(set(weights) ^ set(expected)) or [k for k in weights if weights[k].shape != expected[k]]
+        raise UserError(
+            f"{Path(folder) / ADAPTER_CONFIG}: unusable LoRA settings ({err})"
+        ) from None
+    expected = {
+        k: v.shape
+        for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+    }
+    wrong = sorted(set(weights) ^ set(expected)) or [
+        k for k in weights if weights[k].shape != expected[k]
+    ]
     if wrong:
-        raise UserError(f"{weights_path}: adapters do not fit this base model (first mismatch: {wrong[0]}); "
-                        "use the base model they were trained on")
+        raise UserError(
+            f"{weights_path}: adapters do not fit this base model (first mismatch: {wrong[0]}); "
+            "use the base model they were trained on"
+        )
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
 

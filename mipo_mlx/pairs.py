@@ -69,13 +69,21 @@ REQUIRED = ("chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "n
 
 
 def _id_list(value, key: str, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(t, int) and t >= 0 for t in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(t, int) and t >= 0 for t in value)
+    ):
         raise UserError(f"{where}: '{key}' must be a non-empty list of token ids")
     return value
 
 
 def _is_answer(turn) -> bool:
-    return isinstance(turn, dict) and turn.get("role") == "assistant" and isinstance(turn.get("content"), str)
+    return (
+        isinstance(turn, dict)
+        and turn.get("role") == "assistant"
+        and isinstance(turn.get("content"), str)
+    )
 
 
 def pair_from_row(row: dict, where: str) -> Pair:
@@ -84,21 +92,34 @@ def pair_from_row(row: dict, where: str) -> Pair:
     if missing:
         raise UserError(f"{where}: missing key(s) {', '.join(missing)}; regenerate the pair file")
     chosen, rejected = row["chosen"], row["rejected"]
-    if (not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) < 2
-            or chosen[:-1] != rejected[:-1] or not _is_answer(chosen[-1]) or not _is_answer(rejected[-1])):
-        raise UserError(f"{where}: 'chosen' and 'rejected' must share the prompt turns and end with an "
-                        "assistant turn {role: assistant, content: text}")
+    if (
+        not isinstance(chosen, list)
+        or not isinstance(rejected, list)
+        or len(chosen) < 2
+        or chosen[:-1] != rejected[:-1]
+        or not _is_answer(chosen[-1])
+        or not _is_answer(rejected[-1])
+    ):
+        raise UserError(
+            f"{where}: 'chosen' and 'rejected' must share the prompt turns and end with an "
+            "assistant turn {role: assistant, content: text}"
+        )
     ref = row.get("reference_logps")
     if ref is not None and not (isinstance(ref, dict) and {"chosen", "rejected"} <= set(ref)):
         raise UserError(f"{where}: 'reference_logps' must hold 'chosen' and 'rejected'")
     return Pair(
-        messages=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"],
+        messages=chosen[:-1],
+        chosen=chosen[-1]["content"],
+        rejected=rejected[-1]["content"],
         prompt_ids=_id_list(row["prompt_ids"], "prompt_ids", where),
         chosen_ids=_id_list(row["chosen_ids"], "chosen_ids", where),
         rejected_ids=_id_list(row["rejected_ids"], "rejected_ids", where),
-        negatives=row["negatives"], source=row["source"],
-        rejected_source=row.get("rejected_source"), rejected_prompt=row.get("rejected_prompt"),
-        split=row.get("split", "train"), reference_logps=ref,
+        negatives=row["negatives"],
+        source=row["source"],
+        rejected_source=row.get("rejected_source"),
+        rejected_prompt=row.get("rejected_prompt"),
+        split=row.get("split", "train"),
+        reference_logps=ref,
     )
 
 
@@ -117,8 +138,10 @@ def check_derangeable(groups: list) -> None:
         raise UserError(f"{n} prompt(s): a random negative needs at least 2 different prompts")
     largest = max(Counter(groups).values())
     if largest > n - largest:
-        raise UserError(f"{largest} of {n} prompts are identical: no derangement exists; "
-                        "remove duplicates or add more different prompts")
+        raise UserError(
+            f"{largest} of {n} prompts are identical: no derangement exists; "
+            "remove duplicates or add more different prompts"
+        )
 
 
 def derangement(groups: list, seed: int) -> list[int]:
@@ -153,7 +176,9 @@ def _repair(groups: list, p: list[int], rng) -> list[int]:
     raise UserError("could not build a derangement of the prompts; remove duplicate prompts")
 
 
-def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed: int) -> list[str | None]:
+def altered_prompts(
+    prompts: list[Prompt], strategy: str, data: DataConfig, seed: int
+) -> list[str | None]:
     """The user turn each negative is generated from, for the generating strategies.
 
     incomplete: the row's `incomplete` text if it has one, else x with one random
@@ -163,12 +188,16 @@ def altered_prompts(prompts: list[Prompt], strategy: str, data: DataConfig, seed
     """
     rng = np.random.default_rng(seed)
     if strategy == "incomplete":
-        return [_maybe(_given_incomplete(p) or drop_one_sentence(p.question, rng), p.context, data)
-                for p in prompts]
+        return [
+            _maybe(_given_incomplete(p) or drop_one_sentence(p.question, rng), p.context, data)
+            for p in prompts
+        ]
     missing = [p.where for p in prompts if p.context is None]
     if missing:
-        raise UserError(f"{missing[0]}: pairs.negatives={strategy} needs a 'context' on every prompt row; "
-                        "this one has none")
+        raise UserError(
+            f"{missing[0]}: pairs.negatives={strategy} needs a 'context' on every prompt row; "
+            "this one has none"
+        )
     if strategy == "no_context":
         return [user_text(p.question, None, data) for p in prompts]
     if strategy == "random_context":
@@ -206,53 +235,124 @@ def check_pairs_possible(rendered: Rendered, config: PairsConfig, data: DataConf
         altered_prompts(rendered.prompts, config.negatives, data, config.seed)
 
 
-def random_pairs(rendered: Rendered, positives: list[Response], tokenizer, generation: GenerationConfig,
-                 seed: int) -> list[Pair]:
+def random_pairs(
+    rendered: Rendered,
+    positives: list[Response],
+    tokenizer,
+    generation: GenerationConfig,
+    seed: int,
+) -> list[Pair]:
     """`random` negatives: another prompt's positive, via a derangement; no second generation."""
     keep = usable_indices(positives, generation, 2)
     other = derangement([rendered.messages[i][-1]["content"] for i in keep], seed)
     pairs = []
     for slot, i in enumerate(keep):
         j = keep[other[slot]]
-        pairs.append(Pair(rendered.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, positives[j]),
-                          rendered.ids[i], positives[i].token_ids, positives[j].token_ids, "random", i,
-                          rejected_source=j))
+        pairs.append(
+            Pair(
+                rendered.messages[i],
+                decode(tokenizer, positives[i]),
+                decode(tokenizer, positives[j]),
+                rendered.ids[i],
+                positives[i].token_ids,
+                positives[j].token_ids,
+                "random",
+                i,
+                rejected_source=j,
+            )
+        )
     return pairs
 
 
-def generated_pairs(model, tokenizer, rendered: Rendered, positives: list[Response], config: PairsConfig,
-                    generation: GenerationConfig, data: DataConfig, cache: ResponseCache | None = None,
-                    should_stop=None) -> list[Pair]:
+def generated_pairs(
+    model,
+    tokenizer,
+    rendered: Rendered,
+    positives: list[Response],
+    config: PairsConfig,
+    generation: GenerationConfig,
+    data: DataConfig,
+    cache: ResponseCache | None = None,
+    should_stop=None,
+) -> list[Pair]:
     """incomplete / no_context / random_context: generate y- from an altered prompt."""
     altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
     keep = set(usable_indices(positives, generation, 1))
     todo = [i for i, text in enumerate(altered) if text is not None and i in keep]
     if not todo:
-        raise UserError(f"pairs.negatives={config.negatives}: no prompt can be altered (e.g. no prompt has "
-                        "two sentences for 'incomplete'); choose another strategy")
-    ids = [render(tokenizer, messages_for(rendered.prompts[i], altered[i], data), data.enable_thinking)
-           for i in todo]
-    negatives = generate_all(model, tokenizer, ids, generation, f"generate {config.negatives}", STREAM_STRIDE,
-                             cache, should_stop)
-    pairs = [Pair(rendered.messages[i], decode(tokenizer, positives[i]), decode(tokenizer, negative),
-                  rendered.ids[i], positives[i].token_ids, negative.token_ids, config.negatives, i,
-                  rejected_prompt=altered[i])
-             for i, negative in zip(todo, negatives) if usable(negative, generation)]
+        raise UserError(
+            f"pairs.negatives={config.negatives}: no prompt can be altered (e.g. no prompt has "
+            "two sentences for 'incomplete'); choose another strategy"
+        )
+    ids = [
+        render(tokenizer, messages_for(rendered.prompts[i], altered[i], data), data.enable_thinking)
+        for i in todo
+    ]
+    negatives = generate_all(
+        model,
+        tokenizer,
+        ids,
+        generation,
+        f"generate {config.negatives}",
+        STREAM_STRIDE,
+        cache,
+        should_stop,
+    )
+    pairs = [
+        Pair(
+            rendered.messages[i],
+            decode(tokenizer, positives[i]),
+            decode(tokenizer, negative),
+            rendered.ids[i],
+            positives[i].token_ids,
+            negative.token_ids,
+            config.negatives,
+            i,
+            rejected_prompt=altered[i],
+        )
+        for i, negative in zip(todo, negatives)
+        if usable(negative, generation)
+    ]
     if not pairs:
         raise UserError("no pair survived the truncation rule; raise generation.max_tokens")
     return pairs
 
 
-def build_pairs(model, tokenizer, rendered: Rendered, config: PairsConfig, generation: GenerationConfig,
-                data: DataConfig, caches: dict[str, ResponseCache] | None = None, should_stop=None) -> list[Pair]:
+def build_pairs(
+    model,
+    tokenizer,
+    rendered: Rendered,
+    config: PairsConfig,
+    generation: GenerationConfig,
+    data: DataConfig,
+    caches: dict[str, ResponseCache] | None = None,
+    should_stop=None,
+) -> list[Pair]:
     """Answer every prompt (chosen), make the negatives as `config.negatives` says, and mark a
     share of the pairs for validation. `caches` keep each pass's responses ('chosen', 'rejected')."""
     caches = caches or {}
-    positives = generate_all(model, tokenizer, rendered.ids, generation, "generate chosen", 0,
-                             caches.get("chosen"), should_stop)
+    positives = generate_all(
+        model,
+        tokenizer,
+        rendered.ids,
+        generation,
+        "generate chosen",
+        0,
+        caches.get("chosen"),
+        should_stop,
+    )
     if config.negatives == "random":
         pairs = random_pairs(rendered, positives, tokenizer, generation, config.seed)
     else:
-        pairs = generated_pairs(model, tokenizer, rendered, positives, config, generation, data,
-                                caches.get("rejected"), should_stop)
+        pairs = generated_pairs(
+            model,
+            tokenizer,
+            rendered,
+            positives,
+            config,
+            generation,
+            data,
+            caches.get("rejected"),
+            should_stop,
+        )
     return split_pairs(pairs, data.valid_fraction, config.seed)

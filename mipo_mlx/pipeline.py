@@ -57,15 +57,23 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
     with stop.installed():
         if config.training.memory_limit_gb:
             mdl.set_memory_limit(config.training.memory_limit_gb)
-        with dist.together():  # bad input stops every rank before the model loads or anything is written
+        with (
+            dist.together()
+        ):  # bad input stops every rank before the model loads or anything is written
             folder.check(config, resume_run)
             d = config.data
-            prompts = read_source(d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, d.limit)
+            prompts = read_source(
+                d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, d.limit
+            )
             held_prompts = heldout_prompts(config.evaluation) if config.evaluation.prompts else None
             model, tokenizer, _ = mdl.load(config.model)
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
             check_pairs_possible(rendered, config.pairs, d)
-            held = heldout(tokenizer, held_prompts, d, config.evaluation.prompts) if held_prompts else None
+            held = (
+                heldout(tokenizer, held_prompts, d, config.evaluation.prompts)
+                if held_prompts
+                else None
+            )
         if not resume_run:
             folder.start(config)
             if d.format != "prompts":
@@ -75,40 +83,70 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
         return stages(config, folder, stop, model, tokenizer, rendered, held)
 
 
-def stages(config: Config, folder: RunFolder, stop: StopFlag, model, tokenizer, rendered: Rendered,
-           held: Heldout | None) -> RunResult:
+def stages(
+    config: Config,
+    folder: RunFolder,
+    stop: StopFlag,
+    model,
+    tokenizer,
+    rendered: Rendered,
+    held: Heldout | None,
+) -> RunResult:
     ev, batch = config.evaluation, config.generation.batch_size
     pad = mdl.pad_id(tokenizer)
     if held is not None:
-        before = folder.cached_json("eval_base.json", lambda: answer_and_measure(
-            model, tokenizer, held, ev, config.data, batch, nullcontext, "base"))
+        before = folder.cached_json(
+            "eval_base.json",
+            lambda: answer_and_measure(
+                model, tokenizer, held, ev, config.data, batch, nullcontext, "base"
+            ),
+        )
     pairs = folder.pairs()
     if pairs is not None:
         dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")
         shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
     else:
         if rendered.skipped:
-            dist.say(f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens="
-                     f"{config.data.max_prompt_tokens}")
+            dist.say(
+                f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens="
+                f"{config.data.max_prompt_tokens}"
+            )
         caches = {name: folder.responses(name) for name in ("chosen", "rejected")}
-        pairs = build_pairs(model, tokenizer, rendered, config.pairs, config.generation, config.data, caches, stop)
+        pairs = build_pairs(
+            model, tokenizer, rendered, config.pairs, config.generation, config.data, caches, stop
+        )
         shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
         add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
         folder.write_pairs(pairs)
-        dist.say(f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {folder.path / 'pairs.jsonl'}")
-    metrics = train_adapters(model, pad, pairs, config.training, config.lora, config.model.path, folder, stop,
-                             shared)
-    dist.say(f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{folder.path}'))")
+        dist.say(
+            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {folder.path / 'pairs.jsonl'}"
+        )
+    metrics = train_adapters(
+        model, pad, pairs, config.training, config.lora, config.model.path, folder, stop, shared
+    )
+    dist.say(
+        f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{folder.path}'))"
+    )
     table = None
     if held is not None:
-        after = answer_and_measure(model, tokenizer, held, ev, config.data, batch,
-                                   lambda: mdl.adapters_disabled(model), "mipo")
+        after = answer_and_measure(
+            model,
+            tokenizer,
+            held,
+            ev,
+            config.data,
+            batch,
+            lambda: mdl.adapters_disabled(model),
+            "mipo",
+        )
         results = {"base": before, "mipo": after}
         add_judge(results, held.rendered.prompts, ev, config.model.trust_remote_code)
         table = markdown_table(results)
         dist.main_only(write_report, folder.path, results, ev.plots)
         if ev.plots:
-            dist.main_only(plot_training, folder.path / "metrics.jsonl", folder.path / "training.png")
+            dist.main_only(
+                plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
+            )
     return RunResult(folder.path, pairs, metrics, table)
 
 
@@ -118,10 +156,22 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
     prompts = heldout_prompts(ev)
     model, tokenizer, _ = mdl.load(config.model)
     held = heldout(tokenizer, prompts, config.data, ev.prompts)
-    results = {"base": answer_and_measure(model, tokenizer, held, ev, config.data, batch, nullcontext, "base")}
+    results = {
+        "base": answer_and_measure(
+            model, tokenizer, held, ev, config.data, batch, nullcontext, "base"
+        )
+    }
     if adapters:
         mdl.load_adapters(model, Path(adapters))
-        results["mipo"] = answer_and_measure(model, tokenizer, held, ev, config.data, batch,
-                                             lambda: mdl.adapters_disabled(model), "mipo")
+        results["mipo"] = answer_and_measure(
+            model,
+            tokenizer,
+            held,
+            ev,
+            config.data,
+            batch,
+            lambda: mdl.adapters_disabled(model),
+            "mipo",
+        )
     add_judge(results, held.rendered.prompts, ev, config.model.trust_remote_code)
     return results

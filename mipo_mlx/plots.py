@@ -9,9 +9,17 @@ import json
 import sys
 from pathlib import Path
 
-CURVES = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy")]
-BARS = [("accuracy", "accuracy"), ("pmi_mean", "PMI (nats)"), ("length_mean", "length (tokens)"),
-        ("distinct_2", "distinct-2")]
+CURVES = [
+    ("loss", "loss"),
+    ("rewards/margins", "reward margin"),
+    ("rewards/accuracies", "reward accuracy"),
+]
+BARS = [
+    ("accuracy", "accuracy"),
+    ("pmi_mean", "PMI (nats)"),
+    ("length_mean", "length (tokens)"),
+    ("distinct_2", "distinct-2"),
+]
 
 
 def _pyplot():
@@ -21,7 +29,10 @@ def _pyplot():
         matplotlib.use("Agg")  # files only; no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: plots skipped (matplotlib not installed: pip install 'mipo_mlx[plot]')", file=sys.stderr)
+        print(
+            "note: plots skipped (matplotlib not installed: pip install 'mipo_mlx[plot]')",
+            file=sys.stderr,
+        )
         return None
     return plt
 
@@ -31,13 +42,17 @@ def plot_training(metrics_path: Path, target: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()
+    ]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], label="train", lw=1)
         valid = [r for r in rows if f"valid/{key}" in r]
         if valid:
-            ax.plot([r["step"] for r in valid], [r[f"valid/{key}"] for r in valid], "o-", label="valid")
+            ax.plot(
+                [r["step"] for r in valid], [r[f"valid/{key}"] for r in valid], "o-", label="valid"
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
@@ -59,9 +74,17 @@ def plot_comparison(results: dict[str, dict], target: Path) -> Path | None:
         values = [results[n][key] for n in names]
         errors = None
         if key == "pmi_mean":
-            errors = [[v - results[n]["pmi_ci95"][0] for v, n in zip(values, names)],
-                      [results[n]["pmi_ci95"][1] - v for v, n in zip(values, names)]]
-        ax.bar(names, values, yerr=errors, color=["#888888", "#3366cc", "#cc6633"][: len(names)], capsize=4)
+            errors = [
+                [v - results[n]["pmi_ci95"][0] for v, n in zip(values, names)],
+                [results[n]["pmi_ci95"][1] - v for v, n in zip(values, names)],
+            ]
+        ax.bar(
+            names,
+            values,
+            yerr=errors,
+            color=["#888888", "#3366cc", "#cc6633"][: len(names)],
+            capsize=4,
+        )
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(target, dpi=100)

@@ -22,7 +22,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     """`stage |#####     | 12/40 [00:10<00:23] loss=0.69` on a terminal; plain lines otherwise."""
 
-    def __init__(self, total: int, stage: str, stream=None, enabled: bool = True, every: float = 10.0):
+    def __init__(
+        self, total: int, stage: str, stream=None, enabled: bool = True, every: float = 10.0
+    ):
         self.total, self.stage, self.done = max(total, 1), stage, 0
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -44,8 +46,10 @@ class Progress:
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         filled = int(20 * min(self.done / self.total, 1.0))
         extra = " ".join(f"{k}={v}" for k, v in self.fields.items())
-        return (f"{self.stage} |{'#' * filled}{' ' * (20 - filled)}| {self.done}/{self.total} "
-                f"[{_clock(elapsed)}<{_clock(eta)}] {extra}").rstrip()
+        return (
+            f"{self.stage} |{'#' * filled}{' ' * (20 - filled)}| {self.done}/{self.total} "
+            f"[{_clock(elapsed)}<{_clock(eta)}] {extra}"
+        ).rstrip()
 
     def _show(self, now: float) -> None:
         if not self.enabled:

@@ -44,8 +44,14 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
     for turn in messages:
         role = turn.get("role") if isinstance(turn, dict) else None
-        if not isinstance(role, str) or role not in ROLES or not isinstance(turn.get("content"), str):
-            raise UserError(f"{where}: each turn needs a role (system/user/assistant) and string content")
+        if (
+            not isinstance(role, str)
+            or role not in ROLES
+            or not isinstance(turn.get("content"), str)
+        ):
+            raise UserError(
+                f"{where}: each turn needs a role (system/user/assistant) and string content"
+            )
     if messages[-1]["role"] != "user":
         raise UserError(f"{where}: 'messages' must end with a user turn (the prompt to answer)")
     if not messages[-1]["content"].strip():
@@ -65,7 +71,9 @@ def parse_row(row: dict, where: str) -> Prompt:
         turns = _check_messages(row["messages"], where)
         return Prompt(where, turns[-1]["content"], context, turns[:-1], extra)
     if "prompt" not in row:
-        raise UserError(f"{where}: missing key 'prompt' (or 'messages'); each row needs the prompt text")
+        raise UserError(
+            f"{where}: missing key 'prompt' (or 'messages'); each row needs the prompt text"
+        )
     if not isinstance(row["prompt"], str):
         raise UserError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
     if not row["prompt"].strip():
@@ -73,13 +81,22 @@ def parse_row(row: dict, where: str) -> Prompt:
     return Prompt(where, row["prompt"], context, [], extra)
 
 
-def read_source(source: str, format: str = "prompts", split: str | None = None, skip: int = 0,
-                subset: int | None = None, seed: int = 42, limit: int | None = None) -> list[Prompt]:
+def read_source(
+    source: str,
+    format: str = "prompts",
+    split: str | None = None,
+    skip: int = 0,
+    subset: int | None = None,
+    seed: int = 42,
+    limit: int | None = None,
+) -> list[Prompt]:
     """Prompts of `source` in `format`: skip the first `skip`, draw `subset` at random, keep `limit`."""
     if format == "prompts":
         if split is not None:
-            raise UserError(f"{source}: a split ({split!r}) only applies to a public data format; "
-                            "drop it or set the format")
+            raise UserError(
+                f"{source}: a split ({split!r}) only applies to a public data format; "
+                "drop it or set the format"
+            )
         rows = []
         for n, row in read_jsonl(source, "prompts"):
             rows.append(parse_row(row, f"{source}:{n}"))
@@ -87,20 +104,32 @@ def read_source(source: str, format: str = "prompts", split: str | None = None, 
                 break  # lines after the last one used are not read
         prompts = formats.select(rows, str(source), skip, subset, seed, limit) if rows else []
     else:
-        located = formats.select(formats.read_located(str(source), format, split), str(source), skip, subset,
-                                 seed, limit)
-        prompts = [Prompt(where, row["prompt"], row["context"],
-                          extra={k: v for k, v in row.items() if k not in PROMPT_KEYS and v is not None})
-                   for where, row in located]
+        located = formats.select(
+            formats.read_located(str(source), format, split), str(source), skip, subset, seed, limit
+        )
+        prompts = [
+            Prompt(
+                where,
+                row["prompt"],
+                row["context"],
+                extra={k: v for k, v in row.items() if k not in PROMPT_KEYS and v is not None},
+            )
+            for where, row in located
+        ]
     if len(prompts) < 2:
-        raise UserError(f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
+        raise UserError(
+            f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)"
+        )
     return prompts
 
 
 def prompt_row(prompt: Prompt) -> dict[str, Any]:
     """A prompt as a row of a prompt file (read back by `parse_row`)."""
-    row: dict[str, Any] = {"prompt": prompt.question} if not prompt.history else {
-        "messages": [*prompt.history, {"role": "user", "content": prompt.question}]}
+    row: dict[str, Any] = (
+        {"prompt": prompt.question}
+        if not prompt.history
+        else {"messages": [*prompt.history, {"role": "user", "content": prompt.question}]}
+    )
     if prompt.context is not None:
         row["context"] = prompt.context
     return {**row, **prompt.extra}
@@ -131,11 +160,16 @@ def messages_for(prompt: Prompt, text: str, config: DataConfig) -> list[dict[str
 def render(tokenizer, messages: list[dict[str, str]], enable_thinking: bool) -> list[int]:
     """Token ids of `messages` through the model's chat template, ready for the answer."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError("the model's tokenizer has no chat template; use an instruct/chat model "
-                        "or add 'chat_template' to its tokenizer_config.json")
+        raise UserError(
+            "the model's tokenizer has no chat template; use an instruct/chat model "
+            "or add 'chat_template' to its tokenizer_config.json"
+        )
     # enable_thinking is passed explicitly: mlx-lm turns it on for thinking-capable models.
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              enable_thinking=enable_thinking))
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+    )
 
 
 @dataclass
@@ -162,8 +196,10 @@ def render_prompts(prompts: list[Prompt], tokenizer, data: DataConfig, source: s
         kept.messages.append(messages)
         kept.ids.append(ids)
     if len(kept.prompts) < 2:
-        raise UserError(f"{source}: {len(kept.prompts)} prompt(s) fit data.max_prompt_tokens="
-                        f"{data.max_prompt_tokens}; raise it or set data.long_prompts=truncate")
+        raise UserError(
+            f"{source}: {len(kept.prompts)} prompt(s) fit data.max_prompt_tokens="
+            f"{data.max_prompt_tokens}; raise it or set data.long_prompts=truncate"
+        )
     return kept
 
 
@@ -172,10 +208,14 @@ def fit_length(ids: list[int], config: DataConfig, where: str) -> list[int] | No
     if len(ids) <= config.max_prompt_tokens:
         return ids
     if config.long_prompts == "error":
-        raise UserError(f"{where}: prompt has {len(ids)} tokens, over data.max_prompt_tokens="
-                        f"{config.max_prompt_tokens}; raise it or set data.long_prompts to skip/truncate")
+        raise UserError(
+            f"{where}: prompt has {len(ids)} tokens, over data.max_prompt_tokens="
+            f"{config.max_prompt_tokens}; raise it or set data.long_prompts to skip/truncate"
+        )
     if config.long_prompts == "truncate":
-        return ids[-config.max_prompt_tokens:]  # the end holds the question and the generation prompt
+        return ids[
+            -config.max_prompt_tokens :
+        ]  # the end holds the question and the generation prompt
     return None
 
 

@@ -34,8 +34,15 @@ from .pairs import Pair, pair_from_row, write_pairs
 from .prompts import Prompt, prompt_row
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
-STAGE_FILES = ("metrics.jsonl", "pairs.jsonl", "eval_base.json", "responses.chosen.jsonl",
-               "responses.rejected.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")
+STAGE_FILES = (
+    "metrics.jsonl",
+    "pairs.jsonl",
+    "eval_base.json",
+    "responses.chosen.jsonl",
+    "responses.rejected.jsonl",
+    "train_prompts.jsonl",
+    "eval_prompts.jsonl",
+)
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
 # Settings that may differ between an interrupted run and its resumption.
 MAY_CHANGE = {"output.overwrite", "training.memory_limit_gb", "evaluation.plots"}
@@ -54,8 +61,10 @@ def check_same_run(out: Path, config: Config) -> None:
     now = _flat(to_dict(config))
     for key in sorted(now):
         if key not in MAY_CHANGE and saved.get(key) != now[key]:
-            raise UserError(f"{out}: belongs to another run ({key} was {saved.get(key)!r}, now {now[key]!r}); "
-                            "resume with the same settings or choose another output.dir")
+            raise UserError(
+                f"{out}: belongs to another run ({key} was {saved.get(key)!r}, now {now[key]!r}); "
+                "resume with the same settings or choose another output.dir"
+            )
 
 
 def check_run_folder(out: Path, config: Config, resume: bool) -> None:
@@ -68,8 +77,10 @@ def check_run_folder(out: Path, config: Config, resume: bool) -> None:
         return
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not config.output.overwrite:
-        raise UserError(f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
-                        "output.dir or pass --output.overwrite true")
+        raise UserError(
+            f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
+            "output.dir or pass --output.overwrite true"
+        )
 
 
 class ResponseFile:
@@ -120,7 +131,9 @@ class RunFolder:
     def pairs(self) -> list[Pair] | None:
         """The pairs of an earlier attempt (written whole at the end of their stage), or None."""
         path = self.path / "pairs.jsonl"
-        rows = dist.decided(lambda: [row for _, row in read_jsonl(path, "pairs")] if path.is_file() else None)
+        rows = dist.decided(
+            lambda: [row for _, row in read_jsonl(path, "pairs")] if path.is_file() else None
+        )
         if rows is None:
             return None
         return [pair_from_row(row, f"{path}:{n}") for n, row in enumerate(rows, 1)]
@@ -152,12 +165,20 @@ class RunFolder:
 
         dist.main_only(trim)
 
-    def save_adapters(self, model, lora: LoraConfig, base_model: str, step: int | None = None) -> None:
+    def save_adapters(
+        self, model, lora: LoraConfig, base_model: str, step: int | None = None
+    ) -> None:
         """The adapters (mlx-lm's format); with `step`, also a copy named after it."""
         dist.main_only(mdl.save_adapters, self.path, model, lora, base_model)
         if step is not None:
-            dist.main_only(mdl.save_adapters, self.path, model, lora, base_model,
-                           name=f"{step:07d}_adapters.safetensors")
+            dist.main_only(
+                mdl.save_adapters,
+                self.path,
+                model,
+                lora,
+                base_model,
+                name=f"{step:07d}_adapters.safetensors",
+            )
 
     def save_checkpoint(self, state: ckpt.TrainState) -> None:
         dist.main_only(ckpt.save, self.path, state)

@@ -42,7 +42,9 @@ class Rows:
 
     def tree(self) -> dict[str, mx.array]:
         """The arrays by name: what goes through `mx.compile` and the loss."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "n_tokens"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "n_tokens"
+        }
 
 
 @dataclass
@@ -69,8 +71,12 @@ def _width(longest: int, pad_multiple: int) -> int:
     return -(-max(longest, 1) // pad_multiple) * pad_multiple
 
 
-def pack(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
-         pad_multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack(
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    pad_id: int,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows prompt+response, right-padded; the mask marks targets that are response tokens.
 
     For a row with prompt length P and response length R, the input position t
@@ -102,34 +108,52 @@ def scored_positions(targets: np.ndarray, mask: np.ndarray, pad_multiple: int = 
     return mx.array(positions), mx.array(picked), mx.array(owners)
 
 
-def pack_rows(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
-              pad_multiple: int = PAD_MULTIPLE) -> Rows:
+def pack_rows(
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    pad_id: int,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> Rows:
     """Rows prompt+response with no prefix; the response tokens are scored."""
     inputs, targets, mask = pack(prompts, responses, pad_id, pad_multiple)
     n = len(prompts)
-    return Rows(mx.zeros((n, 0), mx.int32), mx.zeros((n,), mx.int32), mx.array(inputs),
-                *scored_positions(targets, mask, pad_multiple))
+    return Rows(
+        mx.zeros((n, 0), mx.int32),
+        mx.zeros((n,), mx.int32),
+        mx.array(inputs),
+        *scored_positions(targets, mask, pad_multiple),
+    )
 
 
 def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
     """Pack pairs for one forward; `shared` runs each prompt once for both responses."""
     ref = [p.reference_logps or {"chosen": 0.0, "rejected": 0.0} for p in pairs]
-    reference = {"reference_chosen": mx.array([r["chosen"] for r in ref], dtype=mx.float32),
-                 "reference_rejected": mx.array([r["rejected"] for r in ref], dtype=mx.float32)}
+    reference = {
+        "reference_chosen": mx.array([r["chosen"] for r in ref], dtype=mx.float32),
+        "reference_rejected": mx.array([r["rejected"] for r in ref], dtype=mx.float32),
+    }
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     if not shared:
         prompts = [p.prompt_ids for p in pairs] * 2
         rows = pack_rows(prompts, responses, pad_id, pad_multiple)
-        rows.prefix, rows.prefix_lengths = mx.zeros((len(pairs), 0), mx.int32), mx.zeros((len(pairs),), mx.int32)
+        rows.prefix, rows.prefix_lengths = (
+            mx.zeros((len(pairs), 0), mx.int32),
+            mx.zeros((len(pairs),), mx.int32),
+        )
         n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
         return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
     heads = [p.prompt_ids[:-1] for p in pairs]
-    prefix = np.full((len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32)
+    prefix = np.full(
+        (len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32
+    )
     for row, head in enumerate(heads):
         prefix[row, : len(head)] = head
     # The rows start at the last prompt token, whose output predicts the first response token.
     rows = pack_rows([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
-    rows.prefix, rows.prefix_lengths = mx.array(prefix), mx.array([len(h) for h in heads], dtype=mx.int32)
+    rows.prefix, rows.prefix_lengths = (
+        mx.array(prefix),
+        mx.array([len(h) for h in heads], dtype=mx.int32),
+    )
     n_tokens = sum(map(len, heads)) + sum(len(r) + 1 for r in responses)
     return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
 
@@ -146,7 +170,9 @@ class _RecordKV:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         if window_size is not None:
-            raise NotImplementedError("sliding-window attention")  # the check falls back to no prefix
+            raise NotImplementedError(
+                "sliding-window attention"
+            )  # the check falls back to no prefix
         return create_causal_mask(n) if return_array else "causal"
 
 
@@ -155,7 +181,10 @@ class _AfterPrefix:
     rows that continue it; row r sits at positions lengths[r], lengths[r]+1, ..."""
 
     def __init__(self, record: _RecordKV, lengths: mx.array, copies: int):
-        self.prefix = (mx.concatenate([record.keys] * copies), mx.concatenate([record.values] * copies))
+        self.prefix = (
+            mx.concatenate([record.keys] * copies),
+            mx.concatenate([record.values] * copies),
+        )
         self.lengths = mx.concatenate([lengths] * copies)  # (N,)
         self.offset = self.lengths  # per-row RoPE offsets
         self.keys = self.values = None
@@ -165,13 +194,19 @@ class _AfterPrefix:
         self.values = mx.concatenate([self.prefix[1], values], axis=2)
         return self.keys, self.values
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+    def make_mask(
+        self, n: int, return_array: bool = False, window_size: int | None = None
+    ) -> mx.array:
         if window_size is not None:
             raise NotImplementedError("sliding-window attention")
         width = self.prefix[0].shape[2]
         cols = mx.arange(width + n)
-        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (cols < width)  # (N, 1, W+n)
-        causal = (cols[None, :] >= width) & (cols[None, :] - width <= mx.arange(n)[:, None])  # (n, W+n)
+        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (
+            cols < width
+        )  # (N, 1, W+n)
+        causal = (cols[None, :] >= width) & (
+            cols[None, :] - width <= mx.arange(n)[:, None]
+        )  # (n, W+n)
         return (in_prompt | causal)[:, None]  # (N, 1, n, W+n)
 
 
@@ -194,11 +229,17 @@ def prefix_keys(model, prefix: mx.array) -> list[_RecordKV]:
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) under each row of logits: (K, V), (K,) -> (K,), in float32."""
     logits = logits.astype(mx.float32)
-    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(
+        logits, axis=-1
+    )
 
 
-def scored_logits(model, rows: dict[str, mx.array], records: list[_RecordKV] | None = None,
-                  head_only: bool = False) -> mx.array:
+def scored_logits(
+    model,
+    rows: dict[str, mx.array],
+    records: list[_RecordKV] | None = None,
+    head_only: bool = False,
+) -> mx.array:
     """Logits (K, V) at the scored positions of `rows` (a `Rows.tree()`).
 
     A prefix in the rows runs once through the blocks; `records` are the keys and values
@@ -222,8 +263,12 @@ def scored_logits(model, rows: dict[str, mx.array], records: list[_RecordKV] | N
     return head(hidden.reshape(-1, hidden.shape[-1])[positions])
 
 
-def row_logps(model, rows: dict[str, mx.array], records: list[_RecordKV] | None = None,
-              head_only: bool = False) -> mx.array:
+def row_logps(
+    model,
+    rows: dict[str, mx.array],
+    records: list[_RecordKV] | None = None,
+    head_only: bool = False,
+) -> mx.array:
     """Each row's summed log-prob of its scored tokens, (N,)."""
     logps = token_logps(scored_logits(model, rows, records, head_only), rows["targets"])  # (K,)
     return logps @ rows["owners"]  # (N,): each row's sum; the dummies weigh 0
@@ -273,7 +318,9 @@ def head_only_works(model, tolerance: float = 1e-3) -> bool:
     try:
         ids = mx.arange(8)[None]
         body, head = body_and_head(model)
-        return _matches(what, head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32), tolerance)
+        return _matches(
+            what, head(body(ids)).astype(mx.float32), model(ids).astype(mx.float32), tolerance
+        )
     except Exception as err:  # no .model / .layers, or blocks that need other arguments
         return _fell_back(what, f"{type(err).__name__}: {err}")
 
@@ -304,13 +351,21 @@ def prefix_reuse_works(model, tolerance: float = 1e-3) -> bool:
         prompts, responses = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7]], [[8, 9], [10, 11, 12]]
         whole = _suffix_logps(model, None, 0, prompts, responses, 0)
         records = prefix_keys(model, mx.array([prompts[0][:4]]))
-        return _matches(what, _suffix_logps(model, records, 4, prompts, responses, 0), whole, tolerance)
+        return _matches(
+            what, _suffix_logps(model, records, 4, prompts, responses, 0), whole, tolerance
+        )
     except Exception as err:  # blocks that reject the caches
         return _fell_back(what, f"{type(err).__name__}: {err}")
 
 
-def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
-                   token_budget: int = 16384, min_shared: int = 64) -> np.ndarray:
+def response_logps(
+    model,
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    pad_id: int,
+    token_budget: int = 16384,
+    min_shared: int = 64,
+) -> np.ndarray:
     """log p(response_r | prompt_r) for each row r, (N,), in batches of about `token_budget`
     padded tokens (rows sorted by length; one mx.eval per batch). When the model allows it,
     the LM head runs on the response positions only, and a prefix all prompts share (a
@@ -326,7 +381,10 @@ def response_logps(model, prompts: Sequence[list[int]], responses: Sequence[list
         start = 0
     budget = token_budget if head_only else min(token_budget, 2048)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    width = [_width(len(prompts[i]) - start + len(responses[i]), PAD_MULTIPLE) for i in range(len(prompts))]
+    width = [
+        _width(len(prompts[i]) - start + len(responses[i]), PAD_MULTIPLE)
+        for i in range(len(prompts))
+    ]
     out = np.zeros(len(prompts))
     first = 0
     while first < len(order):
@@ -346,17 +404,27 @@ def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
     """Whether this model's attention takes a shared prompt prefix (standard mlx-lm attention
     with RoPE offsets and caches does; sliding windows and other layouts may not): the
     two packings must give the same log-probs on these pairs."""
-    what = "this model's attention does not take a shared prompt prefix (training.shared_prompt=off)"
+    what = (
+        "this model's attention does not take a shared prompt prefix (training.shared_prompt=off)"
+    )
     try:
         shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True).tree()))
         plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False).tree()))
         return _matches(what, shared, plain, tolerance)
-    except Exception as err:  # an architecture whose attention rejects the caches: the plain packing it is
+    except (
+        Exception
+    ) as err:  # an architecture whose attention rejects the caches: the plain packing it is
         return _fell_back(what, f"{type(err).__name__}: {err}")
 
 
-def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False,
-                on_batch: Callable[[int], None] | None = None) -> list[tuple[float, float]]:
+def score_pairs(
+    model,
+    pairs,
+    pad_id: int,
+    batch_size: int,
+    shared: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[float, float]]:
     """Log-probs of every pair's chosen and rejected response; one mx.eval per batch.
 
     Pairs are sorted by length so that batches hold rows of similar width.
@@ -365,7 +433,9 @@ def score_pairs(model, pairs, pad_id: int, batch_size: int, shared: bool = False
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        chosen, rejected = pair_logps(model, pack_pairs([pairs[i] for i in idx], pad_id, shared).tree())
+        chosen, rejected = pair_logps(
+            model, pack_pairs([pairs[i] for i in idx], pad_id, shared).tree()
+        )
         mx.eval(chosen, rejected)  # one evaluation for the whole batch; a sync point
         for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
             out[i] = (c, r)
@@ -386,8 +456,14 @@ def add_reference_logps(model, pairs, pad_id: int, batch_size: int, shared: bool
     With several ranks, each scores every size-th pair and all get every score."""
     progress = dist.progress(len(pairs), "score reference")
     mine = dist.shard(len(pairs))
-    scores = score_pairs(model, [pairs[i] for i in mine], pad_id, batch_size, shared,
-                         on_batch=lambda n: progress.update(n * dist.size()))
+    scores = score_pairs(
+        model,
+        [pairs[i] for i in mine],
+        pad_id,
+        batch_size,
+        shared,
+        on_batch=lambda n: progress.update(n * dist.size()),
+    )
     progress.close()
     if dist.size() > 1:  # put them back in order
         parts = dist.all_gather_objects(scores)

@@ -32,8 +32,13 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int, split_digits: bool = False,
-                    max_length: int = 4096):
+def build_tokenizer(
+    folder: Path,
+    corpus: list[str],
+    vocab_size: int,
+    split_digits: bool = False,
+    max_length: int = 4096,
+):
     """Train a byte-level BPE tokenizer on `corpus` and write the HF tokenizer files.
 
     `split_digits` makes every digit its own token (numbers spelled digit by digit)."""
@@ -41,8 +46,11 @@ def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int, split_digi
 
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                               if split_digits else byte_level)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -67,8 +75,17 @@ def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int, split_digi
     return tokenizer
 
 
-def model_config(architecture: str, vocab_size: int, eos_id: int, hidden_size: int, layers: int,
-                 intermediate_size: int, heads: int, kv_heads: int, tie: bool) -> dict:
+def model_config(
+    architecture: str,
+    vocab_size: int,
+    eos_id: int,
+    hidden_size: int,
+    layers: int,
+    intermediate_size: int,
+    heads: int,
+    kv_heads: int,
+    tie: bool,
+) -> dict:
     config = {
         "model_type": architecture,
         "architectures": ["LlamaForCausalLM" if architecture == "llama" else "Qwen2ForCausalLM"],
@@ -112,8 +129,17 @@ def build_model_folder(
     vocab = build_tokenizer(folder, corpus or DEFAULT_CORPUS, vocab_size).get_vocab_size()
     tokens = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
     eos_id = next(t["id"] for t in tokens if t["content"] == "<|im_end|>")
-    config = model_config(architecture, vocab, eos_id, hidden_size, layers, intermediate_size,
-                          heads, kv_heads, tie_word_embeddings)
+    config = model_config(
+        architecture,
+        vocab,
+        eos_id,
+        hidden_size,
+        layers,
+        intermediate_size,
+        heads,
+        kv_heads,
+        tie_word_embeddings,
+    )
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
@@ -123,8 +149,9 @@ def build_model_folder(
     return folder
 
 
-def parameter_count(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
-                    vocab: int, tie: bool) -> int:
+def parameter_count(
+    hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int, tie: bool
+) -> int:
     """Parameters of a llama model, from its shape (used to check the builder)."""
     head_dim = hidden // heads
     attention = hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim  # q, o, k, v

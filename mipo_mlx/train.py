@@ -24,19 +24,31 @@ from .config import SHORTCUTS, resolve
 from .embedded import default_config_path
 from .errors import Stopped, UserError, reports_user_errors
 
-DESCRIPTION = ("MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
-               "(chosen = its answer; rejected = its answer to another prompt). With no arguments, "
-               "runs the embedded default: a small model improving itself on synthetic tasks.")
+DESCRIPTION = (
+    "MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
+    "(chosen = its answer; rejected = its answer to another prompt). With no arguments, "
+    "runs the embedded default: a small model improving itself on synthetic tasks."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
-    parser.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings")
-    parser.add_argument("--limit", metavar="N", type=_count,
-                        help="a quick trial: the first N training prompts and the first N held-out prompts "
-                             "(sets data.limit and evaluation.limit)")
-    parser.add_argument("--subset", metavar="N", type=_count,
-                        help="N training prompts drawn at random (seeded; sets data.subset)")
+    parser.add_argument(
+        "--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings"
+    )
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        type=_count,
+        help="a quick trial: the first N training prompts and the first N held-out prompts "
+        "(sets data.limit and evaluation.limit)",
+    )
+    parser.add_argument(
+        "--subset",
+        metavar="N",
+        type=_count,
+        help="N training prompts drawn at random (seeded; sets data.subset)",
+    )
     return parser
 
 
@@ -74,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     quick_trial(overrides, extras)
     if resume_dir:
         if not (Path(resume_dir) / "config.yaml").is_file():
-            raise UserError(f"{resume_dir}: no config.yaml, so no run to resume; start it without --resume")
+            raise UserError(
+                f"{resume_dir}: no config.yaml, so no run to resume; start it without --resume"
+            )
         yaml_path = yaml_path or str(Path(resume_dir) / "config.yaml")
         overrides["output.dir"] = resume_dir
     elif yaml_path is None and not ({"model.path", "data.prompts"} & set(overrides)):
@@ -87,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     require_mlx()
     from . import distributed as dist
 
-    output_dir = config.output.dir  # rank 0's folder for every rank (the default one is timestamped)
+    output_dir = (
+        config.output.dir
+    )  # rank 0's folder for every rank (the default one is timestamped)
     config.output.dir = dist.decided(lambda: output_dir)
     from .loop import NonFiniteLoss
     from .pipeline import run
@@ -98,22 +114,30 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         if not dist.lost_peer(err):
             raise
-        raise UserError(f"{dist.describe()}: another rank stopped ({err}); the last checkpoint in {out} is kept. "
-                        f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}") from None
+        raise UserError(
+            f"{dist.describe()}: another rank stopped ({err}); the last checkpoint in {out} is kept. "
+            f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}"
+        ) from None
     except Stopped as stop:
         where = f"after step {stop.step}" if stop.step else "during generation"
-        print(f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
-              file=sys.stderr)
+        print(
+            f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
+            file=sys.stderr,
+        )
         return 130
     except NonFiniteLoss as err:
-        raise UserError(f"{err}; training stopped and the last good checkpoint in {out}/checkpoint is kept. "
-                        "Lower training.learning_rate, or set training.on_nan=skip") from None
+        raise UserError(
+            f"{err}; training stopped and the last good checkpoint in {out}/checkpoint is kept. "
+            "Lower training.learning_rate, or set training.on_nan=skip"
+        ) from None
     if not dist.is_main():
         return 0
     m = result.metrics
-    print(f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
-          f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "
-          f"reward accuracy {m.get('rewards/accuracies', float('nan')):.2f}; output in {result.output}")
+    print(
+        f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
+        f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "
+        f"reward accuracy {m.get('rewards/accuracies', float('nan')):.2f}; output in {result.output}"
+    )
     if result.evaluation is not None:
         print(result.evaluation)
     return 0

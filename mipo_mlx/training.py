@@ -17,50 +17,90 @@ from .score import pack_pairs
 def announce_memory(model, pairs: list[Pair], config: TrainingConfig) -> None:
     need = estimate(model, pairs, config)
     limit = working_set_bytes()
-    dist.say(f"estimated peak memory {need.total / 1e9:.2f} GB (model {need.model / 1e9:.2f}, adapters + "
-             f"optimizer {need.adapters / 1e9:.3f}, activations {need.activations / 1e9:.2f} for the longest batch)")
+    dist.say(
+        f"estimated peak memory {need.total / 1e9:.2f} GB (model {need.model / 1e9:.2f}, adapters + "
+        f"optimizer {need.adapters / 1e9:.3f}, activations {need.activations / 1e9:.2f} for the longest batch)"
+    )
     if limit and need.total > limit:
-        dist.say(f"warning: that exceeds the recommended working set ({limit / 1e9:.1f} GB); lower "
-                 "training.batch_size, set training.grad_checkpoint=true or data.max_prompt_tokens")
+        dist.say(
+            f"warning: that exceeds the recommended working set ({limit / 1e9:.1f} GB); lower "
+            "training.batch_size, set training.grad_checkpoint=true or data.max_prompt_tokens"
+        )
 
 
-def train_adapters(model, pad: int, pairs: list[Pair], config: TrainingConfig, lora: LoraConfig,
-                   base_model: str, folder: RunFolder, should_stop=None, shared: bool = False) -> dict[str, float]:
+def train_adapters(
+    model,
+    pad: int,
+    pairs: list[Pair],
+    config: TrainingConfig,
+    lora: LoraConfig,
+    base_model: str,
+    folder: RunFolder,
+    should_stop=None,
+    shared: bool = False,
+) -> dict[str, float]:
     """LoRA training on the pairs' 'train' split, validated on their 'valid' split; resumes from
     the folder's checkpoint. `shared` packs each prompt once for both responses."""
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
     trainable = mdl.attach_lora(model, lora, config.seed)
     steps = total_steps(config, len(train_set), dist.size())
-    dist.say(f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
-             f"({len(valid_set)} held out)")
+    dist.say(
+        f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
+        f"({len(valid_set)} held out)"
+    )
     loss = make_loss(config)
     state = folder.load_checkpoint()
     if state is not None:
         dist.say(f"resuming training from the checkpoint at step {state.step}")
-    folder.trim_metrics(state.step if state else 0)  # lines after the checkpoint will be logged again
+    folder.trim_metrics(
+        state.step if state else 0
+    )  # lines after the checkpoint will be logged again
     progress = dist.progress(steps, "train")
     progress.update(state.step if state else 0)
 
     def validate():
-        batches = (pack_pairs(valid_set[i : i + config.batch_size], pad, shared)
-                   for i in range(0, len(valid_set), config.batch_size))
+        batches = (
+            pack_pairs(valid_set[i : i + config.batch_size], pad, shared)
+            for i in range(0, len(valid_set), config.batch_size)
+        )
         return evaluate_pairs(model, loss, batches)
 
     def log(metrics):
         folder.append_metrics(metrics)
-        progress.update(1, loss=metrics["loss"], margin=metrics["rewards/margins"],
-                        tok_s=f"{metrics['tokens_per_sec']:.0f}")
+        progress.update(
+            1,
+            loss=metrics["loss"],
+            margin=metrics["rewards/margins"],
+            tok_s=f"{metrics['tokens_per_sec']:.0f}",
+        )
 
     def save(step):
         folder.save_adapters(model, lora, base_model, step=None if step == steps else step)
 
     announce_memory(model, train_set, config)
-    batches = batch_stream(train_set, config.batch_size * dist.size(), config.seed, pad,
-                           start=state.batches_done if state else 0, buckets=config.length_buckets,
-                           shared=shared, part=(dist.rank(), dist.size()))
-    metrics = train(model, loss, batches, steps, config, validate=validate if valid_set else None, save=save,
-                    log=log, resume=state, checkpoint=folder.save_checkpoint,
-                    should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None)
+    batches = batch_stream(
+        train_set,
+        config.batch_size * dist.size(),
+        config.seed,
+        pad,
+        start=state.batches_done if state else 0,
+        buckets=config.length_buckets,
+        shared=shared,
+        part=(dist.rank(), dist.size()),
+    )
+    metrics = train(
+        model,
+        loss,
+        batches,
+        steps,
+        config,
+        validate=validate if valid_set else None,
+        save=save,
+        log=log,
+        resume=state,
+        checkpoint=folder.save_checkpoint,
+        should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None,
+    )
     progress.close()
     return metrics

@@ -15,9 +15,14 @@ def write_prompts(path: Path, n: int = 16, seed: int = 0, context: bool = False)
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for i in range(n):
-            row = {"prompt": ARITHMETIC.format(a=rng.randint(1, 9), b=rng.randint(1, 9)) + f" Case {i}."}
+            row = {
+                "prompt": ARITHMETIC.format(a=rng.randint(1, 9), b=rng.randint(1, 9))
+                + f" Case {i}."
+            }
             if context:
-                row["context"] = rng.choice(["Answer in one line.", "Be very polite.", "Use numbers only."])
+                row["context"] = rng.choice(
+                    ["Answer in one line.", "Be very polite.", "Use numbers only."]
+                )
             fh.write(json.dumps(row) + "\n")
     return path
 
@@ -30,8 +35,20 @@ def made_up_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = Non
         out = [rng.randrange(3, vocab) for _ in range(rng.randrange(lo, hi))]
         return out + ([eos] if eos is not None else [])
 
-    return [Pair([{"role": "user", "content": f"p{i}"}], "c", "r", ids(5, 14), ids(2, 10), ids(2, 10),
-                 "random", i, rejected_source=(i + 1) % n) for i in range(n)]
+    return [
+        Pair(
+            [{"role": "user", "content": f"p{i}"}],
+            "c",
+            "r",
+            ids(5, 14),
+            ids(2, 10),
+            ids(2, 10),
+            "random",
+            i,
+            rejected_source=(i + 1) % n,
+        )
+        for i in range(n)
+    ]
 
 
 def check_report(result: dict, labels: list[str] | None = None) -> None:
@@ -45,11 +62,15 @@ def check_report(result: dict, labels: list[str] | None = None) -> None:
     if labels is not None:
         assert result["labelled"] == len(labels)
         assert result["accuracy"] == pytest.approx(
-            np.mean([is_correct(a, str(label)) for a, label in zip(result["answers"], labels)]), abs=1e-12)
+            np.mean([is_correct(a, str(label)) for a, label in zip(result["answers"], labels)]),
+            abs=1e-12,
+        )
     for key in ("pmi", "pmi_context"):
         if f"{key}_mean" in result:
             low, high = result[f"{key}_ci95"]
-            assert (low + high) / 2 == pytest.approx(result[f"{key}_mean"], abs=1e-9) and low <= high
+            assert (low + high) / 2 == pytest.approx(
+                result[f"{key}_mean"], abs=1e-9
+            ) and low <= high
     if "judge_scores" in result:
         kept = [s for s in result["judge_scores"] if s is not None]
         assert result["judge_score"] == (pytest.approx(np.mean(kept)) if kept else None)

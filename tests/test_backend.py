@@ -23,8 +23,9 @@ needs_openblas = pytest.mark.skipif(
 def python(code: str, **env: str) -> str:
     environ = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
     environ.update(env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=environ, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -59,20 +60,26 @@ def test_import_loads_system_openblas():
 
 @needs_openblas
 def test_blas_can_be_switched_off():
-    out = python("import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
-                 MIPO_MLX_BLAS="off")
+    out = python(
+        "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+        MIPO_MLX_BLAS="off",
+    )
     assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
 
 
 def test_blas_path_that_does_not_exist_is_ignored(tmp_path):
-    out = python("import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
-                 MIPO_MLX_BLAS=str(tmp_path / "libnothing.so"))
+    out = python(
+        "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+        MIPO_MLX_BLAS=str(tmp_path / "libnothing.so"),
+    )
     assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
 
 
 def test_too_late_after_mlx_is_imported():
-    out = python("import mlx.core\nimport mipo_mlx\nfrom mipo_mlx._backend import blas_library\n"
-                 "print(blas_library())")
+    out = python(
+        "import mlx.core\nimport mipo_mlx\nfrom mipo_mlx._backend import blas_library\n"
+        "print(blas_library())"
+    )
     assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
 
 
@@ -108,7 +115,9 @@ def test_no_metal_only_device_info_lookup():
     offenders = []
     for path in Path(mipo_mlx.__file__).parent.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"device_info\(\)\s*\[", line) or re.search(r"\binfo\s*\[\s*['\"]max_recommended", line):
+            if re.search(r"device_info\(\)\s*\[", line) or re.search(
+                r"\binfo\s*\[\s*['\"]max_recommended", line
+            ):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
 

@@ -13,10 +13,16 @@ def test_missing_backend_is_one_line_and_exit_2(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "core.py").write_text(
-        "raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n")
+        "raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n"
+    )
     env = {"PYTHONPATH": f"{fake.parent}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--model", "m", "--prompts", "p"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--model", "m", "--prompts", "p"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
@@ -30,6 +36,11 @@ def test_help_needs_no_backend(tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "core.py").write_text("raise ImportError('no backend')\n")
     env = {"PYTHONPATH": f"{fake.parent}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--help"], capture_output=True, text=True,
-                          env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0 and "--training.learning_rate" in done.stdout

@@ -7,8 +7,11 @@ import sys
 
 import pytest
 
-GOOD = [{"prompt": "Tom has 3 apples. How many?"}, {"prompt": "Ann has 5 pens. How many?"},
-        {"prompt": "Sam has 2 books. How many?"}]
+GOOD = [
+    {"prompt": "Tom has 3 apples. How many?"},
+    {"prompt": "Ann has 5 pens. How many?"},
+    {"prompt": "Sam has 2 books. How many?"},
+]
 
 
 def jsonl(rows):
@@ -17,49 +20,147 @@ def jsonl(rows):
 
 # name: (files to write {name: text or bytes}, extra CLI args, fragment the message must contain)
 CASES = {
-    "malformed json line": ({"p.jsonl": jsonl(GOOD) + '{"prompt": "x"\n'}, [], "p.jsonl:4: not valid JSON"),
-    "missing prompt key": ({"p.jsonl": jsonl(GOOD + [{"text": "hi"}])}, [], "p.jsonl:4: missing key 'prompt'"),
-    "empty prompt": ({"p.jsonl": jsonl(GOOD + [{"prompt": "  "}])}, [], "p.jsonl:4: 'prompt' is empty"),
-    "messages end with assistant": ({"p.jsonl": jsonl(GOOD + [{"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])}, [],
-        "p.jsonl:4: 'messages' must end with a user turn"),
-    "bad role": ({"p.jsonl": jsonl(GOOD + [{"messages": [{"role": "bot", "content": "hi"}]}])}, [],
-                 "p.jsonl:4: each turn needs a role"),
-    "context not a string": ({"p.jsonl": jsonl(GOOD + [{"prompt": "hi", "context": 3}])}, [],
-                             "p.jsonl:4: 'context' must be a non-empty string"),
-    "non-utf8 bytes": ({"p.jsonl": jsonl(GOOD).encode() + b'{"prompt": "caf\xe9"}\n'}, [], "p.jsonl:4: not UTF-8"),
-    "prompt over the limit": ({"p.jsonl": jsonl(GOOD + [{"prompt": "word " * 400}])},
-                              ["--data.long_prompts", "error", "--data.max_prompt_tokens", "64"],
-                              "p.jsonl:4: prompt has"),
+    "malformed json line": (
+        {"p.jsonl": jsonl(GOOD) + '{"prompt": "x"\n'},
+        [],
+        "p.jsonl:4: not valid JSON",
+    ),
+    "missing prompt key": (
+        {"p.jsonl": jsonl(GOOD + [{"text": "hi"}])},
+        [],
+        "p.jsonl:4: missing key 'prompt'",
+    ),
+    "empty prompt": (
+        {"p.jsonl": jsonl(GOOD + [{"prompt": "  "}])},
+        [],
+        "p.jsonl:4: 'prompt' is empty",
+    ),
+    "messages end with assistant": (
+        {
+            "p.jsonl": jsonl(
+                GOOD
+                + [
+                    {
+                        "messages": [
+                            {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "yo"},
+                        ]
+                    }
+                ]
+            )
+        },
+        [],
+        "p.jsonl:4: 'messages' must end with a user turn",
+    ),
+    "bad role": (
+        {"p.jsonl": jsonl(GOOD + [{"messages": [{"role": "bot", "content": "hi"}]}])},
+        [],
+        "p.jsonl:4: each turn needs a role",
+    ),
+    "context not a string": (
+        {"p.jsonl": jsonl(GOOD + [{"prompt": "hi", "context": 3}])},
+        [],
+        "p.jsonl:4: 'context' must be a non-empty string",
+    ),
+    "non-utf8 bytes": (
+        {"p.jsonl": jsonl(GOOD).encode() + b'{"prompt": "caf\xe9"}\n'},
+        [],
+        "p.jsonl:4: not UTF-8",
+    ),
+    "prompt over the limit": (
+        {"p.jsonl": jsonl(GOOD + [{"prompt": "word " * 400}])},
+        ["--data.long_prompts", "error", "--data.max_prompt_tokens", "64"],
+        "p.jsonl:4: prompt has",
+    ),
     "fewer than 2 prompts": ({"p.jsonl": jsonl(GOOD[:1])}, [], "MIPO needs at least 2"),
     "impossible derangement": ({"p.jsonl": jsonl([GOOD[0]] * 3)}, [], "no derangement exists"),
-    "no context for no_context": ({"p.jsonl": jsonl(GOOD)}, ["--pairs.negatives", "no_context"],
-                                  "needs a 'context' on every prompt row"),
+    "no context for no_context": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--pairs.negatives", "no_context"],
+        "needs a 'context' on every prompt row",
+    ),
     "prompts file missing": ({}, [], "prompts file not found"),
-    "missing model path": ({"p.jsonl": jsonl(GOOD)}, ["--model", "./no/such/model"], "model folder not found"),
-    "model without tokenizer": ({"p.jsonl": jsonl(GOOD)}, ["--model", "{model_no_tok}"], "no tokenizer files"),
-    "model without chat template": ({"p.jsonl": jsonl(GOOD)}, ["--model", "{model_no_template}"],
-                                    "has no chat template"),
-    "corrupt safetensors": ({"p.jsonl": jsonl(GOOD)}, ["--model", "{model_corrupt}"], "could not load the model"),
-    "unknown config key": ({"p.jsonl": jsonl(GOOD), "c.yaml": "training:\n  learning_rat: 1e-5\n"},
-                           ["--config", "{dir}/c.yaml"], "did you mean 'training.learning_rate'"),
-    "wrong type in config": ({"p.jsonl": jsonl(GOOD), "c.yaml": "training:\n  batch_size: four\n"},
-                             ["--config", "{dir}/c.yaml"], "'training.batch_size' must be an integer"),
-    "bad yaml": ({"p.jsonl": jsonl(GOOD), "c.yaml": "training: [\n"}, ["--config", "{dir}/c.yaml"], "not valid YAML"),
-    "config file missing": ({"p.jsonl": jsonl(GOOD)}, ["--config", "{dir}/none.yaml"], "config file not found"),
-    "unknown cli option": ({"p.jsonl": jsonl(GOOD)}, ["--training.bata", "0.2"], "unknown option '--training.bata'"),
-    "negative learning rate": ({"p.jsonl": jsonl(GOOD)}, ["--training.learning_rate", "-1e-5"],
-                               "'training.learning_rate' must be greater than 0"),
+    "missing model path": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--model", "./no/such/model"],
+        "model folder not found",
+    ),
+    "model without tokenizer": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--model", "{model_no_tok}"],
+        "no tokenizer files",
+    ),
+    "model without chat template": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--model", "{model_no_template}"],
+        "has no chat template",
+    ),
+    "corrupt safetensors": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--model", "{model_corrupt}"],
+        "could not load the model",
+    ),
+    "unknown config key": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "training:\n  learning_rat: 1e-5\n"},
+        ["--config", "{dir}/c.yaml"],
+        "did you mean 'training.learning_rate'",
+    ),
+    "wrong type in config": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "training:\n  batch_size: four\n"},
+        ["--config", "{dir}/c.yaml"],
+        "'training.batch_size' must be an integer",
+    ),
+    "bad yaml": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "training: [\n"},
+        ["--config", "{dir}/c.yaml"],
+        "not valid YAML",
+    ),
+    "config file missing": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--config", "{dir}/none.yaml"],
+        "config file not found",
+    ),
+    "unknown cli option": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--training.bata", "0.2"],
+        "unknown option '--training.bata'",
+    ),
+    "negative learning rate": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--training.learning_rate", "-1e-5"],
+        "'training.learning_rate' must be greater than 0",
+    ),
     "nan value": ({"p.jsonl": jsonl(GOOD)}, ["--training.beta", ".nan"], "must be a finite number"),
-    "bad choice": ({"p.jsonl": jsonl(GOOD)}, ["--pairs.negatives", "shuffled"], "'pairs.negatives' must be one of"),
-    "bad template": ({"p.jsonl": jsonl(GOOD)}, ["--data.prompt_template", "Q: {question}"],
-                     "data.prompt_template must use exactly {prompt}"),
-    "output is another run": ({"p.jsonl": jsonl(GOOD)}, ["--output", "{earlier_run}"], "holds an earlier run"),
-    "output is a file": ({"p.jsonl": jsonl(GOOD), "file.txt": "x"}, ["--output", "{dir}/file.txt"],
-                         "exists and is not a folder"),
-    "resume without a run": ({"p.jsonl": jsonl(GOOD)}, ["--resume", "{dir}/nothing"], "no run to resume"),
-    "eval prompts missing": ({"p.jsonl": jsonl(GOOD)}, ["--evaluation.prompts", "{dir}/held.jsonl"],
-                             "held.jsonl: prompts file not found"),
+    "bad choice": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--pairs.negatives", "shuffled"],
+        "'pairs.negatives' must be one of",
+    ),
+    "bad template": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--data.prompt_template", "Q: {question}"],
+        "data.prompt_template must use exactly {prompt}",
+    ),
+    "output is another run": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--output", "{earlier_run}"],
+        "holds an earlier run",
+    ),
+    "output is a file": (
+        {"p.jsonl": jsonl(GOOD), "file.txt": "x"},
+        ["--output", "{dir}/file.txt"],
+        "exists and is not a folder",
+    ),
+    "resume without a run": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--resume", "{dir}/nothing"],
+        "no run to resume",
+    ),
+    "eval prompts missing": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--evaluation.prompts", "{dir}/held.jsonl"],
+        "held.jsonl: prompts file not found",
+    ),
 }
 
 
@@ -74,13 +175,19 @@ def models(toy_model_dir, tmp_path_factory):
     config = json.loads((no_template / "tokenizer_config.json").read_text())
     config.pop("chat_template")
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
-    (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage-not-weights")
+    (corrupt / "model.safetensors").write_bytes(
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage-not-weights"
+    )
     earlier = root / "earlier"
     earlier.mkdir()
     (earlier / "config.yaml").write_text("model:\n  path: x\n")
     (earlier / "pairs.jsonl").write_text("{}\n")
-    return {"model_no_tok": no_tok, "model_no_template": no_template, "model_corrupt": corrupt,
-            "earlier_run": earlier}
+    return {
+        "model_no_tok": no_tok,
+        "model_no_template": no_template,
+        "model_corrupt": corrupt,
+        "earlier_run": earlier,
+    }
 
 
 def snapshot(folder):
@@ -97,12 +204,29 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file")
     fill = {**{k: str(v) for k, v in models.items()}, "dir": str(tmp_path)}
-    extra = [a.format(**fill) if "{" in a and "}" in a and not a.startswith("Q:") else a for a in extra]
-    args = ["--model", str(toy_model_dir), "--prompts", str(tmp_path / "p.jsonl"), "--output", str(out),
-            "--generation.max_tokens", "4", "--generation.truncated", "keep", "--iters", "1", *extra]
+    extra = [
+        a.format(**fill) if "{" in a and "}" in a and not a.startswith("Q:") else a for a in extra
+    ]
+    args = [
+        "--model",
+        str(toy_model_dir),
+        "--prompts",
+        str(tmp_path / "p.jsonl"),
+        "--output",
+        str(out),
+        "--generation.max_tokens",
+        "4",
+        "--generation.truncated",
+        "keep",
+        "--iters",
+        "1",
+        *extra,
+    ]
     watched = [out] + [models["earlier_run"]] * ("{earlier_run}" in " ".join(CASES[name][1]))
     before = [snapshot(w) for w in watched]
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *args], capture_output=True, text=True, timeout=120
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-1500:]
     assert "Traceback" not in done.stderr

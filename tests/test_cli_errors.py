@@ -12,8 +12,13 @@ from mipo_mlx.toy import build_model_folder
 
 
 def run_train(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mipo_mlx.train", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -23,7 +28,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: "), proc.stderr
     assert proc.returncode == 2, proc.stderr
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,11 @@ def model_folder(tmp_path_factory):
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "What is 2 + 2?"}, {"prompt": "Name a red planet."}, {"prompt": "Say hello."}]
+    rows = [
+        {"prompt": "What is 2 + 2?"},
+        {"prompt": "Name a red planet."},
+        {"prompt": "Say hello."},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -51,8 +60,9 @@ def test_unknown_cli_key(tmp_path):
     # BUG: argparse reports it: the full usage (about 50 lines) and then
     # "python -m mipo_mlx.train: error: unrecognized arguments: ...", with no
     # did-you-mean hint, unlike an unknown key in the YAML file.
-    proc = run_train("--model", "m", "--prompts", "p.jsonl", "--training.learnin_rate", "1e-4",
-                     cwd=tmp_path)
+    proc = run_train(
+        "--model", "m", "--prompts", "p.jsonl", "--training.learnin_rate", "1e-4", cwd=tmp_path
+    )
     message = one_error_line(proc)
     assert "training.learnin_rate" in message
     assert "training.learning_rate" in message  # the did-you-mean hint
@@ -60,7 +70,9 @@ def test_unknown_cli_key(tmp_path):
 
 def test_bad_yaml_file_names_the_line(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  path: m\ntraining:\n  beta: [0.1\n  loss: sigmoid\n", encoding="utf-8")
+    config.write_text(
+        "model:\n  path: m\ntraining:\n  beta: [0.1\n  loss: sigmoid\n", encoding="utf-8"
+    )
     message = one_error_line(run_train("--config", config, cwd=tmp_path))
     assert message.startswith(f"{config} line 5: not valid YAML (")
 
@@ -69,7 +81,10 @@ def test_unknown_key_in_yaml_file(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("training:\n  learning_rat: 0.001\n", encoding="utf-8")
     message = one_error_line(run_train("--config", config, cwd=tmp_path))
-    assert message == f"{config}: unknown key 'training.learning_rat' (did you mean 'training.learning_rate'?)"
+    assert (
+        message
+        == f"{config}: unknown key 'training.learning_rat' (did you mean 'training.learning_rate'?)"
+    )
 
 
 def test_missing_config_file(tmp_path):
@@ -95,7 +110,9 @@ def test_missing_prompts(tmp_path):
 
 
 def test_bad_value_on_cli(tmp_path):
-    message = one_error_line(run_train("--model", "m", "--prompts", "p", "--lora.rank", "0", cwd=tmp_path))
+    message = one_error_line(
+        run_train("--model", "m", "--prompts", "p", "--lora.rank", "0", cwd=tmp_path)
+    )
     assert message == "command line: 'lora.rank' must be at least 1, got 0"
 
 
@@ -109,10 +126,21 @@ def test_earlier_run_is_refused_and_left_unchanged(tmp_path, model_folder, promp
     }
     for name, data in before.items():
         (out / name).write_bytes(data)
-    proc = run_train("--model", model_folder, "--prompts", prompts_file, "--output", out,
-                     "--iters", "1", cwd=tmp_path)
+    proc = run_train(
+        "--model",
+        model_folder,
+        "--prompts",
+        prompts_file,
+        "--output",
+        out,
+        "--iters",
+        "1",
+        cwd=tmp_path,
+    )
     message = one_error_line(proc)
-    assert message == (f"{out}: holds an earlier run (config.yaml, metrics.jsonl); choose another "
-                       "output.dir or pass --output.overwrite true")
+    assert message == (
+        f"{out}: holds an earlier run (config.yaml, metrics.jsonl); choose another "
+        "output.dir or pass --output.overwrite true"
+    )
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before

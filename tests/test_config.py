@@ -49,17 +49,27 @@ def test_defaults_match_documented_values():
     assert (c.model.path, c.model.revision, c.model.quantize_bits) == ("", None, None)
     assert (c.model.quantize_group_size, c.model.trust_remote_code) == (64, False)
     assert (c.lora.rank, c.lora.scale, c.lora.dropout, c.lora.num_layers, c.lora.keys) == (
-        8, 20.0, 0.0, -1, None)
+        8,
+        20.0,
+        0.0,
+        -1,
+        None,
+    )
     assert c.data.prompts == ""
     assert c.data.max_prompt_tokens == 1024
     assert c.data.long_prompts == "skip"
     assert c.data.prompt_template == "{prompt}"
     assert c.data.context_template == (
-        "{prompt}\n\nPlease respect the following requirements made by the user: {context}")
+        "{prompt}\n\nPlease respect the following requirements made by the user: {context}"
+    )
     assert c.data.system_prompt is None
     assert c.data.valid_fraction == 0.05
     assert c.data.limit is None
-    assert (c.generation.temperature, c.generation.top_p, c.generation.max_tokens) == (0.1, 0.9, 512)
+    assert (c.generation.temperature, c.generation.top_p, c.generation.max_tokens) == (
+        0.1,
+        0.9,
+        512,
+    )
     assert (c.generation.truncated, c.generation.seed) == ("drop", 42)
     assert (c.pairs.negatives, c.pairs.seed) == ("random", 42)
     t = c.training
@@ -84,7 +94,16 @@ def test_default_values_pass_their_own_limits():
 
 def test_all_keys_lists_every_section_and_field():
     keys = all_keys()
-    assert list(sections()) == ["model", "lora", "data", "generation", "pairs", "training", "evaluation", "output"]
+    assert list(sections()) == [
+        "model",
+        "lora",
+        "data",
+        "generation",
+        "pairs",
+        "training",
+        "evaluation",
+        "output",
+    ]
     assert len(keys) == len(set(keys)) == sum(len(settings_of(cls)) for cls in sections().values())
     assert "training.learning_rate" in keys and "output.overwrite" in keys
     assert "model.path" in keys and "lora.keys" in keys
@@ -104,8 +123,14 @@ def test_yaml_values_override_defaults(tmp_path):
 
 
 def test_load_yaml_flattens_sections(tmp_path):
-    path = write_yaml(tmp_path, "lora:\n  rank: 4\n  keys: [self_attn.q_proj]\noutput:\n  dir: out\n")
-    assert load_yaml(path) == {"lora.rank": 4, "lora.keys": ["self_attn.q_proj"], "output.dir": "out"}
+    path = write_yaml(
+        tmp_path, "lora:\n  rank: 4\n  keys: [self_attn.q_proj]\noutput:\n  dir: out\n"
+    )
+    assert load_yaml(path) == {
+        "lora.rank": 4,
+        "lora.keys": ["self_attn.q_proj"],
+        "output.dir": "out",
+    }
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
@@ -133,7 +158,8 @@ def test_yaml_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(UserError) as err:
         resolve(str(path), {})
     assert str(err.value) == (
-        f"{path}: unknown key 'training.learning_rat' (did you mean 'training.learning_rate'?)")
+        f"{path}: unknown key 'training.learning_rat' (did you mean 'training.learning_rate'?)"
+    )
 
 
 def test_yaml_unknown_key_without_close_match_lists_known_keys(tmp_path):
@@ -141,7 +167,9 @@ def test_yaml_unknown_key_without_close_match_lists_known_keys(tmp_path):
     with pytest.raises(UserError) as err:
         resolve(str(path), {})
     message = str(err.value)
-    assert message.startswith(f"{path}: unknown key 'training.zzzzzzzzzzzzzzzzzzzzzzzzzzzzz'; known keys: ")
+    assert message.startswith(
+        f"{path}: unknown key 'training.zzzzzzzzzzzzzzzzzzzzzzzzzzzzz'; known keys: "
+    )
     assert "training.learning_rate" in message and "model.path" in message
 
 
@@ -236,7 +264,9 @@ def test_unquoted_yaml_bools_are_accepted(tmp_path):
 
 
 def test_optional_values_accept_null(tmp_path):
-    path = write_yaml(tmp_path, "training:\n  iters: null\nlora:\n  keys: null\ndata:\n  limit: 5\n")
+    path = write_yaml(
+        tmp_path, "training:\n  iters: null\nlora:\n  keys: null\ndata:\n  limit: 5\n"
+    )
     config = resolve(str(path), {})
     assert config.training.iters is None and config.lora.keys is None
     assert config.data.limit == 5
@@ -249,12 +279,28 @@ def test_optional_values_accept_null(tmp_path):
     "key, value, message",
     [
         ("model.quantize_bits", 3, "'model.quantize_bits' must be one of null, 4, 8, got 3"),
-        ("model.quantize_group_size", 16, "'model.quantize_group_size' must be one of 32, 64, 128, got 16"),
-        ("data.long_prompts", "cut", "'data.long_prompts' must be one of skip, truncate, error, got 'cut'"),
-        ("training.loss", "dpo", "'training.loss' must be one of sigmoid, robust, hinge, ipo, sppo_hard, "
-                                 "nca_pair, sft, got 'dpo'"),
-        ("pairs.negatives", "shuffled", "'pairs.negatives' must be one of random, incomplete, no_context, "
-                                        "random_context, got 'shuffled'"),
+        (
+            "model.quantize_group_size",
+            16,
+            "'model.quantize_group_size' must be one of 32, 64, 128, got 16",
+        ),
+        (
+            "data.long_prompts",
+            "cut",
+            "'data.long_prompts' must be one of skip, truncate, error, got 'cut'",
+        ),
+        (
+            "training.loss",
+            "dpo",
+            "'training.loss' must be one of sigmoid, robust, hinge, ipo, sppo_hard, "
+            "nca_pair, sft, got 'dpo'",
+        ),
+        (
+            "pairs.negatives",
+            "shuffled",
+            "'pairs.negatives' must be one of random, incomplete, no_context, "
+            "random_context, got 'shuffled'",
+        ),
         ("lora.rank", 0, "'lora.rank' must be at least 1, got 0"),
         ("lora.num_layers", -2, "'lora.num_layers' must be at least -1, got -2"),
         ("data.max_prompt_tokens", 7, "'data.max_prompt_tokens' must be at least 8, got 7"),
@@ -264,7 +310,11 @@ def test_optional_values_accept_null(tmp_path):
         ("generation.top_p", 1.5, "'generation.top_p' must be at most 1, got 1.5"),
         ("generation.top_p", 0, "'generation.top_p' must be greater than 0, got 0.0"),
         ("training.beta", 0, "'training.beta' must be greater than 0, got 0.0"),
-        ("training.learning_rate", "-1e-5", "'training.learning_rate' must be greater than 0, got -1e-05"),
+        (
+            "training.learning_rate",
+            "-1e-5",
+            "'training.learning_rate' must be greater than 0, got -1e-05",
+        ),
         ("training.iters", 0, "'training.iters' must be at least 1, got 0"),
     ],
 )
@@ -276,8 +326,15 @@ def test_limits_are_user_errors_naming_the_key(key, value, message):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("lora.dropout", 0.99), ("generation.top_p", 1), ("lora.num_layers", -1), ("data.limit", 2),
-     ("model.quantize_bits", 4), ("model.quantize_bits", None), ("data.valid_fraction", 0)],
+    [
+        ("lora.dropout", 0.99),
+        ("generation.top_p", 1),
+        ("lora.num_layers", -1),
+        ("data.limit", 2),
+        ("model.quantize_bits", 4),
+        ("model.quantize_bits", None),
+        ("data.valid_fraction", 0),
+    ],
 )
 def test_values_on_the_limit_are_accepted(key, value):
     config = apply(Config(), {key: value}, "x")
@@ -315,7 +372,8 @@ def test_validate_requires_model_path():
     with pytest.raises(UserError) as err:
         validate(config)
     assert str(err.value) == (
-        "model.path is not set: pass --model <repo-or-folder> or set it in the config")
+        "model.path is not set: pass --model <repo-or-folder> or set it in the config"
+    )
 
 
 def test_validate_requires_prompts():
@@ -324,18 +382,28 @@ def test_validate_requires_prompts():
     with pytest.raises(UserError) as err:
         validate(config)
     assert str(err.value) == (
-        "data.prompts is not set: pass --prompts <file.jsonl> or set it in the config")
+        "data.prompts is not set: pass --prompts <file.jsonl> or set it in the config"
+    )
 
 
 @pytest.mark.parametrize(
     "key, template, message",
     [
-        ("prompt_template", "Answer this",
-         "data.prompt_template must use exactly {prompt} as fields, got 'Answer this'"),
-        ("context_template", "{prompt} only",
-         "data.context_template must use exactly {context}, {prompt} as fields, got '{prompt} only'"),
-        ("context_template", "{context} only",
-         "data.context_template must use exactly {context}, {prompt} as fields, got '{context} only'"),
+        (
+            "prompt_template",
+            "Answer this",
+            "data.prompt_template must use exactly {prompt} as fields, got 'Answer this'",
+        ),
+        (
+            "context_template",
+            "{prompt} only",
+            "data.context_template must use exactly {context}, {prompt} as fields, got '{prompt} only'",
+        ),
+        (
+            "context_template",
+            "{context} only",
+            "data.context_template must use exactly {context}, {prompt} as fields, got '{context} only'",
+        ),
     ],
 )
 def test_validate_template_missing_placeholder(key, template, message):
@@ -346,12 +414,15 @@ def test_validate_template_missing_placeholder(key, template, message):
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{prompt} {name}", "data.prompt_template must use exactly {prompt} as fields"),
-    ("{prompt} {0}", "data.prompt_template must use exactly {prompt} as fields"),
-    ("{prompt} {}", "data.prompt_template must use exactly {prompt} as fields"),
-    ("{prompt} {", "data.prompt_template: Single '{' encountered in format string"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{prompt} {name}", "data.prompt_template must use exactly {prompt} as fields"),
+        ("{prompt} {0}", "data.prompt_template must use exactly {prompt} as fields"),
+        ("{prompt} {}", "data.prompt_template must use exactly {prompt} as fields"),
+        ("{prompt} {", "data.prompt_template: Single '{' encountered in format string"),
+    ],
+)
 def test_validate_template_with_other_braces(template, message):
     config = valid_config()
     config.data.prompt_template = template
@@ -362,7 +433,7 @@ def test_validate_template_with_other_braces(template, message):
 
 def test_validate_accepts_literal_braces():
     config = valid_config()
-    config.data.prompt_template = "{prompt} as JSON: {{\"answer\": ...}}"
+    config.data.prompt_template = '{prompt} as JSON: {{"answer": ...}}'
     assert validate(config) is config
 
 
@@ -432,10 +503,12 @@ def test_no_cli_options_gives_no_overrides():
 
 @pytest.mark.parametrize(
     "short, key, text, value",
-    [("model", "model.path", "org/model", "org/model"),
-     ("prompts", "data.prompts", "p.jsonl", "p.jsonl"),
-     ("output", "output.dir", "runs/x", "runs/x"),
-     ("iters", "training.iters", "12", 12)],
+    [
+        ("model", "model.path", "org/model", "org/model"),
+        ("prompts", "data.prompts", "p.jsonl", "p.jsonl"),
+        ("output", "output.dir", "runs/x", "runs/x"),
+        ("iters", "training.iters", "12", 12),
+    ],
 )
 def test_cli_shortcuts(short, key, text, value):
     assert SHORTCUTS[short] == key
@@ -448,14 +521,22 @@ def test_cli_shortcuts(short, key, text, value):
 
 
 def test_cli_values_parse_as_yaml_scalars():
-    config = resolve_cli([
-        "--lora.keys", "[self_attn.q_proj]",
-        "--model.quantize_bits", "null",
-        "--training.learning_rate", "1e-5",
-        "--training.compile", "false",
-        "--lora.num_layers", "-1",
-        "--training.beta", "0.25",
-    ])
+    config = resolve_cli(
+        [
+            "--lora.keys",
+            "[self_attn.q_proj]",
+            "--model.quantize_bits",
+            "null",
+            "--training.learning_rate",
+            "1e-5",
+            "--training.compile",
+            "false",
+            "--lora.num_layers",
+            "-1",
+            "--training.beta",
+            "0.25",
+        ]
+    )
     assert config.lora.keys == ["self_attn.q_proj"]
     assert config.model.quantize_bits is None
     assert config.training.learning_rate == 1e-5
@@ -475,14 +556,19 @@ def test_cli_quantize_bits_null_is_none():
 
 
 def test_cli_string_settings_stay_strings():
-    _, overrides = parse_args(["--model.path", "null", "--data.prompts", "123", "--output.dir", "true"])
+    _, overrides = parse_args(
+        ["--model.path", "null", "--data.prompts", "123", "--output.dir", "true"]
+    )
     assert overrides == {"model.path": "null", "data.prompts": "123", "output.dir": "true"}
 
 
 @pytest.mark.parametrize(
     "key, text",
-    [("data.system_prompt", "Answer: briefly"), ("data.system_prompt", "yes"),
-     ("model.revision", "2.0")],
+    [
+        ("data.system_prompt", "Answer: briefly"),
+        ("data.system_prompt", "yes"),
+        ("model.revision", "2.0"),
+    ],
 )
 def test_cli_optional_string_settings_stay_strings(key, text):
     # BUG: parse_value keeps text only for a plain `str` hint; `str | None`
@@ -514,12 +600,15 @@ def test_cli_abbreviated_option_is_not_silently_accepted():
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
-    path = write_yaml(tmp_path, (
-        "model:\n  path: from/yaml\n"
-        "lora:\n  rank: 16\n"
-        "training:\n  beta: 0.5\n  learning_rate: 2e-5\n  iters: 30\n"
-        "output:\n  dir: yaml_out\n"
-    ))
+    path = write_yaml(
+        tmp_path,
+        (
+            "model:\n  path: from/yaml\n"
+            "lora:\n  rank: 16\n"
+            "training:\n  beta: 0.5\n  learning_rate: 2e-5\n  iters: 30\n"
+            "output:\n  dir: yaml_out\n"
+        ),
+    )
     config = resolve_cli(["--config", str(path), "--lora.rank", "32", "--output", "cli_out"])
     assert config.lora.rank == 32  # CLI beats YAML
     assert config.output.dir == "cli_out"  # shortcut beats YAML too
@@ -532,11 +621,14 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 def test_cli_options_not_given_never_override_yaml(tmp_path):
     # Every key set in YAML to a non-default value survives a CLI that sets nothing else.
-    path = write_yaml(tmp_path, (
-        "training:\n  compile: false\n  epochs: 3\n"
-        "data:\n  long_prompts: truncate\n  system_prompt: Be brief.\n"
-        "model:\n  quantize_bits: 4\n"
-    ))
+    path = write_yaml(
+        tmp_path,
+        (
+            "training:\n  compile: false\n  epochs: 3\n"
+            "data:\n  long_prompts: truncate\n  system_prompt: Be brief.\n"
+            "model:\n  quantize_bits: 4\n"
+        ),
+    )
     yaml_path, overrides = parse_args(["--config", str(path), "--training.beta", "0.3"])
     assert yaml_path == str(path)
     assert overrides == {"training.beta": 0.3}

@@ -15,23 +15,58 @@ import pytest
 from .builders import write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-ARGS = ["--generation.max_tokens", "10", "--generation.truncated", "keep", "--generation.temperature", "1.0",
-        "--training.learning_rate", "3e-3", "--iters", "8", "--training.checkpoint_every", "3",
-        "--training.save_every", "0", "--lora.rank", "4", "--lora.dropout", "0.0", "--data.valid_fraction", "0.2",
-        "--training.valid_every", "4", "--training.length_buckets", "2"]
+ARGS = [
+    "--generation.max_tokens",
+    "10",
+    "--generation.truncated",
+    "keep",
+    "--generation.temperature",
+    "1.0",
+    "--training.learning_rate",
+    "3e-3",
+    "--iters",
+    "8",
+    "--training.checkpoint_every",
+    "3",
+    "--training.save_every",
+    "0",
+    "--lora.rank",
+    "4",
+    "--lora.dropout",
+    "0.0",
+    "--data.valid_fraction",
+    "0.2",
+    "--training.valid_every",
+    "4",
+    "--training.length_buckets",
+    "2",
+]
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
 
 
 def launch(n, *args, killer=None, timeout=300):
     runner = [sys.executable, *(killer or ["-m", "mipo_mlx.train"])]
-    cmd = ([shutil.which("mlx.launch"), "-n", str(n), "--backend", "ring", *runner] if n > 1 else runner)
+    cmd = (
+        [shutil.which("mlx.launch"), "-n", str(n), "--backend", "ring", *runner]
+        if n > 1
+        else runner
+    )
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(model_dir, prompts, out, batch):
-    return ["--model", str(model_dir), "--prompts", str(prompts), "--output", str(out),
-            "--training.batch_size", str(batch), *ARGS]
+    return [
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(out),
+        "--training.batch_size",
+        str(batch),
+        *ARGS,
+    ]
 
 
 def adapters(out):
@@ -73,7 +108,10 @@ def test_two_ranks_train_the_adapters_of_one(runs):
     scale = max(np.abs(v).max() for v in one.values())
     gap = max(np.abs(one[k] - two[k]).max() for k in one)
     assert gap <= 1e-3 * scale, (gap, scale)
-    steps = [json.loads(line)["step"] for line in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp / "two" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 9))  # rank 0 alone logs, once per step
 
 
@@ -86,8 +124,14 @@ def test_only_rank_zero_writes_and_prints(runs):
 def test_a_dying_rank_stops_the_other_and_the_run_resumes(runs, toy_model_dir):
     tmp, prompts, _, _ = runs
     out = tmp / "killed"
-    killed = launch(2, "rank-1-after-step", "5", "--", *train_args(toy_model_dir, prompts, out, 2),
-                    killer=[KILLER])
+    killed = launch(
+        2,
+        "rank-1-after-step",
+        "5",
+        "--",
+        *train_args(toy_model_dir, prompts, out, 2),
+        killer=[KILLER],
+    )
     assert "Traceback" not in killed.stderr
     assert "another rank stopped" in killed.stderr, killed.stderr[-2000:]
     assert (out / "checkpoint" / "state.json").is_file()
@@ -100,12 +144,24 @@ def test_a_dying_rank_stops_the_other_and_the_run_resumes(runs, toy_model_dir):
 
 
 def eval_args(model_dir, prompts, heldout, out):
-    return [*train_args(model_dir, prompts, out, 2), "--evaluation.prompts", str(heldout),
-            "--evaluation.max_tokens", "6", "--evaluation.pmi_negatives", "2", "--evaluation.temperature", "1.0",
-            "--evaluation.plots", "false"]
+    return [
+        *train_args(model_dir, prompts, out, 2),
+        "--evaluation.prompts",
+        str(heldout),
+        "--evaluation.max_tokens",
+        "6",
+        "--evaluation.pmi_negatives",
+        "2",
+        "--evaluation.temperature",
+        "1.0",
+        "--evaluation.plots",
+        "false",
+    ]
 
 
-def test_two_ranks_with_evaluation_killed_and_resumed_give_the_uninterrupted_result(runs, toy_model_dir):
+def test_two_ranks_with_evaluation_killed_and_resumed_give_the_uninterrupted_result(
+    runs, toy_model_dir
+):
     """Evaluation before and after training, on 2 ranks. Rank 1 is killed after step 5, when
     rank 0's folder holds eval_base.json; on --resume rank 0 decides to reuse it and every
     rank follows (before, rank 1 recomputed it while rank 0 read it, and their collectives
@@ -113,13 +169,29 @@ def test_two_ranks_with_evaluation_killed_and_resumed_give_the_uninterrupted_res
     the files written are read, not only the exit status."""
     tmp, prompts, _, _ = runs
     heldout = tmp / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"prompt": f"Tom has {i} apples and buys {i + 1} more. How many?",
-                                           "answer": str(2 * i + 1)}) + "\n" for i in range(6)))
+    heldout.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": f"Tom has {i} apples and buys {i + 1} more. How many?",
+                    "answer": str(2 * i + 1),
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     whole = launch(2, *eval_args(toy_model_dir, prompts, heldout, tmp / "eval-whole"))
     assert whole.returncode == 0 and "Traceback" not in whole.stderr, whole.stderr[-3000:]
     out = tmp / "eval-killed"
-    killed = launch(2, "rank-1-after-step", "5", "--", *eval_args(toy_model_dir, prompts, heldout, out),
-                    killer=[KILLER])
+    killed = launch(
+        2,
+        "rank-1-after-step",
+        "5",
+        "--",
+        *eval_args(toy_model_dir, prompts, heldout, out),
+        killer=[KILLER],
+    )
     assert "another rank stopped" in killed.stderr, killed.stderr[-2000:]
     assert (out / "eval_base.json").is_file() and not (out / "eval.json").exists()
     resumed = launch(2, "--resume", str(out))

@@ -13,8 +13,20 @@ from mipo_mlx.config import reference_markdown, resolve, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-FAST = ["--generation.max_tokens", "8", "--generation.truncated", "keep", "--generation.temperature", "1.0",
-        "--iters", "2", "--training.batch_size", "2", "--output.overwrite", "true"]
+FAST = [
+    "--generation.max_tokens",
+    "8",
+    "--generation.truncated",
+    "keep",
+    "--generation.temperature",
+    "1.0",
+    "--iters",
+    "2",
+    "--training.batch_size",
+    "2",
+    "--output.overwrite",
+    "true",
+]
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -44,8 +56,11 @@ def test_ci_runs_exactly_the_readme_test_command():
 def own_prompt_recipes() -> list[str]:
     """Configs that train on a prompt file shipped with the project (the paper recipes read
     public datasets: tests/test_recipes.py runs them on fixture files in their formats)."""
-    return sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                  if yaml.safe_load(p.read_text())["data"].get("format", "prompts") == "prompts")
+    return sorted(
+        p.name
+        for p in (ROOT / "configs").glob("*.yaml")
+        if yaml.safe_load(p.read_text())["data"].get("format", "prompts") == "prompts"
+    )
 
 
 @pytest.mark.parametrize("recipe", own_prompt_recipes())
@@ -53,16 +68,33 @@ def test_recipe_resolves_and_runs(recipe, toy_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name prompt files relative to the project root
     config = validate(resolve(str(ROOT / "configs" / recipe), {}))
     assert Path(config.data.prompts).is_file()
-    cmd = [sys.executable, "-m", "mipo_mlx.train", "--config", f"configs/{recipe}", "--model", str(toy_model_dir),
-           "--output", str(tmp_path / "out"), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mipo_mlx.train",
+        "--config",
+        f"configs/{recipe}",
+        "--model",
+        str(toy_model_dir),
+        "--output",
+        str(tmp_path / "out"),
+        *FAST,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "adapters.safetensors").is_file()
 
 
 def test_python_api_example_runs(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "python_api.py"), "--toy", "--steps", "2",
-           "--output", str(tmp_path / "api")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "python_api.py"),
+        "--toy",
+        "--steps",
+        "2",
+        "--output",
+        str(tmp_path / "api"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "pairs; after 2 steps" in done.stdout
@@ -70,11 +102,28 @@ def test_python_api_example_runs(tmp_path):
 
 
 def test_embedded_experiment_runs_small(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "embedded_experiment.py"), "--output", str(tmp_path / "exp"),
-           "--rates", "1e-4,3e-4", "--seeds", "0,1", "--iters", "1", "--train-limit", "8", "--eval-limit", "4"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "embedded_experiment.py"),
+        "--output",
+        str(tmp_path / "exp"),
+        "--rates",
+        "1e-4,3e-4",
+        "--seeds",
+        "0,1",
+        "--iters",
+        "1",
+        "--train-limit",
+        "8",
+        "--eval-limit",
+        "4",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert set(report["chosen_rates"]) == {"mipo", "sft"} and report["chosen_rates"]["mipo"] in (1e-4, 3e-4)
+    assert set(report["chosen_rates"]) == {"mipo", "sft"} and report["chosen_rates"]["mipo"] in (
+        1e-4,
+        3e-4,
+    )
     assert [len(report["heldout"][m]) for m in ("base", "mipo", "sft")] == [2, 2, 2]
     assert "| mipo |" in done.stdout

@@ -16,50 +16,65 @@ from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
 from .builders import check_report
 
 
-@pytest.mark.parametrize("text, number", [
-    ("3 + 4 = 7. The answer is 7.", "7"),                      # right, the embedded format
-    ("Natalia sold 48 clips... #### 72", "72"),                 # GSM8K format
-    ("#### 1,234", "1234"),                                      # commas dropped
-    ("the answer is -5", "-5"),                                  # sign kept, case ignored
-    ("The answer is 12.50 dollars", "12.5"),                     # trailing zeros dropped
-    ("The answer is 3. Wait, the answer is 4.", "4"),            # the last one counts
-    ("#### 9 and the answer is 8", "9"),                         # '####' wins over 'the answer is'
-    ("I think it is 7.", None),                                  # missing
-    ("The answer is seven.", None),                              # malformed: no digits
-    ("", None),
-    # an 8-shot answer that goes on to invent the next exemplar: its own '####' counts
-    ("Tom reads 3 * 300 = 900 pages. #### 900\n\nQuestion: Sam has 2 cats. How many?\n"
-     "Answer: 2 cats. #### 2", "900"),
-    ("He has 5 + 2 = 7. The answer is 7.\nQuestion: What is 1+1?\nAnswer: #### 2", "7"),
-    ("Question: a restated question? #### 4", "4"),                # at the very start: not a continuation
-    ("5 + 3 = 8\n  Question: next one #### 12", None),           # the own part has no answer
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("3 + 4 = 7. The answer is 7.", "7"),  # right, the embedded format
+        ("Natalia sold 48 clips... #### 72", "72"),  # GSM8K format
+        ("#### 1,234", "1234"),  # commas dropped
+        ("the answer is -5", "-5"),  # sign kept, case ignored
+        ("The answer is 12.50 dollars", "12.5"),  # trailing zeros dropped
+        ("The answer is 3. Wait, the answer is 4.", "4"),  # the last one counts
+        ("#### 9 and the answer is 8", "9"),  # '####' wins over 'the answer is'
+        ("I think it is 7.", None),  # missing
+        ("The answer is seven.", None),  # malformed: no digits
+        ("", None),
+        # an 8-shot answer that goes on to invent the next exemplar: its own '####' counts
+        (
+            "Tom reads 3 * 300 = 900 pages. #### 900\n\nQuestion: Sam has 2 cats. How many?\n"
+            "Answer: 2 cats. #### 2",
+            "900",
+        ),
+        ("He has 5 + 2 = 7. The answer is 7.\nQuestion: What is 1+1?\nAnswer: #### 2", "7"),
+        ("Question: a restated question? #### 4", "4"),  # at the very start: not a continuation
+        ("5 + 3 = 8\n  Question: next one #### 12", None),  # the own part has no answer
+    ],
+)
 def test_extract_number(text, number):
     assert extract_number(text) == number
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("The largest number is 95. The answer is: B", "B"),
-    ("the answer is c", "C"),
-    ("The answer is (D).", "D"),
-    ("The answer is: A. No, the answer is: C", "C"),
-    ("Answer: B", None),                     # missing the phrase
-    ("The answer is: 42", None),             # malformed: not a letter
-    ("The answer is: Banana", None),         # a word, not a letter
-    ("The answer is: B\nQuestion: Which is a metal?\nThe answer is: D", "B"),  # invented next item ignored
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("The largest number is 95. The answer is: B", "B"),
+        ("the answer is c", "C"),
+        ("The answer is (D).", "D"),
+        ("The answer is: A. No, the answer is: C", "C"),
+        ("Answer: B", None),  # missing the phrase
+        ("The answer is: 42", None),  # malformed: not a letter
+        ("The answer is: Banana", None),  # a word, not a letter
+        (
+            "The answer is: B\nQuestion: Which is a metal?\nThe answer is: D",
+            "B",
+        ),  # invented next item ignored
+    ],
+)
 def test_extract_letter(text, letter):
     assert extract_letter(text) == letter
 
 
-@pytest.mark.parametrize("text, label, right", [
-    ("3 + 4 = 7. The answer is 7.", "7", True),
-    ("3 + 4 = 8. The answer is 8.", "7", False),       # wrong
-    ("3 + 4 = 7.", "7", False),                         # no final answer
-    ("The answer is: B", "B", True),
-    ("The answer is: C", "B", False),
-    ("The answer is 7", "7.0", True),
-])
+@pytest.mark.parametrize(
+    "text, label, right",
+    [
+        ("3 + 4 = 7. The answer is 7.", "7", True),
+        ("3 + 4 = 8. The answer is 8.", "7", False),  # wrong
+        ("3 + 4 = 7.", "7", False),  # no final answer
+        ("The answer is: B", "B", True),
+        ("The answer is: C", "B", False),
+        ("The answer is 7", "7.0", True),
+    ],
+)
 def test_is_correct(text, label, right):
     assert is_correct(text, label) is right
 
@@ -94,13 +109,21 @@ def test_pmi_known_answer():
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
     expected = [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert got[0] == pytest.approx(2 * (log_softmax(table[0])[0] - log_softmax(table[1])[0]), abs=1e-5)
+    assert got[0] == pytest.approx(
+        2 * (log_softmax(table[0])[0] - log_softmax(table[1])[0]), abs=1e-5
+    )
 
 
 def test_pmi_is_zero_when_the_model_ignores_the_prompt():
     table = [[1.0, 0.5, -0.5, 0.0]] * 4
-    got, _ = pmi_scores(FirstTokenModel(table), [[0], [1], [2], [3]], [[1, 2], [0], [3, 3, 1], [2]], k=3, seed=1,
-                        pad=0)
+    got, _ = pmi_scores(
+        FirstTokenModel(table),
+        [[0], [1], [2], [3]],
+        [[1, 2], [0], [3, 3, 1], [2]],
+        k=3,
+        seed=1,
+        pad=0,
+    )
     np.testing.assert_allclose(got, 0.0, atol=1e-6)
 
 
@@ -109,13 +132,23 @@ def test_context_pmi_known_answer():
     The context PMI is lp(y_i | x_i, c_i) - lp(y_i | x_i) (sign: positive when the context makes
     the answer likelier), and the PMI's mean runs over the k other prompts only, never over the
     context-free column."""
-    table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.5, 0.5]]
+    table = [
+        [2.0, 0.0, 0.0, -1.0],
+        [0.0, 2.0, 0.0, -1.0],
+        [0.0, 0.0, 2.0, -1.0],
+        [0.5, 0.5, 0.5, 0.5],
+    ]
     prompts, plain = [[0, 3], [1, 3], [2, 3]], [[3, 3], [3, 3], [3, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]
-    pmi, context = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain)
+    pmi, context = pmi_scores(
+        FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain
+    )
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
-    np.testing.assert_allclose(pmi, [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        pmi,
+        [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)],
+        atol=1e-5,
+    )
     np.testing.assert_allclose(context, [lp(i, i) - lp(i, 3) for i in range(3)], atol=1e-5)
     # answer 0 is two tokens 0 under its own prompt: 2 * (log softmax([2, 0, 0, -1])[0] - log(1/4))
     assert context[0] == pytest.approx(2 * (log_softmax(table[0])[0] - np.log(0.25)), abs=1e-5)
@@ -135,23 +168,34 @@ def test_answer_and_measure_equals_one_by_one(toy_model):
     from mipo_mlx.score import response_logps
 
     model, tokenizer = toy_model
-    prompts = [Prompt(f"p.jsonl:{i}", f"Tom has {i} apples. How many?", c, extra={"answer": str(i)})
-               for i, c in enumerate(["Be brief.", "Use numbers.", "Be polite.", "One line.", "Say why."])]
-    data, ev = DataConfig(), EvaluationConfig(max_tokens=6, pmi_negatives=2, seed=3, temperature=1.0)
+    prompts = [
+        Prompt(f"p.jsonl:{i}", f"Tom has {i} apples. How many?", c, extra={"answer": str(i)})
+        for i, c in enumerate(["Be brief.", "Use numbers.", "Be polite.", "One line.", "Say why."])
+    ]
+    data, ev = (
+        DataConfig(),
+        EvaluationConfig(max_tokens=6, pmi_negatives=2, seed=3, temperature=1.0),
+    )
     held = heldout(tokenizer, prompts, data, "p.jsonl")
     result = answer_and_measure(model, tokenizer, held, ev, data, 4, nullcontext, "base")
 
     ids = held.rendered.ids
-    answers = [r.token_ids for r in generate_all(model, tokenizer, ids, sampling(ev, 4), "again", 0)]
+    answers = [
+        r.token_ids for r in generate_all(model, tokenizer, ids, sampling(ev, 4), "again", 0)
+    ]
     plain = context_free_ids(tokenizer, held.rendered, data)
     one = lambda prompt, answer: response_logps(model, [prompt], [answer], 0)[0]  # noqa: E731
     others = other_prompts(len(ids), 2, 3)
-    pmi = [one(ids[i], a) - np.mean([one(ids[j], a) for j in others[i]]) for i, a in enumerate(answers)]
+    pmi = [
+        one(ids[i], a) - np.mean([one(ids[j], a) for j in others[i]]) for i, a in enumerate(answers)
+    ]
     context = [one(ids[i], a) - one(plain[i], a) for i, a in enumerate(answers)]
     assert result["pmi_mean"] == pytest.approx(np.mean(pmi), abs=1e-4)
     assert result["pmi_context_mean"] == pytest.approx(np.mean(context), abs=1e-4)
     assert result["n"] == 5 and result["labelled"] == 5
-    assert result["accuracy"] == np.mean([is_correct(t, str(i)) for i, t in enumerate(result["answers"])])
+    assert result["accuracy"] == np.mean(
+        [is_correct(t, str(i)) for i, t in enumerate(result["answers"])]
+    )
 
 
 def test_other_prompts_never_self_and_distinct():
@@ -169,8 +213,14 @@ def test_distinct_n():
 
 
 def test_markdown_table_with_change_column():
-    base = {"accuracy": 0.25, "pmi_mean": 1.0, "pmi_ci95": [0.5, 1.5], "length_mean": 10.0,
-            "distinct_2": 0.5, "finished_rate": 1.0}
+    base = {
+        "accuracy": 0.25,
+        "pmi_mean": 1.0,
+        "pmi_ci95": [0.5, 1.5],
+        "length_mean": 10.0,
+        "distinct_2": 0.5,
+        "finished_rate": 1.0,
+    }
     mipo = {**base, "accuracy": 0.5, "pmi_mean": 2.0, "pmi_ci95": [1.5, 2.5]}
     table = markdown_table({"base": base, "mipo": mipo})
     assert "| accuracy | 0.250 | 0.500 | +0.250 |" in table
@@ -179,10 +229,26 @@ def test_markdown_table_with_change_column():
 
 def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
     heldout = tmp_path / "heldout.jsonl"
-    rows = [{"prompt": f"Tom has {i} apples. How many?", "answer": str(i), "task": "add"} for i in range(6)]
+    rows = [
+        {"prompt": f"Tom has {i} apples. How many?", "answer": str(i), "task": "add"}
+        for i in range(6)
+    ]
     heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = [sys.executable, "-m", "mipo_mlx.evaluate", "--model", str(toy_model_dir), "--prompts", str(heldout),
-           "--output", str(tmp_path / "ev"), "--evaluation.max_tokens", "6", "--evaluation.pmi_negatives", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mipo_mlx.evaluate",
+        "--model",
+        str(toy_model_dir),
+        "--prompts",
+        str(heldout),
+        "--output",
+        str(tmp_path / "ev"),
+        "--evaluation.max_tokens",
+        "6",
+        "--evaluation.pmi_negatives",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())["base"]

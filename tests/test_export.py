@@ -15,16 +15,42 @@ from mipo_mlx.score import pack_pairs
 
 from .builders import write_prompts
 
-TRAIN = ["--generation.max_tokens", "10", "--generation.truncated", "keep", "--generation.temperature", "1.0",
-         "--training.learning_rate", "5e-3", "--iters", "6", "--training.batch_size", "4", "--lora.rank", "4",
-         "--data.valid_fraction", "0.25"]
+TRAIN = [
+    "--generation.max_tokens",
+    "10",
+    "--generation.truncated",
+    "keep",
+    "--generation.temperature",
+    "1.0",
+    "--training.learning_rate",
+    "5e-3",
+    "--iters",
+    "6",
+    "--training.batch_size",
+    "4",
+    "--lora.rank",
+    "4",
+    "--data.valid_fraction",
+    "0.25",
+]
 
 
 def train_run(model_dir, root, *extra):
     prompts = write_prompts(root / "prompts.jsonl", n=12)
     out = root / "run"
-    cmd = [sys.executable, "-m", "mipo_mlx.train", "--model", str(model_dir), "--prompts", str(prompts),
-           "--output", str(out), *TRAIN, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mipo_mlx.train",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(out),
+        *TRAIN,
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return out
@@ -37,8 +63,16 @@ def plain_run(toy_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized_run(toy_model_dir, tmp_path_factory):
-    return train_run(toy_model_dir, tmp_path_factory.mktemp("q4"), "--model.quantize_bits", "4",
-                     "--model.quantize_group_size", "32", "--model.quantize_on_cpu", "true")
+    return train_run(
+        toy_model_dir,
+        tmp_path_factory.mktemp("q4"),
+        "--model.quantize_bits",
+        "4",
+        "--model.quantize_group_size",
+        "32",
+        "--model.quantize_on_cpu",
+        "true",
+    )
 
 
 def logits_of(model, run):
@@ -60,13 +94,20 @@ def test_fused_equals_base_plus_adapters(which, request, tmp_path, capsys):
     assert "quantization" not in config and "quantization_config" not in config
     fused, tokenizer = load(str(tmp_path / "fused"))
     quantized = which == "quantized_run"
-    base, _, _ = mdl.load(ModelConfig(path=json.loads((run / "adapter_config.json").read_text())["base_model"],
-                                      quantize_bits=4 if quantized else None, quantize_group_size=32,
-                                      quantize_on_cpu=quantized))
+    base, _, _ = mdl.load(
+        ModelConfig(
+            path=json.loads((run / "adapter_config.json").read_text())["base_model"],
+            quantize_bits=4 if quantized else None,
+            quantize_group_size=32,
+            quantize_on_cpu=quantized,
+        )
+    )
     mdl.load_adapters(base, run)
     diff = mx.abs(logits_of(fused, run) - logits_of(base, run)).max().item()
     assert diff < 1e-3
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>assistant\n")  # the chat template came along
     names = {k for k, _ in __import__("mlx.utils", fromlist=["x"]).tree_flatten(fused.parameters())}
     assert "model.layers.0.self_attn.q_proj.weight" in names and not any("lora" in n for n in names)
@@ -79,7 +120,9 @@ def test_card_front_matter(plain_run, tmp_path):
     base = json.loads((plain_run / "adapter_config.json").read_text())["base_model"]
     assert meta["base_model"] == base and meta["library_name"] == "mlx"
     assert {"mipo", "dpo", "lora", "mlx"} <= set(meta["tags"])
-    assert "negatives: `random`" in card and "pairs: 12" in card and "fused vs base + adapters" in card
+    assert (
+        "negatives: `random`" in card and "pairs: 12" in card and "fused vs base + adapters" in card
+    )
 
 
 class FakeHub:
@@ -100,8 +143,17 @@ def test_dry_run_lists_files_and_sends_nothing(plain_run, tmp_path, monkeypatch,
     fake = FakeHub()
     monkeypatch.setattr(hub, "hub_api", lambda: fake)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    code = export.main(["--adapters", str(plain_run), "--output", str(tmp_path / "f"), "--upload-repo", "me/tiny",
-                        "--dry-run"])
+    code = export.main(
+        [
+            "--adapters",
+            str(plain_run),
+            "--output",
+            str(tmp_path / "f"),
+            "--upload-repo",
+            "me/tiny",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and fake.calls == []
     assert "would upload to model repo me/tiny (public)" in out and "model.safetensors" in out
@@ -112,24 +164,47 @@ def test_upload_through_stand_in(plain_run, tmp_path, monkeypatch, capsys):
     fake = FakeHub()
     monkeypatch.setattr(hub, "hub_api", lambda: fake)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
-    code = export.main(["--adapters", str(plain_run), "--output", str(tmp_path / "f"), "--upload-repo", "me/tiny",
-                        "--private", "--upload-pairs-repo", "me/tiny-pairs"])
+    code = export.main(
+        [
+            "--adapters",
+            str(plain_run),
+            "--output",
+            str(tmp_path / "f"),
+            "--upload-repo",
+            "me/tiny",
+            "--private",
+            "--upload-pairs-repo",
+            "me/tiny-pairs",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     (_, create), (_, upload), (_, create_ds), (_, upload_ds) = fake.calls
-    assert create["repo_id"] == "me/tiny" and create["private"] is True and create["repo_type"] == "model"
+    assert (
+        create["repo_id"] == "me/tiny"
+        and create["private"] is True
+        and create["repo_type"] == "model"
+    )
     assert upload["folder_path"] == str(tmp_path / "f") and upload["repo_id"] == "me/tiny"
     sent = sorted(p.name for p in (tmp_path / "f").iterdir())
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(sent)
     assert create_ds["repo_type"] == "dataset" and upload_ds["path_in_repo"] == "pairs.jsonl"
     assert "hf_secret_token_value" not in captured.out + captured.err
-    assert not any("hf_secret_token_value" in p.read_text(errors="ignore") for p in (tmp_path / "f").iterdir()
-                   if p.suffix in (".md", ".json", ".jinja"))
+    assert not any(
+        "hf_secret_token_value" in p.read_text(errors="ignore")
+        for p in (tmp_path / "f").iterdir()
+        if p.suffix in (".md", ".json", ".jinja")
+    )
 
 
 def run_export(*args):
-    return subprocess.run([sys.executable, "-m", "mipo_mlx.export", *args], capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "HF_TOKEN": "", "HF_HOME": "/nonexistent"})
+    return subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.export", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_TOKEN": "", "HF_HOME": "/nonexistent"},
+    )
 
 
 def assert_user_error(done, fragment):
@@ -140,11 +215,17 @@ def assert_user_error(done, fragment):
 
 
 def test_errors(plain_run, toy_model_dir, tmp_path):
-    assert_user_error(run_export("--adapters", str(tmp_path / "none"), "--output", str(tmp_path / "o")), "not found")
+    assert_user_error(
+        run_export("--adapters", str(tmp_path / "none"), "--output", str(tmp_path / "o")),
+        "not found",
+    )
     broken = tmp_path / "broken"
     shutil.copytree(plain_run, broken)
     (broken / "adapters.safetensors").write_bytes(b"not a safetensors file")
-    assert_user_error(run_export("--adapters", str(broken), "--output", str(tmp_path / "o1")), "cannot read the adapters")
+    assert_user_error(
+        run_export("--adapters", str(broken), "--output", str(tmp_path / "o1")),
+        "cannot read the adapters",
+    )
     other = tmp_path / "other"
     shutil.copytree(plain_run, other)
     from mipo_mlx.toy import build_model_folder
@@ -152,19 +233,33 @@ def test_errors(plain_run, toy_model_dir, tmp_path):
     wider = build_model_folder(tmp_path / "wider", hidden_size=128, intermediate_size=256)
     cfg = (other / "config.yaml").read_text().replace(str(toy_model_dir), str(wider))
     (other / "config.yaml").write_text(cfg)
-    assert_user_error(run_export("--adapters", str(other), "--output", str(tmp_path / "o2")), "do not fit this base")
+    assert_user_error(
+        run_export("--adapters", str(other), "--output", str(tmp_path / "o2")),
+        "do not fit this base",
+    )
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    assert_user_error(run_export("--adapters", str(plain_run), "--output", str(existing)), "--overwrite")
+    assert_user_error(
+        run_export("--adapters", str(plain_run), "--output", str(existing)), "--overwrite"
+    )
     assert (existing / "keep.txt").read_text() == "mine"
-    assert_user_error(run_export("--adapters", str(plain_run), "--output", str(tmp_path / "o3"), "--upload-repo",
-                                 "me/x"), "no Hugging Face token")
+    assert_user_error(
+        run_export(
+            "--adapters", str(plain_run), "--output", str(tmp_path / "o3"), "--upload-repo", "me/x"
+        ),
+        "no Hugging Face token",
+    )
     assert not (tmp_path / "o3").exists()
 
 
 def test_requantize_reports_drift(plain_run, tmp_path, capsys):
-    assert export.main(["--adapters", str(plain_run), "--output", str(tmp_path / "q"), "--quantize", "4"]) == 0
+    assert (
+        export.main(
+            ["--adapters", str(plain_run), "--output", str(tmp_path / "q"), "--quantize", "4"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "re-quantized to 4 bits vs base + adapters (drift)" in out
     config = json.loads((tmp_path / "q" / "config.json").read_text())

@@ -81,7 +81,10 @@ def test_write_jsonl_failure_mid_stream_keeps_old_file(tmp_path):
 def test_write_json(tmp_path):
     target = tmp_path / "x.json"
     write_json(target, {"name": "café", "n": [1, 2]})
-    assert target.read_text(encoding="utf-8") == '{\n  "name": "café",\n  "n": [\n    1,\n    2\n  ]\n}\n'
+    assert (
+        target.read_text(encoding="utf-8")
+        == '{\n  "name": "café",\n  "n": [\n    1,\n    2\n  ]\n}\n'
+    )
 
 
 def test_write_jsonl_read_jsonl_round_trip(tmp_path):

@@ -26,17 +26,21 @@ def write_jsonl(path: Path, *objs) -> str:
 
 
 def gsm8k_file(tmp_path, n: int = 3) -> str:
-    return write_jsonl(tmp_path / "gsm8k_test.jsonl", *[
-        {"question": f"Question {i}?", "answer": f"Work {i}.\n#### {i},00{i}"} for i in range(n)])
+    return write_jsonl(
+        tmp_path / "gsm8k_test.jsonl",
+        *[{"question": f"Question {i}?", "answer": f"Work {i}.\n#### {i},00{i}"} for i in range(n)],
+    )
 
 
 # ---------------------------------------------------------------- formats
 
 
 def test_gsm8k_rows(tmp_path):
-    path = write_jsonl(tmp_path / "g.jsonl",
-                       {"question": " Tom has 3 apples. How many? ", "answer": "3 * 24 = 72\n#### 72"},
-                       {"question": "Big?", "answer": "Sum.\n#### 1,234"})
+    path = write_jsonl(
+        tmp_path / "g.jsonl",
+        {"question": " Tom has 3 apples. How many? ", "answer": "3 * 24 = 72\n#### 72"},
+        {"question": "Big?", "answer": "Sum.\n#### 1,234"},
+    )
     assert read_rows(path, "gsm8k") == [
         {"prompt": "Tom has 3 apples. How many?", "context": None, "answer": "72", "id": "gsm8k-0"},
         {"prompt": "Big?", "context": None, "answer": "1234", "id": "gsm8k-1"},
@@ -53,15 +57,31 @@ def test_answer_parsing():
 
 
 def test_svamp_rows(tmp_path):
-    path = write_jsonl(tmp_path / "svamp.jsonl",
-                       {"ID": "chal-1", "Body": " Jack had 8 pens. He gave 3 away. ",
-                        "Question": " How many are left? ", "Answer": 5.0},
-                       {"Body": "A box has 2.5 kg.", "Question": "How much in 2 boxes?", "Answer": "5"})
+    path = write_jsonl(
+        tmp_path / "svamp.jsonl",
+        {
+            "ID": "chal-1",
+            "Body": " Jack had 8 pens. He gave 3 away. ",
+            "Question": " How many are left? ",
+            "Answer": 5.0,
+        },
+        {"Body": "A box has 2.5 kg.", "Question": "How much in 2 boxes?", "Answer": "5"},
+    )
     assert read_rows(path, "svamp") == [
-        {"prompt": "Jack had 8 pens. He gave 3 away. How many are left?", "context": None,
-         "answer": "5", "id": "chal-1", "incomplete": "How many are left?"},
-        {"prompt": "A box has 2.5 kg. How much in 2 boxes?", "context": None, "answer": "5",
-         "id": "svamp-1", "incomplete": "How much in 2 boxes?"},
+        {
+            "prompt": "Jack had 8 pens. He gave 3 away. How many are left?",
+            "context": None,
+            "answer": "5",
+            "id": "chal-1",
+            "incomplete": "How many are left?",
+        },
+        {
+            "prompt": "A box has 2.5 kg. How much in 2 boxes?",
+            "context": None,
+            "answer": "5",
+            "id": "svamp-1",
+            "incomplete": "How much in 2 boxes?",
+        },
     ]
 
 
@@ -69,37 +89,67 @@ ARC_PROMPT = "Which is a gas?\nA) ice\nB) steam\nC) rock"
 
 
 def test_arc_nested_and_flattened(tmp_path):
-    nested = write_jsonl(tmp_path / "arc.jsonl", {
-        "id": "Mercury_1", "answerKey": "B",
-        "question": {"stem": "Which is a gas?", "choices": [
-            {"label": "A", "text": "ice"}, {"label": "B", "text": "steam"}, {"label": "C", "text": "rock"}]},
-    })
+    nested = write_jsonl(
+        tmp_path / "arc.jsonl",
+        {
+            "id": "Mercury_1",
+            "answerKey": "B",
+            "question": {
+                "stem": "Which is a gas?",
+                "choices": [
+                    {"label": "A", "text": "ice"},
+                    {"label": "B", "text": "steam"},
+                    {"label": "C", "text": "rock"},
+                ],
+            },
+        },
+    )
     flat = tmp_path / "arc.json"
-    flat.write_text(json.dumps([{
-        "id": "Mercury_1", "question": "Which is a gas?", "answerKey": "B",
-        "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
-    }]), encoding="utf-8")
+    flat.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "Mercury_1",
+                    "question": "Which is a gas?",
+                    "answerKey": "B",
+                    "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
+                }
+            ]
+        ),
+        encoding="utf-8",
+    )
     expected = [{"prompt": ARC_PROMPT, "context": None, "answer": "B", "id": "Mercury_1"}]
     assert read_rows(nested, "arc") == expected
     assert read_rows(str(flat), "arc") == expected
 
 
 def test_mmlu_index_and_letter(tmp_path):
-    path = write_jsonl(tmp_path / "mmlu.jsonl",
-                       {"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3},
-                       {"question": "Red?", "choices": ["a", "b", "c", "d"], "answer": "b"})
+    path = write_jsonl(
+        tmp_path / "mmlu.jsonl",
+        {"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3},
+        {"question": "Red?", "choices": ["a", "b", "c", "d"], "answer": "b"},
+    )
     rows = read_rows(path, "mmlu")
-    assert rows[0] == {"prompt": "2+2?\nA) 1\nB) 2\nC) 3\nD) 4", "context": None, "answer": "D",
-                       "id": "mmlu-0"}
+    assert rows[0] == {
+        "prompt": "2+2?\nA) 1\nB) 2\nC) 3\nD) 4",
+        "context": None,
+        "answer": "D",
+        "id": "mmlu-0",
+    }
     assert rows[1]["answer"] == "B"
 
 
 def test_prism_keys(tmp_path):
-    path = write_jsonl(tmp_path / "prism.jsonl",
-                       {"opening_prompt": "Best pet?", "system_string": "I live in a flat.",
-                        "conversation_id": "c7"},
-                       {"prompt": "Dinner idea?", "request": "Vegetarian only."},
-                       {"prompt": "Music?", "preferences": ["No jazz.", "Short."]})
+    path = write_jsonl(
+        tmp_path / "prism.jsonl",
+        {
+            "opening_prompt": "Best pet?",
+            "system_string": "I live in a flat.",
+            "conversation_id": "c7",
+        },
+        {"prompt": "Dinner idea?", "request": "Vegetarian only."},
+        {"prompt": "Music?", "preferences": ["No jazz.", "Short."]},
+    )
     assert read_rows(path, "prism") == [
         {"prompt": "Best pet?", "context": "I live in a flat.", "answer": None, "id": "c7"},
         {"prompt": "Dinner idea?", "context": "Vegetarian only.", "answer": None, "id": "prism-1"},
@@ -108,13 +158,18 @@ def test_prism_keys(tmp_path):
 
 
 def test_community_alignment_keys(tmp_path):
-    path = write_jsonl(tmp_path / "ca.jsonl",
-                       {"prompt": "Plan a trip.", "preference": "I hate flying."},
-                       {"prompt": "Gift?", "user_preferences": "Cheap."},
-                       {"first_turn_prompt": "Book?", "context": "Sci-fi fan."})
+    path = write_jsonl(
+        tmp_path / "ca.jsonl",
+        {"prompt": "Plan a trip.", "preference": "I hate flying."},
+        {"prompt": "Gift?", "user_preferences": "Cheap."},
+        {"first_turn_prompt": "Book?", "context": "Sci-fi fan."},
+    )
     rows = read_rows(path, "community_alignment")
     assert [(r["prompt"], r["context"]) for r in rows] == [
-        ("Plan a trip.", "I hate flying."), ("Gift?", "Cheap."), ("Book?", "Sci-fi fan.")]
+        ("Plan a trip.", "I hate flying."),
+        ("Gift?", "Cheap."),
+        ("Book?", "Sci-fi fan."),
+    ]
 
 
 # ---------------------------------------------------------------- subset, limit, split
@@ -180,9 +235,14 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 
 def test_written_rows_read_back_as_prompts(tmp_path):
     """What a run writes to train_prompts.jsonl / eval_prompts.jsonl reads back as the same prompts."""
-    prompts = read_source(write_jsonl(tmp_path / "p.jsonl",
-                                      {"prompt": "A?", "request": "Be kind."},
-                                      {"prompt": "B?", "request": "Be brief."}), "prism")
+    prompts = read_source(
+        write_jsonl(
+            tmp_path / "p.jsonl",
+            {"prompt": "A?", "request": "Be kind."},
+            {"prompt": "B?", "request": "Be brief."},
+        ),
+        "prism",
+    )
     out = tmp_path / "prompts.jsonl"
     files.write_jsonl(out, map(prompt_row, prompts))
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -204,12 +264,14 @@ def test_gsm8k_8shot_template():
         "So there must have been 21 - 15 = 6. #### 6\n\n"
         "Question: If there are 3 cars in the parking lot and 2 more cars arrive, "
         "how many cars are in the parking lot?\n"
-        "Answer: There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. #### 5\n\n")
+        "Answer: There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. #### 5\n\n"
+    )
     assert text.endswith(
         "Question: Olivia has $23. She bought five bagels for $3 each. How much money does she have left?\n"
         "Answer: Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
         "So she has 23 - 15 dollars left. 23 - 15 is 8. #### 8\n\n"
-        "Question: What is 2+3?\nAnswer:")
+        "Question: What is 2+3?\nAnswer:"
+    )
     assert text.count("Question: ") == 9 and text.count(" #### ") == 8
 
 
@@ -217,7 +279,8 @@ def test_arc_zero_shot_template():
     assert render_prompt({"prompt": ARC_PROMPT, "context": None}, "arc_zero_shot") == (
         "Which is a gas?\nA) ice\nB) steam\nC) rock\n\n"
         "Think step by step, then finish your response with "
-        "\"The answer is: <X>\" where X is the letter of the correct choice.")
+        '"The answer is: <X>" where X is the letter of the correct choice.'
+    )
 
 
 def test_prism_templates():
@@ -225,9 +288,12 @@ def test_prism_templates():
     assert render_prompt(row, "prism") == (
         "Give me short 2-3 sentence answers to the following prompt: Best pet? "
         "Please respect the following requirements made by the user: I live in a flat. "
-        "Respond with short 2-3 sentences.")
-    free = ("Give me short 2-3 sentence answers to the following prompt: Best pet? "
-            "Respond with short 2-3 sentences.")
+        "Respond with short 2-3 sentences."
+    )
+    free = (
+        "Give me short 2-3 sentence answers to the following prompt: Best pet? "
+        "Respond with short 2-3 sentences."
+    )
     assert render_prompt(row, "prism_no_context") == free
     assert render_prompt({"prompt": "Best pet?", "context": None}, "prism") == free
 
@@ -243,11 +309,15 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 
 def test_missing_key_is_named(tmp_path):
-    path = write_jsonl(tmp_path / "g.jsonl", {"question": "A?", "answer": "#### 1"}, {"question": "B?"})
+    path = write_jsonl(
+        tmp_path / "g.jsonl", {"question": "A?", "answer": "#### 1"}, {"question": "B?"}
+    )
     with pytest.raises(UserError, match=r"g\.jsonl:2: missing key 'answer' \(gsm8k format\)"):
         read_rows(path, "gsm8k")
     path = write_jsonl(tmp_path / "p.jsonl", {"prompt": "A?"})
-    with pytest.raises(UserError, match=r"p\.jsonl:1: missing key 'request' or 'preferences' or 'system_string'"):
+    with pytest.raises(
+        UserError, match=r"p\.jsonl:1: missing key 'request' or 'preferences' or 'system_string'"
+    ):
         read_rows(path, "prism")
 
 
@@ -258,22 +328,37 @@ def test_unknown_format_and_template(tmp_path):
         render_prompt({"prompt": "x", "context": None}, "cot")
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ({"question": "A?", "answer": "no hashes"}, r"g\.jsonl:1: key 'answer' has no '#### <number>'"),
-    ({"question": "A?", "answer": "#### seven"}, r"g\.jsonl:1: key 'answer' is not a number"),
-    ({"question": "", "answer": "#### 1"}, r"g\.jsonl:1: key 'question' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"question": "A?", "answer": "no hashes"},
+            r"g\.jsonl:1: key 'answer' has no '#### <number>'",
+        ),
+        ({"question": "A?", "answer": "#### seven"}, r"g\.jsonl:1: key 'answer' is not a number"),
+        (
+            {"question": "", "answer": "#### 1"},
+            r"g\.jsonl:1: key 'question' must be a non-empty string",
+        ),
+    ],
+)
 def test_bad_gsm8k_values(tmp_path, row, message):
     with pytest.raises(UserError, match=message):
         read_rows(write_jsonl(tmp_path / "g.jsonl", row), "gsm8k")
 
 
 def test_bad_arc_and_mmlu_rows(tmp_path):
-    arc = write_jsonl(tmp_path / "arc.jsonl", {"question": "Q?", "answerKey": "E",
-                                               "choices": {"text": ["x", "y"], "label": ["A", "B"]}})
-    with pytest.raises(UserError, match=r"arc\.jsonl:1: answerKey 'E' is not one of the choice labels"):
+    arc = write_jsonl(
+        tmp_path / "arc.jsonl",
+        {"question": "Q?", "answerKey": "E", "choices": {"text": ["x", "y"], "label": ["A", "B"]}},
+    )
+    with pytest.raises(
+        UserError, match=r"arc\.jsonl:1: answerKey 'E' is not one of the choice labels"
+    ):
         read_rows(arc, "arc")
-    mmlu = write_jsonl(tmp_path / "mmlu.jsonl", {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 4})
+    mmlu = write_jsonl(
+        tmp_path / "mmlu.jsonl", {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 4}
+    )
     with pytest.raises(UserError, match=r"mmlu\.jsonl:1: key 'answer' must be an index 0-3"):
         read_rows(mmlu, "mmlu")
 

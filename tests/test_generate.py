@@ -26,8 +26,11 @@ QUESTIONS = [
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                              add_generation_prompt=True))
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,9 @@ def test_eos_ids_of_the_toy_tokenizer(toy_model):
 
 def test_generate_returns_one_response_per_prompt_with_token_ids(toy_model, prompt_ids):
     model, tokenizer = toy_model
-    responses = generate(model, tokenizer, prompt_ids, gen_config(), streams=list(range(len(prompt_ids))))
+    responses = generate(
+        model, tokenizer, prompt_ids, gen_config(), streams=list(range(len(prompt_ids)))
+    )
     assert len(responses) == len(prompt_ids)
     vocab = model.args.vocab_size
     for r in responses:
@@ -91,8 +96,14 @@ def test_finished_and_unfinished_responses(many_responses, toy_model):
 def test_on_done_reports_every_response_once(toy_model, prompt_ids):
     model, tokenizer = toy_model
     seen = {}
-    responses = generate(model, tokenizer, prompt_ids, gen_config(batch_size=3),
-                         streams=list(range(len(prompt_ids))), on_done=lambda i, r: seen.setdefault(i, r))
+    responses = generate(
+        model,
+        tokenizer,
+        prompt_ids,
+        gen_config(batch_size=3),
+        streams=list(range(len(prompt_ids))),
+        on_done=lambda i, r: seen.setdefault(i, r),
+    )
     assert sorted(seen) == list(range(len(prompt_ids)))
     assert all(seen[i] is responses[i] for i in seen)
 
@@ -115,16 +126,27 @@ def test_response_independent_of_batch_composition(toy_model, prompt_ids, top_p)
 
     def run(order, batch_size):
         config = gen_config(top_p=top_p, max_tokens=24, batch_size=batch_size)
-        out = generate(model, tokenizer, [prompt_ids[i] for i in order], config,
-                       streams=[streams[i] for i in order])
+        out = generate(
+            model,
+            tokenizer,
+            [prompt_ids[i] for i in order],
+            config,
+            streams=[streams[i] for i in order],
+        )
         return dict(zip(order, out))
 
     reference = run(list(range(n)), 16)
-    for order, batch_size in [(list(reversed(range(n))), 3), ([5, 2, 7, 0], 1), ([3, 1, 6], 2),
-                              ([4, 0, 6, 1, 2, 5, 3, 7], 4)]:
+    for order, batch_size in [
+        (list(reversed(range(n))), 3),
+        ([5, 2, 7, 0], 1),
+        ([3, 1, 6], 2),
+        ([4, 0, 6, 1, 2, 5, 3, 7], 4),
+    ]:
         got = run(order, batch_size)
         for i in order:
-            assert got[i] == reference[i], f"prompt {i} changed with order {order}, batch {batch_size}"
+            assert got[i] == reference[i], (
+                f"prompt {i} changed with order {order}, batch {batch_size}"
+            )
 
 
 def test_different_streams_give_different_samples(toy_model, prompt_ids):
@@ -136,7 +158,11 @@ def test_different_streams_give_different_samples(toy_model, prompt_ids):
 def test_stream_seed_separates_passes_and_runs():
     """Stream seeds are distinct within a run (both passes) and across neighbouring run seeds:
     a run's negatives never reuse another seed's positive streams."""
-    seeds = {stream_seed(run, s) for run in (41, 42, 43) for s in (*range(500), *range(STREAM_STRIDE, STREAM_STRIDE + 500))}
+    seeds = {
+        stream_seed(run, s)
+        for run in (41, 42, 43)
+        for s in (*range(500), *range(STREAM_STRIDE, STREAM_STRIDE + 500))
+    }
     assert len(seeds) == 3 * 1000
     assert stream_seed(42, STREAM_STRIDE) != stream_seed(43, 0)
     assert stream_seed(42, 3) == stream_seed(42, 3)
@@ -157,8 +183,13 @@ def test_temperature_zero_is_greedy(toy_model, prompt_ids):
             assert t == nxt
             seq.append(nxt)
     # greedy ignores the streams and the seed
-    again = generate(model, tokenizer, prompt_ids, gen_config(temperature=0.0, max_tokens=4, seed=99),
-                     streams=[50 + i for i in range(len(prompt_ids))])
+    again = generate(
+        model,
+        tokenizer,
+        prompt_ids,
+        gen_config(temperature=0.0, max_tokens=4, seed=99),
+        streams=[50 + i for i in range(len(prompt_ids))],
+    )
     assert again == out
 
 
@@ -178,6 +209,7 @@ def test_seeded_sampler():
 
 # ---------------------------------------------------------------- decode
 
+
 def test_decode_drops_eos_only_when_finished(toy_model):
     _, tokenizer = toy_model
     eos = next(iter(tokenizer.eos_token_ids))
@@ -192,9 +224,22 @@ def test_decode_drops_eos_only_when_finished(toy_model):
 
 # ---------------------------------------------------------------- batch_stream / total_steps
 
+
 def numbered_pairs(n: int) -> list[Pair]:
-    return [Pair([{"role": "user", "content": f"p{i}"}], "c", "r", [20 + i], [100 + i, 2], [200 + i],
-                 "random", i, rejected_source=(i + 1) % n) for i in range(n)]
+    return [
+        Pair(
+            [{"role": "user", "content": f"p{i}"}],
+            "c",
+            "r",
+            [20 + i],
+            [100 + i, 2],
+            [200 + i],
+            "random",
+            i,
+            rejected_source=(i + 1) % n,
+        )
+        for i in range(n)
+    ]
 
 
 def batch_members(batch) -> list[int]:
@@ -219,7 +264,7 @@ def test_batch_stream_full_batches_covering_epochs(n, batch_size):
     flat = [i for b in batches for i in b]
     # the stream is epoch after epoch of permutations: each epoch holds every pair once
     for e in range(len(flat) // n):
-        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+        assert sorted(flat[e * n : (e + 1) * n]) == list(range(n))
 
 
 def test_batch_stream_packs_the_pairs():
@@ -228,7 +273,10 @@ def test_batch_stream_packs_the_pairs():
     members = batch_members(batch)
     inputs = np.array(batch.inputs)
     for row, i in enumerate(members):
-        assert inputs[row, :2].tolist() == [20 + i, 100 + i]  # prompt, chosen (EOS is a target only)
+        assert inputs[row, :2].tolist() == [
+            20 + i,
+            100 + i,
+        ]  # prompt, chosen (EOS is a target only)
         assert inputs[2 + row, :1].tolist() == [20 + i]
     assert batch.n_pairs == 2
 
@@ -245,8 +293,10 @@ def test_batch_stream_deterministic_and_seeded():
 def test_batch_stream_first_epoch_is_the_seeded_permutation():
     pairs = numbered_pairs(6)
     batches = take(batch_stream(pairs, 3, seed=11, pad=0), 4)
-    expected = (np.random.default_rng([11, 0]).permutation(6).tolist()
-                + np.random.default_rng([11, 1]).permutation(6).tolist())
+    expected = (
+        np.random.default_rng([11, 0]).permutation(6).tolist()
+        + np.random.default_rng([11, 1]).permutation(6).tolist()
+    )
     assert [i for b in batches for i in b] == expected
 
 
@@ -254,9 +304,18 @@ def training_config(**kw) -> TrainingConfig:
     return TrainingConfig(**kw)
 
 
-@pytest.mark.parametrize("epochs, batch_size, accumulation, n_train", [
-    (1, 4, 1, 100), (1, 4, 1, 101), (2, 4, 1, 10), (3, 2, 2, 7), (1, 8, 4, 5), (1, 4, 1, 0), (2, 3, 1, 1),
-])
+@pytest.mark.parametrize(
+    "epochs, batch_size, accumulation, n_train",
+    [
+        (1, 4, 1, 100),
+        (1, 4, 1, 101),
+        (2, 4, 1, 10),
+        (3, 2, 2, 7),
+        (1, 8, 4, 5),
+        (1, 4, 1, 0),
+        (2, 3, 1, 1),
+    ],
+)
 def test_total_steps_formula(epochs, batch_size, accumulation, n_train):
     config = training_config(epochs=epochs, batch_size=batch_size, grad_accumulation=accumulation)
     expected = max(1, math.ceil(epochs * n_train / (batch_size * accumulation)))
@@ -273,6 +332,7 @@ def test_total_steps_values():
 
 
 # ---------------------------------------------------------------- length buckets
+
 
 def _lengths_pairs(n, seed=0):
     from .builders import made_up_pairs
@@ -308,7 +368,9 @@ def test_buckets_cut_padding():
         total = 0
         for j in range(0, 64, 4):
             rows = [pairs[i] for i in order[j : j + 4]]
-            total += 4 * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in rows)
+            total += 4 * max(
+                len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in rows
+            )
         return total
 
     assert padded(16) <= padded(1)
@@ -326,7 +388,9 @@ def test_bucketed_and_unbucketed_batches_give_the_same_loss(toy_model):
 
     model, _ = toy_model
     pairs = made_up_pairs(24, seed=6)
-    for i, p in enumerate(pairs):  # references that differ from the policy, so the loss is not log 2
+    for i, p in enumerate(
+        pairs
+    ):  # references that differ from the policy, so the loss is not log 2
         p.reference_logps = {"chosen": -30.0 + i, "rejected": -40.0 + 0.5 * i}
     loss = make_loss(TrainingConfig(beta=0.1))
 

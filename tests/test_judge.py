@@ -56,13 +56,23 @@ def test_parse_score(text, expected):
 PREFERENCES = [
     ("- Be concise\n- Use examples\n- No jargon", ["Be concise", "Use examples", "No jargon"]),
     ("* formal tone\n*   cite sources", ["formal tone", "cite sources"]),
-    ("1. Short answers\n2. Bullet points\n10. British spelling",
-     ["Short answers", "Bullet points", "British spelling"]),
+    (
+        "1. Short answers\n2. Bullet points\n10. British spelling",
+        ["Short answers", "Bullet points", "British spelling"],
+    ),
     ("1) vegan recipes\n2) under 30 minutes", ["vegan recipes", "under 30 minutes"]),
-    ("be brief; use metric units ;  avoid emojis;", ["be brief", "use metric units", "avoid emojis"]),
-    ("I prefer answers that explain the reasoning step by step.",
-     ["I prefer answers that explain the reasoning step by step."]),
-    ("  likes well-known examples, e.g. 3.5 stars  ", ["likes well-known examples, e.g. 3.5 stars"]),
+    (
+        "be brief; use metric units ;  avoid emojis;",
+        ["be brief", "use metric units", "avoid emojis"],
+    ),
+    (
+        "I prefer answers that explain the reasoning step by step.",
+        ["I prefer answers that explain the reasoning step by step."],
+    ),
+    (
+        "  likes well-known examples, e.g. 3.5 stars  ",
+        ["likes well-known examples, e.g. 3.5 stars"],
+    ),
     ("\n- first\n\n-\n; \n2. second\n", ["first", "second"]),
     ("", []),
 ]
@@ -77,7 +87,14 @@ def test_judge_prompt_is_one_user_turn_with_the_parts_and_the_answer_format():
     messages = judge_prompt("What should I cook?", "vegan recipes", "Try a lentil curry.")
     assert [m["role"] for m in messages] == ["user"]
     text = messages[0]["content"]
-    for part in ("What should I cook?", "vegan recipes", "Try a lentil curry.", "Score: <1-5>", "1 =", "5 ="):
+    for part in (
+        "What should I cook?",
+        "vegan recipes",
+        "Try a lentil curry.",
+        "Score: <1-5>",
+        "1 =",
+        "5 =",
+    ):
         assert part in text
     assert parse_score(text) is None  # the instructions alone carry no score
 
@@ -115,8 +132,16 @@ def test_judge_summary_counts_unparsed_and_compares_with_the_reference():
 
 
 ITEMS = [
-    JudgeItem("What should I cook tonight?", "- vegan\n- under 30 minutes", "A lentil curry takes 25 minutes."),
-    JudgeItem("Explain gravity.", "Keep it short; no equations; use an analogy", "Mass bends space like a ball on a sheet."),
+    JudgeItem(
+        "What should I cook tonight?",
+        "- vegan\n- under 30 minutes",
+        "A lentil curry takes 25 minutes.",
+    ),
+    JudgeItem(
+        "Explain gravity.",
+        "Keep it short; no equations; use an analogy",
+        "Mass bends space like a ball on a sheet.",
+    ),
     JudgeItem("Which planet is red?", "Answer in one word.", "Mars."),
 ]
 
@@ -159,18 +184,24 @@ def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
     verdicts = {"b1": 3, "b2": 2, "b3": 4, "m1": 4, "m2": 2, "m3": 3, "r1": 3, "r2": 3, "r3": None}
 
     def score_response(_judge, _tokenizer, items, max_tokens, batch_size):
-        return [judge.ItemScore(verdicts[i.response], [verdicts[i.response]], verdicts[i.response] is None)
-                for i in items]
+        return [
+            judge.ItemScore(
+                verdicts[i.response], [verdicts[i.response]], verdicts[i.response] is None
+            )
+            for i in items
+        ]
 
     monkeypatch.setattr(judge, "score_response", score_response)
     monkeypatch.setattr(model, "load", lambda config: (object(), object(), {}))
-    prompts = [Prompt(f"p.jsonl:{n}", f"q{n}", "be brief", extra={"reference": f"r{n}"}) for n in (1, 2, 3)]
+    prompts = [
+        Prompt(f"p.jsonl:{n}", f"q{n}", "be brief", extra={"reference": f"r{n}"}) for n in (1, 2, 3)
+    ]
     results = {"base": {"answers": ["b1", "b2", "b3"]}, "mipo": {"answers": ["m1", "m2", "m3"]}}
     config = Config()
     config.evaluation.judge = "some/judge"
     judge.add_judge(results, prompts, config.evaluation)
     assert results["base"]["judge_score"] == 3.0 and results["mipo"]["judge_score"] == 3.0
-    assert results["mipo"]["win_rate"] == 2 / 3                   # 4>=3, 2>=2, 3<4
-    assert results["base"]["win_rate_reference"] == 1 / 2         # 3>=3, 2<3, item 3 unscored by the judge
-    assert results["mipo"]["win_rate_reference"] == 1 / 2         # 4>=3, 2<3, item 3 left out
+    assert results["mipo"]["win_rate"] == 2 / 3  # 4>=3, 2>=2, 3<4
+    assert results["base"]["win_rate_reference"] == 1 / 2  # 3>=3, 2<3, item 3 unscored by the judge
+    assert results["mipo"]["win_rate_reference"] == 1 / 2  # 4>=3, 2<3, item 3 left out
     assert results["mipo"]["judge_unparsed"] == 0 and results["mipo"]["judge_scores"] == [4, 2, 3]

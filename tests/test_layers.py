@@ -17,11 +17,30 @@ PACKAGE = ROOT / "mipo_mlx"
 
 # Bottom to top. A module's layer is that of its own name or of the package it is in.
 LAYERS = [
-    ("foundation", ["__init__", "errors", "progress", "files", "embedded", "config", "cli", "_backend", "plots",
-                    "hub"]),
+    (
+        "foundation",
+        [
+            "__init__",
+            "errors",
+            "progress",
+            "files",
+            "embedded",
+            "config",
+            "cli",
+            "_backend",
+            "plots",
+            "hub",
+        ],
+    ),
     ("data", ["formats", "tasks", "prompts"]),
-    ("compute", ["distributed", "model", "generate", "score", "losses", "memory", "checkpoint", "toy"]),
-    ("stages", ["pairs", "batching", "loop", "run_folder", "training", "measure", "judge", "fuse", "card"]),
+    (
+        "compute",
+        ["distributed", "model", "generate", "score", "losses", "memory", "checkpoint", "toy"],
+    ),
+    (
+        "stages",
+        ["pairs", "batching", "loop", "run_folder", "training", "measure", "judge", "fuse", "card"],
+    ),
     ("pipeline", ["pipeline"]),
     ("commands", ["train", "evaluate", "export", "embedded.build"]),
 ]
@@ -49,12 +68,18 @@ def layer_of(name: str) -> int:
 def package_imports(path: Path) -> list[tuple[str, bool]]:
     """(imported module, inside a function?) for each import of the package's own modules."""
     name = module_name(path)
-    here = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
+    here = (
+        name.split(".")
+        if path.name == "__init__.py" and name != "__init__"
+        else name.split(".")[:-1]
+    )
     found = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            nested = in_function or isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            )
             targets: list[str] = []
             if isinstance(child, ast.ImportFrom) and child.level:
                 base = here[: len(here) - (child.level - 1)]
@@ -66,7 +91,9 @@ def package_imports(path: Path) -> list[tuple[str, bool]]:
                 module = child.module.split(".", 1)[1] if "." in child.module else ""
                 targets = [module] if module else [alias.name for alias in child.names]
             elif isinstance(child, ast.Import):
-                targets = [a.name.split(".", 1)[1] for a in child.names if a.name.startswith("mipo_mlx.")]
+                targets = [
+                    a.name.split(".", 1)[1] for a in child.names if a.name.startswith("mipo_mlx.")
+                ]
             found.extend((t, in_function) for t in targets)
             visit(child, nested)
 
@@ -80,7 +107,9 @@ def import_graph() -> dict[str, list[tuple[str, bool]]]:
 
 def test_every_module_has_a_layer():
     missing = [name for name in import_graph() if _no_layer(name)]
-    assert not missing, f"place these modules in a layer (tests/test_layers.py and README.md): {missing}"
+    assert not missing, (
+        f"place these modules in a layer (tests/test_layers.py and README.md): {missing}"
+    )
 
 
 def _no_layer(name: str) -> bool:
@@ -92,9 +121,12 @@ def _no_layer(name: str) -> bool:
 
 
 def test_imports_go_down_the_layers():
-    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-              for name, imports in import_graph().items() for target, _ in imports
-              if layer_of(target) > layer_of(name)]
+    upward = [
+        f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for name, imports in import_graph().items()
+        for target, _ in imports
+        if layer_of(target) > layer_of(name)
+    ]
     assert not upward, upward
 
 
@@ -106,7 +138,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
             if nxt not in state:
                 cycle = walk(nxt, [*path, nxt])
                 if cycle:
@@ -121,8 +153,12 @@ def test_no_import_cycles():
 
 
 def test_package_imports_inside_functions_only_in_commands():
-    lazy = [f"{name} imports {target} inside a function" for name, imports in import_graph().items()
-            for target, in_function in imports if in_function and name not in LAZY_IMPORTS_ALLOWED]
+    lazy = [
+        f"{name} imports {target} inside a function"
+        for name, imports in import_graph().items()
+        for target, in_function in imports
+        if in_function and name not in LAZY_IMPORTS_ALLOWED
+    ]
     assert not lazy, lazy
 
 
@@ -138,5 +174,6 @@ def test_readme_lists_the_same_layers():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("<!-- layers -->", 2)[1]
     listed = re.findall(r"^\d+\. \*\*(\w+)\*\*: (.+)$", block, flags=re.MULTILINE)
-    assert [(layer, [m.strip(" `") for m in members.split(",")]) for layer, members in listed] == \
-        [(layer, members) for layer, members in LAYERS]
+    assert [(layer, [m.strip(" `") for m in members.split(",")]) for layer, members in listed] == [
+        (layer, members) for layer, members in LAYERS
+    ]

@@ -110,8 +110,15 @@ def test_gradient_clipping_bounds_the_update(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     before, logs = params(model), []
     config = TrainingConfig(grad_clip=0.01)
-    train(model, make_loss(config), cycle(pairs, 4), 1, config, log=logs.append,
-          optimizer=optim.SGD(learning_rate=1.0))
+    train(
+        model,
+        make_loss(config),
+        cycle(pairs, 4),
+        1,
+        config,
+        log=logs.append,
+        optimizer=optim.SGD(learning_rate=1.0),
+    )
     after = params(model)
     update_norm = math.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k in before))
     assert logs[0]["grad_norm"] > 0.1

@@ -24,20 +24,23 @@ def value(name, **kw):
     return losses.item(), rc.item(), rr.item()
 
 
-@pytest.mark.parametrize("name, expected", [
-    # -log sigmoid(0.2) = log(1 + e^-0.2)
-    ("sigmoid", SP_NEG_02),
-    # robust with eps = 0: the same as sigmoid
-    ("robust", SP_NEG_02),
-    # max(0, 1 - 0.2)
-    ("hinge", 0.8),
-    # (h - 1/(2 beta))^2 = (2 - 5)^2
-    ("ipo", 9.0),
-    # (a - 5)^2 + (b + 5)^2 = 16 + 16
-    ("sppo_hard", 32.0),
-    # -log s(0.1) - 1/2 log s(-0.1) - 1/2 log s(0.1) = sp(-0.1) + sp(0.1)/2 + sp(-0.1)/2
-    ("nca_pair", SP_NEG_01 + 0.5 * SP_POS_01 + 0.5 * SP_NEG_01),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # -log sigmoid(0.2) = log(1 + e^-0.2)
+        ("sigmoid", SP_NEG_02),
+        # robust with eps = 0: the same as sigmoid
+        ("robust", SP_NEG_02),
+        # max(0, 1 - 0.2)
+        ("hinge", 0.8),
+        # (h - 1/(2 beta))^2 = (2 - 5)^2
+        ("ipo", 9.0),
+        # (a - 5)^2 + (b + 5)^2 = 16 + 16
+        ("sppo_hard", 32.0),
+        # -log s(0.1) - 1/2 log s(-0.1) - 1/2 log s(0.1) = sp(-0.1) + sp(0.1)/2 + sp(-0.1)/2
+        ("nca_pair", SP_NEG_01 + 0.5 * SP_POS_01 + 0.5 * SP_NEG_01),
+    ],
+)
 def test_hand_derived_losses(name, expected):
     loss, chosen_reward, rejected_reward = value(name)
     assert loss == pytest.approx(expected, abs=1e-6)
@@ -47,7 +50,9 @@ def test_hand_derived_losses(name, expected):
 
 def test_sigmoid_label_smoothing():
     """eps = 0.1: 0.9 * sp(-0.2) + 0.1 * sp(0.2)."""
-    assert value("sigmoid", label_smoothing=0.1)[0] == pytest.approx(0.9 * SP_NEG_02 + 0.1 * SP_POS_02, abs=1e-6)
+    assert value("sigmoid", label_smoothing=0.1)[0] == pytest.approx(
+        0.9 * SP_NEG_02 + 0.1 * SP_POS_02, abs=1e-6
+    )
 
 
 def test_robust_label_smoothing():

@@ -29,8 +29,13 @@ def test_paper_model_shapes_give_their_published_sizes():
     """Parameter counts from the config.json values against the model cards' totals."""
     from mipo_mlx.memory import PAPER_MODELS
 
-    published = {"Llama-3.2-1B-Instruct": 1.24e9, "Qwen2.5-1.5B-Instruct": 1.54e9, "Qwen2.5-3B-Instruct": 3.09e9,
-                 "Llama-3.2-3B-Instruct": 3.21e9, "Qwen2.5-7B-Instruct": 7.62e9}
+    published = {
+        "Llama-3.2-1B-Instruct": 1.24e9,
+        "Qwen2.5-1.5B-Instruct": 1.54e9,
+        "Qwen2.5-3B-Instruct": 3.09e9,
+        "Llama-3.2-3B-Instruct": 3.21e9,
+        "Qwen2.5-7B-Instruct": 7.62e9,
+    }
     for shape in PAPER_MODELS:
         assert shape.params == pytest.approx(published[shape.name], rel=0.01), shape.name
 
@@ -39,11 +44,19 @@ def test_plan_by_hand_and_its_levers():
     """A two-layer shape worked by hand; checkpointing and a smaller batch cost less."""
     from mipo_mlx.memory import Shape, Workload, plan
 
-    shape = Shape("tiny", hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, vocab=10, tied=True)
+    shape = Shape(
+        "tiny", hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, vocab=10, tied=True
+    )
     # block linears: q 64, k 32, v 32, o 64, gate 128, up 128, down 128 = 576; norms 16 -> 592
     assert shape.params == 2 * 592 + 10 * 8 + 8
-    work = Workload(prompt_tokens=3, response_tokens=2, batch_size=1, grad_checkpoint=False, generation_batch=4,
-                    lora_rank=1)
+    work = Workload(
+        prompt_tokens=3,
+        response_tokens=2,
+        batch_size=1,
+        grad_checkpoint=False,
+        generation_batch=4,
+        lora_rank=1,
+    )
     got = plan(shape, work, bits=4, group_size=64, compute_bytes=2)
     assert got["weights"] == shape.params * 4.5 / 8
     lora = 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24)  # rank 1: in + out per linear, 2 layers

@@ -24,8 +24,14 @@ def perturb_adapters(model, seed=0):
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_adapters_off_equals_base_exactly(toy_model_dir, bits):
-    model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=bits, quantize_group_size=32,
-                                          quantize_on_cpu=True))
+    model, _, _ = mdl.load(
+        ModelConfig(
+            path=str(toy_model_dir),
+            quantize_bits=bits,
+            quantize_group_size=32,
+            quantize_on_cpu=True,
+        )
+    )
     base = model(TOKENS)
     mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
     assert mx.array_equal(model(TOKENS), base).item()  # B = 0 at init
@@ -43,8 +49,11 @@ def test_quantize_on_cpu_is_skipped_unless_asked(toy_model_dir, capsys):
 
 
 def test_quantize_on_load(toy_model_dir):
-    model, _, config = mdl.load(ModelConfig(path=str(toy_model_dir), quantize_bits=4, quantize_group_size=32,
-                                            quantize_on_cpu=True))
+    model, _, config = mdl.load(
+        ModelConfig(
+            path=str(toy_model_dir), quantize_bits=4, quantize_group_size=32, quantize_on_cpu=True
+        )
+    )
     assert mdl.is_quantized(model)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
@@ -58,7 +67,9 @@ def test_trainable_count_from_formula(toy_model_dir):
     -> in+out = 128 + 96 + 96 + 128 + 192 + 192 + 192 = 1024; x r=8 x 2 blocks = 16384.
     """
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
-    assert sum(v.size for _, v in tree_flatten(model.parameters())) == parameter_count(64, 2, 128, 4, 2, 384, True)
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) == parameter_count(
+        64, 2, 128, 4, 2, 384, True
+    )
     assert mdl.attach_lora(model, LoraConfig(rank=8), seed=0) == 16384
 
 
@@ -94,18 +105,21 @@ def test_saved_adapters_load_with_mlx_lm(toy_model_dir, tmp_path):
     assert all(k.endswith(("lora_a", "lora_b")) for k in saved) and len(saved) == 2 * 7 * 2
 
 
-@pytest.mark.parametrize("name, message", [
-    ("missing", "model folder not found"),
-    ("no_weights", "no .safetensors"),
-    ("no_tokenizer", "no tokenizer files"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing", "model folder not found"),
+        ("no_weights", "no .safetensors"),
+        ("no_tokenizer", "no tokenizer files"),
+    ],
+)
 def test_bad_model_folders(toy_model_dir, tmp_path, name, message):
     import shutil
 
     folder = tmp_path / name
     if name != "missing":
         shutil.copytree(toy_model_dir, folder)
-        for pattern in (["*.safetensors"] if name == "no_weights" else ["tokenizer*"]):
+        for pattern in ["*.safetensors"] if name == "no_weights" else ["tokenizer*"]:
             for f in folder.glob(pattern):
                 f.unlink()
     with pytest.raises(UserError, match=message):

@@ -45,7 +45,14 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(toy_model_dir, tmp_path):
     model, pairs = setup(toy_model_dir)
     config = TrainingConfig(learning_rate=1e-3, checkpoint_every=1)
     with pytest.raises(NonFiniteLoss, match=f"step {POISONED_STEP}"):
-        train(model, make_loss(config), poisoned(pairs), 6, config, checkpoint=lambda s: ckpt.save(tmp_path, s))
+        train(
+            model,
+            make_loss(config),
+            poisoned(pairs),
+            6,
+            config,
+            checkpoint=lambda s: ckpt.save(tmp_path, s),
+        )
     state = ckpt.load(tmp_path)
     assert state.step == POISONED_STEP - 1
     assert all(np.isfinite(np.array(v)).all() for v in state.adapters.values())
@@ -62,7 +69,10 @@ def test_nan_step_is_skipped_and_undone(toy_model_dir):
         snapshots[metrics["step"]] = adapters_now(model)
 
     train(model, make_loss(config), poisoned(pairs), 5, config, log=log)
-    assert math.isnan(logs[POISONED_STEP - 1]["loss"]) and logs[POISONED_STEP - 1]["skipped_non_finite"] == 1.0
+    assert (
+        math.isnan(logs[POISONED_STEP - 1]["loss"])
+        and logs[POISONED_STEP - 1]["skipped_non_finite"] == 1.0
+    )
     for k, v in snapshots[POISONED_STEP - 1].items():  # the poisoned update was undone
         np.testing.assert_array_equal(snapshots[POISONED_STEP][k], v)
     assert all(np.isfinite(v).all() for v in adapters_now(model).values())
@@ -92,9 +102,24 @@ def test_cli_reports_nan_in_one_line(toy_model_dir, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(training, "batch_stream", poison)
     prompts = write_prompts(tmp_path / "p.jsonl", n=8)
-    code = train_cli.main(["--model", str(toy_model_dir), "--prompts", str(prompts), "--output", str(tmp_path / "o"),
-                           "--generation.max_tokens", "6", "--generation.truncated", "keep", "--iters", "4",
-                           "--training.checkpoint_every", "1"])
+    code = train_cli.main(
+        [
+            "--model",
+            str(toy_model_dir),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "o"),
+            "--generation.max_tokens",
+            "6",
+            "--generation.truncated",
+            "keep",
+            "--iters",
+            "4",
+            "--training.checkpoint_every",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: non-finite loss or gradient at step 2")
     assert "last good checkpoint" in err[-1]

@@ -71,12 +71,15 @@ def test_derangement_needs_two_prompts(groups):
         derangement(groups, 0)
 
 
-@pytest.mark.parametrize("groups", [
-    ["a", "a", "b"],
-    ["a", "a", "a", "b", "c"],
-    ["x"] * 4,
-    ["a"] * 6 + ["b"] * 2 + ["c"] * 3,
-])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        ["a", "a", "b"],
+        ["a", "a", "a", "b", "c"],
+        ["x"] * 4,
+        ["a"] * 6 + ["b"] * 2 + ["c"] * 3,
+    ],
+)
 def test_derangement_more_than_half_identical_raises(groups):
     largest = max(Counter(groups).values())
     with pytest.raises(UserError, match=f"{largest} of {len(groups)} prompts are identical"):
@@ -165,7 +168,9 @@ def test_incomplete_drops_exactly_one_non_final_sentence():
             kept = split_sentences(text)
             assert len(kept) == len(original) - 1
             assert kept[-1] == original[-1]  # the question sentence is kept
-            dropped = [i for i in range(len(original) - 1) if original[:i] + original[i + 1:] == kept]
+            dropped = [
+                i for i in range(len(original) - 1) if original[:i] + original[i + 1 :] == kept
+            ]
             assert len(dropped) >= 1  # kept == original with one non-final sentence removed
             assert text == " ".join(kept)
 
@@ -201,7 +206,9 @@ def test_no_context_removes_the_context():
 @pytest.mark.parametrize("strategy", ["no_context", "random_context"])
 def test_context_strategies_need_a_context_on_every_row(strategy):
     prompts = [prompt(1, "Q1?", "c1"), prompt(2, "Q2?", "c2"), prompt(7, "Q3?"), prompt(9, "Q4?")]
-    with pytest.raises(UserError, match=rf"p.jsonl:7: pairs.negatives={strategy} .*this one has none"):
+    with pytest.raises(
+        UserError, match=rf"p.jsonl:7: pairs.negatives={strategy} .*this one has none"
+    ):
         altered_prompts(prompts, strategy, PLAIN, 0)
 
 
@@ -232,8 +239,9 @@ def test_random_context_never_gives_an_identical_context():
 
 def test_random_context_is_deterministic():
     prompts = [prompt(i + 1, f"Q{i}?", f"c{i}") for i in range(8)]
-    assert (altered_prompts(prompts, "random_context", PLAIN, 3)
-            == altered_prompts(prompts, "random_context", PLAIN, 3))
+    assert altered_prompts(prompts, "random_context", PLAIN, 3) == altered_prompts(
+        prompts, "random_context", PLAIN, 3
+    )
 
 
 def test_random_strategy_generates_nothing():
@@ -243,11 +251,18 @@ def test_random_strategy_generates_nothing():
 
 # ---------------------------------------------------------------- pair rows
 
+
 def make_pair(i: int = 0, **kw) -> Pair:
     fields = dict(
         messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"x{i}"}],
-        chosen=f"y+{i}", rejected=f"y-{i}", prompt_ids=[5, 6, 7 + i], chosen_ids=[8, 9, 2],
-        rejected_ids=[10 + i, 11], negatives="random", source=i, rejected_source=i + 1,
+        chosen=f"y+{i}",
+        rejected=f"y-{i}",
+        prompt_ids=[5, 6, 7 + i],
+        chosen_ids=[8, 9, 2],
+        rejected_ids=[10 + i, 11],
+        negatives="random",
+        source=i,
+        rejected_source=i + 1,
     )
     fields.update(kw)
     return Pair(**fields)
@@ -256,8 +271,14 @@ def make_pair(i: int = 0, **kw) -> Pair:
 def test_to_row_official_chat_format():
     pair = make_pair(0, messages=[{"role": "user", "content": "x"}], chosen="good", rejected="bad")
     row = pair.to_row()
-    assert row["chosen"] == [{"role": "user", "content": "x"}, {"role": "assistant", "content": "good"}]
-    assert row["rejected"] == [{"role": "user", "content": "x"}, {"role": "assistant", "content": "bad"}]
+    assert row["chosen"] == [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "good"},
+    ]
+    assert row["rejected"] == [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "bad"},
+    ]
     assert row["chosen"][:-1] == row["rejected"][:-1]
     assert "messages" not in row
     assert "reference_logps" not in row and "rejected_prompt" not in row  # None fields are left out
@@ -277,12 +298,21 @@ def test_to_row_does_not_alias_the_messages():
     assert pair.messages[0]["content"] == "be brief"
 
 
-@pytest.mark.parametrize("pair", [
-    make_pair(0),
-    make_pair(3, rejected_source=0),
-    make_pair(1, negatives="incomplete", rejected_source=None, rejected_prompt="x1 shorter",
-              split="valid", reference_logps={"chosen": -1.5, "rejected": -20.25}),
-])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        make_pair(0),
+        make_pair(3, rejected_source=0),
+        make_pair(
+            1,
+            negatives="incomplete",
+            rejected_source=None,
+            rejected_prompt="x1 shorter",
+            split="valid",
+            reference_logps={"chosen": -1.5, "rejected": -20.25},
+        ),
+    ],
+)
 def test_row_round_trip(pair):
     assert pair_from_row(pair.to_row(), "f:1") == pair
     assert pair_from_row(json.loads(json.dumps(pair.to_row())), "f:1") == pair
@@ -292,8 +322,9 @@ def good_row() -> dict:
     return make_pair(0).to_row()
 
 
-@pytest.mark.parametrize("key", ["chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
-                                 "negatives", "source"])
+@pytest.mark.parametrize(
+    "key", ["chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "negatives", "source"]
+)
 def test_pair_from_row_missing_key(key):
     row = good_row()
     del row[key]
@@ -311,15 +342,20 @@ def test_pair_from_row_names_all_missing_keys():
 def test_pair_from_row_mismatched_prompt_turns():
     row = good_row()
     row["rejected"][1] = {"role": "user", "content": "another prompt"}
-    with pytest.raises(UserError, match="^p.jsonl:9: 'chosen' and 'rejected' must share the prompt turns"):
+    with pytest.raises(
+        UserError, match="^p.jsonl:9: 'chosen' and 'rejected' must share the prompt turns"
+    ):
         pair_from_row(row, "p.jsonl:9")
 
 
-@pytest.mark.parametrize("chosen", [
-    "not a list",
-    [{"role": "assistant", "content": "only an answer"}],
-    [{"role": "user", "content": "x0"}, {"role": "user", "content": "no assistant"}],
-])
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        "not a list",
+        [{"role": "assistant", "content": "only an answer"}],
+        [{"role": "user", "content": "x0"}, {"role": "user", "content": "no assistant"}],
+    ],
+)
 def test_pair_from_row_bad_chosen(chosen):
     row = good_row()
     row["chosen"] = chosen
@@ -347,12 +383,15 @@ def test_pair_from_row_bad_reference_logps(ref):
 
 
 # Malformed final turns must be user errors (one line naming file:line), not tracebacks.
-@pytest.mark.parametrize("chosen_last, rejected_last", [
-    ("plain string", "other string"),                                  # AttributeError today
-    ({"role": "assistant"}, {"role": "assistant", "content": "r"}),    # KeyError today
-    ({"role": "assistant", "content": "c"}, "plain string"),           # TypeError today
-    ({"role": "assistant", "content": "c"}, {"role": "user", "content": "r"}),  # accepted today
-])
+@pytest.mark.parametrize(
+    "chosen_last, rejected_last",
+    [
+        ("plain string", "other string"),  # AttributeError today
+        ({"role": "assistant"}, {"role": "assistant", "content": "r"}),  # KeyError today
+        ({"role": "assistant", "content": "c"}, "plain string"),  # TypeError today
+        ({"role": "assistant", "content": "c"}, {"role": "user", "content": "r"}),  # accepted today
+    ],
+)
 def test_pair_from_row_malformed_final_turn_is_a_user_error(chosen_last, rejected_last):
     row = good_row()
     row["chosen"] = row["chosen"][:-1] + [chosen_last]
@@ -363,8 +402,14 @@ def test_pair_from_row_malformed_final_turn_is_a_user_error(chosen_last, rejecte
 
 def test_write_read_pairs_round_trip(tmp_path):
     pairs = [make_pair(i) for i in range(4)]
-    pairs[2] = make_pair(2, negatives="no_context", rejected_source=None, rejected_prompt="x2",
-                         reference_logps={"chosen": -3.0, "rejected": -4.5}, split="valid")
+    pairs[2] = make_pair(
+        2,
+        negatives="no_context",
+        rejected_source=None,
+        rejected_prompt="x2",
+        reference_logps={"chosen": -3.0, "rejected": -4.5},
+        split="valid",
+    )
     path = tmp_path / "pairs.jsonl"
     write_pairs(path, pairs)
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -389,8 +434,11 @@ def test_read_pairs_missing_file(tmp_path):
 
 # ---------------------------------------------------------------- split
 
-@pytest.mark.parametrize("n, fraction", [(20, 0.05), (20, 0.1), (40, 0.25), (7, 0.5), (10, 0.0),
-                                         (3, 0.3), (100, 0.05), (13, 0.2)])
+
+@pytest.mark.parametrize(
+    "n, fraction",
+    [(20, 0.05), (20, 0.1), (40, 0.25), (7, 0.5), (10, 0.0), (3, 0.3), (100, 0.05), (13, 0.2)],
+)
 def test_split_pairs_counts(n, fraction):
     pairs = split_pairs([make_pair(i) for i in range(n)], fraction, seed=42)
     splits = [p.split for p in pairs]

@@ -21,18 +21,30 @@ from mipo_mlx.prompts import (
 )
 
 ROWS = [
-    {"prompt": "Tom has 3 apples. He buys 4 more. How many apples does he have?",
-     "context": "Answer in one line."},
-    {"prompt": "A train leaves at noon. It goes 60 km per hour. It stops once. How far is it at 3 pm?",
-     "context": "Be very polite."},
-    {"prompt": "Sara reads 10 pages a day. The book has 100 pages. When does she finish?",
-     "context": "Use numbers only."},
-    {"prompt": "Which planet is red? Choices: A) Mars B) Venus. Pick one letter.",
-     "context": "Explain like I am five."},
-    {"prompt": "The quick brown fox jumps. The dog is lazy. Who jumps?",
-     "context": "Reply in French."},
-    {"prompt": "Ann has 5 coins. Bob has 2 coins. Ann gives Bob one coin. How many has Bob?",
-     "context": "Show every step."},
+    {
+        "prompt": "Tom has 3 apples. He buys 4 more. How many apples does he have?",
+        "context": "Answer in one line.",
+    },
+    {
+        "prompt": "A train leaves at noon. It goes 60 km per hour. It stops once. How far is it at 3 pm?",
+        "context": "Be very polite.",
+    },
+    {
+        "prompt": "Sara reads 10 pages a day. The book has 100 pages. When does she finish?",
+        "context": "Use numbers only.",
+    },
+    {
+        "prompt": "Which planet is red? Choices: A) Mars B) Venus. Pick one letter.",
+        "context": "Explain like I am five.",
+    },
+    {
+        "prompt": "The quick brown fox jumps. The dog is lazy. Who jumps?",
+        "context": "Reply in French.",
+    },
+    {
+        "prompt": "Ann has 5 coins. Bob has 2 coins. Ann gives Bob one coin. How many has Bob?",
+        "context": "Show every step.",
+    },
 ]
 STRATEGIES = ["random", "incomplete", "no_context", "random_context"]
 
@@ -48,7 +60,14 @@ def make_config(prompts: str, negatives: str = "random", **generation) -> Config
     config.pairs.negatives = negatives
     config.pairs.seed = 3
     g = config.generation
-    g.max_tokens, g.truncated, g.temperature, g.top_p, g.batch_size, g.seed = 12, "keep", 1.0, 0.9, 4, 5
+    g.max_tokens, g.truncated, g.temperature, g.top_p, g.batch_size, g.seed = (
+        12,
+        "keep",
+        1.0,
+        0.9,
+        4,
+        5,
+    )
     for k, v in generation.items():
         setattr(g, k, v)
     return config
@@ -61,8 +80,12 @@ def prompts_file(tmp_path_factory):
 
 def build_pairs_of(model, tokenizer, config: Config):
     """The pairs stage on the config's prompt file, as the pipeline runs it: (pairs, rendered)."""
-    rendered = render_prompts(read_source(config.data.prompts), tokenizer, config.data, config.data.prompts)
-    return build_pairs(model, tokenizer, rendered, config.pairs, config.generation, config.data), rendered
+    rendered = render_prompts(
+        read_source(config.data.prompts), tokenizer, config.data, config.data.prompts
+    )
+    return build_pairs(
+        model, tokenizer, rendered, config.pairs, config.generation, config.data
+    ), rendered
 
 
 class Run:
@@ -77,7 +100,9 @@ def build(model, tokenizer, config: Config) -> Run:
 
     def spy(model, tokenizer, prompts, gen_config, streams, on_done=None):
         out = real(model, tokenizer, prompts, gen_config, streams, on_done)
-        calls.append({"prompts": [list(p) for p in prompts], "streams": list(streams), "responses": out})
+        calls.append(
+            {"prompts": [list(p) for p in prompts], "streams": list(streams), "responses": out}
+        )
         return out
 
     mp = pytest.MonkeyPatch()
@@ -101,6 +126,7 @@ def original_ids(tokenizer, row, config) -> list[int]:
 
 
 # ---------------------------------------------------------------- random
+
 
 def test_random_one_generation_pass(runs):
     run = runs["random"]
@@ -146,7 +172,9 @@ def test_random_is_deterministic(runs, toy_model, prompts_file):
 
 def test_random_never_pairs_duplicate_prompts(toy_model, tmp_path):
     model, tokenizer = toy_model
-    rows = [{"prompt": "Same question. Really?"}] * 3 + [{"prompt": f"Other {i}. Why?"} for i in range(4)]
+    rows = [{"prompt": "Same question. Really?"}] * 3 + [
+        {"prompt": f"Other {i}. Why?"} for i in range(4)
+    ]
     config = make_config(write_rows(tmp_path / "dup.jsonl", rows), "random")
     for seed in range(5):
         config.pairs.seed = seed
@@ -158,6 +186,7 @@ def test_random_never_pairs_duplicate_prompts(toy_model, tmp_path):
 
 # ---------------------------------------------------------------- generated negatives
 
+
 @pytest.mark.parametrize("strategy", ["incomplete", "no_context", "random_context"])
 def test_generated_strategies(runs, toy_model, prompts_file, strategy):
     _, tokenizer = toy_model
@@ -168,7 +197,9 @@ def test_generated_strategies(runs, toy_model, prompts_file, strategy):
     assert not set(run.calls[1]["streams"]) & set(run.calls[0]["streams"])
     positives, negatives = run.calls[0]["responses"], run.calls[1]["responses"]
     # same seed, same positives as the random strategy
-    assert [r.token_ids for r in positives] == [r.token_ids for r in runs["random"].calls[0]["responses"]]
+    assert [r.token_ids for r in positives] == [
+        r.token_ids for r in runs["random"].calls[0]["responses"]
+    ]
 
     expected = altered_prompts(read_prompts(prompts_file), strategy, config.data, config.pairs.seed)
     todo = [i for i, text in enumerate(expected) if text is not None]
@@ -216,7 +247,7 @@ def test_random_context_rejected_prompt(runs):
         row = ROWS[pair.source]
         prefix = row["prompt"] + "\n\nPlease respect the following requirements made by the user: "
         assert pair.rejected_prompt.startswith(prefix)
-        context = pair.rejected_prompt[len(prefix):]
+        context = pair.rejected_prompt[len(prefix) :]
         assert context in contexts and context != row["context"]
         used.append(context)
     assert sorted(used) == sorted(contexts)
@@ -224,8 +255,12 @@ def test_random_context_rejected_prompt(runs):
 
 def test_incomplete_skips_single_sentence_prompts(toy_model, tmp_path):
     model, tokenizer = toy_model
-    rows = [{"prompt": "One sentence only?"}, {"prompt": "First part. Second part?"},
-            {"prompt": "Just this?"}, {"prompt": "A. B. C?"}]
+    rows = [
+        {"prompt": "One sentence only?"},
+        {"prompt": "First part. Second part?"},
+        {"prompt": "Just this?"},
+        {"prompt": "A. B. C?"},
+    ]
     config = make_config(write_rows(tmp_path / "p.jsonl", rows), "incomplete")
     pairs, _ = build_pairs_of(model, tokenizer, config)
     assert [p.source for p in pairs] == [1, 3]
@@ -234,8 +269,9 @@ def test_incomplete_skips_single_sentence_prompts(toy_model, tmp_path):
 
 def test_incomplete_nothing_to_drop_raises(toy_model, tmp_path):
     model, tokenizer = toy_model
-    config = make_config(write_rows(tmp_path / "p.jsonl", [{"prompt": "Why?"}, {"prompt": "How?"}]),
-                         "incomplete")
+    config = make_config(
+        write_rows(tmp_path / "p.jsonl", [{"prompt": "Why?"}, {"prompt": "How?"}]), "incomplete"
+    )
     with pytest.raises(UserError, match="no prompt can be altered"):
         build_pairs_of(model, tokenizer, config)
 
@@ -244,11 +280,15 @@ def test_context_strategy_without_context_names_the_line(toy_model, tmp_path):
     model, tokenizer = toy_model
     rows = [ROWS[0], ROWS[1], {"prompt": "No context here. Why?"}]
     config = make_config(write_rows(tmp_path / "p.jsonl", rows), "no_context")
-    with pytest.raises(UserError, match=r"p.jsonl:3: pairs.negatives=no_context needs a .context. on every prompt row; this one has none"):
+    with pytest.raises(
+        UserError,
+        match=r"p.jsonl:3: pairs.negatives=no_context needs a .context. on every prompt row; this one has none",
+    ):
         build_pairs_of(model, tokenizer, config)
 
 
 # ---------------------------------------------------------------- the truncation rule
+
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_keep_keeps_unfinished_responses_without_eos(runs, toy_model, strategy):
@@ -288,7 +328,9 @@ def test_drop_with_nothing_finished_raises(toy_model, prompts_file, strategy):
 def test_drop_random_error_names_max_tokens(toy_model, prompts_file):
     model, tokenizer = toy_model
     config = make_config(prompts_file, "random", max_tokens=1, truncated="drop")
-    with pytest.raises(UserError, match=r"only 0 response\(s\) finished within generation.max_tokens=1"):
+    with pytest.raises(
+        UserError, match=r"only 0 response\(s\) finished within generation.max_tokens=1"
+    ):
         build_pairs_of(model, tokenizer, config)
 
 
@@ -310,8 +352,10 @@ def test_drop_removes_unfinished_pairs(toy_model, prompts_file, monkeypatch):
 
     def fake(model, tokenizer, prompts, config, streams, on_done=None):
         out = real(model, tokenizer, prompts, config, streams, on_done)
-        return [Response(r.token_ids[:3] + [eos], True) if s in (1, 4) else Response(r.token_ids, False)
-                for r, s in zip(out, streams)]
+        return [
+            Response(r.token_ids[:3] + [eos], True) if s in (1, 4) else Response(r.token_ids, False)
+            for r, s in zip(out, streams)
+        ]
 
     monkeypatch.setattr(gen, "generate", fake)
     config = make_config(prompts_file, "random", truncated="drop")

@@ -44,21 +44,31 @@ def tokenizer(tmp_path_factory):
 
 
 def test_parse_row_plain_prompt():
-    assert parse_row({"prompt": "What is 2+2?"}, "p.jsonl:3") == Prompt("p.jsonl:3", "What is 2+2?", None, [], {})
+    assert parse_row({"prompt": "What is 2+2?"}, "p.jsonl:3") == Prompt(
+        "p.jsonl:3", "What is 2+2?", None, [], {}
+    )
 
 
 def test_parse_row_messages():
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!", "name": "bot"},
-        {"role": "user", "content": "What is 2+2?"},
-    ], "id": 7}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!", "name": "bot"},
+            {"role": "user", "content": "What is 2+2?"},
+        ],
+        "id": 7,
+    }
     prompt = parse_row(row, "p.jsonl:12")
     assert prompt == Prompt(
-        "p.jsonl:12", "What is 2+2?", None,
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}],  # extra turn keys are dropped
+        "p.jsonl:12",
+        "What is 2+2?",
+        None,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ],  # extra turn keys are dropped
         {"id": 7},
     )
 
@@ -69,7 +79,9 @@ def test_parse_row_single_message():
 
 
 def test_parse_row_prompt_with_context():
-    prompt = parse_row({"prompt": "Plan a trip.", "context": "I hate flying.", "answer": "train"}, "f:2")
+    prompt = parse_row(
+        {"prompt": "Plan a trip.", "context": "I hate flying.", "answer": "train"}, "f:2"
+    )
     assert prompt == Prompt("f:2", "Plan a trip.", "I hate flying.", [], {"answer": "train"})
 
 
@@ -98,20 +110,30 @@ def test_parse_row_keeps_where_it_came_from():
         ({"question": "Q"}, "missing key 'prompt' (or 'messages'); each row needs the prompt text"),
         ({"prompt": ""}, "'prompt' is empty; remove the row or give it text"),
         ({"prompt": "   \n"}, "'prompt' is empty; remove the row or give it text"),
-        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
-         "'messages' must end with a user turn (the prompt to answer)"),
-        ({"messages": [{"role": "bot", "content": "Q"}]},
-         "each turn needs a role (system/user/assistant) and string content"),
-        ({"messages": [{"content": "Q"}]},
-         "each turn needs a role (system/user/assistant) and string content"),
-        ({"messages": [{"role": "user", "content": 5}]},
-         "each turn needs a role (system/user/assistant) and string content"),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            "'messages' must end with a user turn (the prompt to answer)",
+        ),
+        (
+            {"messages": [{"role": "bot", "content": "Q"}]},
+            "each turn needs a role (system/user/assistant) and string content",
+        ),
+        (
+            {"messages": [{"content": "Q"}]},
+            "each turn needs a role (system/user/assistant) and string content",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "each turn needs a role (system/user/assistant) and string content",
+        ),
         ({"messages": ["Q"]}, "each turn needs a role (system/user/assistant) and string content"),
         ({"messages": []}, "'messages' must be a non-empty list of {role, content} turns"),
         ({"messages": "Q"}, "'messages' must be a non-empty list of {role, content} turns"),
         ({"messages": [{"role": "user", "content": "  "}]}, "the final user turn is empty"),
-        ({"prompt": "Q", "messages": [{"role": "user", "content": "Q"}]},
-         "give 'prompt' or 'messages', not both"),
+        (
+            {"prompt": "Q", "messages": [{"role": "user", "content": "Q"}]},
+            "give 'prompt' or 'messages', not both",
+        ),
         ({"prompt": "Q", "context": 5}, "'context' must be a non-empty string"),
         ({"prompt": "Q", "context": ["a"]}, "'context' must be a non-empty string"),
         ({"prompt": "Q", "context": " "}, "'context' must be a non-empty string"),
@@ -136,18 +158,26 @@ def test_parse_row_unhashable_role_is_a_user_error(role):
 
 
 def test_read_prompts_all_shapes(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", rows(
-        {"prompt": "One."},
-        {"messages": [{"role": "user", "content": "Two?"}]},
-        {"prompt": "Three.", "context": "ctx"},
-    ))
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        rows(
+            {"prompt": "One."},
+            {"messages": [{"role": "user", "content": "Two?"}]},
+            {"prompt": "Three.", "context": "ctx"},
+        ),
+    )
     prompts = read_prompts(path)
     assert [(p.where, p.question, p.context) for p in prompts] == [
-        (f"{path}:1", "One.", None), (f"{path}:2", "Two?", None), (f"{path}:3", "Three.", "ctx")]
+        (f"{path}:1", "One.", None),
+        (f"{path}:2", "Two?", None),
+        (f"{path}:3", "Three.", "ctx"),
+    ]
 
 
 def test_read_prompts_error_names_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", rows({"prompt": "ok"}, {"prompt": "ok"}, {"prompt": ""}))
+    path = write_lines(
+        tmp_path / "p.jsonl", rows({"prompt": "ok"}, {"prompt": "ok"}, {"prompt": ""})
+    )
     with pytest.raises(UserError) as err:
         read_prompts(path)
     assert str(err.value) == f"{path}:3: 'prompt' is empty; remove the row or give it text"
@@ -159,7 +189,8 @@ def test_read_prompts_needs_two(tmp_path, count):
     with pytest.raises(UserError) as err:
         read_prompts(path)
     assert str(err.value) == (
-        f"{path}: {count} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)")
+        f"{path}: {count} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)"
+    )
 
 
 def test_read_prompts_malformed_json_reports_line(tmp_path):
@@ -193,14 +224,18 @@ def test_read_prompts_missing_file(tmp_path):
 
 
 def test_read_prompts_skips_blank_lines_and_keeps_numbers(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", ["", json.dumps({"prompt": "a"}), "   ", "\t",
-                                              json.dumps({"prompt": "b"}), ""])
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        ["", json.dumps({"prompt": "a"}), "   ", "\t", json.dumps({"prompt": "b"}), ""],
+    )
     prompts = read_prompts(path)
     assert [(p.where, p.question) for p in prompts] == [(f"{path}:2", "a"), (f"{path}:5", "b")]
 
 
 def test_read_prompts_limit(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", rows(*[{"prompt": f"q{i}"} for i in range(5)]) + ["not json"])
+    path = write_lines(
+        tmp_path / "p.jsonl", rows(*[{"prompt": f"q{i}"} for i in range(5)]) + ["not json"]
+    )
     prompts = read_prompts(path, limit=3)  # stops before the bad line
     assert [p.question for p in prompts] == ["q0", "q1", "q2"]
 
@@ -212,7 +247,9 @@ def test_read_prompts_limit_below_two(tmp_path):
 
 
 def test_read_prompts_keeps_extra(tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", rows({"prompt": "a", "answer": 7}, {"prompt": "b", "id": "x"}))
+    path = write_lines(
+        tmp_path / "p.jsonl", rows({"prompt": "a", "answer": 7}, {"prompt": "b", "id": "x"})
+    )
     assert [p.extra for p in read_prompts(path)] == [{"answer": 7}, {"id": "x"}]
 
 
@@ -223,7 +260,8 @@ def test_user_text_default_templates():
     data = DataConfig()
     assert user_text("Plan a trip.", None, data) == "Plan a trip."
     assert user_text("Plan a trip.", "No flights.", data) == (
-        "Plan a trip.\n\nPlease respect the following requirements made by the user: No flights.")
+        "Plan a trip.\n\nPlease respect the following requirements made by the user: No flights."
+    )
 
 
 def test_user_text_custom_templates():
@@ -257,7 +295,9 @@ def test_messages_for_keeps_the_rows_own_system_turn():
     history = [{"role": "system", "content": "Row system."}]
     prompt = Prompt("f:1", "Q", None, history)
     assert messages_for(prompt, "Q", DataConfig(system_prompt="Config system.")) == [
-        {"role": "system", "content": "Row system."}, {"role": "user", "content": "Q"}]
+        {"role": "system", "content": "Row system."},
+        {"role": "user", "content": "Q"},
+    ]
 
 
 # ---------------------------------------------------------------- render
@@ -266,7 +306,10 @@ def test_messages_for_keeps_the_rows_own_system_turn():
 def test_render_through_the_chat_template(tokenizer):
     ids = render(tokenizer, [{"role": "user", "content": "How many apples?"}], False)
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
-    assert tokenizer.decode(ids) == "<|im_start|>user\nHow many apples?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tokenizer.decode(ids)
+        == "<|im_start|>user\nHow many apples?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_render_full_pipeline_of_turns(tokenizer):
@@ -277,7 +320,8 @@ def test_render_full_pipeline_of_turns(tokenizer):
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nPlan a trip.\n\nPlease respect the following requirements made by the user: "
-        "No flights.<|im_end|>\n<|im_start|>assistant\n")
+        "No flights.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 class FakeTokenizer:
@@ -293,8 +337,10 @@ class FakeTokenizer:
 def test_render_without_chat_template():
     with pytest.raises(UserError) as err:
         render(FakeTokenizer(None), [{"role": "user", "content": "Q"}], False)
-    assert str(err.value) == ("the model's tokenizer has no chat template; use an instruct/chat model "
-                              "or add 'chat_template' to its tokenizer_config.json")
+    assert str(err.value) == (
+        "the model's tokenizer has no chat template; use an instruct/chat model "
+        "or add 'chat_template' to its tokenizer_config.json"
+    )
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -315,19 +361,28 @@ def test_fit_length_short_prompt_is_kept():
 
 
 def test_fit_length_skip():
-    assert fit_length(list(range(9)), DataConfig(max_prompt_tokens=8, long_prompts="skip"), "f:1") is None
+    assert (
+        fit_length(list(range(9)), DataConfig(max_prompt_tokens=8, long_prompts="skip"), "f:1")
+        is None
+    )
 
 
 def test_fit_length_truncate_keeps_the_end():
     ids = list(range(20))
-    assert fit_length(ids, DataConfig(max_prompt_tokens=8, long_prompts="truncate"), "f:1") == list(range(12, 20))
+    assert fit_length(ids, DataConfig(max_prompt_tokens=8, long_prompts="truncate"), "f:1") == list(
+        range(12, 20)
+    )
 
 
 def test_fit_length_error():
     with pytest.raises(UserError) as err:
-        fit_length(list(range(9)), DataConfig(max_prompt_tokens=8, long_prompts="error"), "p.jsonl:4")
-    assert str(err.value) == ("p.jsonl:4: prompt has 9 tokens, over data.max_prompt_tokens=8; "
-                              "raise it or set data.long_prompts to skip/truncate")
+        fit_length(
+            list(range(9)), DataConfig(max_prompt_tokens=8, long_prompts="error"), "p.jsonl:4"
+        )
+    assert str(err.value) == (
+        "p.jsonl:4: prompt has 9 tokens, over data.max_prompt_tokens=8; "
+        "raise it or set data.long_prompts to skip/truncate"
+    )
 
 
 # ---------------------------------------------------------------- sentences

@@ -14,25 +14,71 @@ import pytest
 from .builders import write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-ARGS = ["--generation.max_tokens", "10", "--generation.truncated", "keep", "--generation.temperature", "1.0",
-        "--training.learning_rate", "3e-3", "--iters", "12", "--training.batch_size", "2",
-        "--training.checkpoint_every", "3", "--training.save_every", "4", "--lora.rank", "4",
-        "--lora.dropout", "0.1", "--data.valid_fraction", "0.2", "--training.valid_every", "5"]
+ARGS = [
+    "--generation.max_tokens",
+    "10",
+    "--generation.truncated",
+    "keep",
+    "--generation.temperature",
+    "1.0",
+    "--training.learning_rate",
+    "3e-3",
+    "--iters",
+    "12",
+    "--training.batch_size",
+    "2",
+    "--training.checkpoint_every",
+    "3",
+    "--training.save_every",
+    "4",
+    "--lora.rank",
+    "4",
+    "--lora.dropout",
+    "0.1",
+    "--data.valid_fraction",
+    "0.2",
+    "--training.valid_every",
+    "5",
+]
 
 
 def train_cmd(model_dir, prompts, out, *extra):
-    return ["--model", str(model_dir), "--prompts", str(prompts), "--output", str(out), *ARGS, *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
 
 
 def run_killed(point, value, model_dir, prompts, out, *extra):
-    done = subprocess.run([sys.executable, KILLER, point, str(value), "--", *train_cmd(model_dir, prompts, out, *extra)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            KILLER,
+            point,
+            str(value),
+            "--",
+            *train_cmd(model_dir, prompts, out, *extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
 
 
 def resume(out):
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
@@ -46,8 +92,12 @@ def setup(toy_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     prompts = write_prompts(root / "prompts.jsonl", n=14)
     reference = root / "uninterrupted"
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", *train_cmd(toy_model_dir, prompts, reference)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *train_cmd(toy_model_dir, prompts, reference)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return toy_model_dir, prompts, reference, root
 
@@ -100,8 +150,10 @@ def test_sigkill_during_adapter_write_keeps_the_previous_file(setup):
     run_killed("in-adapters-write", 2, model_dir, prompts, out)  # the second save: step 8
     step4 = adapters(out)  # the previous file is whole and loads
     assert step4.keys() == adapters(reference).keys()
-    np.testing.assert_array_equal(step4[next(iter(step4))],
-                                  np.array(mx.load(str(out / "0000004_adapters.safetensors"))[next(iter(step4))]))
+    np.testing.assert_array_equal(
+        step4[next(iter(step4))],
+        np.array(mx.load(str(out / "0000004_adapters.safetensors"))[next(iter(step4))]),
+    )
     assert list(out.glob(".adapters.safetensors.*"))  # the torn temporary file, never renamed
     resume(out)
     assert_same_run(out, reference)
@@ -119,26 +171,45 @@ def test_torn_last_metrics_line_is_dropped(setup):
 
 def test_resume_refuses_another_runs_settings(setup):
     _, _, reference, _ = setup
-    done = subprocess.run([sys.executable, "-m", "mipo_mlx.train", "--resume", str(reference),
-                           "--training.beta", "0.5"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mipo_mlx.train",
+            "--resume",
+            str(reference),
+            "--training.beta",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "belongs to another run (training.beta" in done.stderr
 
 
 def test_sigterm_finishes_the_step_and_checkpoints(setup):
     model_dir, prompts, reference, root = setup
     out = root / "sigterm"
-    proc = subprocess.Popen([sys.executable, "-c",
-                             "import os, signal, sys\n"
-                             "import mipo_mlx\n"
-                             "from mipo_mlx import run_folder, train\n"
-                             "real = run_folder.append_jsonl\n"
-                             "def log(p, row):\n"
-                             "    real(p, row)\n"
-                             "    if row.get('step') == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
-                             "run_folder.append_jsonl = log\n"
-                             "sys.exit(train.main(sys.argv[1:]))\n",
-                             *train_cmd(model_dir, prompts, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            "import mipo_mlx\n"
+            "from mipo_mlx import run_folder, train\n"
+            "real = run_folder.append_jsonl\n"
+            "def log(p, row):\n"
+            "    real(p, row)\n"
+            "    if row.get('step') == 5: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "run_folder.append_jsonl = log\n"
+            "sys.exit(train.main(sys.argv[1:]))\n",
+            *train_cmd(model_dir, prompts, out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
     assert "Resume with: python -m mipo_mlx.train --resume" in stderr

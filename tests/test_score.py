@@ -15,12 +15,9 @@ def test_mask_row_by_row():
     Second row: prompt [4] + response [3, 2, 1]: targets 3, 2, 1 at t = 0, 1, 2. Pad id 0.
     """
     inputs, targets, mask = pack([[5, 6, 7], [4]], [[8, 9], [3, 2, 1]], pad_id=0, pad_multiple=8)
-    assert inputs.tolist() == [[5, 6, 7, 8, 0, 0, 0, 0],
-                               [4, 3, 2, 0, 0, 0, 0, 0]]
-    assert targets.tolist() == [[6, 7, 8, 9, 0, 0, 0, 0],
-                                [3, 2, 1, 0, 0, 0, 0, 0]]
-    assert mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0],
-                             [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert inputs.tolist() == [[5, 6, 7, 8, 0, 0, 0, 0], [4, 3, 2, 0, 0, 0, 0, 0]]
+    assert targets.tolist() == [[6, 7, 8, 9, 0, 0, 0, 0], [3, 2, 1, 0, 0, 0, 0, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
 
 
 def test_width_rounds_up_to_pad_multiple():
@@ -34,9 +31,17 @@ def test_pack_pairs_puts_chosen_rows_first_and_counts_tokens():
     rows = np.array(batch.inputs)
     for i, p in enumerate(pairs):
         assert rows[i, : len(p.prompt_ids)].tolist() == p.prompt_ids
-        assert rows[i, len(p.prompt_ids) : len(p.prompt_ids) + len(p.chosen_ids) - 1].tolist() == p.chosen_ids[:-1]
-        assert rows[3 + i, len(p.prompt_ids) : len(p.prompt_ids) + len(p.rejected_ids) - 1].tolist() == p.rejected_ids[:-1]
-    assert batch.n_tokens == sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        assert (
+            rows[i, len(p.prompt_ids) : len(p.prompt_ids) + len(p.chosen_ids) - 1].tolist()
+            == p.chosen_ids[:-1]
+        )
+        assert (
+            rows[3 + i, len(p.prompt_ids) : len(p.prompt_ids) + len(p.rejected_ids) - 1].tolist()
+            == p.rejected_ids[:-1]
+        )
+    assert batch.n_tokens == sum(
+        2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+    )
     assert batch.n_pairs == 3
 
 
@@ -44,7 +49,12 @@ class ScalesLogits:
     """`model` with its logits halved in `__call__`: blocks + head alone give other log-probs."""
 
     def __init__(self, model):
-        self.inner, self.layers, self.args, self.model = model, model.layers, model.args, model.model
+        self.inner, self.layers, self.args, self.model = (
+            model,
+            model.layers,
+            model.args,
+            model.model,
+        )
 
     def __call__(self, inputs, cache=None):
         return 0.5 * self.inner(inputs)
@@ -86,8 +96,12 @@ def test_batched_scoring_equals_one_by_one(toy_model):
     pairs = made_up_pairs(5, seed=1)
     chosen, rejected = pair_logps(model, pack_pairs(pairs, pad_id=0).tree())
     for i, p in enumerate(pairs):
-        assert chosen[i].item() == pytest.approx(one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3)
-        assert rejected[i].item() == pytest.approx(one_by_one(model, p.prompt_ids, p.rejected_ids), abs=1e-3)
+        assert chosen[i].item() == pytest.approx(
+            one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3
+        )
+        assert rejected[i].item() == pytest.approx(
+            one_by_one(model, p.prompt_ids, p.rejected_ids), abs=1e-3
+        )
 
 
 def test_padding_is_never_scored(toy_model):
@@ -108,6 +122,7 @@ def test_score_pairs_restores_order(toy_model):
 
 
 # ---------------------------------------------------------------- shared prompt prefix
+
 
 def test_shared_layout_row_by_row():
     """Prompt [5, 6, 7], chosen [8, 9], rejected [4]: the prefix holds [5, 6] once; the rows
@@ -156,7 +171,9 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
 
     model = _lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)
-    pairs.append(Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6))  # a one-token prompt: empty prefix
+    pairs.append(
+        Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6)
+    )  # a one-token prompt: empty prefix
 
     def objective(model, shared):
         chosen, rejected = pair_logps(model, pack_pairs(pairs, 0, shared=shared).tree())
@@ -233,8 +250,12 @@ def test_response_logps_equal_one_by_one_both_ways(toy_model):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     scaled = [one_by_one(ScalesLogits(model), p, a) for p, a in zip(prompts, answers)]
     assert not np.allclose(scaled, expected, atol=1e-2)
-    np.testing.assert_allclose(response_logps(ScalesLogits(model), prompts, answers, pad_id=0), scaled,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        response_logps(ScalesLogits(model), prompts, answers, pad_id=0),
+        scaled,
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_response_logps_reusing_a_common_prefix(toy_model):
@@ -247,15 +268,25 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     shots = rng.integers(4, 300, size=70).tolist()
     prompts = [shots + rng.integers(4, 300, size=n).tolist() for n in (1, 9, 4, 23)]
     answers = [rng.integers(4, 300, size=n).tolist() for n in (6, 1, 15, 3)]
-    assert common_prefix(prompts) >= 70 and common_prefix([[1, 2], [1, 2, 3]]) == 1 and common_prefix([]) == 0
+    assert (
+        common_prefix(prompts) >= 70
+        and common_prefix([[1, 2], [1, 2, 3]]) == 1
+        and common_prefix([]) == 0
+    )
     assert prefix_reuse_works(model)
     expected = [one_by_one(model, p, a) for p, a in zip(prompts, answers)]
     for budget in (64, 100_000):
         got = response_logps(model, prompts, answers, pad_id=0, token_budget=budget)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(response_logps(model, prompts, answers, pad_id=0, min_shared=10_000), expected,
-                               rtol=1e-4, atol=1e-4)  # the shared prefix not reused
+    np.testing.assert_allclose(
+        response_logps(model, prompts, answers, pad_id=0, min_shared=10_000),
+        expected,
+        rtol=1e-4,
+        atol=1e-4,
+    )  # the shared prefix not reused
 
     rejecting = RejectsCaches(model)
     assert not prefix_reuse_works(rejecting)
-    np.testing.assert_allclose(response_logps(rejecting, prompts, answers, pad_id=0), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        response_logps(rejecting, prompts, answers, pad_id=0), expected, rtol=1e-4, atol=1e-4
+    )

@@ -16,9 +16,26 @@ from mipo_mlx.score import pack_pairs, pair_logps
 from .builders import write_prompts
 from .test_score import one_by_one
 
-ARGS = ["--generation.max_tokens", "12", "--generation.truncated", "keep", "--generation.temperature", "1.0",
-        "--training.learning_rate", "2e-3", "--training.epochs", "6", "--training.batch_size", "4",
-        "--training.save_every", "10", "--lora.rank", "4", "--data.valid_fraction", "0.1"]
+ARGS = [
+    "--generation.max_tokens",
+    "12",
+    "--generation.truncated",
+    "keep",
+    "--generation.temperature",
+    "1.0",
+    "--training.learning_rate",
+    "2e-3",
+    "--training.epochs",
+    "6",
+    "--training.batch_size",
+    "4",
+    "--training.save_every",
+    "10",
+    "--lora.rank",
+    "4",
+    "--data.valid_fraction",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +43,18 @@ def run_dir(toy_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     prompts = write_prompts(root / "prompts.jsonl", n=20)
     out = root / "out"
-    cmd = [sys.executable, "-m", "mipo_mlx.train", "--model", str(toy_model_dir), "--prompts", str(prompts),
-           "--output", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mipo_mlx.train",
+        "--model",
+        str(toy_model_dir),
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(out),
+        *ARGS,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "done: 20 pairs" in done.stdout
@@ -36,7 +63,13 @@ def run_dir(toy_model_dir, tmp_path_factory):
 
 def test_outputs_written(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"adapters.safetensors", "adapter_config.json", "config.yaml", "pairs.jsonl", "metrics.jsonl"} <= names
+    assert {
+        "adapters.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "pairs.jsonl",
+        "metrics.jsonl",
+    } <= names
     assert "0000010_adapters.safetensors" in names  # save_every 10
     assert not [n for n in names if n.endswith(".tmp")]
 
@@ -54,8 +87,12 @@ def test_reference_logps_equal_fresh_base_scoring(run_dir, toy_model):
     pairs = read_pairs(run_dir / "pairs.jsonl")
     assert len(pairs) == 20 and sum(p.split == "valid" for p in pairs) == 2
     for p in pairs[:6]:
-        assert p.reference_logps["chosen"] == pytest.approx(one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3)
-        assert p.reference_logps["rejected"] == pytest.approx(one_by_one(model, p.prompt_ids, p.rejected_ids), abs=1e-3)
+        assert p.reference_logps["chosen"] == pytest.approx(
+            one_by_one(model, p.prompt_ids, p.chosen_ids), abs=1e-3
+        )
+        assert p.reference_logps["rejected"] == pytest.approx(
+            one_by_one(model, p.prompt_ids, p.rejected_ids), abs=1e-3
+        )
 
 
 def test_random_negatives_are_other_prompts_answers(run_dir):
@@ -74,7 +111,9 @@ def test_margin_rises_from_zero(run_dir):
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert sum(r["rewards/margins"] for r in rows[-5:]) / 5 > 0.2
     for r in rows:  # TRL's relations between the logged values
-        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+        assert r["rewards/margins"] == pytest.approx(
+            r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5
+        )
         assert r["memory/peak_gb"] >= r["memory/active_gb"]
     # 27 steps (6 epochs of 18 pairs, batch 4); step k's rate is the schedule's at k - 1: the warmup
     # step at peak / 2, then the cosine from the peak 2e-3 to 0.1 x peak at step 28
@@ -83,9 +122,12 @@ def test_margin_rises_from_zero(run_dir):
 
     rate = schedule(TrainingConfig(learning_rate=2e-3), 27)
     assert len(rows) == 27 and rows[0]["learning_rate"] == pytest.approx(1e-3, rel=1e-5)
-    assert [r["learning_rate"] for r in rows] == pytest.approx([rate(mx.array(k)).item() for k in range(27)],
-                                                               rel=1e-5)
-    assert rows[-1]["learning_rate"] == pytest.approx(2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * 25 / 26)))
+    assert [r["learning_rate"] for r in rows] == pytest.approx(
+        [rate(mx.array(k)).item() for k in range(27)], rel=1e-5
+    )
+    assert rows[-1]["learning_rate"] == pytest.approx(
+        2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * 25 / 26))
+    )
 
 
 def test_validation_metrics_are_the_final_adapters_on_the_valid_pairs(run_dir, toy_model_dir):
@@ -100,7 +142,9 @@ def test_validation_metrics_are_the_final_adapters_on_the_valid_pairs(run_dir, t
     valid = [p for p in read_pairs(run_dir / "pairs.jsonl") if p.split == "valid"]
     loss, metrics = make_loss(TrainingConfig())(tuned, pack_pairs(valid, 0).tree())
     assert rows[-1]["valid/loss"] == pytest.approx(loss.item(), abs=1e-4)
-    assert rows[-1]["valid/rewards/margins"] == pytest.approx(metrics["rewards/margins"].item(), abs=1e-4)
+    assert rows[-1]["valid/rewards/margins"] == pytest.approx(
+        metrics["rewards/margins"].item(), abs=1e-4
+    )
 
 
 def test_adapters_load_in_mlx_lm_and_change_logps(run_dir, toy_model_dir, toy_model):
@@ -117,7 +161,19 @@ def test_adapters_load_in_mlx_lm_and_change_logps(run_dir, toy_model_dir, toy_mo
 
 
 def test_mlx_lm_generate_cli_takes_the_adapters(run_dir, toy_model_dir):
-    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(toy_model_dir), "--adapter-path",
-           str(run_dir), "--prompt", "Tom has 3 apples.", "--max-tokens", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "generate",
+        "--model",
+        str(toy_model_dir),
+        "--adapter-path",
+        str(run_dir),
+        "--prompt",
+        "Tom has 3 apples.",
+        "--max-tokens",
+        "5",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

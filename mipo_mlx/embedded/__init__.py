@@ -19,5 +19,5 @@ def default_config_path() -> Path:
 def resolve_path(path: str | None) -> str | None:
     """'@embedded/model' -> the folder inside the installed package; other paths unchanged."""
     if path is not None and path.startswith(PREFIX):
-        return str(HERE / path[len(PREFIX):])
+        return str(HERE / path[len(PREFIX) :])
     return path

@@ -50,8 +50,12 @@ def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
 
 def make_batch(rows, pad_id: int):
     """(inputs, targets, mask) for (ids, prompt length) rows: the answer and end token are scored."""
-    inputs, targets, mask = pack([ids[:plen] for ids, plen in rows], [ids[plen:] for ids, plen in rows],
-                                 pad_id, pad_multiple=1)
+    inputs, targets, mask = pack(
+        [ids[:plen] for ids, plen in rows],
+        [ids[plen:] for ids, plen in rows],
+        pad_id,
+        pad_multiple=1,
+    )
     return mx.array(inputs), mx.array(targets), mx.array(mask)
 
 
@@ -61,12 +65,23 @@ def sft_loss(model, inputs, targets, mask):
     return (ce * mask).sum() / mask.sum()
 
 
-def train_model(model, data, steps: int, batch_size: int, lr: float, pad_id: int, seed: int,
-                snapshot=None, snapshot_every: int = 0) -> None:
+def train_model(
+    model,
+    data,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    seed: int,
+    snapshot=None,
+    snapshot_every: int = 0,
+) -> None:
     # Warmup, then a constant rate: the model after k steps of a longer run is the model
     # `--steps k` builds, so a snapshot can be chosen (on the valid split) and rebuilt exactly.
     warmup = 50
-    schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr], [warmup])
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(lr / warmup, lr, warmup), lambda _: lr], [warmup]
+    )
     optimizer = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.98], weight_decay=0.01)
     state = [model.state, optimizer.state]
     loss_and_grad = nn.value_and_grad(model, sft_loss)
@@ -89,7 +104,10 @@ def train_model(model, data, steps: int, batch_size: int, lr: float, pad_id: int
         mx.eval(state, loss)
         running = 0.98 * running + 0.02 * loss.item() if it > 1 else loss.item()
         if it % 100 == 0 or it == steps:
-            print(f"step {it}/{steps} loss {running:.3f} ({time.perf_counter() - tic:.0f} s)", flush=True)
+            print(
+                f"step {it}/{steps} loss {running:.3f} ({time.perf_counter() - tic:.0f} s)",
+                flush=True,
+            )
         if snapshot is not None and snapshot_every and it % snapshot_every == 0:
             snapshot(it)
 
@@ -102,7 +120,9 @@ def write_prompt_files(folder: Path, train: int, valid: int, heldout: int) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default=str(HERE))
     parser.add_argument("--examples", type=int, default=30000)
     parser.add_argument("--steps", type=int, default=2000)
@@ -110,29 +130,48 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshots", help="folder for model snapshots while training (to choose --steps)")
+    parser.add_argument(
+        "--snapshots", help="folder for model snapshots while training (to choose --steps)"
+    )
     parser.add_argument("--snapshot-every", type=int, default=250)
     args = parser.parse_args()
 
     out = Path(args.output)
     corpus = problems("train", args.examples, seed=args.seed)
     examples = [(p.prompt, p.solution) for p in corpus]
-    tokenizer = build_tokenizer(out / "model", [t for e in examples for t in chat_text(*e)], args.vocab,
-                                split_digits=True, max_length=1024)
+    tokenizer = build_tokenizer(
+        out / "model",
+        [t for e in examples for t in chat_text(*e)],
+        args.vocab,
+        split_digits=True,
+        max_length=1024,
+    )
     eos = tokenizer.token_to_id("<|im_end|>")
     pad = tokenizer.token_to_id("<|endoftext|>")
     data = encode_examples(tokenizer, examples)
 
     from mlx_lm.utils import _get_classes, save_config
 
-    config = model_config("llama", tokenizer.get_vocab_size(), eos, SHAPE["hidden_size"], SHAPE["layers"],
-                          SHAPE["intermediate_size"], SHAPE["heads"], SHAPE["kv_heads"], True)
+    config = model_config(
+        "llama",
+        tokenizer.get_vocab_size(),
+        eos,
+        SHAPE["hidden_size"],
+        SHAPE["layers"],
+        SHAPE["intermediate_size"],
+        SHAPE["heads"],
+        SHAPE["kv_heads"],
+        True,
+    )
     config["max_position_embeddings"] = 1024
     model_class, args_class = _get_classes(config)
     mx.random.seed(args.seed)
     model = model_class(args_class.from_dict(config))
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"{n:,} parameters; {len(data)} examples; {args.steps} steps of {args.batch_size}", flush=True)
+    print(
+        f"{n:,} parameters; {len(data)} examples; {args.steps} steps of {args.batch_size}",
+        flush=True,
+    )
     save_config(config, out / "model" / "config.json")
 
     def snapshot(step: int) -> None:
@@ -140,15 +179,31 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
             (folder / name).write_bytes((out / "model" / name).read_bytes())
-        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                            metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(folder / "model.safetensors"),
+            dict(tree_flatten(model.parameters())),
+            metadata={"format": "mlx"},
+        )
 
-    train_model(model, data, args.steps, args.batch_size, args.lr, pad, args.seed,
-                snapshot if args.snapshots else None, args.snapshot_every)
+    train_model(
+        model,
+        data,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        pad,
+        args.seed,
+        snapshot if args.snapshots else None,
+        args.snapshot_every,
+    )
     weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(out / "model" / "model.safetensors"), weights, metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(out / "model" / "model.safetensors"), weights, metadata={"format": "mlx"}
+    )
     write_prompt_files(out / "data", train=512, valid=200, heldout=200)
-    print(f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) and {out / 'data'}")
+    print(
+        f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) and {out / 'data'}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,18 @@ import random
 from dataclasses import dataclass
 
 NAMES = ["Tom", "Ann", "Sara", "Ben", "Lily", "Omar", "Mia", "Ravi", "Zoe", "Leo", "Nina", "Sam"]
-ITEMS = ["apples", "pens", "books", "stamps", "shells", "cards", "coins", "marbles", "cookies", "stickers"]
+ITEMS = [
+    "apples",
+    "pens",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "coins",
+    "marbles",
+    "cookies",
+    "stickers",
+]
 LETTERS = "ABCD"
 SPLITS = ("train", "valid", "heldout")
 
@@ -40,8 +51,16 @@ def split_of(key: tuple) -> str:
 def _add(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(2, 60), rng.randint(2, 39)
-    prompt = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
-    return Problem(prompt, str(a + b), f"{a} + {b} = {a + b}. The answer is {a + b}.", "add", ("add", name, item, a, b))
+    prompt = (
+        f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
+    )
+    return Problem(
+        prompt,
+        str(a + b),
+        f"{a} + {b} = {a + b}. The answer is {a + b}.",
+        "add",
+        ("add", name, item, a, b),
+    )
 
 
 def _sub(rng: random.Random) -> Problem:
@@ -49,7 +68,13 @@ def _sub(rng: random.Random) -> Problem:
     a = rng.randint(10, 99)
     b = rng.randint(1, a - 1)
     prompt = f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} are left?"
-    return Problem(prompt, str(a - b), f"{a} - {b} = {a - b}. The answer is {a - b}.", "sub", ("sub", name, item, a, b))
+    return Problem(
+        prompt,
+        str(a - b),
+        f"{a} - {b} = {a - b}. The answer is {a - b}.",
+        "sub",
+        ("sub", name, item, a, b),
+    )
 
 
 def _add_sub(rng: random.Random) -> Problem:
@@ -57,8 +82,10 @@ def _add_sub(rng: random.Random) -> Problem:
     a, b = rng.randint(5, 40), rng.randint(2, 30)
     c = rng.randint(1, a + b - 1)
     total = a + b - c
-    prompt = (f"{name} has {a} {item}. {name} buys {b} more. Then {name} loses {c} {item}. "
-              f"How many {item} does {name} have?")
+    prompt = (
+        f"{name} has {a} {item}. {name} buys {b} more. Then {name} loses {c} {item}. "
+        f"How many {item} does {name} have?"
+    )
     solution = f"{a} + {b} = {a + b}. {a + b} - {c} = {total}. The answer is {total}."
     return Problem(prompt, str(total), solution, "add_sub", ("add_sub", name, item, a, b, c))
 
@@ -83,7 +110,9 @@ MAKERS = {
 }
 
 
-def problems(split: str, count: int, seed: int, kinds: tuple[str, ...] = tuple(MAKERS)) -> list[Problem]:
+def problems(
+    split: str, count: int, seed: int, kinds: tuple[str, ...] = tuple(MAKERS)
+) -> list[Problem]:
     """`count` distinct problems of `split`, kinds in turn, reproducible from `seed`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
