@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if importlib.util.find_spec("mlx_lm_lora") is None:
         print(
-            "benchmarks/run.py: the peer side needs mlx-lm-lora; install it with `pip install mlx-lm-lora`",
+            "benchmarks/run.py: the peer side needs mlx-lm-lora; "
+            "install it with `pip install mlx-lm-lora`",
             file=sys.stderr,
         )
         return 2
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             r = runs[f"{side}-default"]
             say(
-                f"train 4-bit {side}: {statistics.median(r['step_seconds']):.2f} s/step  peak {r['peak_total_gb']:.2f} GB"
+                f"train 4-bit {side}: {statistics.median(r['step_seconds']):.2f} s/step  "
+                f"peak {r['peak_total_gb']:.2f} GB"
             )
         report["runs"]["train/chat-4bit"] = runs
 
@@ -541,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         say(
-            f"generate {side:10s} {gen[side]['seconds_per_pair']:.2f} s/pair  {gen[side]['tokens_per_second']:.0f} tok/s"
+            f"generate {side:10s} {gen[side]['seconds_per_pair']:.2f} s/pair  "
+            f"{gen[side]['tokens_per_second']:.0f} tok/s"
         )
     report["generation"] = gen
 
@@ -572,7 +575,8 @@ def blas_end_to_end(out: Path) -> dict:
         run = run_worker("cli", spec, env=env, timeout=1800)
         result[label] = run["seconds"]
         say(
-            f"python -m mipo_mlx.train (embedded, 10 steps) with {label} BLAS ({run['blas']}): {run['seconds']:.1f} s"
+            f"python -m mipo_mlx.train (embedded, 10 steps) with {label} BLAS ({run['blas']}): "
+            f"{run['seconds']:.1f} s"
         )
     return result
 
@@ -641,7 +645,8 @@ def markdown(report: dict) -> str:
         for key, r in runs.items():
             s = r["summary"]
             lines.append(
-                f"| {name} | {key} | {s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}], {s['n']} | "
+                f"| {name} | {key} | "
+                f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}], {s['n']} | "
                 f"{r['peak_total_gb']:.2f} | {r['tokens']} | {100 * r['mfu']:.1f}% |"
             )
     lines += [

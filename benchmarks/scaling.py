@@ -116,12 +116,14 @@ def main() -> int:
                 return 1
             rows.append(json.loads(lines[-1][7:]))
     print(
-        "| processes | generation tokens/s | reference scoring pairs/s | training s/step (global batch 16) |"
+        "| processes | generation tokens/s | reference scoring pairs/s "
+        "| training s/step (global batch 16) |"
     )
     print("| --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['ranks']} | {r['generated_tokens'] / r['generate_s']:.0f} | {r['pairs'] / r['score_s']:.0f} | "
+            f"| {r['ranks']} | {r['generated_tokens'] / r['generate_s']:.0f} | "
+            f"{r['pairs'] / r['score_s']:.0f} | "
             f"{r['step_s']:.3f} |"
         )
     return 0

@@ -88,7 +88,8 @@ def main() -> int:
     row_prompts, row_answers = [prompts[j] for _, j in rows], [answers[i] for i, _ in rows]
     print(
         f"{len(rows)} rows of {min(map(len, row_prompts))}-{max(map(len, row_prompts))} prompt + "
-        f"{min(map(len, row_answers))}-{max(map(len, row_answers))} answer tokens, vocabulary {args.vocab}"
+        f"{min(map(len, row_answers))}-{max(map(len, row_answers))} answer tokens, "
+        f"vocabulary {args.vocab}"
     )
     old, old_s, old_gb = measure(
         "full logits", lambda: full_logits(model, row_prompts, row_answers, 0)

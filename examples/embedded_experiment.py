@@ -1,6 +1,6 @@
 """Does MIPO help the embedded model? Base vs MIPO vs SFT-on-own-answers, over seeds.
 
-  python examples/embedded_experiment.py --output runs/experiment        # about 30 minutes on 2 cores
+  python examples/embedded_experiment.py --output runs/experiment   # ~30 min on 2 cores
 
 1. Learning rates are chosen on the *valid* split (seed 0) for MIPO and for the
    SFT baseline (the paper's: SFT on the model's own positives, same pairs, same
@@ -60,7 +60,8 @@ def choose_rate(
         result = one_run(root / f"select-{loss}-{lr:g}", loss, lr, 0, "valid", iters, limits)
         scores[lr] = result["mipo"]["accuracy"]
         print(
-            f"[valid] {loss} lr={lr:g}: accuracy {scores[lr]:.3f} (base {result['base']['accuracy']:.3f})"
+            f"[valid] {loss} lr={lr:g}: accuracy {scores[lr]:.3f} "
+            f"(base {result['base']['accuracy']:.3f})"
         )
     return max(scores, key=scores.get), scores
 
@@ -126,7 +127,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(report, indent=2))
     print(
-        f"\nchosen on valid: MIPO lr {chosen['mipo']:g}, SFT lr {chosen['sft']:g}; held-out, seeds {seeds}:\n"
+        f"\nchosen on valid: MIPO lr {chosen['mipo']:g}, SFT lr {chosen['sft']:g}; "
+        f"held-out, seeds {seeds}:\n"
     )
     print("| model | accuracy | PMI (nats) | length (tokens) | distinct-2 |")
     print("| --- | --- | --- | --- | --- |")

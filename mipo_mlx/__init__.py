@@ -3,6 +3,15 @@
 The model answers each training prompt (chosen); the rejected side is its answer
 to a different, random prompt, scored under the right prompt; training is DPO
 against the frozen base with LoRA adapters. See README.md.
+
+The modules, layer by layer from the bottom; a module imports only from its own
+layer or the layers below (tests/test_layers.py checks it):
+  foundation  __init__ errors progress files embedded config cli _backend plots hub
+  data        formats tasks prompts
+  compute     distributed model generate score losses memory checkpoint toy
+  stages      pairs batching loop run_folder training measure judge fuse card
+  pipeline    pipeline
+  commands    train evaluate export embedded.build
 """
 
 from ._backend import prefer_system_blas

@@ -61,19 +61,24 @@ def model_card(
         "",
         f"# {config.model.path} + MIPO",
         "",
-        "Fine-tuned with **MIPO** (Mutual Information Preference Optimization) using mipo_mlx: the base model",
-        "answered each training prompt (chosen); the rejected answer was made without the prompt's information",
-        "and scored under the right prompt; LoRA adapters were trained with DPO against the frozen base, then",
+        "Fine-tuned with **MIPO** (Mutual Information Preference Optimization) using mipo_mlx: "
+        "the base model",
+        "answered each training prompt (chosen); the rejected answer was made without the "
+        "prompt's information",
+        "and scored under the right prompt; LoRA adapters were trained with DPO against the "
+        "frozen base, then",
         f"fused into the weights ({weights}). No labels, no judge, no new data.",
         "",
         "## Training",
         "",
         f"- negatives: `{config.pairs.negatives}`; pairs: {pairs}",
-        f"- loss: `{t.loss}`, beta {t.beta}, learning rate {t.learning_rate:g}, batch {t.batch_size} x "
-        f"{t.grad_accumulation}, epochs {t.epochs}, steps {t.iters or 'one epoch'}",
-        f"- LoRA: rank {lora.rank}, scale {lora.scale}, layers {lora.num_layers}, keys {lora.keys or 'all linears'}",
-        f"- generation: temperature {config.generation.temperature}, top_p {config.generation.top_p}, "
-        f"max tokens {config.generation.max_tokens}",
+        f"- loss: `{t.loss}`, beta {t.beta}, learning rate {t.learning_rate:g}, "
+        f"batch {t.batch_size} x {t.grad_accumulation}, epochs {t.epochs}, "
+        f"steps {t.iters or 'one epoch'}",
+        f"- LoRA: rank {lora.rank}, scale {lora.scale}, layers {lora.num_layers}, "
+        f"keys {lora.keys or 'all linears'}",
+        f"- generation: temperature {config.generation.temperature}, "
+        f"top_p {config.generation.top_p}, max tokens {config.generation.max_tokens}",
         "",
         "## Evaluation",
         "",

@@ -53,7 +53,8 @@ class ModelConfig:
     )
     quantize_on_cpu: bool = setting(
         False,
-        "Also quantize on the CPU backend, where MLX's quantized matmul is ~40x slower than float32.",
+        "Also quantize on the CPU backend, where MLX's quantized matmul is ~40x slower "
+        "than float32.",
     )
     trust_remote_code: bool = setting(
         False, "Allow the tokenizer to run code shipped with the model."
@@ -425,7 +426,8 @@ def validate(config: Config, command: str = "train") -> Config:
             )
         if data.template != "prism" and config.pairs.negatives in ("no_context", "random_context"):
             raise UserError(
-                f"pairs.negatives={config.pairs.negatives} needs a template with the user's context; "
+                f"pairs.negatives={config.pairs.negatives} needs a template "
+                "with the user's context; "
                 f"data.template={data.template} has none (use prism or your own context_template)"
             )
     if not config.model.path:

@@ -32,7 +32,8 @@ class Stopped(Exception):
 
 
 class StopFlag:
-    """Set by the first SIGINT/SIGTERM; work stops at the next safe point. A second signal interrupts."""
+    """Set by the first SIGINT/SIGTERM; work stops at the next safe point. A second signal
+    interrupts."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -47,7 +48,8 @@ class StopFlag:
                 raise KeyboardInterrupt
             self.requested = True
             print(
-                f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                f"\n{signal.Signals(signum).name}: finishing the current step, "
+                "then saving a checkpoint "
                 "(send again to stop at once)",
                 flush=True,
             )

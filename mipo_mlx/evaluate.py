@@ -1,6 +1,6 @@
 """`python -m mipo_mlx.evaluate`: accuracy, PMI, length and diversity, base vs adapters.
 
-  python -m mipo_mlx.evaluate --adapters <run-dir>                 # the run's model and held-out prompts
+  python -m mipo_mlx.evaluate --adapters <run-dir>   # the run's model and held-out prompts
   python -m mipo_mlx.evaluate --model <repo-or-folder> --prompts <heldout.jsonl> [--adapters <dir>]
 
 No fusing: adapters are attached to the base in memory. The metrics are the

@@ -1,7 +1,9 @@
-"""`python -m mipo_mlx.export`: fuse the adapters, prove the fused model is the trained one, publish.
+"""`python -m mipo_mlx.export`: fuse the adapters, prove the fused model is the trained one,
+publish.
 
   python -m mipo_mlx.export --adapters <run-dir> --output <dir> [--quantize {4,8}]
-                            [--upload-repo user/name] [--private] [--dry-run] [--force] [--overwrite]
+                            [--upload-repo user/name] [--private] [--dry-run]
+                            [--force] [--overwrite]
 
 The fused model is de-quantized by default: W = dequantize(W_q) + scale * B^T A^T,
 in the base's float dtype, so nothing the adapters learned is rounded away (a

@@ -72,7 +72,8 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 
 
 def newest_folder(target: str | Path) -> Path | None:
-    """`target`, or the `.old` copy a kill between `atomic_folder`'s two renames left; None if neither."""
+    """`target`, or the `.old` copy a kill between `atomic_folder`'s two renames left; None if
+    neither."""
     target = Path(target)
     for folder in (target, partial_and_old(target)[1]):
         if folder.is_dir():
@@ -144,7 +145,8 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_lines(path: Path) -> list[dict]:
-    """Whole JSON lines of a file being appended to; a torn last line (a kill mid-write) is dropped."""
+    """Whole JSON lines of a file being appended to; a torn last line (a kill mid-write) is
+    dropped."""
     if not path.is_file():
         return []
     rows = []

@@ -51,18 +51,21 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 GSM8K_EXEMPLARS: tuple[tuple[str, str, str], ...] = (
     (
         "There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
-        "After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
+        "After they are done, there will be 21 trees. "
+        "How many trees did the grove workers plant today?",
         "There are 15 trees originally. Then there were 21 trees after some more were planted. "
         "So there must have been 21 - 15 = 6.",
         "6",
     ),
     (
-        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "If there are 3 cars in the parking lot and 2 more cars arrive, "
+        "how many cars are in the parking lot?",
         "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.",
         "5",
     ),
     (
-        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+        "Leah had 32 chocolates and her sister had 42. "
+        "If they ate 35, how many pieces do they have left in total?",
         "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
         "After eating 35, they had 74 - 35 = 39.",
         "39",
@@ -77,19 +80,22 @@ GSM8K_EXEMPLARS: tuple[tuple[str, str, str], ...] = (
     (
         "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
         "How many toys does he have now?",
-        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+        "Shawn started with 5 toys. "
+        "If he got 2 toys each from his mom and dad, then that is 4 more toys. "
         "5 + 4 = 9.",
         "9",
     ),
     (
-        "There were nine computers in the server room. Five more computers were installed each day, "
+        "There were nine computers in the server room. "
+        "Five more computers were installed each day, "
         "from monday to thursday. How many computers are now in the server room?",
         "There were originally 9 computers. For each of 4 days, 5 more computers were added. "
         "So 5 * 4 = 20 computers were added. 9 + 20 is 29.",
         "29",
     ),
     (
-        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
+        "Michael had 58 golf balls. On tuesday, he lost 23 golf balls. "
+        "On wednesday, he lost 2 more. "
         "How many golf balls did he have at the end of wednesday?",
         "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
         "After losing 2 more, he had 35 - 2 = 33 golf balls.",
@@ -132,7 +138,8 @@ def _pick(raw: dict, keys: tuple[str, ...], where: str, fmt: str) -> tuple[str, 
             return key, raw[key]
     names = " or ".join(repr(k) for k in keys)
     raise UserError(
-        f"{where}: missing key {names} ({fmt} format); check data.format (or evaluation.format) and the file"
+        f"{where}: missing key {names} ({fmt} format); "
+        "check data.format (or evaluation.format) and the file"
     )
 
 
@@ -460,7 +467,8 @@ def select(
     seed: int = 42,
     limit: int | None = None,
 ) -> list:
-    """Leave out the first `skip` rows, draw `subset` of the rest at random, keep the first `limit`."""
+    """Leave out the first `skip` rows, draw `subset` of the rest at random, keep the first
+    `limit`."""
     for name, value in (("limit", limit), ("subset", subset)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")

@@ -1,4 +1,5 @@
-"""The export stage: fuse the adapters into the weights and prove the fused model is the trained one.
+"""The export stage: fuse the adapters into the weights and prove the fused model is the
+trained one.
 
 The fused model is de-quantized by default: W = dequantize(W_q) + scale * B^T A^T,
 in the base's float dtype, so nothing the adapters learned is rounded away (a
@@ -40,9 +41,10 @@ class Check:
 
     def line(self) -> str:
         return (
-            f"{self.pairs} held-out pairs: max |logit diff| {self.max_logit_diff:.2e}, max |margin diff| "
-            f"{self.max_margin_diff:.2e} nats; mean margin gain over the base: adapters "
-            f"{self.mean_margin_gain_adapters:+.4f}, fused {self.mean_margin_gain_fused:+.4f}"
+            f"{self.pairs} held-out pairs: max |logit diff| {self.max_logit_diff:.2e}, "
+            f"max |margin diff| {self.max_margin_diff:.2e} nats; "
+            f"mean margin gain over the base: adapters {self.mean_margin_gain_adapters:+.4f}, "
+            f"fused {self.mean_margin_gain_fused:+.4f}"
         )
 
 
@@ -99,7 +101,8 @@ def fuse(model, dequantize: bool = True):
 
 
 def build(run: Path, quantize: int | None, force: bool):
-    """Load base + adapters, fuse (and re-quantize), verify; return (model, tokenizer, config, report)."""
+    """Load base + adapters, fuse (and re-quantize), verify; return (model, tokenizer, config,
+    report)."""
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise UserError(

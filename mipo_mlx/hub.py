@@ -44,7 +44,8 @@ def files_of(path: Path) -> list[tuple[str, int]]:
 def publish(
     path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model"
 ) -> list[str]:
-    """Create the repo (if needed) and upload `path` (a folder, or one file); return the names sent."""
+    """Create the repo (if needed) and upload `path` (a folder, or one file); return the names
+    sent."""
     if not REPO_ID.match(repo_id):
         raise UserError(f"--upload-repo {repo_id!r}: use the form user/name")
     files = files_of(Path(path))

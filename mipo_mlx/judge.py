@@ -37,7 +37,9 @@ _OUT_OF_FIVE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:/|out of)\s*5\b", re.
 _NOT_A_SCORE = re.compile(r"\b\d+\s*(?:-|\u2013|to)\s*\d+\b|\b\d+\s*=")  # ranges, scale legends
 _STANDALONE = re.compile(r"(?<![\w.\-/])([1-5])(?![\w/]|\.\d)")
 
-JUDGE_TEMPLATE = """You are evaluating how well an assistant's response satisfies one preference stated by the user.
+JUDGE_TEMPLATE = (
+    "You are evaluating how well an assistant's response satisfies one preference stated by the "
+    """user.
 
 User's question:
 {question}
@@ -55,7 +57,10 @@ Rate how well the response satisfies this one preference on an integer scale fro
 4 = mostly satisfies it
 5 = fully satisfies it
 
-Judge only this preference, not other qualities of the response. Give a one-sentence reason, then end with a line of the form "Score: <1-5>"."""
+"""
+    "Judge only this preference, not other qualities of the response. Give a one-sentence reason, "
+    'then end with a line of the form "Score: <1-5>".'
+)
 
 
 @dataclass

@@ -99,7 +99,8 @@ def memory_metrics() -> dict[str, float]:
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, config: TrainingConfig):
-    """step(batch tree, grad_sum, update) -> (metrics, grad_sum); compiled unless config.compile is off."""
+    """step(batch tree, grad_sum, update) -> (metrics, grad_sum); compiled unless
+    config.compile is off."""
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -132,7 +133,9 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
-def evaluate_pairs(model: nn.Module, loss: StepLoss, batches: Iterable[Batch]) -> dict[str, float]:
+def validation_metrics(
+    model: nn.Module, loss: StepLoss, batches: Iterable[Batch]
+) -> dict[str, float]:
     """Mean metrics over held-out batches, with dropout off; prefixed 'valid/'."""
     model.eval()
     rows, weights = [], []

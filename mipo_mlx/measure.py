@@ -50,7 +50,8 @@ class Heldout:
 
 
 def heldout_prompts(config: EvaluationConfig) -> list[Prompt]:
-    """The held-out prompts as evaluation.* says (read before any model loads: bad input stops early)."""
+    """The held-out prompts as evaluation.* says (read before any model loads: bad input stops
+    early)."""
     prompts = read_source(
         config.prompts,
         config.format,
@@ -65,7 +66,8 @@ def heldout_prompts(config: EvaluationConfig) -> list[Prompt]:
             if p.context is None:
                 raise UserError(
                     f"{p.where}: this row has no user context; evaluation.judge scores answers "
-                    "against the stated preferences of personalization rows (set it to null otherwise)"
+                    "against the stated preferences of personalization rows "
+                    "(set it to null otherwise)"
                 )
     return prompts
 
@@ -122,7 +124,8 @@ def pmi_scores(
 
 
 def context_free_ids(tokenizer, rendered: Rendered, data: DataConfig) -> list[list[int]] | None:
-    """Each held-out prompt rendered without its user context; None unless every one has a context."""
+    """Each held-out prompt rendered without its user context; None unless every one has a
+    context."""
     if not rendered.prompts or any(p.context is None for p in rendered.prompts):
         return None
     return [
@@ -146,7 +149,8 @@ def interval(values: np.ndarray) -> list[float]:
 
 
 def answer_metrics(texts: list[str], responses: list[Response], labels, tasks) -> dict:
-    """Metrics of one model's answers that need no model; accuracy only over prompts with a label."""
+    """Metrics of one model's answers that need no model; accuracy only over prompts with a
+    label."""
     bodies = [r.token_ids[:-1] if r.finished else r.token_ids for r in responses]
     result = {
         "n": len(texts),
@@ -170,7 +174,8 @@ def answer_metrics(texts: list[str], responses: list[Response], labels, tasks) -
 
 
 def sampling(config: EvaluationConfig, batch_size: int) -> GenerationConfig:
-    """How evaluation answers are sampled (the same for every model compared); cut answers are kept."""
+    """How evaluation answers are sampled (the same for every model compared); cut answers are
+    kept."""
     return GenerationConfig(
         temperature=config.temperature,
         top_p=config.top_p,

@@ -166,7 +166,8 @@ def plan(
 
 
 def working_set_bytes() -> int | None:
-    """Metal's recommended working set; elsewhere the physical memory. Never a Metal-only key lookup."""
+    """Metal's recommended working set; elsewhere the physical memory. Never a Metal-only key
+    lookup."""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     recommended = info.get("max_recommended_working_set_size")
     if recommended:

@@ -39,7 +39,8 @@ def _check_local_folder(path: Path) -> None:
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     ):
         raise UserError(
-            f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); copy them from the base model"
+            f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); "
+            "copy them from the base model"
         )
 
 
@@ -77,7 +78,8 @@ def load(config: ModelConfig):
         )
     elif config.quantize_bits and not is_quantized(model):
         print(
-            "note: model.quantize_bits skipped on the CPU backend, where MLX's quantized matmul is much "
+            "note: model.quantize_bits skipped on the CPU backend, "
+            "where MLX's quantized matmul is much "
             "slower than float32 (set model.quantize_on_cpu=true to quantize anyway)",
             file=sys.stderr,
         )
@@ -123,7 +125,8 @@ def num_adapted_layers(model: nn.Module, config: LoraConfig) -> int:
 
 
 def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:
-    """Replace linears with LoRA layers (B = 0, so the model is unchanged); return trainable count."""
+    """Replace linears with LoRA layers (B = 0, so the model is unchanged); return trainable
+    count."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model.freeze()
@@ -203,7 +206,8 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def load_adapters(model: nn.Module, folder: Path) -> None:
-    """Attach LoRA layers as `adapter_config.json` says and load `adapters.safetensors` into them."""
+    """Attach LoRA layers as `adapter_config.json` says and load `adapters.safetensors` into
+    them."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     config = read_adapter_config(folder)

@@ -329,7 +329,8 @@ def build_pairs(
     should_stop=None,
 ) -> list[Pair]:
     """Answer every prompt (chosen), make the negatives as `config.negatives` says, and mark a
-    share of the pairs for validation. `caches` keep each pass's responses ('chosen', 'rejected')."""
+    share of the pairs for validation. `caches` keep each pass's responses ('chosen',
+    'rejected')."""
     caches = caches or {}
     positives = generate_all(
         model,

@@ -119,13 +119,15 @@ def stages(
         add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
         folder.write_pairs(pairs)
         dist.say(
-            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) to {folder.path / 'pairs.jsonl'}"
+            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) "
+            f"to {folder.path / 'pairs.jsonl'}"
         )
     metrics = train_adapters(
         model, pad, pairs, config.training, config.lora, config.model.path, folder, stop, shared
     )
     dist.say(
-        f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  (mlx_lm.load(model, adapter_path='{folder.path}'))"
+        f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  "
+        f"(mlx_lm.load(model, adapter_path='{folder.path}'))"
     )
     table = None
     if held is not None:

@@ -90,7 +90,8 @@ def read_source(
     seed: int = 42,
     limit: int | None = None,
 ) -> list[Prompt]:
-    """Prompts of `source` in `format`: skip the first `skip`, draw `subset` at random, keep `limit`."""
+    """Prompts of `source` in `format`: skip the first `skip`, draw `subset` at random, keep
+    `limit`."""
     if format == "prompts":
         if split is not None:
             raise UserError(
@@ -118,7 +119,8 @@ def read_source(
         ]
     if len(prompts) < 2:
         raise UserError(
-            f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 (a negative comes from another prompt)"
+            f"{source}: {len(prompts)} prompt(s); MIPO needs at least 2 "
+            "(a negative comes from another prompt)"
         )
     return prompts
 

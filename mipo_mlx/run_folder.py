@@ -33,7 +33,8 @@ from .generate import Response
 from .pairs import Pair, pair_from_row, write_pairs
 from .prompts import Prompt, prompt_row
 
-# Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark a run.
+# Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark
+# a run.
 STAGE_FILES = (
     "metrics.jsonl",
     "pairs.jsonl",
@@ -108,7 +109,8 @@ class RunFolder:
         dist.main_only(check_run_folder, self.path, config, resume)
 
     def start(self, config: Config) -> None:
-        """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage files."""
+        """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage
+        files."""
         dist.main_only(self._start, config)
 
     def _start(self, config: Config) -> None:

@@ -43,7 +43,9 @@ class Rows:
     def tree(self) -> dict[str, mx.array]:
         """The arrays by name: what goes through `mx.compile` and the loss."""
         return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "n_tokens"
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), mx.array)
         }
 
 
@@ -282,7 +284,8 @@ def pair_logps(model, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
 
 
 def sequence_logps(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Sum over masked positions of log p(target | inputs so far), from full logits: (N, T) -> (N,)."""
+    """Sum over masked positions of log p(target | inputs so far), from full logits:
+    (N, T) -> (N,)."""
     logits = model(inputs)  # (N, T, V)
     logps = token_logps(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # (N * T,)
     return (logps.reshape(targets.shape) * mask).sum(axis=-1)

@@ -1,10 +1,10 @@
 """`python -m mipo_mlx.train`: the whole MIPO job from the command line.
 
-  python -m mipo_mlx.train                               # the embedded default: a small model improves itself
+  python -m mipo_mlx.train                  # the embedded default: a small model improves itself
   python -m mipo_mlx.train --config configs/recipe.yaml
-  python -m mipo_mlx.train --config configs/gsm8k.yaml --limit 32   # a paper recipe, in minutes first
-  python -m mipo_mlx.train --model <repo-or-folder> --prompts <file.jsonl> --output <dir> [--iters N]
-                           [--section.key value ...]
+  python -m mipo_mlx.train --config configs/gsm8k.yaml --limit 32 # a paper recipe, in minutes first
+  python -m mipo_mlx.train --model <repo-or-folder> --prompts <file.jsonl> --output <dir>
+                           [--iters N] [--section.key value ...]
 
 Options are derived from the settings in `config.py`; an option given on the
 command line beats the YAML file, which beats the defaults. This module imports
@@ -31,25 +31,25 @@ DESCRIPTION = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
+    p.add_argument(
         "--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings"
     )
-    parser.add_argument(
+    p.add_argument(
         "--limit",
         metavar="N",
         type=_count,
         help="a quick trial: the first N training prompts and the first N held-out prompts "
         "(sets data.limit and evaluation.limit)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--subset",
         metavar="N",
         type=_count,
         help="N training prompts drawn at random (seeded; sets data.subset)",
     )
-    return parser
+    return p
 
 
 def _count(text: str) -> int:
@@ -71,8 +71,8 @@ def quick_trial(overrides: dict, extras: dict) -> None:
         overrides.setdefault("data.subset", extras["subset"])
 
 
-def parse_args(argv: list[str] | None, extras: dict | None = None):
-    yaml_path, overrides, rest = _parse_args(build_parser(), argv)
+def read_command_line(argv: list[str] | None, extras: dict | None = None):
+    yaml_path, overrides, rest = _parse_args(parser(), argv)
     if extras is not None:
         extras.update(rest)
     return yaml_path, overrides
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None, extras: dict | None = None):
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     extras: dict = {}
-    yaml_path, overrides = parse_args(argv, extras)
+    yaml_path, overrides = read_command_line(argv, extras)
     resume_dir = extras.get("resume")
     quick_trial(overrides, extras)
     if resume_dir:
@@ -115,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.lost_peer(err):
             raise
         raise UserError(
-            f"{dist.describe()}: another rank stopped ({err}); the last checkpoint in {out} is kept. "
+            f"{dist.describe()}: another rank stopped ({err}); "
+            f"the last checkpoint in {out} is kept. "
             f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}"
         ) from None
     except Stopped as stop:
         where = f"after step {stop.step}" if stop.step else "during generation"
         print(
-            f"stopped {where}; finished work is saved. Resume with: python -m mipo_mlx.train --resume {out}",
+            f"stopped {where}; finished work is saved. "
+            f"Resume with: python -m mipo_mlx.train --resume {out}",
             file=sys.stderr,
         )
         return 130
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"done: {len(result.pairs)} pairs, final loss {m.get('loss', float('nan')):.4f}, "
         f"reward margin {m.get('rewards/margins', float('nan')):.4f}, "
-        f"reward accuracy {m.get('rewards/accuracies', float('nan')):.2f}; output in {result.output}"
+        f"reward accuracy {m.get('rewards/accuracies', float('nan')):.2f}; "
+        f"output in {result.output}"
     )
     if result.evaluation is not None:
         print(result.evaluation)

@@ -7,7 +7,7 @@ from . import distributed as dist
 from . import model as mdl
 from .batching import batch_stream, total_steps
 from .config import LoraConfig, TrainingConfig
-from .loop import evaluate_pairs, make_loss, train
+from .loop import make_loss, train, validation_metrics
 from .memory import estimate, working_set_bytes
 from .pairs import Pair
 from .run_folder import RunFolder
@@ -18,8 +18,9 @@ def announce_memory(model, pairs: list[Pair], config: TrainingConfig) -> None:
     need = estimate(model, pairs, config)
     limit = working_set_bytes()
     dist.say(
-        f"estimated peak memory {need.total / 1e9:.2f} GB (model {need.model / 1e9:.2f}, adapters + "
-        f"optimizer {need.adapters / 1e9:.3f}, activations {need.activations / 1e9:.2f} for the longest batch)"
+        f"estimated peak memory {need.total / 1e9:.2f} GB (model {need.model / 1e9:.2f}, "
+        f"adapters + optimizer {need.adapters / 1e9:.3f}, "
+        f"activations {need.activations / 1e9:.2f} for the longest batch)"
     )
     if limit and need.total > limit:
         dist.say(
@@ -64,7 +65,7 @@ def train_adapters(
             pack_pairs(valid_set[i : i + config.batch_size], pad, shared)
             for i in range(0, len(valid_set), config.batch_size)
         )
-        return evaluate_pairs(model, loss, batches)
+        return validation_metrics(model, loss, batches)
 
     def log(metrics):
         folder.append_metrics(metrics)

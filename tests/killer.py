@@ -2,9 +2,12 @@
 
   python tests/killer.py after-step K -- ARGS       killed right after step K is logged
   python tests/killer.py after-responses N -- ARGS  killed after N generated responses are saved
-  python tests/killer.py in-checkpoint K -- ARGS    killed between the renames of the step-K checkpoint
-  python tests/killer.py in-adapters-write K -- ARGS  killed while the step-K adapters file is being written
-  python tests/killer.py rank-1-after-step K -- ARGS  (under mlx.launch) rank 1 killed right after step K
+  python tests/killer.py in-checkpoint K -- ARGS    killed between the renames of the step-K
+                                                    checkpoint
+  python tests/killer.py in-adapters-write K -- ARGS  killed while the step-K adapters file is
+                                                      being written
+  python tests/killer.py rank-1-after-step K -- ARGS  (under mlx.launch) rank 1 killed right
+                                                      after step K
 
 A real SIGKILL: no handler, no cleanup, exactly what a kill -9 or the OOM killer does.
 """

@@ -13,7 +13,8 @@ def test_missing_backend_is_one_line_and_exit_2(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "core.py").write_text(
-        "raise ImportError('libmlx.so: cannot open shared object file: No such file or directory')\n"
+        "raise ImportError("
+        "'libmlx.so: cannot open shared object file: No such file or directory')\n"
     )
     env = {"PYTHONPATH": f"{fake.parent}:{ROOT}", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(

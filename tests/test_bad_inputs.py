@@ -1,4 +1,5 @@
-"""Bad input: one line naming the input and what to do, exit 2, no traceback, the output folder untouched."""
+"""Bad input: one line naming the input and what to do, exit 2, no traceback, the output folder
+untouched."""
 
 import json
 import shutil

@@ -20,7 +20,7 @@ from mipo_mlx.config import (
     validate,
 )
 from mipo_mlx.errors import UserError
-from mipo_mlx.train import build_parser, parse_args
+from mipo_mlx.train import parser, read_command_line
 
 
 def write_yaml(tmp_path, text: str, name: str = "config.yaml"):
@@ -37,7 +37,7 @@ def valid_config() -> Config:
 
 
 def resolve_cli(argv: list[str]) -> Config:
-    yaml_path, overrides = parse_args(argv)
+    yaml_path, overrides = read_command_line(argv)
     return resolve(yaml_path, overrides)
 
 
@@ -397,12 +397,14 @@ def test_validate_requires_prompts():
         (
             "context_template",
             "{prompt} only",
-            "data.context_template must use exactly {context}, {prompt} as fields, got '{prompt} only'",
+            "data.context_template must use exactly {context}, {prompt} as fields, "
+            "got '{prompt} only'",
         ),
         (
             "context_template",
             "{context} only",
-            "data.context_template must use exactly {context}, {prompt} as fields, got '{context} only'",
+            "data.context_template must use exactly {context}, {prompt} as fields, "
+            "got '{context} only'",
         ),
     ],
 )
@@ -498,7 +500,7 @@ def test_from_dict_rejects_unknown_key():
 
 
 def test_no_cli_options_gives_no_overrides():
-    assert parse_args([]) == (None, {})
+    assert read_command_line([]) == (None, {})
 
 
 @pytest.mark.parametrize(
@@ -512,7 +514,7 @@ def test_no_cli_options_gives_no_overrides():
 )
 def test_cli_shortcuts(short, key, text, value):
     assert SHORTCUTS[short] == key
-    yaml_path, overrides = parse_args([f"--{short}", text])
+    yaml_path, overrides = read_command_line([f"--{short}", text])
     assert yaml_path is None
     assert overrides == {key: value}
     config = resolve(None, overrides)
@@ -546,17 +548,19 @@ def test_cli_values_parse_as_yaml_scalars():
 
 
 def test_cli_lora_keys_parses_to_list():
-    _, overrides = parse_args(["--lora.keys", "[self_attn.q_proj, mlp.down_proj]"])
+    _, overrides = read_command_line(["--lora.keys", "[self_attn.q_proj, mlp.down_proj]"])
     assert overrides == {"lora.keys": ["self_attn.q_proj", "mlp.down_proj"]}
 
 
 def test_cli_quantize_bits_null_is_none():
-    _, overrides = parse_args(["--model.quantize_bits", "8", "--model.quantize_bits", "null"])
+    _, overrides = read_command_line(
+        ["--model.quantize_bits", "8", "--model.quantize_bits", "null"]
+    )
     assert overrides == {"model.quantize_bits": None}
 
 
 def test_cli_string_settings_stay_strings():
-    _, overrides = parse_args(
+    _, overrides = read_command_line(
         ["--model.path", "null", "--data.prompts", "123", "--output.dir", "true"]
     )
     assert overrides == {"model.path": "null", "data.prompts": "123", "output.dir": "true"}
@@ -581,7 +585,7 @@ def test_cli_optional_string_settings_stay_strings(key, text):
 
 def test_cli_invalid_yaml_value():
     with pytest.raises(UserError) as err:
-        parse_args(["--lora.keys", "[a"])
+        read_command_line(["--lora.keys", "[a"])
     assert str(err.value) == "command line: --lora.keys '[a' is not a valid value"
 
 
@@ -594,9 +598,9 @@ def test_cli_type_error_names_command_line():
 def test_cli_abbreviated_option_is_not_silently_accepted():
     # BUG: argparse's allow_abbrev (on by default) takes --training.learning_rat as
     # --training.learning_rate and --iter as --iters, while the YAML file rejects
-    # the same misspelling. build_parser should pass allow_abbrev=False.
+    # the same misspelling. cli.build_parser should pass allow_abbrev=False.
     with pytest.raises((UserError, SystemExit)):
-        parse_args(["--training.learning_rat", "1e-4"])
+        read_command_line(["--training.learning_rat", "1e-4"])
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
@@ -629,7 +633,7 @@ def test_cli_options_not_given_never_override_yaml(tmp_path):
             "model:\n  quantize_bits: 4\n"
         ),
     )
-    yaml_path, overrides = parse_args(["--config", str(path), "--training.beta", "0.3"])
+    yaml_path, overrides = read_command_line(["--config", str(path), "--training.beta", "0.3"])
     assert yaml_path == str(path)
     assert overrides == {"training.beta": 0.3}
     config = resolve(yaml_path, overrides)
@@ -648,7 +652,7 @@ def test_cli_can_reset_yaml_value_to_null(tmp_path):
 
 
 def test_every_key_appears_in_help():
-    text = build_parser().format_help()
+    text = parser().format_help()
     missing = [key for key in all_keys() if f"--{key}" not in text]
     assert missing == []
     for short in SHORTCUTS:
@@ -657,7 +661,7 @@ def test_every_key_appears_in_help():
 
 
 def test_help_shows_defaults():
-    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    text = " ".join(parser().format_help().split())  # undo line wrapping
     assert "Peak learning rate. (default: 1e-05)" in text
     assert "LoRA rank. (default: 8)" in text
     assert "(default: null)" in text

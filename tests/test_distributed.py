@@ -79,13 +79,19 @@ def pair_rows(out):
 
 @pytest.fixture(scope="module")
 def runs(toy_model_dir, tmp_path_factory):
-    """One process with batch 4, and 2 ranks with batch 2 each (global batch 4), same seed."""
+    """One process with batch 4, and 2 ranks with batch 2 each (global batch 4), same seed; the
+    2-rank run also evaluates before and after training (which changes no pair or weight)."""
     tmp = tmp_path_factory.mktemp("dist")
     prompts = write_prompts(tmp / "prompts.jsonl", n=20)
+    rows = [
+        {"prompt": f"Tom has {i} apples and buys {i + 1} more. How many?", "answer": str(2 * i + 1)}
+        for i in range(6)
+    ]
+    (tmp / "heldout.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     single = launch(1, *train_args(toy_model_dir, prompts, tmp / "one", 4))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = launch(2, *train_args(toy_model_dir, prompts, tmp / "two", 2))
-    assert double.returncode == 0, double.stderr[-3000:]
+    double = launch(2, *eval_args(toy_model_dir, prompts, tmp / "heldout.jsonl", tmp / "two"))
+    assert double.returncode == 0 and "Traceback" not in double.stderr, double.stderr[-3000:]
     return tmp, prompts, single, double
 
 
@@ -121,29 +127,8 @@ def test_only_rank_zero_writes_and_prints(runs):
     assert double.stdout.count("done:") == 1
 
 
-def test_a_dying_rank_stops_the_other_and_the_run_resumes(runs, toy_model_dir):
-    tmp, prompts, _, _ = runs
-    out = tmp / "killed"
-    killed = launch(
-        2,
-        "rank-1-after-step",
-        "5",
-        "--",
-        *train_args(toy_model_dir, prompts, out, 2),
-        killer=[KILLER],
-    )
-    assert "Traceback" not in killed.stderr
-    assert "another rank stopped" in killed.stderr, killed.stderr[-2000:]
-    assert (out / "checkpoint" / "state.json").is_file()
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
-    resumed = launch(2, "--resume", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final, reference = adapters(out), adapters(tmp / "two")
-    scale = max(np.abs(v).max() for v in reference.values())
-    assert max(np.abs(final[k] - reference[k]).max() for k in reference) <= 1e-5 * scale
-
-
 def eval_args(model_dir, prompts, heldout, out):
+    """A 2-rank run that also evaluates on `heldout`, before and after training."""
     return [
         *train_args(model_dir, prompts, out, 2),
         "--evaluation.prompts",
@@ -159,49 +144,29 @@ def eval_args(model_dir, prompts, heldout, out):
     ]
 
 
-def test_two_ranks_with_evaluation_killed_and_resumed_give_the_uninterrupted_result(
-    runs, toy_model_dir
-):
-    """Evaluation before and after training, on 2 ranks. Rank 1 is killed after step 5, when
-    rank 0's folder holds eval_base.json; on --resume rank 0 decides to reuse it and every
-    rank follows (before, rank 1 recomputed it while rank 0 read it, and their collectives
-    fell out of step). mlx.launch exits 0 even when a rank fails, so the ranks' output and
-    the files written are read, not only the exit status."""
+def test_a_dying_rank_stops_the_other_and_the_run_resumes_to_the_same_result(runs, toy_model_dir):
+    """Evaluation before and after training, on 2 ranks. Rank 1 is killed after step 5: rank 0
+    stops with one line and keeps the step-3 checkpoint, and its folder holds eval_base.json.
+    On --resume rank 0 decides to reuse that file and every rank follows (before, rank 1
+    recomputed it while rank 0 read it, and their collectives fell out of step); the result
+    equals the uninterrupted run's. mlx.launch exits 0 even when a rank fails, so the ranks'
+    output and the files written are read, not only the exit status."""
     tmp, prompts, _, _ = runs
-    heldout = tmp / "heldout.jsonl"
-    heldout.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "prompt": f"Tom has {i} apples and buys {i + 1} more. How many?",
-                    "answer": str(2 * i + 1),
-                }
-            )
-            + "\n"
-            for i in range(6)
-        )
-    )
-    whole = launch(2, *eval_args(toy_model_dir, prompts, heldout, tmp / "eval-whole"))
-    assert whole.returncode == 0 and "Traceback" not in whole.stderr, whole.stderr[-3000:]
-    out = tmp / "eval-killed"
-    killed = launch(
-        2,
-        "rank-1-after-step",
-        "5",
-        "--",
-        *eval_args(toy_model_dir, prompts, heldout, out),
-        killer=[KILLER],
-    )
+    out = tmp / "killed"
+    args = eval_args(toy_model_dir, prompts, tmp / "heldout.jsonl", out)
+    killed = launch(2, "rank-1-after-step", "5", "--", *args, killer=[KILLER])
+    assert "Traceback" not in killed.stderr
     assert "another rank stopped" in killed.stderr, killed.stderr[-2000:]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     assert (out / "eval_base.json").is_file() and not (out / "eval.json").exists()
     resumed = launch(2, "--resume", str(out))
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
     assert resumed.stdout.count("done:") == 1 and "| PMI (nats) |" in resumed.stdout
-    want, got = (json.loads((d / "eval.json").read_text()) for d in (tmp / "eval-whole", out))
+    want, got = (json.loads((d / "eval.json").read_text()) for d in (tmp / "two", out))
     for model in ("base", "mipo"):
         assert got[model]["answers"] == want[model]["answers"]
         for key in ("accuracy", "pmi_mean", "length_mean", "distinct_2"):
             assert got[model][key] == pytest.approx(want[model][key], abs=1e-4), (model, key)
-    final, reference = adapters(out), adapters(tmp / "eval-whole")
+    final, reference = adapters(out), adapters(tmp / "two")
     scale = max(np.abs(v).max() for v in reference.values())
     assert max(np.abs(final[k] - reference[k]).max() for k in reference) <= 1e-5 * scale

@@ -42,7 +42,8 @@ def test_digits_are_single_tokens(embedded):
 
 
 def test_default_run_short_mode(tmp_path):
-    """`python -m mipo_mlx.train` with only size limits: the embedded model, prompts and held-out set."""
+    """`python -m mipo_mlx.train` with only size limits: the embedded model, prompts and held-out
+    set."""
     out = tmp_path / "out"
     cmd = [
         sys.executable,

@@ -99,8 +99,8 @@ def log_softmax(v):
 
 
 def test_pmi_known_answer():
-    """3 prompts (first tokens 0, 1, 2), answers of two tokens; with k = 2 every other prompt is used,
-    so PMI_i = lp(y_i | x_i) - mean_{j != i} lp(y_i | x_j), computed here by hand."""
+    """3 prompts (first tokens 0, 1, 2), answers of two tokens; with k = 2 every other prompt is
+    used, so PMI_i = lp(y_i | x_i) - mean_{j != i} lp(y_i | x_j), computed here by hand."""
     table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0]]
     prompts = [[0, 3], [1, 3], [2, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]

@@ -1,4 +1,5 @@
-"""Export: fused == base + adapters, the folder loads with mlx-lm, the card, dry runs and uploads."""
+"""Export: fused == base + adapters, the folder loads with mlx-lm, the card, dry runs and
+uploads."""
 
 import json
 import shutil

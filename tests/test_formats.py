@@ -234,7 +234,8 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 
 
 def test_written_rows_read_back_as_prompts(tmp_path):
-    """What a run writes to train_prompts.jsonl / eval_prompts.jsonl reads back as the same prompts."""
+    """What a run writes to train_prompts.jsonl / eval_prompts.jsonl reads back as the same
+    prompts."""
     prompts = read_source(
         write_jsonl(
             tmp_path / "p.jsonl",
@@ -258,16 +259,20 @@ def test_gsm8k_8shot_template():
     text = render_prompt({"prompt": "What is 2+3?", "context": None}, "gsm8k_8shot")
     assert len(GSM8K_EXEMPLARS) == 8
     assert text.startswith(
-        "Question: There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
-        "After they are done, there will be 21 trees. How many trees did the grove workers plant today?\n"
-        "Answer: There are 15 trees originally. Then there were 21 trees after some more were planted. "
+        "Question: There are 15 trees in the grove. "
+        "Grove workers will plant trees in the grove today. "
+        "After they are done, there will be 21 trees. "
+        "How many trees did the grove workers plant today?\n"
+        "Answer: There are 15 trees originally. "
+        "Then there were 21 trees after some more were planted. "
         "So there must have been 21 - 15 = 6. #### 6\n\n"
         "Question: If there are 3 cars in the parking lot and 2 more cars arrive, "
         "how many cars are in the parking lot?\n"
         "Answer: There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. #### 5\n\n"
     )
     assert text.endswith(
-        "Question: Olivia has $23. She bought five bagels for $3 each. How much money does she have left?\n"
+        "Question: Olivia has $23. She bought five bagels for $3 each. "
+        "How much money does she have left?\n"
         "Answer: Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
         "So she has 23 - 15 dollars left. 23 - 15 is 8. #### 8\n\n"
         "Question: What is 2+3?\nAnswer:"

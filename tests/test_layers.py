@@ -1,8 +1,8 @@
 """The package's layers import one way: a module imports only from its own layer or the
 layers below it, no two modules import each other (directly or around a cycle), and a
 module imports the package's own modules inside a function only where that keeps mlx out
-of `--help`. The layers are listed in README.md ("Architecture"); this test keeps the two
-in step and reads the import graph from the source itself."""
+of `--help`. The layers are listed in README.md ("Architecture") and in the package's
+docstring; this test keeps the three in step and reads the import graph from the source."""
 
 from __future__ import annotations
 
@@ -175,5 +175,14 @@ def test_readme_lists_the_same_layers():
     block = text.split("<!-- layers -->", 2)[1]
     listed = re.findall(r"^\d+\. \*\*(\w+)\*\*: (.+)$", block, flags=re.MULTILINE)
     assert [(layer, [m.strip(" `") for m in members.split(",")]) for layer, members in listed] == [
+        (layer, members) for layer, members in LAYERS
+    ]
+
+
+def test_package_docstring_lists_the_same_layers():
+    import mipo_mlx
+
+    rows = [line.split() for line in mipo_mlx.__doc__.split("layers below", 1)[1].splitlines()[1:]]
+    assert [(row[0], row[1:]) for row in rows if row] == [
         (layer, members) for layer, members in LAYERS
     ]

@@ -70,7 +70,8 @@ def test_policy_equal_to_reference_gives_log_2():
 
 
 def test_accuracy_is_per_pair_not_per_batch():
-    """Two of three pairs have chosen reward > rejected: accuracy 2/3 (a batch-mean rule would say 1)."""
+    """Two of three pairs have chosen reward > rejected: accuracy 2/3
+    (a batch-mean rule would say 1)."""
     rc, rr = mx.array([1.0, 1.0, -5.0]), mx.array([0.0, 0.0, 0.0])
     metrics = preference_metrics(mx.zeros(3), rc, rr, mx.zeros(3), mx.zeros(3))
     assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)

@@ -1,4 +1,5 @@
-"""NaN injection: a non-finite loss stops training keeping the last good checkpoint, or is skipped."""
+"""NaN injection: a non-finite loss stops training keeping the last good checkpoint, or is
+skipped."""
 
 import itertools
 import math
@@ -29,7 +30,8 @@ def setup(model_dir):
 
 
 def poisoned(pairs):
-    """Batches of 4; the batch of step 3 has a NaN reference log-prob (as a corrupt pair file would)."""
+    """Batches of 4; the batch of step 3 has a NaN reference log-prob (as a corrupt pair file
+    would)."""
     for k in itertools.count():
         batch = pack_pairs(pairs[(k % 2) * 4 : (k % 2) * 4 + 4], 0)
         if k + 1 == POISONED_STEP:

@@ -1,4 +1,5 @@
-"""Every negative strategy end to end through the pairs stage (`pairs.build_pairs`), on the toy model."""
+"""Every negative strategy end to end through the pairs stage (`pairs.build_pairs`), on the toy
+model."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ ROWS = [
         "context": "Answer in one line.",
     },
     {
-        "prompt": "A train leaves at noon. It goes 60 km per hour. It stops once. How far is it at 3 pm?",
+        "prompt": (
+            "A train leaves at noon. It goes 60 km per hour. It stops once. How far is it at 3 pm?"
+        ),
         "context": "Be very polite.",
     },
     {
@@ -282,7 +285,8 @@ def test_context_strategy_without_context_names_the_line(toy_model, tmp_path):
     config = make_config(write_rows(tmp_path / "p.jsonl", rows), "no_context")
     with pytest.raises(
         UserError,
-        match=r"p.jsonl:3: pairs.negatives=no_context needs a .context. on every prompt row; this one has none",
+        match=r"p.jsonl:3: pairs.negatives=no_context needs a .context. on every prompt row; "
+        r"this one has none",
     ):
         build_pairs_of(model, tokenizer, config)
 

@@ -319,7 +319,8 @@ def test_render_full_pipeline_of_turns(tokenizer):
     text = tokenizer.decode(render(tokenizer, messages, False))
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nPlan a trip.\n\nPlease respect the following requirements made by the user: "
+        "<|im_start|>user\nPlan a trip.\n\n"
+        "Please respect the following requirements made by the user: "
         "No flights.<|im_end|>\n<|im_start|>assistant\n"
     )
 

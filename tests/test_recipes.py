@@ -253,9 +253,12 @@ def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
         "Answer:"
     )
     assert user_turn(first).startswith(
-        "Question: There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
-        "After they are done, there will be 21 trees. How many trees did the grove workers plant today?\n"
-        "Answer: There are 15 trees originally. Then there were 21 trees after some more were planted. "
+        "Question: There are 15 trees in the grove. "
+        "Grove workers will plant trees in the grove today. "
+        "After they are done, there will be 21 trees. "
+        "How many trees did the grove workers plant today?\n"
+        "Answer: There are 15 trees originally. "
+        "Then there were 21 trees after some more were planted. "
         "So there must have been 21 - 15 = 6. #### 6\n\n"
     )
     # the labels went to evaluation only: the run folder's prompts keep them, the pairs do not
@@ -277,7 +280,8 @@ def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
 
 
 def test_gsm8k_evaluation_subset_is_the_seeded_draw(toy_model_dir, tmp_path, hub):
-    """evaluation.subset draws with random.Random(42).sample from the test rows; --limit keeps its first N."""
+    """evaluation.subset draws with random.Random(42).sample from the test rows; --limit keeps its
+    first N."""
     import random
 
     out = tmp_path / "out"
@@ -337,7 +341,8 @@ def test_arc_recipes(recipe, toy_model_dir, tmp_path, hub):
 @pytest.mark.parametrize("recipe", ["prism", "community-alignment"])
 def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
     out = tmp_path / "out"
-    # the source has 12 rows: the first 200 are the evaluation's, so train on rows after a smaller skip
+    # the source has 12 rows: the first 200 are the evaluation's, so train on rows after a
+    # smaller skip
     assert run_recipe(recipe, toy_model_dir, out, "--data.skip", "6") == 0
     pairs = pairs_of(out)
     assert {p["negatives"] for p in pairs} == {"no_context"}
@@ -387,7 +392,8 @@ def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
 
 
 def test_judge_needs_contexts(toy_model_dir, tmp_path, hub, capsys):
-    """A judge on rows without a user context: one line, exit 2, before any model loads or file is written."""
+    """A judge on rows without a user context: one line, exit 2, before any model loads or file is
+    written."""
     out = tmp_path / "out"
     assert run_recipe("gsm8k", toy_model_dir, out, "--evaluation.judge", str(toy_model_dir)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -428,10 +434,10 @@ def test_limit_and_subset_options():
     """--limit caps the training and the evaluation prompts, --subset draws training prompts;
     an explicit --section.key wins over either."""
     from mipo_mlx.cli import parse_args
-    from mipo_mlx.train import build_parser, quick_trial
+    from mipo_mlx.train import parser, quick_trial
 
     def settings(*argv):
-        _, overrides, extras = parse_args(build_parser(), list(argv))
+        _, overrides, extras = parse_args(parser(), list(argv))
         quick_trial(overrides, extras)
         return {k: v for k, v in overrides.items() if k.endswith(("limit", "subset"))}
 
@@ -445,7 +451,8 @@ def test_limit_and_subset_options():
 
 
 def test_evaluation_subset_larger_than_the_split(toy_model_dir, tmp_path, hub, capsys):
-    """The paper's 200-item draw from a 10-row test file: one line naming the source, exit 2, nothing written."""
+    """The paper's 200-item draw from a 10-row test file: one line naming the source, exit 2,
+    nothing written."""
     out = tmp_path / "out"
     argv = [
         "--config",

@@ -10,7 +10,8 @@ from .builders import made_up_pairs
 
 
 def test_mask_row_by_row():
-    """Prompt [5, 6, 7] + response [8, 9]: inputs t predict t+1; the response targets are at t = 2, 3.
+    """Prompt [5, 6, 7] + response [8, 9]: inputs t predict t+1; the response targets are at
+    t = 2, 3.
 
     Second row: prompt [4] + response [3, 2, 1]: targets 3, 2, 1 at t = 0, 1, 2. Pad id 0.
     """
@@ -260,7 +261,8 @@ def test_response_logps_equal_one_by_one_both_ways(toy_model):
 
 def test_response_logps_reusing_a_common_prefix(toy_model):
     """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
-    once and every row's log-prob is still its own; a model whose blocks reject caches falls back."""
+    once and every row's log-prob is still its own; a model whose blocks reject caches falls
+    back."""
     from mipo_mlx.score import common_prefix, prefix_reuse_works, response_logps
 
     model, _ = toy_model

@@ -1,4 +1,5 @@
-"""The synthetic tasks: splits disjoint by construction, labels right, shipped files reproducible."""
+"""The synthetic tasks: splits disjoint by construction, labels right, shipped files
+reproducible."""
 
 import json
 from pathlib import Path

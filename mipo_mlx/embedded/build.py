@@ -49,7 +49,8 @@ def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
 
 
 def make_batch(rows, pad_id: int):
-    """(inputs, targets, mask) for (ids, prompt length) rows: the answer and end token are scored."""
+    """(inputs, targets, mask) for (ids, prompt length) rows: the answer and end token are
+    scored."""
     inputs, targets, mask = pack(
         [ids[:plen] for ids, plen in rows],
         [ids[plen:] for ids, plen in rows],
@@ -202,7 +203,8 @@ def main() -> None:
     )
     write_prompt_files(out / "data", train=512, valid=200, heldout=200)
     print(
-        f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) and {out / 'data'}"
+        f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) "
+        f"and {out / 'data'}"
     )
 
 
