@@ -92,14 +92,10 @@ def stages(
     rendered: Rendered,
     held: Heldout | None,
 ) -> RunResult:
-    ev, batch = config.evaluation, config.generation.batch_size
     pad = mdl.pad_id(tokenizer)
     if held is not None:
         before = folder.cached_json(
-            "eval_base.json",
-            lambda: answer_and_measure(
-                model, tokenizer, held, ev, config.data, batch, nullcontext, "base"
-            ),
+            "eval_base.json", lambda: answers(config, model, tokenizer, held)
         )
     pairs = folder.pairs()
     if pairs is not None:
@@ -131,21 +127,11 @@ def stages(
     )
     table = None
     if held is not None:
-        after = answer_and_measure(
-            model,
-            tokenizer,
-            held,
-            ev,
-            config.data,
-            batch,
-            lambda: mdl.adapters_disabled(model),
-            "mipo",
-        )
-        results = {"base": before, "mipo": after}
-        add_judge(results, held.rendered.prompts, ev, config.model.trust_remote_code)
+        results = {"base": before, "mipo": answers(config, model, tokenizer, held, adapters=True)}
+        add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
         table = markdown_table(results)
-        dist.main_only(write_report, folder.path, results, ev.plots)
-        if ev.plots:
+        dist.main_only(write_report, folder.path, results, config.evaluation.plots)
+        if config.evaluation.plots:
             dist.main_only(
                 plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
             )
@@ -154,26 +140,28 @@ def stages(
 
 def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
     """Base (and, given a run folder's adapters, base + adapters) on the held-out prompts."""
-    ev, batch = config.evaluation, config.generation.batch_size
-    prompts = heldout_prompts(ev)
+    prompts = heldout_prompts(config.evaluation)
     model, tokenizer, _ = mdl.load(config.model)
-    held = heldout(tokenizer, prompts, config.data, ev.prompts)
-    results = {
-        "base": answer_and_measure(
-            model, tokenizer, held, ev, config.data, batch, nullcontext, "base"
-        )
-    }
+    held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
+    results = {"base": answers(config, model, tokenizer, held)}
     if adapters:
         mdl.load_adapters(model, Path(adapters))
-        results["mipo"] = answer_and_measure(
-            model,
-            tokenizer,
-            held,
-            ev,
-            config.data,
-            batch,
-            lambda: mdl.adapters_disabled(model),
-            "mipo",
-        )
-    add_judge(results, held.rendered.prompts, ev, config.model.trust_remote_code)
+        results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
+    add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
     return results
+
+
+def answers(config: Config, model, tokenizer, held: Heldout, adapters: bool = False) -> dict:
+    """The evaluation stage for the base model, or for base + adapters ('mipo'; PMI is always
+    scored by the base, with the adapters off)."""
+    base = (lambda: mdl.adapters_disabled(model)) if adapters else nullcontext
+    return answer_and_measure(
+        model,
+        tokenizer,
+        held,
+        config.evaluation,
+        config.data,
+        config.generation.batch_size,
+        base,
+        "mipo" if adapters else "base",
+    )

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.base import create_causal_mask
 
 from . import distributed as dist
+from .prefix import AfterPrefix, RecordKV, body_and_head, common_prefix, prefix_keys
 
 PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompiles of the compiled step
 
@@ -160,74 +160,6 @@ def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD
     return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
 
 
-class _RecordKV:
-    """A cache for the prefix pass: keeps each layer's keys and values, differentiably."""
-
-    offset = 0
-    keys = values = None
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys, self.values = keys, values
-        return keys, values
-
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        if window_size is not None:
-            raise NotImplementedError(
-                "sliding-window attention"
-            )  # the check falls back to no prefix
-        return create_causal_mask(n) if return_array else "causal"
-
-
-class _AfterPrefix:
-    """A cache for the rows: the prefix rows' keys and values, each repeated for the `copies`
-    rows that continue it; row r sits at positions lengths[r], lengths[r]+1, ..."""
-
-    def __init__(self, record: _RecordKV, lengths: mx.array, copies: int):
-        self.prefix = (
-            mx.concatenate([record.keys] * copies),
-            mx.concatenate([record.values] * copies),
-        )
-        self.lengths = mx.concatenate([lengths] * copies)  # (N,)
-        self.offset = self.lengths  # per-row RoPE offsets
-        self.keys = self.values = None
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.concatenate([self.prefix[0], keys], axis=2)
-        self.values = mx.concatenate([self.prefix[1], values], axis=2)
-        return self.keys, self.values
-
-    def make_mask(
-        self, n: int, return_array: bool = False, window_size: int | None = None
-    ) -> mx.array:
-        if window_size is not None:
-            raise NotImplementedError("sliding-window attention")
-        width = self.prefix[0].shape[2]
-        cols = mx.arange(width + n)
-        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (
-            cols < width
-        )  # (N, 1, W+n)
-        causal = (cols[None, :] >= width) & (
-            cols[None, :] - width <= mx.arange(n)[:, None]
-        )  # (n, W+n)
-        return (in_prompt | causal)[:, None]  # (N, 1, n, W+n)
-
-
-def body_and_head(model):
-    """The transformer (tokens, cache -> hidden states) and the LM head of an mlx-lm model."""
-    body = model.model
-    args = getattr(model, "args", None)
-    if getattr(args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-        return body, body.embed_tokens.as_linear
-    return body, model.lm_head
-
-
-def prefix_keys(model, prefix: mx.array) -> list[_RecordKV]:
-    """Each layer's keys and values of the prefix rows (P, W), from one pass through the blocks."""
-    records = [_RecordKV() for _ in model.layers]
-    body_and_head(model)[0](prefix, cache=records)  # only the keys and values are used
-    return records
-
-
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) under each row of logits: (K, V), (K,) -> (K,), in float32."""
     logits = logits.astype(mx.float32)
@@ -239,7 +171,7 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 def scored_logits(
     model,
     rows: dict[str, mx.array],
-    records: list[_RecordKV] | None = None,
+    records: list[RecordKV] | None = None,
     head_only: bool = False,
 ) -> mx.array:
     """Logits (K, V) at the scored positions of `rows` (a `Rows.tree()`).
@@ -260,7 +192,7 @@ def scored_logits(
     body, head = body_and_head(model)
     cache = None
     if records is not None:
-        cache = [_AfterPrefix(r, lengths, inputs.shape[0] // r.keys.shape[0]) for r in records]
+        cache = [AfterPrefix(r, lengths, inputs.shape[0] // r.keys.shape[0]) for r in records]
     hidden = body(inputs, cache=cache)  # (N, T, H)
     return head(hidden.reshape(-1, hidden.shape[-1])[positions])
 
@@ -268,7 +200,7 @@ def scored_logits(
 def row_logps(
     model,
     rows: dict[str, mx.array],
-    records: list[_RecordKV] | None = None,
+    records: list[RecordKV] | None = None,
     head_only: bool = False,
 ) -> mx.array:
     """Each row's summed log-prob of its scored tokens, (N,)."""
@@ -326,18 +258,6 @@ def head_only_works(model, tolerance: float = 1e-3) -> bool:
         )
     except Exception as err:  # no .model / .layers, or blocks that need other arguments
         return _fell_back(what, f"{type(err).__name__}: {err}")
-
-
-def common_prefix(prompts: Sequence[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least its last token."""
-    if not prompts:
-        return 0
-    shortest = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < shortest and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
 
 
 def _suffix_logps(model, records, start: int, prompts, responses, pad_id: int) -> mx.array:

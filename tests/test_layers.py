@@ -35,7 +35,17 @@ LAYERS = [
     ("data", ["formats", "tasks", "prompts"]),
     (
         "compute",
-        ["distributed", "model", "generate", "score", "losses", "memory", "checkpoint", "toy"],
+        [
+            "distributed",
+            "model",
+            "generate",
+            "prefix",
+            "score",
+            "losses",
+            "memory",
+            "checkpoint",
+            "toy",
+        ],
     ),
     (
         "stages",

@@ -263,7 +263,8 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
     once and every row's log-prob is still its own; a model whose blocks reject caches falls
     back."""
-    from mipo_mlx.score import common_prefix, prefix_reuse_works, response_logps
+    from mipo_mlx.prefix import common_prefix
+    from mipo_mlx.score import prefix_reuse_works, response_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(11)
