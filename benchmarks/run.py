@@ -49,11 +49,8 @@ WORKLOADS = {
     "quick": {"chat": (2, (200, 400), (100, 200)), "personalization": (2, (500, 600), (100, 200))},
     "full": {"chat": (4, (200, 400), (100, 200)), "personalization": (4, (500, 600), (100, 200))},
 }
-QUANT_WORKLOAD = (
-    1,
-    (200, 300),
-    (100, 150),
-)  # 4-bit runs: MLX's CPU quantized matmul is ~40x slower
+# 4-bit runs: MLX's CPU quantized matmul is ~40x slower
+QUANT_WORKLOAD = (1, (200, 300), (100, 150))
 LORA = dict(rank=8, scale=20.0, dropout=0.0, num_layers=-1)
 
 
@@ -240,9 +237,8 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     def batches():
         while True:
-            if (
-                variant == "recompute"
-            ):  # the reference forward every step (adapters off, same weights)
+            # The reference forward every step (adapters off, same weights)
+            if variant == "recompute":
                 with adapters_disabled(model):
                     chosen, rejected = pair_logps(model, batch.tree())
                     mx.eval(chosen, rejected)
@@ -257,9 +253,8 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     steps = spec["warmup"] + spec["steps"]
     train(model, make_loss(config), batches(), steps, config, log=log)
-    scored = int(
-        batch.owners.sum().item()
-    )  # response positions: the only ones through the head when shared
+    # Response positions: the only ones through the head when shared
+    scored = int(batch.owners.sum().item())
     return {
         "step_seconds": times[spec["warmup"] :],
         "shared": shared,
@@ -376,10 +371,8 @@ def worker_generate(spec: dict) -> dict:
         sampler = make_sampler(temp=0.7, top_p=0.9)
         generated = 0
         for i, prompt in enumerate(prompts):
-            for source in (
-                prompt,
-                prompts[(i + 1) % n],
-            ):  # the positive, then a negative from another prompt
+            # The positive, then a negative from another prompt
+            for source in (prompt, prompts[(i + 1) % n]):
                 for response in stream_generate(
                     model, tokenizer, source, max_tokens=max_tokens, sampler=sampler
                 ):

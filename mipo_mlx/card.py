@@ -100,6 +100,5 @@ def model_card(
         "```",
         "",
     ]
-    return str(
-        ModelCard("\n".join(lines))
-    )  # parsed back: the front matter is what the Hub will read
+    # Parsed back: the front matter is what the Hub will read
+    return str(ModelCard("\n".join(lines)))

@@ -65,9 +65,8 @@ def all_gather_objects(obj) -> list:
     lengths = np.zeros(size(), dtype=np.int32)
     lengths[rank()] = len(data)
     lengths = np.array(_all_sum_cpu(mx.array(lengths)))
-    table = np.zeros(
-        (size(), int(lengths.max())), dtype=np.int32
-    )  # int32: all_sum of uint8 could overflow
+    # int32: all_sum of uint8 could overflow
+    table = np.zeros((size(), int(lengths.max())), dtype=np.int32)
     table[rank(), : len(data)] = data
     table = np.array(_all_sum_cpu(mx.array(table)))
     return [

@@ -70,9 +70,8 @@ def margins_and_logits(model, pairs, pad: int):
     lengths = mx.array(
         [len(p) + len(r) - 1 for p, r in zip([p.prompt_ids for p in pairs] * 2, responses)]
     )
-    real = (
-        mx.arange(logits.shape[1])[None, :] < lengths[:, None]
-    )  # (2B, T): compare logits only there
+    # (2B, T): compare logits only there
+    real = mx.arange(logits.shape[1])[None, :] < lengths[:, None]
     mx.eval(logits, logps)
     n = len(pairs)
     return logps[:n] - logps[n:], logits, real[..., None]

@@ -106,9 +106,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss: StepLoss, conf
 
     def step(batch: dict[str, mx.array], grad_sum, update: bool):
         (_, metrics), grads = loss_and_grad(model, batch)
-        metrics = dist.mean_over_ranks(
-            metrics
-        )  # each rank holds an equal slice of the global batch
+        # Each rank holds an equal slice of the global batch
+        metrics = dist.mean_over_ranks(metrics)
         if grad_sum is not None:
             grads = tree_map(lambda a, b: a + b, grads, grad_sum)
         if not update:
@@ -191,12 +190,10 @@ def train(
     batches_done = resume.batches_done if resume is not None else 0
     skipped = 0
     for step in range(start + 1, steps + 1):
-        mx.random.seed(
-            config.seed * 1_000_003 + step
-        )  # dropout draws depend on the step alone: resumable
-        if (
-            config.on_nan == "skip"
-        ):  # keep the state to undo a non-finite step (arrays are immutable)
+        # Dropout draws depend on the step alone: resumable
+        mx.random.seed(config.seed * 1_000_003 + step)
+        # Keep the state to undo a non-finite step (arrays are immutable)
+        if config.on_nan == "skip":
             before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
         tic, grad_sum, rows, tokens = time.perf_counter(), None, [], 0
         for micro in range(config.grad_accumulation):

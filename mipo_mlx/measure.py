@@ -85,9 +85,8 @@ def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
     """(n, k) indices of other prompts: row i never holds i and has no repeats."""
     k = min(k, n - 1)
     rng = np.random.default_rng(seed)
-    draws = np.stack(
-        [rng.choice(n - 1, size=k, replace=False) for _ in range(n)]
-    )  # (n, k) in [0, n-2]
+    # (n, k) in [0, n-2]
+    draws = np.stack([rng.choice(n - 1, size=k, replace=False) for _ in range(n)])
     return draws + (draws >= np.arange(n)[:, None])  # skip i itself
 
 

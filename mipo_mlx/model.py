@@ -178,9 +178,8 @@ def save_adapters(
     """Write adapters in mlx-lm's format (loads with mlx_lm.load(..., adapter_path=folder))."""
     weights = adapter_weights(model)
     target = folder / name
-    with atomic_path(
-        target, suffix=".safetensors"
-    ) as tmp:  # mx.save_safetensors adds the suffix otherwise
+    # mx.save_safetensors adds the suffix otherwise
+    with atomic_path(target, suffix=".safetensors") as tmp:
         mx.save_safetensors(str(tmp), weights)
     write_json(
         folder / ADAPTER_CONFIG,

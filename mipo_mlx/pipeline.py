@@ -57,9 +57,8 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
     with stop.installed():
         if config.training.memory_limit_gb:
             mdl.set_memory_limit(config.training.memory_limit_gb)
-        with (
-            dist.together()
-        ):  # bad input stops every rank before the model loads or anything is written
+        # Bad input stops every rank before the model loads or anything is written.
+        with dist.together():
             folder.check(config, resume_run)
             d = config.data
             prompts = read_source(

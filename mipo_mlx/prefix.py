@@ -26,9 +26,8 @@ class RecordKV:
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         if window_size is not None:
-            raise NotImplementedError(
-                "sliding-window attention"
-            )  # the check falls back to no prefix
+            # The check falls back to no prefix
+            raise NotImplementedError("sliding-window attention")
         return create_causal_mask(n) if return_array else "causal"
 
 
@@ -57,12 +56,10 @@ class AfterPrefix:
             raise NotImplementedError("sliding-window attention")
         width = self.prefix[0].shape[2]
         cols = mx.arange(width + n)
-        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (
-            cols < width
-        )  # (N, 1, W+n)
-        causal = (cols[None, :] >= width) & (
-            cols[None, :] - width <= mx.arange(n)[:, None]
-        )  # (n, W+n)
+        # (N, 1, W+n)
+        in_prompt = (cols[None, None, :] < self.lengths[:, None, None]) & (cols < width)
+        # (n, W+n)
+        causal = (cols[None, :] >= width) & (cols[None, :] - width <= mx.arange(n)[:, None])
         return (in_prompt | causal)[:, None]  # (N, 1, n, W+n)
 
 

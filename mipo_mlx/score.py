@@ -334,9 +334,8 @@ def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
         shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True).tree()))
         plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False).tree()))
         return _matches(what, shared, plain, tolerance)
-    except (
-        Exception
-    ) as err:  # an architecture whose attention rejects the caches: the plain packing it is
+    # An architecture whose attention rejects the caches: the plain packing it is
+    except Exception as err:
         return _fell_back(what, f"{type(err).__name__}: {err}")
 
 

@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     require_mlx()
     from . import distributed as dist
 
-    output_dir = (
-        config.output.dir
-    )  # rank 0's folder for every rank (the default one is timestamped)
+    # Rank 0's folder for every rank (the default one is timestamped)
+    output_dir = config.output.dir
     config.output.dir = dist.decided(lambda: output_dir)
     from .loop import NonFiniteLoss
     from .pipeline import run

@@ -54,9 +54,8 @@ def train_adapters(
     state = folder.load_checkpoint()
     if state is not None:
         dist.say(f"resuming training from the checkpoint at step {state.step}")
-    folder.trim_metrics(
-        state.step if state else 0
-    )  # lines after the checkpoint will be logged again
+    # Lines after the checkpoint will be logged again
+    folder.trim_metrics(state.step if state else 0)
     progress = dist.progress(steps, "train")
     progress.update(state.step if state else 0)
 

@@ -80,6 +80,5 @@ def test_default_run_short_mode(tmp_path):
         assert (out / name).is_file(), name
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"base", "mipo"} and results["base"]["n"] == 8
-    assert (
-        "generate chosen" in done.stderr and "train |" in done.stderr
-    )  # progress for every long stage
+    # Progress for every long stage
+    assert "generate chosen" in done.stderr and "train |" in done.stderr

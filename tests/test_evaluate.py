@@ -54,10 +54,11 @@ def test_extract_number(text, number):
         ("Answer: B", None),  # missing the phrase
         ("The answer is: 42", None),  # malformed: not a letter
         ("The answer is: Banana", None),  # a word, not a letter
+        # Invented next item ignored
         (
             "The answer is: B\nQuestion: Which is a metal?\nThe answer is: D",
             "B",
-        ),  # invented next item ignored
+        ),
     ],
 )
 def test_extract_letter(text, letter):

@@ -388,9 +388,8 @@ def test_bucketed_and_unbucketed_batches_give_the_same_loss(toy_model):
 
     model, _ = toy_model
     pairs = made_up_pairs(24, seed=6)
-    for i, p in enumerate(
-        pairs
-    ):  # references that differ from the policy, so the loss is not log 2
+    # References that differ from the policy, so the loss is not log 2
+    for i, p in enumerate(pairs):
         p.reference_logps = {"chosen": -30.0 + i, "rejected": -40.0 + 0.5 * i}
     loss = make_loss(TrainingConfig(beta=0.1))
 

@@ -213,9 +213,8 @@ def test_recipe_settings_are_the_papers(recipe):
     assert config.evaluation.temperature == config.generation.temperature
     assert config.generation.max_tokens == (512 if personal else 1024)
     assert config.training.beta == 0.1 and config.training.epochs == 1
-    assert (
-        config.training.batch_size * config.training.grad_accumulation == 4
-    )  # the paper's global batch
+    # The paper's global batch
+    assert config.training.batch_size * config.training.grad_accumulation == 4
     assert config.pairs.negatives == ("no_context" if personal else "random")
     assert config.data.template == {"gsm8k": "gsm8k_8shot", "svamp": "gsm8k_8shot"}.get(
         recipe, "arc_zero_shot" if arc else "prism"
@@ -380,9 +379,8 @@ def test_personalization_recipes(recipe, toy_model_dir, tmp_path, hub):
         r = report[name]
         check_report(r)
         assert isinstance(r["pmi_context_mean"], float) and len(r["judge_scores"]) == 6
-        assert r["judge_unparsed"] >= preferences * r["judge_scores"].count(
-            None
-        )  # an unscored item: none parsed
+        # An unscored item: none parsed
+        assert r["judge_unparsed"] >= preferences * r["judge_scores"].count(None)
         assert "accuracy" not in r  # no labels in personalization rows
     win = judge.win_rate(report["mipo"]["judge_scores"], report["base"]["judge_scores"])
     assert report["mipo"]["win_rate"] == (None if math.isnan(win) else pytest.approx(win))

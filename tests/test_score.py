@@ -172,9 +172,8 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
 
     model = _lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)
-    pairs.append(
-        Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6)
-    )  # a one-token prompt: empty prefix
+    # A one-token prompt: empty prefix
+    pairs.append(Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6))
 
     def objective(model, shared):
         chosen, rejected = pair_logps(model, pack_pairs(pairs, 0, shared=shared).tree())
@@ -281,12 +280,13 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     for budget in (64, 100_000):
         got = response_logps(model, prompts, answers, pad_id=0, token_budget=budget)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # The shared prefix not reused
     np.testing.assert_allclose(
         response_logps(model, prompts, answers, pad_id=0, min_shared=10_000),
         expected,
         rtol=1e-4,
         atol=1e-4,
-    )  # the shared prefix not reused
+    )
 
     rejecting = RejectsCaches(model)
     assert not prefix_reuse_works(rejecting)
