@@ -196,3 +196,23 @@ def test_package_docstring_lists_the_same_layers():
     assert [(row[0], row[1:]) for row in rows if row] == [
         (layer, members) for layer, members in LAYERS
     ]
+
+
+@pytest.mark.parametrize("command", sorted(LAZY_IMPORTS_ALLOWED))
+def test_command_help_imports_no_mlx(command):
+    """Why the commands may import lazily: their --help needs no mlx backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['{command}', '--help']\n"
+        "try:\n"
+        f"    runpy.run_module('mipo_mlx.{command}', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
