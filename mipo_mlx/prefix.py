@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlx.core as mx
-from mlx_lm.models.base import create_causal_mask
 
 
 class RecordKV:
@@ -28,7 +27,9 @@ class RecordKV:
         if window_size is not None:
             # The check falls back to no prefix
             raise NotImplementedError("sliding-window attention")
-        return create_causal_mask(n) if return_array else "causal"
+        if not return_array:
+            return "causal"
+        return mx.arange(n)[:, None] >= mx.arange(n)[None]  # (n, n): row t sees columns <= t
 
 
 class AfterPrefix:

@@ -293,3 +293,17 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     np.testing.assert_allclose(
         response_logps(rejecting, prompts, answers, pad_id=0), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_prefix_pass_mask_is_mlx_lms_causal_mask():
+    """The prefix pass builds its causal mask itself (mlx_lm is imported only when a model
+    loads, so bad input fails fast); it must equal mlx-lm's."""
+    from mlx_lm.models.base import create_causal_mask
+
+    from mipo_mlx.prefix import RecordKV
+
+    for n in (1, 2, 9):
+        assert RecordKV().make_mask(n) == "causal"
+        assert mx.array_equal(
+            RecordKV().make_mask(n, return_array=True), create_causal_mask(n)
+        ).item()
