@@ -15,32 +15,12 @@ import pytest
 from .builders import write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-ARGS = [
-    "--generation.max_tokens",
-    "10",
-    "--generation.truncated",
-    "keep",
-    "--generation.temperature",
-    "1.0",
-    "--training.learning_rate",
-    "3e-3",
-    "--iters",
-    "8",
-    "--training.checkpoint_every",
-    "3",
-    "--training.save_every",
-    "0",
-    "--lora.rank",
-    "4",
-    "--lora.dropout",
-    "0.0",
-    "--data.valid_fraction",
-    "0.2",
-    "--training.valid_every",
-    "4",
-    "--training.length_buckets",
-    "2",
-]
+ARGS = (
+    "--generation.max_tokens 10 --generation.truncated keep --generation.temperature 1.0 "
+    "--training.learning_rate 3e-3 --iters 8 --training.checkpoint_every 3 "
+    "--training.save_every 0 --lora.rank 4 --lora.dropout 0.0 --data.valid_fraction 0.2 "
+    "--training.valid_every 4 --training.length_buckets 2"
+).split()
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
 

@@ -16,24 +16,11 @@ from mipo_mlx.score import pack_pairs
 
 from .builders import write_prompts
 
-TRAIN = [
-    "--generation.max_tokens",
-    "10",
-    "--generation.truncated",
-    "keep",
-    "--generation.temperature",
-    "1.0",
-    "--training.learning_rate",
-    "5e-3",
-    "--iters",
-    "6",
-    "--training.batch_size",
-    "4",
-    "--lora.rank",
-    "4",
-    "--data.valid_fraction",
-    "0.25",
-]
+TRAIN = (
+    "--generation.max_tokens 10 --generation.truncated keep --generation.temperature 1.0 "
+    "--training.learning_rate 5e-3 --iters 6 --training.batch_size 4 --lora.rank 4 "
+    "--data.valid_fraction 0.25"
+).split()
 
 
 def train_run(model_dir, root, *extra):

@@ -14,32 +14,12 @@ import pytest
 from .builders import write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
-ARGS = [
-    "--generation.max_tokens",
-    "10",
-    "--generation.truncated",
-    "keep",
-    "--generation.temperature",
-    "1.0",
-    "--training.learning_rate",
-    "3e-3",
-    "--iters",
-    "12",
-    "--training.batch_size",
-    "2",
-    "--training.checkpoint_every",
-    "3",
-    "--training.save_every",
-    "4",
-    "--lora.rank",
-    "4",
-    "--lora.dropout",
-    "0.1",
-    "--data.valid_fraction",
-    "0.2",
-    "--training.valid_every",
-    "5",
-]
+ARGS = (
+    "--generation.max_tokens 10 --generation.truncated keep --generation.temperature 1.0 "
+    "--training.learning_rate 3e-3 --iters 12 --training.batch_size 2 "
+    "--training.checkpoint_every 3 --training.save_every 4 --lora.rank 4 --lora.dropout 0.1 "
+    "--data.valid_fraction 0.2 --training.valid_every 5"
+).split()
 
 
 def train_cmd(model_dir, prompts, out, *extra):

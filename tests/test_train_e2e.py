@@ -16,26 +16,11 @@ from mipo_mlx.score import pack_pairs, pair_logps
 from .builders import write_prompts
 from .test_score import one_by_one
 
-ARGS = [
-    "--generation.max_tokens",
-    "12",
-    "--generation.truncated",
-    "keep",
-    "--generation.temperature",
-    "1.0",
-    "--training.learning_rate",
-    "2e-3",
-    "--training.epochs",
-    "6",
-    "--training.batch_size",
-    "4",
-    "--training.save_every",
-    "10",
-    "--lora.rank",
-    "4",
-    "--data.valid_fraction",
-    "0.1",
-]
+ARGS = (
+    "--generation.max_tokens 12 --generation.truncated keep --generation.temperature 1.0 "
+    "--training.learning_rate 2e-3 --training.epochs 6 --training.batch_size 4 "
+    "--training.save_every 10 --lora.rank 4 --data.valid_fraction 0.1"
+).split()
 
 
 @pytest.fixture(scope="module")
