@@ -11,6 +11,12 @@ from mipo_mlx.pairs import Pair
 ARITHMETIC = "Tom has {a} apples. He buys {b} more. How many apples does he have?"
 
 
+def run_args(model_dir, prompts, out, *extra) -> list[str]:
+    """The arguments of `python -m mipo_mlx.train` for a model, a prompt file and an output."""
+    where = {"--model": model_dir, "--prompts": prompts, "--output": out}
+    return [*(str(x) for pair in where.items() for x in pair), *map(str, extra)]
+
+
 def write_prompts(path: Path, n: int = 16, seed: int = 0, context: bool = False) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as fh:

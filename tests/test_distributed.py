@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from .builders import write_prompts
+from .builders import run_args, write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
 ARGS = (
@@ -36,17 +36,7 @@ def launch(n, *args, killer=None, timeout=300):
 
 
 def train_args(model_dir, prompts, out, batch):
-    return [
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(out),
-        "--training.batch_size",
-        str(batch),
-        *ARGS,
-    ]
+    return run_args(model_dir, prompts, out, "--training.batch_size", batch, *ARGS)
 
 
 def adapters(out):

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from .builders import write_prompts
+from .builders import run_args, write_prompts
 
 KILLER = str(Path(__file__).with_name("killer.py"))
 ARGS = (
@@ -23,16 +23,7 @@ ARGS = (
 
 
 def train_cmd(model_dir, prompts, out, *extra):
-    return [
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(out),
-        *ARGS,
-        *extra,
-    ]
+    return run_args(model_dir, prompts, out, *ARGS, *extra)
 
 
 def run_killed(point, value, model_dir, prompts, out, *extra):
