@@ -24,7 +24,7 @@ import yaml
 from .embedded import resolve_path
 from .errors import UserError
 
-NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context")
+NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context", "mixed")
 # Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
 # The names data.template takes: the paper's prompt templates (formats.PAPER_TEMPLATES holds them).
@@ -424,7 +424,11 @@ def validate(config: Config, command: str = "train") -> Config:
             raise UserError(
                 f"data.template={data.template} replaces data.{changed[0]}; set one of the two"
             )
-        if data.template != "prism" and config.pairs.negatives in ("no_context", "random_context"):
+        if data.template != "prism" and config.pairs.negatives in (
+            "no_context",
+            "random_context",
+            "mixed",
+        ):
             raise UserError(
                 f"pairs.negatives={config.pairs.negatives} needs a template "
                 "with the user's context; "

@@ -184,9 +184,12 @@ def altered_prompts(
     incomplete: the row's `incomplete` text if it has one, else x with one random
     non-final sentence dropped (None: nothing to drop);
     no_context: x without the user's context; random_context: x with another
-    user's context (a derangement over contexts). `random` generates nothing.
+    user's context (a derangement over contexts); mixed: no_context for the rows with
+    a context, None for the others (they get `random` negatives). `random` generates nothing.
     """
     rng = np.random.default_rng(seed)
+    if strategy == "mixed":
+        return [None if p.context is None else user_text(p.question, None, data) for p in prompts]
     if strategy == "incomplete":
         return [
             _maybe(_given_incomplete(p) or drop_one_sentence(p.question, rng), p.context, data)
@@ -229,10 +232,20 @@ def split_pairs(pairs: list[Pair], valid_fraction: float, seed: int) -> list[Pai
 
 def check_pairs_possible(rendered: Rendered, config: PairsConfig, data: DataConfig) -> None:
     """Input problems the negative strategy would hit, found before any generation or write."""
-    if config.negatives == "random":
-        check_derangeable([m[-1]["content"] for m in rendered.messages])
-    else:
+    if config.negatives in ("random", "mixed"):
+        plain = _without_context(rendered, config.negatives)
+        if plain:
+            check_derangeable([rendered.messages[i][-1]["content"] for i in plain])
+    if config.negatives != "random":
         altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+
+
+def _without_context(rendered: Rendered, strategy: str) -> list[int]:
+    """The rows that get `random` negatives: all of them with `random`; with `mixed`, the rows
+    without a context."""
+    if strategy == "random":
+        return list(range(len(rendered.prompts)))
+    return [i for i, p in enumerate(rendered.prompts) if p.context is None]
 
 
 def random_pairs(
@@ -241,9 +254,18 @@ def random_pairs(
     tokenizer,
     generation: GenerationConfig,
     seed: int,
+    among: list[int] | None = None,
 ) -> list[Pair]:
-    """`random` negatives: another prompt's positive, via a derangement; no second generation."""
+    """`random` negatives: another prompt's positive, via a derangement; no second generation.
+    With `among`, only those rows get pairs, and their negatives come from each other."""
     keep = usable_indices(positives, generation, 2)
+    if among is not None:
+        keep = sorted(set(keep) & set(among))
+        if len(keep) < 2:
+            raise UserError(
+                f"pairs.negatives=mixed: {len(keep)} usable answer(s) to prompts without a "
+                "context; their random negatives need 2 (raise generation.max_tokens)"
+            )
     other = derangement([rendered.messages[i][-1]["content"] for i in keep], seed)
     pairs = []
     for slot, i in enumerate(keep):
@@ -269,19 +291,20 @@ def generated_pairs(
     tokenizer,
     rendered: Rendered,
     positives: list[Response],
-    config: PairsConfig,
+    altered: list[str | None],
+    strategy: str,
     generation: GenerationConfig,
     data: DataConfig,
     cache: ResponseCache | None = None,
     should_stop=None,
 ) -> list[Pair]:
-    """incomplete / no_context / random_context: generate y- from an altered prompt."""
-    altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+    """incomplete / no_context / random_context: generate y- from each `altered` user turn
+    (rows whose altered turn is None get no pair)."""
     keep = set(usable_indices(positives, generation, 1))
     todo = [i for i, text in enumerate(altered) if text is not None and i in keep]
     if not todo:
         raise UserError(
-            f"pairs.negatives={config.negatives}: no prompt can be altered (e.g. no prompt has "
+            f"pairs.negatives={strategy}: no prompt can be altered (e.g. no prompt has "
             "two sentences for 'incomplete'); choose another strategy"
         )
     ids = [
@@ -293,7 +316,7 @@ def generated_pairs(
         tokenizer,
         ids,
         generation,
-        f"generate {config.negatives}",
+        f"generate {strategy}",
         STREAM_STRIDE,
         cache,
         should_stop,
@@ -306,7 +329,7 @@ def generated_pairs(
             rendered.ids[i],
             positives[i].token_ids,
             negative.token_ids,
-            config.negatives,
+            strategy,
             i,
             rejected_prompt=altered[i],
         )
@@ -330,7 +353,8 @@ def build_pairs(
 ) -> list[Pair]:
     """Answer every prompt (chosen), make the negatives as `config.negatives` says, and mark a
     share of the pairs for validation. `caches` keep each pass's responses ('chosen',
-    'rejected')."""
+    'rejected'). `mixed`: rows with a context get `no_context` negatives, the others `random`
+    ones drawn among themselves; each pair records the strategy it got."""
     caches = caches or {}
     positives = generate_all(
         model,
@@ -345,15 +369,26 @@ def build_pairs(
     if config.negatives == "random":
         pairs = random_pairs(rendered, positives, tokenizer, generation, config.seed)
     else:
-        pairs = generated_pairs(
-            model,
-            tokenizer,
-            rendered,
-            positives,
-            config,
-            generation,
-            data,
-            caches.get("rejected"),
-            should_stop,
-        )
+        altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+        strategy = "no_context" if config.negatives == "mixed" else config.negatives
+        pairs = []
+        if any(text is not None for text in altered) or config.negatives != "mixed":
+            rejected = caches.get("rejected")
+            pairs = generated_pairs(
+                model,
+                tokenizer,
+                rendered,
+                positives,
+                altered,
+                strategy,
+                generation,
+                data,
+                rejected,
+                should_stop,
+            )
+        plain = _without_context(rendered, "mixed") if config.negatives == "mixed" else []
+        if plain:  # mixed: the rows without a context draw their negatives from each other
+            seed = config.seed
+            pairs += random_pairs(rendered, positives, tokenizer, generation, seed, among=plain)
+            pairs.sort(key=lambda pair: pair.source)
     return split_pairs(pairs, data.valid_fraction, config.seed)

@@ -299,7 +299,7 @@ def test_optional_values_accept_null(tmp_path):
             "pairs.negatives",
             "shuffled",
             "'pairs.negatives' must be one of random, incomplete, no_context, "
-            "random_context, got 'shuffled'",
+            "random_context, mixed, got 'shuffled'",
         ),
         ("lora.rank", 0, "'lora.rank' must be at least 1, got 0"),
         ("lora.num_layers", -2, "'lora.num_layers' must be at least -1, got -2"),

@@ -368,3 +368,57 @@ def test_drop_removes_unfinished_pairs(toy_model, prompts_file, monkeypatch):
     for pair in pairs:
         assert pair.chosen_ids[-1] == eos and len(pair.chosen_ids) == 4
         assert pair.chosen == tokenizer.decode(pair.chosen_ids[:-1])
+
+
+# ---------------------------------------------------------------- mixed
+
+MIXED = [ROWS[0], {"prompt": "What is 7 + 5?"}, ROWS[1], {"prompt": "Ben has 2 pens. How many?"},
+         ROWS[2], {"prompt": "Which is larger, 4 or 9?"}]  # fmt: skip
+
+
+def test_mixed_picks_each_rows_strategy(toy_model, tmp_path):
+    """Rows with a context (0, 2, 4) get a `no_context` negative, generated from the prompt
+    without it; the others (1, 3, 5) a `random` negative: the answer to another row without a
+    context. One generation for the positives, one for the three no-context prompts only."""
+    model, tokenizer = toy_model
+    config = make_config(write_rows(tmp_path / "mixed.jsonl", MIXED), "mixed")
+    run = build(model, tokenizer, config)
+    assert [p.source for p in run.pairs] == [0, 1, 2, 3, 4, 5]
+    assert [p.negatives for p in run.pairs] == ["no_context", "random"] * 3
+    assert len(run.calls) == 2 and run.calls[1]["streams"] == [
+        gen.STREAM_STRIDE + k for k in range(3)
+    ]
+    negatives = run.calls[1]["responses"]
+    for k, pair in enumerate(p for p in run.pairs if p.negatives == "no_context"):
+        assert pair.rejected_prompt == user_text(MIXED[pair.source]["prompt"], None, config.data)
+        assert pair.rejected_ids == negatives[k].token_ids
+        assert pair.rejected_source is None
+    positives = run.calls[0]["responses"]
+    plain = [p for p in run.pairs if p.negatives == "random"]
+    assert sorted(p.rejected_source for p in plain) == [1, 3, 5]  # a derangement among them
+    for pair in plain:
+        assert pair.rejected_source != pair.source and pair.rejected_prompt is None
+        assert pair.rejected_ids == positives[pair.rejected_source].token_ids
+        assert (
+            pair.prompt_ids == run.calls[0]["prompts"][pair.source]
+        )  # scored under its own prompt
+
+
+def test_mixed_on_one_family_is_that_familys_strategy(toy_model, tmp_path, prompts_file):
+    model, tokenizer = toy_model
+    with_context = build(model, tokenizer, make_config(prompts_file, "mixed"))
+    assert {p.negatives for p in with_context.pairs} == {"no_context"}
+    plain = write_rows(tmp_path / "plain.jsonl", [m for m in MIXED if "context" not in m])
+    assert {p.negatives for p in build(model, tokenizer, make_config(plain, "mixed")).pairs} == {
+        "random"
+    }
+
+
+def test_mixed_needs_two_rows_without_context(toy_model, tmp_path):
+    from mipo_mlx.pairs import check_pairs_possible
+
+    _, tokenizer = toy_model
+    config = make_config(write_rows(tmp_path / "one.jsonl", MIXED[:3]), "mixed")
+    rendered = render_prompts(read_source(config.data.prompts), tokenizer, config.data, "one.jsonl")
+    with pytest.raises(UserError, match=r"1 prompt\(s\): a random negative needs at least 2"):
+        check_pairs_possible(rendered, config.pairs, config.data)
