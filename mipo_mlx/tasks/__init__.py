@@ -1,1 +1,2 @@
-"""Task formats: the embedded synthetic tasks and answer extraction."""
+"""Task formats: the embedded synthetic tasks, the requirements (personalization) family,
+and answer extraction."""
