@@ -21,14 +21,19 @@ from .config import DataConfig, EvaluationConfig, GenerationConfig
 from .errors import UserError
 from .files import write_json, write_text
 from .generate import Response, decode, generate_all
+from .judge import win_rate
 from .model import pad_id
 from .plots import plot_comparison
 from .prompts import Prompt, Rendered, messages_for, read_source, render, render_prompts, user_text
 from .score import response_logps
+from .tasks import requirements as req
 from .tasks.extract import is_correct
 
 METRICS = [
     ("accuracy", "accuracy", "{:.3f}"),
+    ("compliance", "compliance (well-formed answers)", "{:.3f}"),
+    ("compliance_win_rate", "win rate vs base by compliance (ties win)", "{:.3f}"),
+    ("well_formed_rate", "well-formed", "{:.3f}"),
     ("pmi_mean", "PMI (nats)", "{:.2f}"),
     ("pmi_context_mean", "context PMI (nats)", "{:.2f}"),
     ("judge_score", "judge score (1-5)", "{:.2f}"),
@@ -105,36 +110,82 @@ def pmi_scores(
     k: int,
     seed: int,
     pad: int,
-    plain_ids: list[list[int]] | None = None,
+    plain_ids: list[list[int] | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
-    user context) also the context PMI, (n,). Every log-prob comes from one scoring pass."""
-    columns = pmi_columns(prompt_ids, k, seed)
-    extra = [plain_ids] if plain_ids is not None else []
+    user context, None for a prompt that has none) also the context PMI of the answers whose
+    prompt has a context, (m,). Every log-prob comes from one scoring pass."""
+    n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
+    plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
     flat = response_logps(
         model,
-        [p for column in columns + extra for p in column],
-        list(response_ids) * (len(columns) + len(extra)),
+        [p for column in columns for p in column] + [plain_ids[i] for i in plain],
+        list(response_ids) * len(columns) + [response_ids[i] for i in plain],
         pad,
     )
-    logps = flat.reshape(len(columns) + len(extra), len(response_ids)).T  # (n, 1 + k [+ 1])
-    pmi = logps[:, 0] - logps[:, 1 : len(columns)].mean(axis=1)
-    return pmi, (logps[:, 0] - logps[:, -1]) if plain_ids is not None else None
+    logps = flat[: n * len(columns)].reshape(len(columns), n).T  # (n, 1 + k)
+    pmi = logps[:, 0] - logps[:, 1:].mean(axis=1)
+    return pmi, (logps[plain, 0] - flat[n * len(columns) :]) if plain else None
 
 
-def context_free_ids(tokenizer, rendered: Rendered, data: DataConfig) -> list[list[int]] | None:
-    """Each held-out prompt rendered without its user context; None unless every one has a
-    context."""
-    if not rendered.prompts or any(p.context is None for p in rendered.prompts):
+def context_free_ids(
+    tokenizer, rendered: Rendered, data: DataConfig
+) -> list[list[int] | None] | None:
+    """Each held-out prompt with a user context rendered without it (None for a prompt that
+    has none); None when no prompt has a context."""
+    if not any(p.context is not None for p in rendered.prompts):
         return None
-    return [
-        render(
-            tokenizer,
-            messages_for(p, user_text(p.question, None, data), data),
-            data.enable_thinking,
-        )
-        for p in rendered.prompts
+    turns = [
+        None if p.context is None else user_text(p.question, None, data) for p in rendered.prompts
     ]
+    return [
+        None
+        if text is None
+        else render(tokenizer, messages_for(p, text, data), data.enable_thinking)
+        for p, text in zip(rendered.prompts, turns)
+    ]
+
+
+def compliance_metrics(prompts: list[Prompt], texts: list[str]) -> dict:
+    """For held-out rows that state requirements (`tasks.requirements` rows): an item's score is
+    the share of its requirements the answer meets, and an answer that is not well formed meets
+    none (broken text must not pass surface checks); `compliance` is the mean item score,
+    `compliance_by_kind` the share of each kind's requirements met, `well_formed_rate` the share
+    of well-formed answers. {} when no row states requirements."""
+    rows = [
+        (i, req.requirements_from_row(p.extra), p.extra.get("topic", ""))
+        for i, p in enumerate(prompts)
+        if "requirements" in p.extra
+    ]
+    if not rows:
+        return {}
+    scores: list[float | None] = [None] * len(prompts)
+    met: dict[str, list[float]] = {}
+    formed = []
+    for i, requirements, topic in rows:
+        good = req.well_formed(texts[i], topic)
+        verdicts = [good and r.complies(texts[i]) for r in requirements]
+        scores[i] = sum(verdicts) / len(verdicts)
+        formed.append(good)
+        for r, verdict in zip(requirements, verdicts):
+            met.setdefault(r.kind, []).append(float(verdict))
+    kept = np.array([s for s in scores if s is not None])
+    return {
+        "compliance": float(kept.mean()),
+        "compliance_ci95": interval(kept),
+        "compliance_by_kind": {k: float(np.mean(met[k])) for k in req.KINDS if k in met},
+        "well_formed_rate": float(np.mean(formed)),
+        "compliance_scores": scores,
+    }
+
+
+def add_compliance_win_rate(results: dict[str, dict]) -> None:
+    """The adapters' win rate over the base by compliance: items where the adapters' answer
+    meets at least the base's share of requirements (ties win, as the paper's judge win rate)."""
+    base = results.get("base", {}).get("compliance_scores")
+    for name, result in results.items():
+        if name != "base" and base and result.get("compliance_scores"):
+            result["compliance_win_rate"] = win_rate(result["compliance_scores"], base)
 
 
 def distinct_n(sequences: list[list[int]], n: int) -> float:
@@ -213,6 +264,7 @@ def answer_and_measure(
         )
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)
+    result.update(compliance_metrics(rendered.prompts, texts))
     result.update(pmi_mean=float(pmi.mean()), pmi_ci95=interval(pmi))
     if context_pmi is not None:
         result.update(
@@ -225,11 +277,28 @@ def answer_and_measure(
     return result
 
 
+def _table_rows(results: dict[str, dict]) -> tuple[list[tuple[str, str, str]], dict[str, dict]]:
+    """METRICS with a row per requirement kind after 'compliance', and the results flattened
+    to match ('compliance/<kind>' keys)."""
+    flat = {
+        name: {**r, **{f"compliance/{k}": v for k, v in r.get("compliance_by_kind", {}).items()}}
+        for name, r in results.items()
+    }
+    kinds = [k for k in req.KINDS if any(f"compliance/{k}" in r for r in flat.values())]
+    rows = []
+    for key, title, fmt in METRICS:
+        rows.append((key, title, fmt))
+        if key == "compliance":
+            rows += [(f"compliance/{k}", f"compliance: {k}", fmt) for k in kinds]
+    return rows, flat
+
+
 def markdown_table(results: dict[str, dict]) -> str:
+    rows, results = _table_rows(results)
     names = list(results)
     header = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
     lines = [header, "|" + " --- |" * (len(names) + 1 + (len(names) == 2))]
-    for key, title, fmt in METRICS:
+    for key, title, fmt in rows:
         if not any(key in r for r in results.values()):
             continue
         cells = [

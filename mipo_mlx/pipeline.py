@@ -23,6 +23,7 @@ from .errors import StopFlag
 from .judge import add_judge
 from .measure import (
     Heldout,
+    add_compliance_win_rate,
     answer_and_measure,
     heldout,
     heldout_prompts,
@@ -127,6 +128,7 @@ def stages(
     table = None
     if held is not None:
         results = {"base": before, "mipo": answers(config, model, tokenizer, held, adapters=True)}
+        add_compliance_win_rate(results)
         add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
         table = markdown_table(results)
         dist.main_only(write_report, folder.path, results, config.evaluation.plots)
@@ -146,6 +148,7 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
     if adapters:
         mdl.load_adapters(model, Path(adapters))
         results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
+        add_compliance_win_rate(results)
     add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
     return results
 

@@ -16,6 +16,8 @@ CURVES = [
 ]
 BARS = [
     ("accuracy", "accuracy"),
+    ("compliance", "compliance"),
+    ("well_formed_rate", "well-formed"),
     ("pmi_mean", "PMI (nats)"),
     ("length_mean", "length (tokens)"),
     ("distinct_2", "distinct-2"),

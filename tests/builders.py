@@ -57,9 +57,10 @@ def made_up_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = Non
     ]
 
 
-def check_report(result: dict, labels: list[str] | None = None) -> None:
+def check_report(result: dict, labels: list[str] | None = None, prompts=None) -> None:
     """The values an evaluation report must hold given its own answers: accuracy from the
-    answers and labels, intervals centred on their means, the judge score from its items."""
+    answers and labels, compliance from the checkers run on the answers of `prompts`,
+    intervals centred on their means, the judge score from its items."""
     import numpy as np
     import pytest
 
@@ -71,6 +72,18 @@ def check_report(result: dict, labels: list[str] | None = None) -> None:
             np.mean([is_correct(a, str(label)) for a, label in zip(result["answers"], labels)]),
             abs=1e-12,
         )
+    if prompts is not None and "compliance_scores" in result:
+        from mipo_mlx.tasks import requirements as req
+
+        for prompt, answer, score in zip(prompts, result["answers"], result["compliance_scores"]):
+            verdicts = req.compliance(req.requirements_from_row(prompt.extra), answer)
+            formed = req.well_formed(answer, prompt.extra["topic"])
+            assert score == pytest.approx(formed * sum(verdicts) / len(verdicts))
+        kept = [s for s in result["compliance_scores"] if s is not None]
+        assert result["compliance"] == pytest.approx(np.mean(kept))
+    if "compliance" in result:
+        low, high = result["compliance_ci95"]
+        assert (low + high) / 2 == pytest.approx(result["compliance"], abs=1e-9)
     for key in ("pmi", "pmi_context"):
         if f"{key}_mean" in result:
             low, high = result[f"{key}_ci95"]

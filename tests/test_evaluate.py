@@ -257,3 +257,95 @@ def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
     check_report(result, [r["answer"] for r in rows])
     assert (tmp_path / "ev" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| PMI (nats) |" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+# ---------------------------------------------------------------- compliance
+
+
+def requirement_prompt(where, question, topic, *requirements):
+    from mipo_mlx.prompts import Prompt
+    from mipo_mlx.tasks.requirements import Item, Requirement
+
+    item = Item(question, topic, tuple(Requirement(*r) for r in requirements))
+    row = item.row()
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "context")}
+    return Prompt(where, row["prompt"], row["context"], extra=extra)
+
+
+def test_compliance_on_written_out_answers():
+    """Item 1 (capitals, question): met both. Item 2 (no_commas, max_words 8): met the first
+    only (11 words). Item 3 (signoff): the sign-off is there but the text is broken ('aaaa'),
+    so it meets none. A math row has no requirements and no score."""
+    from mipo_mlx.measure import add_compliance_win_rate, compliance_metrics
+    from mipo_mlx.prompts import Prompt
+
+    prompts = [
+        requirement_prompt(
+            "h:1", "What is a good breakfast?", "breakfast", ("capitals",), ("question",)
+        ),
+        requirement_prompt("h:2", "How do I cook rice?", "rice", ("max_words", 8), ("no_commas",)),
+        requirement_prompt("h:3", "How do I cook rice?", "rice", ("signoff",)),
+        Prompt("h:4", "What is 2 + 2?", extra={"answer": "4"}),
+    ]
+    texts = [
+        "OATMEAL IS A GOOD BREAKFAST. WHAT DO YOU EAT?",
+        "Rinse the rice and boil it in water for ten minutes.",
+        "Rice aaaa rice is good. Hope this helps!",
+        "2 + 2 = 4. The answer is 4.",
+    ]
+    got = compliance_metrics(prompts, texts)
+    assert got["compliance_scores"] == [1.0, 0.5, 0.0, None]
+    assert got["compliance"] == pytest.approx(0.5)
+    assert got["compliance_by_kind"] == {
+        "capitals": 1.0,
+        "signoff": 0.0,
+        "max_words": 0.0,
+        "question": 1.0,
+        "no_commas": 1.0,
+    }
+    assert got["well_formed_rate"] == pytest.approx(2 / 3)
+    assert compliance_metrics(prompts[3:], texts[3:]) == {}
+    results = {"base": got, "mipo": {**got, "compliance_scores": [0.5, 0.5, 1.0, None]}}
+    add_compliance_win_rate(results)
+    assert results["mipo"]["compliance_win_rate"] == pytest.approx(2 / 3)  # 0.5<1, 0.5>=0.5, 1>=0
+    table = markdown_table({"base": {**got}, "mipo": {**got}})
+    assert "| compliance (well-formed answers) | 0.500 | 0.500 | +0.000 |" in table
+    assert "| compliance: capitals | 1.000 | 1.000 | +0.000 |" in table
+    assert table.index("compliance: capitals") < table.index("compliance: signoff")
+
+
+def test_context_pmi_over_the_rows_with_a_context():
+    """Rows 0 and 2 have a context (their context-free prompts start with token 3), row 1 has
+    none: the context PMI covers rows 0 and 2 only; the PMI covers all three."""
+    table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0], [0.5] * 4]
+    prompts, plain = [[0, 3], [1, 3], [2, 3]], [[3, 3], None, [3, 3]]
+    answers = [[0, 0], [1, 3], [2, 1]]
+    pmi, context = pmi_scores(
+        FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain
+    )
+    lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
+    assert pmi.shape == (3,) and context.shape == (2,)
+    np.testing.assert_allclose(context, [lp(0, 0) - lp(0, 3), lp(2, 2) - lp(2, 3)], atol=1e-5)
+
+
+def test_answer_and_measure_scores_compliance_of_its_answers(toy_model):
+    """On requirement rows the stage's compliance equals the checkers run on its own answers."""
+    from contextlib import nullcontext
+
+    from mipo_mlx.config import DataConfig, EvaluationConfig
+    from mipo_mlx.measure import answer_and_measure, heldout
+    from mipo_mlx.tasks.requirements import items
+
+    model, tokenizer = toy_model
+    prompts = [
+        requirement_prompt(
+            f"h:{n}", it.question, it.topic, *((r.kind, r.value) for r in it.requirements)
+        )
+        for n, it in enumerate(items("heldout", 6, seed=1))
+    ]
+    data, ev = DataConfig(), EvaluationConfig(max_tokens=8, pmi_negatives=2, temperature=1.0)
+    result = answer_and_measure(
+        model, tokenizer, heldout(tokenizer, prompts, data, "h"), ev, data, 4, nullcontext, "base"
+    )
+    check_report(result, prompts=prompts)
+    assert len(result["compliance_scores"]) == 6 and "pmi_context_mean" in result
