@@ -166,6 +166,12 @@ class TrainingConfig:
     grad_accumulation: int = setting(1, "Micro-batches summed into one optimizer step.", min=1)
     epochs: int = setting(1, "Passes over the training pairs (paper: 1).", min=1)
     iters: int | None = setting(None, "Optimizer steps; null = epochs x pairs / batch.", min=1)
+    rounds: int = setting(
+        1,
+        "Rounds of generate -> pairs -> train (the paper runs 1; more is an extension): round k "
+        "answers with round k-1's adapters, and that model is round k's reference.",
+        min=1,
+    )
     shared_prompt: str = setting(
         "auto",
         "Run each prompt once for its chosen and rejected responses (same "

@@ -13,7 +13,7 @@ it can be inspected, and a rerun with --resume picks up what is finished there.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed as dist
@@ -92,42 +92,26 @@ def stages(
     rendered: Rendered,
     held: Heldout | None,
 ) -> RunResult:
-    pad = mdl.pad_id(tokenizer)
+    results: dict[str, dict] = {}
     if held is not None:
-        before = folder.cached_json(
+        results["base"] = folder.cached_json(
             "eval_base.json", lambda: answers(config, model, tokenizer, held)
         )
-    pairs = folder.pairs()
-    if pairs is not None:
-        dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")
-        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
-    else:
-        if rendered.skipped:
-            dist.say(
-                f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens="
-                f"{config.data.max_prompt_tokens}"
+    rounds = config.training.rounds
+    for k in range(1, rounds + 1):
+        pairs, metrics = one_round(config, folder.round(k), stop, model, tokenizer, rendered, k)
+        if held is not None and rounds == 1:
+            results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
+        elif held is not None:  # kept, so that a resumed run does not answer again
+            results[f"round {k}"] = folder.cached_json(
+                f"eval_round-{k}.json", lambda: answers(config, model, tokenizer, held, True)
             )
-        caches = {name: folder.responses(name) for name in ("chosen", "rejected")}
-        pairs = build_pairs(
-            model, tokenizer, rendered, config.pairs, config.generation, config.data, caches, stop
-        )
-        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
-        add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
-        folder.write_pairs(pairs)
-        dist.say(
-            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) "
-            f"to {folder.path / 'pairs.jsonl'}"
-        )
-    metrics = train_adapters(
-        model, pad, pairs, config.training, config.lora, config.model.path, folder, stop, shared
-    )
     dist.say(
         f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  "
         f"(mlx_lm.load(model, adapter_path='{folder.path}'))"
     )
     table = None
     if held is not None:
-        results = {"base": before, "mipo": answers(config, model, tokenizer, held, adapters=True)}
         add_compliance_win_rate(results)
         add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
         table = markdown_table(results)
@@ -137,6 +121,54 @@ def stages(
                 plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
             )
     return RunResult(folder.path, pairs, metrics, table)
+
+
+def one_round(
+    config: Config, folder: RunFolder, stop: StopFlag, model, tokenizer, rendered: Rendered, k: int
+) -> tuple[list[Pair], dict[str, float]]:
+    """Round k: answers, pairs and reference scores (reused from `folder` when there), then
+    training. From round 2 on the model answers with the adapters it has (the previous
+    round's), draws from other seeds, and is the reference its pairs are scored under: each
+    round is a DPO step away from the model that made its pairs."""
+    pad = mdl.pad_id(tokenizer)
+    pairs = folder.pairs()
+    if pairs is not None:
+        dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")
+        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
+    else:
+        if rendered.skipped and k == 1:
+            dist.say(
+                f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens="
+                f"{config.data.max_prompt_tokens}"
+            )
+        generation = replace(config.generation, seed=config.generation.seed + k - 1)
+        caches = {name: folder.responses(name) for name in ("chosen", "rejected")}
+        pairs = build_pairs(
+            model, tokenizer, rendered, config.pairs, generation, config.data, caches, stop
+        )
+        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
+        add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
+        folder.write_pairs(pairs)
+        dist.say(
+            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) "
+            f"to {folder.path / 'pairs.jsonl'}"
+        )
+    metrics = train_adapters(
+        model,
+        pad,
+        pairs,
+        config.training,
+        config.lora,
+        config.model.path,
+        folder,
+        stop,
+        shared,
+        attach=k == 1,
+    )
+    if k > 1:  # the run folder's adapters are the last round's
+        folder_root = folder.path.parent
+        dist.main_only(mdl.save_adapters, folder_root, model, config.lora, config.model.path)
+    return pairs, metrics
 
 
 def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:

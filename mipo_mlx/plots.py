@@ -14,6 +14,7 @@ CURVES = [
     ("rewards/margins", "reward margin"),
     ("rewards/accuracies", "reward accuracy"),
 ]
+COLORS = ["#888888", "#3366cc", "#cc6633", "#339966", "#9955bb"]  # base first, then each model
 BARS = [
     ("accuracy", "accuracy"),
     ("compliance", "compliance"),
@@ -84,7 +85,7 @@ def plot_comparison(results: dict[str, dict], target: Path) -> Path | None:
             names,
             values,
             yerr=errors,
-            color=["#888888", "#3366cc", "#cc6633"][: len(names)],
+            color=[COLORS[i % len(COLORS)] for i in range(len(names))],
             capsize=4,
         )
         ax.set_title(title)

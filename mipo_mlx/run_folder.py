@@ -76,7 +76,9 @@ def check_run_folder(out: Path, config: Config, resume: bool) -> None:
     if resume:
         check_same_run(out, config)
         return
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    earlier = [name for name in RUN_FILES if (out / name).exists()] + [
+        p.name for p in sorted(out.glob("round-*"))
+    ]
     if earlier and not config.output.overwrite:
         raise UserError(
             f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
@@ -105,6 +107,14 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
 
+    def round(self, k: int) -> RunFolder:
+        """Round k's folder: the run folder for round 1, its `round-<k>/` for later rounds."""
+        if k == 1:
+            return self
+        folder = RunFolder(self.path / f"round-{k}")
+        dist.main_only(folder.path.mkdir, parents=True, exist_ok=True)
+        return folder
+
     def check(self, config: Config, resume: bool) -> None:
         dist.main_only(check_run_folder, self.path, config, resume)
 
@@ -120,6 +130,11 @@ class RunFolder:
         for folder in (self.path / ckpt.NAME, *partial_and_old(self.path / ckpt.NAME)):
             if folder.exists():
                 shutil.rmtree(folder)
+        for earlier in (*self.path.glob("round-*"), *self.path.glob("eval_round-*.json")):
+            if earlier.is_dir():
+                shutil.rmtree(earlier)
+            else:
+                earlier.unlink()
         write_text(self.path / "config.yaml", to_yaml(config))
 
     def keep_prompts(self, name: str, prompts: list[Prompt]) -> None:

@@ -39,12 +39,17 @@ def train_adapters(
     folder: RunFolder,
     should_stop=None,
     shared: bool = False,
+    attach: bool = True,
 ) -> dict[str, float]:
     """LoRA training on the pairs' 'train' split, validated on their 'valid' split; resumes from
-    the folder's checkpoint. `shared` packs each prompt once for both responses."""
+    the folder's checkpoint. `shared` packs each prompt once for both responses. Without
+    `attach`, the adapters the model holds (a previous round's) train on."""
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
-    trainable = mdl.attach_lora(model, lora, config.seed)
+    if attach:
+        trainable = mdl.attach_lora(model, lora, config.seed)
+    else:
+        trainable = sum(v.size for v in mdl.adapter_weights(model).values())
     steps = total_steps(config, len(train_set), dist.size())
     dist.say(
         f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "

@@ -1,6 +1,7 @@
 """Run `python -m mipo_mlx.train ARGS` and SIGKILL the process itself at a chosen point.
 
   python tests/killer.py after-step K -- ARGS       killed right after step K is logged
+  python tests/killer.py round-2-after-step K -- ARGS  the same, for step K of round 2
   python tests/killer.py after-responses N -- ARGS  killed after N generated responses are saved
   python tests/killer.py in-checkpoint K -- ARGS    killed between the renames of the step-K
                                                     checkpoint
@@ -40,12 +41,13 @@ def main():
             return real_memory()
 
         loop.memory_metrics = memory_metrics
-    elif point == "after-step":
+    elif point in ("after-step", "round-2-after-step"):
         real = run_folder.append_jsonl
+        folder = "round-2" if point.startswith("round-2") else None
 
         def log(path, row):
             real(path, row)
-            if row.get("step") == value:
+            if row.get("step") == value and (folder is None or folder in str(path)):
                 die()
 
         run_folder.append_jsonl = log
