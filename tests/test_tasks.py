@@ -63,3 +63,49 @@ def test_shipped_training_prompts_keep_labels_for_evaluation_only():
 def test_embedded_prefix_resolves_into_the_package():
     assert Path(resolve_path("@embedded/model")) == HERE / "model"
     assert resolve_path("org/name") == "org/name" and resolve_path(None) is None
+
+
+def test_personalization_corpus_honours_each_kind_at_its_rate():
+    """The build's personalization answers follow each requirement kind about as often as
+    tasks.requirements.RATES says (seeded, so these measured rates are fixed), and the user
+    turn is the one a run renders with the default context template."""
+    from mipo_mlx.config import DataConfig
+    from mipo_mlx.embedded.build import requirement_examples
+    from mipo_mlx.prompts import user_text
+    from mipo_mlx.tasks import requirements as req
+
+    examples = requirement_examples(3000, 0, req.RATES)
+    items = req.items("train", 3000, 0)
+    assert examples[0][0] == user_text(items[0].question, items[0].context, DataConfig())
+    met: dict[str, list[bool]] = {}
+    for item, (_, answer) in zip(items, examples):
+        assert req.well_formed(answer, item.topic)
+        for requirement in item.requirements:
+            met.setdefault(requirement.kind, []).append(requirement.complies(answer))
+    measured = {kind: round(sum(met[kind]) / len(met[kind]), 3) for kind in req.KINDS}
+    # RATES: capitals .2, dashes .4, signoff .5, mention .35, name .6, max_words .25,
+    # sentences .3, question .45, no_commas .15; a kind can also hold by chance (no_commas
+    # beside an honoured max_words), or be drawn less (capitals): these are the corpus's rates.
+    assert measured == {
+        "capitals": 0.147,
+        "dashes": 0.38,
+        "signoff": 0.509,
+        "mention": 0.342,
+        "name": 0.608,
+        "max_words": 0.267,
+        "sentences": 0.339,
+        "question": 0.45,
+        "no_commas": 0.219,
+    }
+
+
+def test_prompt_files_with_personalization_rows(tmp_path):
+    write_prompt_files(tmp_path, train=20, valid=10, heldout=10, requirements=True)
+    rows = {
+        split: [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "valid", "heldout")
+    }
+    assert [len(rows[s]) for s in rows] == [40, 20, 20]
+    assert sum("requirements" in r for r in rows["heldout"]) == 10
+    texts = {s: {(r["prompt"], r.get("context")) for r in rows[s]} for s in rows}
+    assert not (texts["train"] & texts["valid"]) and not (texts["train"] & texts["heldout"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 from functools import partial
 from pathlib import Path
@@ -24,8 +25,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..config import DataConfig
 from ..files import write_jsonl
+from ..prompts import user_text
 from ..score import pack
+from ..tasks import requirements as req
 from ..tasks.synthetic import problems
 from ..toy import build_tokenizer, model_config
 
@@ -113,11 +117,29 @@ def train_model(
             snapshot(it)
 
 
-def write_prompt_files(folder: Path, train: int, valid: int, heldout: int) -> None:
-    """MIPO's training prompts (labels kept for evaluation only), the valid and heldout splits."""
+def write_prompt_files(
+    folder: Path, train: int, valid: int, heldout: int, requirements: bool = False
+) -> None:
+    """MIPO's training prompts (labels kept for evaluation only), the valid and heldout splits;
+    with `requirements`, as many personalization rows again (tasks.requirements)."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("valid", valid), ("heldout", heldout)):
-        write_jsonl(folder / f"{split}.jsonl", (p.row() for p in problems(split, count, seed=7)))
+        rows = [p.row() for p in problems(split, count, seed=7)]
+        if requirements:
+            rows += [item.row() for item in req.items(split, count, seed=7)]
+        write_jsonl(folder / f"{split}.jsonl", rows)
+
+
+def requirement_examples(n: int, seed: int, rates: dict[str, float]) -> list[tuple[str, str]]:
+    """(user turn, answer) for n train-split personalization items, the user turn as a run
+    renders it by default (data.context_template); the answer honours each requirement with
+    its kind's rate, so the model learns to follow each kind only part of the time."""
+    rng, data = random.Random(seed), DataConfig()
+    examples = []
+    for item in req.items("train", n, seed):
+        answer = req.write_answer(item, req.draw_honour(item, rng, rates), rng)
+        examples.append((user_text(item.question, item.context, data), answer))
+    return examples
 
 
 def main() -> None:
@@ -135,11 +157,18 @@ def main() -> None:
         "--snapshots", help="folder for model snapshots while training (to choose --steps)"
     )
     parser.add_argument("--snapshot-every", type=int, default=250)
+    parser.add_argument(
+        "--requirements",
+        type=int,
+        default=0,
+        help="also N personalization examples (tasks.requirements, honoured at RATES)",
+    )
     args = parser.parse_args()
 
     out = Path(args.output)
     corpus = problems("train", args.examples, seed=args.seed)
     examples = [(p.prompt, p.solution) for p in corpus]
+    examples += requirement_examples(args.requirements, args.seed, req.RATES)
     tokenizer = build_tokenizer(
         out / "model",
         [t for e in examples for t in chat_text(*e)],
@@ -201,7 +230,7 @@ def main() -> None:
     mx.save_safetensors(
         str(out / "model" / "model.safetensors"), weights, metadata={"format": "mlx"}
     )
-    write_prompt_files(out / "data", train=512, valid=200, heldout=200)
+    write_prompt_files(out / "data", 512, 200, 200, requirements=args.requirements > 0)
     print(
         f"wrote {out / 'model'} ({math.fsum(v.nbytes for v in weights.values()) / 1e6:.1f} MB) "
         f"and {out / 'data'}"
