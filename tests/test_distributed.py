@@ -1,6 +1,7 @@
 """Data-parallel runs with MLX's ring backend: 2 processes on this machine over loopback
 (`mlx.launch -n 2 --backend ring`) give the pairs and the adapters of one process with
-the same global batch; a rank that dies stops the other with a message, and the run resumes."""
+the same global batch, over two rounds (training.rounds); a rank that dies stops the other
+with a message, and the run resumes."""
 
 import json
 import shutil
@@ -19,7 +20,7 @@ ARGS = (
     "--generation.max_tokens 10 --generation.truncated keep --generation.temperature 1.0 "
     "--training.learning_rate 3e-3 --iters 8 --training.checkpoint_every 3 "
     "--training.save_every 0 --lora.rank 4 --lora.dropout 0.0 --data.valid_fraction 0.2 "
-    "--training.valid_every 4 --training.length_buckets 2"
+    "--training.valid_every 4 --training.length_buckets 2 --training.rounds 2"
 ).split()
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
@@ -67,7 +68,8 @@ def runs(toy_model_dir, tmp_path_factory):
 
 def test_two_ranks_make_the_pairs_of_one(runs):
     tmp, _, _, _ = runs
-    one, two = pair_rows(tmp / "one"), pair_rows(tmp / "two")
+    one = pair_rows(tmp / "one") + pair_rows(tmp / "one" / "round-2")
+    two = pair_rows(tmp / "two") + pair_rows(tmp / "two" / "round-2")
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         # the derangement spans all prompts: same sources, same token ids, same split
@@ -93,7 +95,7 @@ def test_two_ranks_train_the_adapters_of_one(runs):
 
 def test_only_rank_zero_writes_and_prints(runs):
     _, _, single, double = runs
-    assert double.stderr.count("wrote ") == 1  # the pairs line, from rank 0 only
+    assert double.stderr.count("wrote ") == 2  # the pairs line of each round, from rank 0 only
     assert double.stdout.count("done:") == 1
 
 
@@ -133,7 +135,8 @@ def test_a_dying_rank_stops_the_other_and_the_run_resumes_to_the_same_result(run
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
     assert resumed.stdout.count("done:") == 1 and "| PMI (nats) |" in resumed.stdout
     want, got = (json.loads((d / "eval.json").read_text()) for d in (tmp / "two", out))
-    for model in ("base", "mipo"):
+    assert list(got) == list(want) == ["base", "round 1", "round 2"]
+    for model in want:
         assert got[model]["answers"] == want[model]["answers"]
         for key in ("accuracy", "pmi_mean", "length_mean", "distinct_2"):
             assert got[model][key] == pytest.approx(want[model][key], abs=1e-4), (model, key)
