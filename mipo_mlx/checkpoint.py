@@ -71,22 +71,26 @@ def _layout(arrays: dict[str, mx.array]) -> dict[str, list]:
 
 
 def load_on_every_rank(out: Path) -> TrainState | None:
-    """Rank 0's checkpoint (read from its folder; other hosts may not have it) on every rank."""
-    state = load(out) if dist.is_main() else None
+    """Rank 0's checkpoint (read from its folder; other hosts may not have it) on every rank:
+    rank 0 reads it and sends what it found (an unreadable one stops every rank), then its
+    arrays."""
     if dist.size() == 1:
-        return state
-    meta = dist.decided(
-        lambda: (
-            None
-            if state is None
-            else {
-                "step": state.step,
-                "batches_done": state.batches_done,
-                "adapters": _layout(state.adapters),
-                "optimizer": _layout(state.optimizer),
-            }
-        )
-    )
+        return load(out)
+    state = None
+
+    def read() -> dict | None:
+        nonlocal state
+        state = load(out)
+        if state is None:
+            return None
+        return {
+            "step": state.step,
+            "batches_done": state.batches_done,
+            "adapters": _layout(state.adapters),
+            "optimizer": _layout(state.optimizer),
+        }
+
+    meta = dist.decided(read)
     if meta is None:
         return None
 

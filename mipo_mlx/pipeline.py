@@ -100,11 +100,14 @@ def stages(
     rounds = config.training.rounds
     for k in range(1, rounds + 1):
         pairs, metrics = one_round(config, folder.round(k), stop, model, tokenizer, rendered, k)
+        if k > 1:  # the run folder's adapters are the last round's
+            folder.save_adapters(model, config.lora, config.model.path)
         if held is not None and rounds == 1:
             results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
         elif held is not None:  # kept, so that a resumed run does not answer again
             results[f"round {k}"] = folder.cached_json(
-                f"eval_round-{k}.json", lambda: answers(config, model, tokenizer, held, True)
+                f"eval_round-{k}.json",
+                lambda: answers(config, model, tokenizer, held, adapters=True),
             )
     dist.say(
         f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  "
@@ -132,9 +135,9 @@ def one_round(
     round is a DPO step away from the model that made its pairs."""
     pad = mdl.pad_id(tokenizer)
     pairs = folder.pairs()
-    if pairs is not None:
+    fresh = pairs is None
+    if not fresh:
         dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")
-        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
     else:
         if rendered.skipped and k == 1:
             dist.say(
@@ -146,7 +149,8 @@ def one_round(
         pairs = build_pairs(
             model, tokenizer, rendered, config.pairs, generation, config.data, caches, stop
         )
-        shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
+    shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
+    if fresh:  # scored once, with the packing training uses, and stored with the pairs
         add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
         folder.write_pairs(pairs)
         dist.say(
@@ -165,9 +169,6 @@ def one_round(
         shared,
         attach=k == 1,
     )
-    if k > 1:  # the run folder's adapters are the last round's
-        folder_root = folder.path.parent
-        dist.main_only(mdl.save_adapters, folder_root, model, config.lora, config.model.path)
     return pairs, metrics
 
 
