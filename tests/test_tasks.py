@@ -50,14 +50,17 @@ def test_problems_are_reproducible():
 
 
 def test_shipped_prompt_files_are_what_the_build_writes(tmp_path):
-    write_prompt_files(tmp_path, train=512, valid=200, heldout=200)
+    write_prompt_files(tmp_path, train=512, valid=200, heldout=200, requirements=True)
     for name in ("train.jsonl", "valid.jsonl", "heldout.jsonl"):
         assert (tmp_path / name).read_bytes() == (HERE / "data" / name).read_bytes(), name
 
 
 def test_shipped_training_prompts_keep_labels_for_evaluation_only():
     rows = [json.loads(line) for line in (HERE / "data" / "train.jsonl").read_text().splitlines()]
-    assert len(rows) == 512 and set(rows[0]) == {"prompt", "answer", "task"}
+    assert len(rows) == 1024 and set(rows[0]) == {"prompt", "answer", "task"}
+    # The families alternate, so any leading slice (data.limit) holds both.
+    assert [r["task"] == "requirements" for r in rows[:4]] == [False, True, False, True]
+    assert set(rows[1]) == {"prompt", "context", "task", "topic", "requirements"}
 
 
 def test_embedded_prefix_resolves_into_the_package():
@@ -109,3 +112,30 @@ def test_prompt_files_with_personalization_rows(tmp_path):
     assert sum("requirements" in r for r in rows["heldout"]) == 10
     texts = {s: {(r["prompt"], r.get("context")) for r in rows[s]} for s in rows}
     assert not (texts["train"] & texts["valid"]) and not (texts["train"] & texts["heldout"])
+
+
+def test_build_batches_cover_the_epoch_once_each_padded_to_its_own_length():
+    import numpy as np
+
+    from mipo_mlx.embedded.build import length_buckets
+
+    lengths = np.array([30 + (i % 7) * 10 for i in range(1000)])
+
+    def epoch(seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        return length_buckets(rng.permutation(1000), lengths, 32, rng, window=4)
+
+    batches = epoch(0)
+    seen = np.concatenate(batches)
+    assert all(len(b) == 32 for b in batches)
+    assert (
+        len(set(seen.tolist())) == len(seen) == 1000 - 1000 % 32
+    )  # each once; a part batch dropped
+    # Sorted within a window: a batch pays far less padding than a random batch does.
+    pad = sum(int(lengths[b].max() - lengths[b].mean()) for b in batches)
+    shuffled = np.random.default_rng(1).permutation(1000)[: len(seen)].reshape(-1, 32)
+    assert pad < 0.5 * sum(int(lengths[b].max() - lengths[b].mean()) for b in shuffled)
+    # Reproducible from the seed, and the batches come shuffled (not short to long).
+    assert all((a == b).all() for a, b in zip(batches, epoch(0)))
+    means = [lengths[b].mean() for b in batches]
+    assert means != sorted(means)

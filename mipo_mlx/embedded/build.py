@@ -2,12 +2,17 @@
 
   python -m mipo_mlx.embedded.build            # writes mipo_mlx/embedded/{model,data}
 
-Reproducible: fixed seeds, a fixed number of steps; about 25 minutes on 2 CPU cores
-with the system OpenBLAS. The model is trained (from random init, full
-fine-tuning) to write worked answers to the train split's problems, for few
-enough steps that it answers held-out problems only sometimes: room for MIPO.
-The prompt files hold problems from the train, valid and heldout splits, which
-are disjoint by construction (see mipo_mlx.tasks.synthetic).
+Reproducible: fixed seeds, a fixed number of steps; about 47 minutes on 2 CPU cores
+with the system OpenBLAS. The model is trained from random init (full fine-tuning) on
+two families of the *train* split:
+- worked answers to arithmetic and multiple-choice problems (tasks.synthetic), for few
+  enough steps that it answers held-out problems only sometimes: room for MIPO;
+- answers to questions that state the user's requirements (tasks.requirements), each
+  requirement honoured only at its kind's rate (requirements.RATES), as small instruct
+  models follow some preferences and ignore others: something for MIPO to amplify.
+Batches are cut from length-sorted windows, so short problems are not padded to a long
+personalization example. The prompt files hold both families from the train, valid and
+heldout splits, which are disjoint by construction.
 """
 
 from __future__ import annotations
@@ -70,6 +75,23 @@ def sft_loss(model, inputs, targets, mask):
     return (ce * mask).sum() / mask.sum()
 
 
+def length_buckets(
+    order: np.ndarray, lengths: np.ndarray, batch_size: int, rng, window: int = 64
+) -> list[np.ndarray]:
+    """One epoch's batches from a shuffled `order`: each run of `window` batches is sorted by
+    length and cut into batches, so a batch pads to its own examples' length (short math
+    examples are not padded to a long personalization one), and the batches are shuffled.
+    A trailing part batch is dropped."""
+    batches = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = order[start : start + window * batch_size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [
+            chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)
+        ]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def train_model(
     model,
     data,
@@ -99,13 +121,13 @@ def train_model(
         return loss
 
     rng = np.random.default_rng(seed)
-    order = np.array([], dtype=np.int64)
+    lengths = np.array([len(ids) for ids, _ in data])
+    batches: list[np.ndarray] = []
     tic, running = time.perf_counter(), 0.0
     for it in range(1, steps + 1):
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(len(data))])
-        batch, order = order[:batch_size], order[batch_size:]
-        loss = step(*make_batch([data[i] for i in batch], pad_id))
+        if not batches:
+            batches = length_buckets(rng.permutation(len(data)), lengths, batch_size, rng)
+        loss = step(*make_batch([data[i] for i in batches.pop()], pad_id))
         mx.eval(state, loss)
         running = 0.98 * running + 0.02 * loss.item() if it > 1 else loss.item()
         if it % 100 == 0 or it == steps:
@@ -121,12 +143,15 @@ def write_prompt_files(
     folder: Path, train: int, valid: int, heldout: int, requirements: bool = False
 ) -> None:
     """MIPO's training prompts (labels kept for evaluation only), the valid and heldout splits;
-    with `requirements`, as many personalization rows again (tasks.requirements)."""
+    with `requirements`, as many personalization rows again (tasks.requirements), the two
+    families alternating."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("valid", valid), ("heldout", heldout)):
         rows = [p.row() for p in problems(split, count, seed=7)]
         if requirements:
-            rows += [item.row() for item in req.items(split, count, seed=7)]
+            # Alternating, so the first N rows (data.limit, evaluation.limit) hold both.
+            personal = [item.row() for item in req.items(split, count, seed=7)]
+            rows = [row for pair in zip(rows, personal) for row in pair]
         write_jsonl(folder / f"{split}.jsonl", rows)
 
 
@@ -148,10 +173,10 @@ def main() -> None:
     )
     parser.add_argument("--output", default=str(HERE))
     parser.add_argument("--examples", type=int, default=30000)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--snapshots", help="folder for model snapshots while training (to choose --steps)"
@@ -160,7 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--requirements",
         type=int,
-        default=0,
+        default=15000,
         help="also N personalization examples (tasks.requirements, honoured at RATES)",
     )
     args = parser.parse_args()
