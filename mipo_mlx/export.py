@@ -24,19 +24,48 @@ from .errors import UserError, reports_user_errors
 from .files import atomic_folder
 from .hub import publish, require_token
 
+MARKER = ".mipo_mlx_export"  # in every folder export writes; --overwrite replaces only those
 
-def check_export_folder(out: Path, overwrite: bool) -> None:
+
+def check_export_folder(out: Path, run: Path, overwrite: bool) -> None:
+    """Export replaces nothing it did not write: never the run, a folder holding it or one
+    inside it, and with --overwrite only a folder an earlier export wrote."""
+    target, adapters = out.resolve(), run.resolve()
+    if target == adapters or target in adapters.parents or adapters in target.parents:
+        where = (
+            "is the adapters folder"
+            if target == adapters
+            else "holds the adapters folder"
+            if target in adapters.parents
+            else "is inside the adapters folder"
+        )
+        raise UserError(f"--output {out}: {where}; choose a folder outside {run}")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --output")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(
-            f"{out}: exists and is not empty; choose another --output or pass --overwrite"
-        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{out}: exists and is not empty; choose another --output or pass --overwrite"
+            )
+        if not (out / MARKER).is_file():
+            raise UserError(
+                f"{out}: not a folder mipo_mlx.export wrote, and --overwrite replaces only "
+                "those; choose an empty or new --output"
+            )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Mistakes on the command line are one-line user errors (exit 2), as in train."""
+
+    def error(self, message: str):
+        raise UserError(f"command line: {message}; see --help")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mipo_mlx.export", description=__doc__.split("\n\n")[0]
+    p = _Parser(
+        prog="python -m mipo_mlx.export",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
     )
     p.add_argument(
         "--adapters", required=True, metavar="RUN_DIR", help="folder written by mipo_mlx.train"
@@ -63,7 +92,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="write even if the fused model fails the check"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a folder an earlier export wrote"
+    )
     return p
 
 
@@ -75,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not run.is_dir():
         raise UserError(f"{run}: not found; --adapters must be a folder written by mipo_mlx.train")
-    check_export_folder(out, args.overwrite)
+    check_export_folder(out, run, args.overwrite)
     if args.upload_repo and not args.dry_run:
         require_token()  # fail before the slow part, not after
     require_mlx()
@@ -85,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     card = model_card(run, config, model_config, check, drift, args.quantize)
     with atomic_folder(out) as folder:  # a failure leaves an earlier output as it was
         save_folder(folder, model, tokenizer, model_config, card)
+        (folder / MARKER).write_text(f"fused from {run.resolve()}\n", encoding="utf-8")
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({len(files)} files); load it with mlx_lm.load('{out}')")
     if args.upload_repo:

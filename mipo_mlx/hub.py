@@ -33,11 +33,14 @@ def require_token() -> str:
 
 
 def files_of(path: Path) -> list[tuple[str, int]]:
-    """(name relative to the upload root, size in bytes) for each file that would be sent."""
+    """(name relative to the upload root, size in bytes) for each file that would be sent;
+    hidden files (export's marker) are not sent."""
     if path.is_file():
         return [(path.name, path.stat().st_size)]
     return [
-        (str(p.relative_to(path)), p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()
+        (str(p.relative_to(path)), p.stat().st_size)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
     ]
 
 
@@ -68,6 +71,12 @@ def publish(
             token=token,
         )
     else:
-        api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type=kind, token=token)
+        api.upload_folder(
+            folder_path=str(path),
+            repo_id=repo_id,
+            repo_type=kind,
+            token=token,
+            allow_patterns=[name for name, _ in files],
+        )
     print(f"published https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}")
     return [name for name, _ in files]

@@ -174,6 +174,8 @@ def test_upload_through_stand_in(plain_run, tmp_path, monkeypatch, capsys):
         and create["repo_type"] == "model"
     )
     assert upload["folder_path"] == str(tmp_path / "f") and upload["repo_id"] == "me/tiny"
+    assert export.MARKER not in upload["allow_patterns"]  # the marker stays home
+    assert "model.safetensors" in upload["allow_patterns"]
     sent = sorted(p.name for p in (tmp_path / "f").iterdir())
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(sent)
     assert create_ds["repo_type"] == "dataset" and upload_ds["path_in_repo"] == "pairs.jsonl"
@@ -239,6 +241,52 @@ def test_errors(plain_run, toy_model_dir, tmp_path):
         "no Hugging Face token",
     )
     assert not (tmp_path / "o3").exists()
+
+
+def test_export_never_replaces_the_run_or_what_it_did_not_write(plain_run, tmp_path):
+    """The adapters folder, a folder that holds it and one inside it are refused, --overwrite
+    or not; --overwrite replaces only a folder an earlier export wrote."""
+    parent = tmp_path / "parent"
+    run = parent / "run"
+    shutil.copytree(plain_run, run)
+    (parent / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file()}
+    for output, fragment in (
+        (run, "is the adapters folder"),
+        (parent, "holds the adapters folder"),
+        (run / "fused", "is inside the adapters folder"),
+        (run / ".." / "run", "is the adapters folder"),  # the same folder, spelled apart
+    ):
+        for extra in ((), ("--overwrite",)):
+            assert_user_error(
+                run_export("--adapters", str(run), "--output", str(output), *extra), fragment
+            )
+    assert {p: p.read_bytes() for p in parent.rglob("*") if p.is_file()} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert_user_error(
+        run_export("--adapters", str(run), "--output", str(mine), "--overwrite"),
+        "not a folder mipo_mlx.export wrote",
+    )
+    assert (mine / "keep.txt").read_text() == "mine"
+    fused = tmp_path / "fused"
+    assert run_export("--adapters", str(run), "--output", str(fused)).returncode == 0
+    assert (fused / export.MARKER).is_file()
+    again = run_export("--adapters", str(run), "--output", str(fused), "--overwrite")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "the following arguments are required: --adapters, --output"),
+        (["--adapters", "a", "--output", "b", "--quantize", "3"], "invalid choice: 3"),
+        (["--adapters", "a", "--output", "b", "--overwrit"], "unrecognized arguments"),
+    ],
+)
+def test_argument_errors_are_one_line(args, fragment):
+    assert_user_error(run_export(*args), fragment)
 
 
 def test_requantize_reports_drift(plain_run, tmp_path, capsys):
