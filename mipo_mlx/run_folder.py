@@ -8,6 +8,7 @@ the same collectives.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -45,8 +46,24 @@ STAGE_FILES = (
     "eval_prompts.jsonl",
 )
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
-# Settings that may differ between an interrupted run and its resumption.
-MAY_CHANGE = {"output.overwrite", "training.memory_limit_gb", "evaluation.plots"}
+# Settings that may differ between an interrupted run and its resumption: the run folder
+# resumes wherever it is now (moved, copied, or named from another working directory).
+MAY_CHANGE = {"output.dir", "output.overwrite", "training.memory_limit_gb", "evaluation.plots"}
+# Settings naming local files or folders, kept absolute in config.yaml so that resume,
+# evaluate and export read the same ones from any working directory.
+LOCAL_PATHS = ("model.path", "data.prompts", "evaluation.prompts", "evaluation.judge")
+
+
+def portable(config: Config) -> Config:
+    """A copy of `config` whose local paths are absolute (a Hub id stays as written)."""
+    config = copy.deepcopy(config)
+    for dotted in LOCAL_PATHS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            setattr(getattr(config, section), key, str(Path(value).expanduser().resolve()))
+    config.output.dir = str(Path(config.output.dir).resolve())
+    return config
 
 
 def _flat(data: dict) -> dict:
@@ -59,7 +76,7 @@ def check_same_run(out: Path, config: Config) -> None:
     if not saved_path.is_file():
         raise UserError(f"{out}: no config.yaml, so no run to resume; start it without --resume")
     saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flat(to_dict(config))
+    now = _flat(to_dict(portable(config)))
     for key in sorted(now):
         if key not in MAY_CHANGE and saved.get(key) != now[key]:
             raise UserError(
@@ -135,7 +152,7 @@ class RunFolder:
                 shutil.rmtree(earlier)
             else:
                 earlier.unlink()
-        write_text(self.path / "config.yaml", to_yaml(config))
+        write_text(self.path / "config.yaml", to_yaml(portable(config)))
 
     def keep_prompts(self, name: str, prompts: list[Prompt]) -> None:
         """Prompts read from a public dataset, as this project's JSONL (inspectable, and usable

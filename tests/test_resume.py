@@ -26,7 +26,7 @@ def train_cmd(model_dir, prompts, out, *extra):
     return run_args(model_dir, prompts, out, *ARGS, *extra)
 
 
-def run_killed(point, value, model_dir, prompts, out, *extra):
+def run_killed(point, value, model_dir, prompts, out, *extra, cwd=None):
     done = subprocess.run(
         [
             sys.executable,
@@ -39,16 +39,18 @@ def run_killed(point, value, model_dir, prompts, out, *extra):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=cwd,
     )
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
 
 
-def resume(out):
+def resume(out, cwd=None):
     done = subprocess.run(
         [sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done
@@ -93,6 +95,22 @@ def test_sigkill_during_training_then_resume(setup, step):
     assert not (out / "adapters.safetensors").exists() or step >= 4
     resume(out)
     assert_same_run(out, reference)
+
+
+def test_resume_from_a_moved_folder_and_another_working_directory(setup):
+    """A run started with relative paths, killed, moved, and resumed from elsewhere by a path
+    spelled another way gives the uninterrupted run."""
+    model_dir, prompts, reference, root = setup
+    work = root / "work"
+    work.mkdir()
+    (work / "prompts.jsonl").write_bytes(prompts.read_bytes())
+    run_killed("after-step", 5, model_dir, "prompts.jsonl", "out/run", cwd=work)
+    moved = root / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (work / "out" / "run").rename(moved)
+    resume(Path("..") / "elsewhere" / "." / "run", cwd=root / "work")
+    assert_same_run(moved, reference)
+    assert not (work / "out" / "run").exists()  # nothing was written where it had been
 
 
 def test_sigkill_during_generation_then_resume(setup):
