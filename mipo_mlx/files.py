@@ -162,3 +162,54 @@ def read_lines(path: Path) -> list[dict]:
                     f"{path}:{number}: corrupt line; delete the file to redo this stage"
                 ) from None
     return rows
+
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "output.dir") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) while the block runs.
+
+    A second process that asks for it gets one line naming the holder. The lock is the
+    operating system's (flock), so a killed holder releases it at once; a folder this
+    created and left holding nothing else is removed again."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; choose another {what}")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(
+            f"{folder}: cannot write there ({e.strerror}); choose another {what}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(
+                f"{folder}: in use by {holder}; wait for it to finish or choose another {what}"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        command = " ".join(Path(sys.argv[0]).name.split()) if sys.argv else "python"
+        handle.write(
+            f"process {os.getpid()} on {socket.gethostname()} ({command}, since {started})"
+        )
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()  # releases the lock
+        if created and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()

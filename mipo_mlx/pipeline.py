@@ -12,7 +12,7 @@ it can be inspected, and a rerun with --resume picks up what is finished there.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,11 +55,12 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
     validate(config)
     folder = RunFolder(config.output.dir)
     stop = StopFlag()
-    with stop.installed():
+    with stop.installed(), ExitStack() as lock:
         if config.training.memory_limit_gb:
             mdl.set_memory_limit(config.training.memory_limit_gb)
         # Bad input stops every rank before the model loads or anything is written.
         with dist.together():
+            lock.enter_context(folder.locked())  # held until the run ends
             folder.check(config, resume_run)
             d = config.data
             prompts = read_source(

@@ -8,6 +8,7 @@ the same collectives.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -23,6 +24,7 @@ from .config import Config, LoraConfig, to_dict, to_yaml
 from .errors import UserError
 from .files import (
     append_jsonl,
+    folder_lock,
     partial_and_old,
     read_jsonl,
     read_lines,
@@ -134,6 +136,11 @@ class RunFolder:
 
     def check(self, config: Config, resume: bool) -> None:
         dist.main_only(check_run_folder, self.path, config, resume)
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """The run holds its folder for as long as it runs (the main rank locks it): a second
+        run on it stops with one line naming the holder, before it reads or writes anything."""
+        return folder_lock(self.path) if dist.is_main() else contextlib.nullcontext()
 
     def start(self, config: Config) -> None:
         """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage

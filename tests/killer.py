@@ -9,6 +9,9 @@
                                                       being written
   python tests/killer.py rank-1-after-step K -- ARGS  (under mlx.launch) rank 1 killed right
                                                       after step K
+  python tests/killer.py wait-after-step K -- ARGS  after step K, waits (holding everything it
+                                                    holds) until the file $KILLER_GO exists,
+                                                    then is killed
 
 A real SIGKILL: no handler, no cleanup, exactly what a kill -9 or the OOM killer does.
 """
@@ -16,6 +19,7 @@ A real SIGKILL: no handler, no cleanup, exactly what a kill -9 or the OOM killer
 import os
 import signal
 import sys
+import time
 
 import mipo_mlx  # noqa: F401  (BLAS first)
 from mipo_mlx import checkpoint, files, loop, run_folder, train
@@ -41,13 +45,16 @@ def main():
             return real_memory()
 
         loop.memory_metrics = memory_metrics
-    elif point in ("after-step", "round-2-after-step"):
+    elif point in ("after-step", "round-2-after-step", "wait-after-step"):
         real = run_folder.append_jsonl
         folder = "round-2" if point.startswith("round-2") else None
 
         def log(path, row):
             real(path, row)
             if row.get("step") == value and (folder is None or folder in str(path)):
+                if point == "wait-after-step":
+                    while not os.path.exists(os.environ["KILLER_GO"]):
+                        time.sleep(0.02)
                 die()
 
         run_folder.append_jsonl = log

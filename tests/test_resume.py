@@ -1,10 +1,12 @@
 """Interrupted runs end where uninterrupted ones do: SIGKILL at steps, in generation, in writes."""
 
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -205,3 +207,64 @@ def test_sigterm_finishes_the_step_and_checkpoints(setup):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 5
     resume(out)
     assert_same_run(out, reference)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(setup):
+    """While a run holds its folder, another run there (new, --overwrite or --resume) stops
+    with one line naming the holder and changes nothing; once the holder is killed, the
+    folder resumes."""
+    model_dir, prompts, reference, root = setup
+    out, go = root / "busy", root / "busy-go"
+    first = subprocess.Popen(
+        [sys.executable, KILLER, "wait-after-step", "5", "--", *train_cmd(model_dir, prompts, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "KILLER_GO": str(go)},
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.stderr.read()
+    before = sorted(p.name for p in out.iterdir())
+    for extra in ([], ["--output.overwrite", "true"]):
+        second = subprocess.run(
+            [sys.executable, "-m", "mipo_mlx.train", *train_cmd(model_dir, prompts, out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 2 and "in use by process" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    busy = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert busy.returncode == 2 and f"process {first.pid} " in busy.stderr, busy.stderr
+    assert first.poll() is None  # the holder ran on undisturbed
+    assert set(before) <= {p.name for p in out.iterdir()}
+    go.touch()
+    assert first.wait(timeout=300) == -signal.SIGKILL  # killed after step 5
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def test_output_below_a_regular_file_is_one_line(setup, tmp_path):
+    model_dir, prompts, _, _ = setup
+    (tmp_path / "file").write_text("x")
+    below = tmp_path / "file" / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mipo_mlx.train",
+            *train_cmd(model_dir, prompts, below),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "cannot write there" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and (tmp_path / "file").read_text() == "x"
