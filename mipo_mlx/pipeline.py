@@ -33,7 +33,7 @@ from .measure import (
 from .pairs import Pair, build_pairs, check_pairs_possible
 from .plots import plot_training
 from .prompts import Rendered, read_source, render_prompts
-from .run_folder import RunFolder
+from .run_folder import RunFolder, fingerprint
 from .score import add_reference_logps, use_shared_prompt
 from .training import train_adapters
 
@@ -75,8 +75,21 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
                 if held_prompts
                 else None
             )
+            inputs = {"train_prompts": fingerprint(rendered.ids)}
+            if held is not None:
+                inputs["heldout_prompts"] = fingerprint(
+                    [
+                        held.rendered.ids,
+                        held.labels,
+                        held.tasks,
+                        [p.extra for p in held.rendered.prompts],
+                    ]
+                )
+            if resume_run:
+                folder.check_inputs(inputs)
         if not resume_run:
             folder.start(config)
+            folder.keep_inputs(inputs)
             if d.format != "prompts":
                 folder.keep_prompts("train_prompts.jsonl", prompts)
             if held_prompts and config.evaluation.format != "prompts":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .prompts import Prompt, prompt_row
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark
 # a run.
 STAGE_FILES = (
+    "inputs.json",
     "metrics.jsonl",
     "pairs.jsonl",
     "eval_base.json",
@@ -84,6 +86,37 @@ def check_same_run(out: Path, config: Config) -> None:
             raise UserError(
                 f"{out}: belongs to another run ({key} was {saved.get(key)!r}, now {now[key]!r}); "
                 "resume with the same settings or choose another output.dir"
+            )
+
+
+INPUTS = "inputs.json"  # fingerprints of what the run's answers and pairs were made from
+INPUT_NAMES = {
+    "train_prompts": "the training prompts (data.prompts)",
+    "heldout_prompts": "the held-out prompts (evaluation.prompts)",
+}
+
+
+def fingerprint(data) -> str:
+    """A short hash of JSON-able data (token ids, labels)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_inputs(out: Path, now: dict[str, str]) -> None:
+    """Resuming needs the inputs the run started from: cached answers belong to prompts by
+    position, so a reordered or edited prompt file would attach them to other prompts."""
+    path = out / INPUTS
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        assert isinstance(saved, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise UserError(f"{path}: damaged; start the run again in a new output.dir") from None
+    for key, value in now.items():
+        if saved.get(key, value) != value:
+            raise UserError(
+                f"{out}: {INPUT_NAMES[key]} changed since the run started, and its saved answers "
+                "and pairs were made from the old ones; restore them or start a new run"
             )
 
 
@@ -160,6 +193,12 @@ class RunFolder:
             else:
                 earlier.unlink()
         write_text(self.path / "config.yaml", to_yaml(portable(config)))
+
+    def check_inputs(self, inputs: dict[str, str]) -> None:
+        dist.main_only(check_inputs, self.path, inputs)
+
+    def keep_inputs(self, inputs: dict[str, str]) -> None:
+        dist.main_only(write_json, self.path / INPUTS, inputs)
 
     def keep_prompts(self, name: str, prompts: list[Prompt]) -> None:
         """Prompts read from a public dataset, as this project's JSONL (inspectable, and usable

@@ -268,3 +268,30 @@ def test_output_below_a_regular_file_is_one_line(setup, tmp_path):
     )
     assert done.returncode == 2 and "cannot write there" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and (tmp_path / "file").read_text() == "x"
+
+
+def test_prompts_reordered_or_edited_after_a_kill_are_refused(setup):
+    """Cached answers belong to prompts by position: after a kill, a reordered or edited
+    prompt file stops the resume with one line; restored, the run resumes as if never
+    stopped."""
+    model_dir, prompts, reference, root = setup
+    mine = root / "edited-prompts.jsonl"
+    original = prompts.read_bytes()
+    mine.write_bytes(original)
+    out = root / "killed-then-edited"
+    run_killed("after-responses", 6, model_dir, mine, out)
+    lines = original.decode().splitlines(keepends=True)
+    for changed in (lines[1:] + lines[:1], [lines[0].replace("Case 0", "Case 99"), *lines[1:]]):
+        mine.write_text("".join(changed))
+        done = subprocess.run(
+            [sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "the training prompts (data.prompts) changed" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    mine.write_bytes(original)
+    resume(out)
+    assert_same_run(out, reference)
