@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .cli import build_parser, parse_args
 from .config import resolve, validate
-from .errors import reports_user_errors
+from .errors import UserError, reports_user_errors
 
 SHORTCUTS = {
     "model": "model.path",
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     yaml_path, overrides, extras = parse_args(parser, argv)
     adapters = extras.get("adapters")
+    if adapters and not (Path(adapters) / "adapters.safetensors").is_file():
+        raise UserError(
+            f"--adapters {adapters}: no adapters.safetensors there; give a run folder "
+            "written by mipo_mlx.train"
+        )
     if adapters and yaml_path is None and (Path(adapters) / "config.yaml").is_file():
         yaml_path = str(Path(adapters) / "config.yaml")
     config = validate(resolve(yaml_path, overrides), "evaluate")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .card import model_card
 from .errors import UserError, reports_user_errors
 from .files import atomic_folder
-from .hub import publish, require_token
+from .hub import check_repo_id, publish, require_token
 
 MARKER = ".mipo_mlx_export"  # in every folder export writes; --overwrite replaces only those
 
@@ -102,12 +102,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     run, out = Path(args.adapters), Path(args.output)
+    pairs_repo = args.upload_pairs_repo
     from ._backend import require_mlx
 
     if not run.is_dir():
         raise UserError(f"{run}: not found; --adapters must be a folder written by mipo_mlx.train")
     check_export_folder(out, run, args.overwrite)
-    if args.upload_repo and not args.dry_run:
+    for flag, repo in (("--upload-repo", args.upload_repo), ("--upload-pairs-repo", pairs_repo)):
+        if repo:
+            check_repo_id(repo, flag)
+    if pairs_repo and not (run / "pairs.jsonl").is_file():
+        raise UserError(f"{run}: no pairs.jsonl to publish with --upload-pairs-repo")
+    if (args.upload_repo or pairs_repo) and not args.dry_run:
         require_token()  # fail before the slow part, not after
     require_mlx()
     from .fuse import build, save_folder

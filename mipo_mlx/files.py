@@ -172,8 +172,8 @@ def folder_lock(folder: str | Path, what: str = "output.dir") -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (created if missing) while the block runs.
 
     A second process that asks for it gets one line naming the holder. The lock is the
-    operating system's (flock), so a killed holder releases it at once; a folder this
-    created and left holding nothing else is removed again."""
+    operating system's (flock), so a killed holder releases it at once. The lock file goes
+    when the block ends, and so does a folder this created and left holding nothing else."""
     import fcntl
     import socket
     import sys
@@ -183,33 +183,40 @@ def folder_lock(folder: str | Path, what: str = "output.dir") -> Iterator[Path]:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder; choose another {what}")
     created = not folder.exists()
+    path = folder / LOCK_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_NAME, "a+", encoding="utf-8")
+        while True:
+            handle = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UserError(
+                    f"{folder}: in use by {holder}; wait for it to finish or choose another {what}"
+                ) from None
+            try:  # the holder before may have removed the file between our open and lock
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
     except OSError as e:
         raise UserError(
             f"{folder}: cannot write there ({e.strerror}); choose another {what}"
         ) from None
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(
-                f"{folder}: in use by {holder}; wait for it to finish or choose another {what}"
-            ) from None
         handle.seek(0)
         handle.truncate()
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        command = " ".join(Path(sys.argv[0]).name.split()) if sys.argv else "python"
-        handle.write(
-            f"process {os.getpid()} on {socket.gethostname()} ({command}, since {started})"
-        )
+        name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+        host, started = socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {host} (mipo_mlx.{name}, since {started})")
         handle.flush()
         yield folder
     finally:
-        handle.close()  # releases the lock
-        if created and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
-            (folder / LOCK_NAME).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still held: the next holder makes a new one
+        handle.close()
+        if created and not any(folder.iterdir()):
             folder.rmdir()

@@ -44,13 +44,17 @@ def files_of(path: Path) -> list[tuple[str, int]]:
     ]
 
 
+def check_repo_id(repo_id: str, flag: str = "--upload-repo") -> None:
+    if not REPO_ID.match(repo_id):
+        raise UserError(f"{flag} {repo_id!r}: use the form user/name")
+
+
 def publish(
     path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model"
 ) -> list[str]:
     """Create the repo (if needed) and upload `path` (a folder, or one file); return the names
     sent."""
-    if not REPO_ID.match(repo_id):
-        raise UserError(f"--upload-repo {repo_id!r}: use the form user/name")
+    check_repo_id(repo_id)
     files = files_of(Path(path))
     visibility = "private" if private else "public"
     print(f"{'would upload' if dry_run else 'uploading'} to {kind} repo {repo_id} ({visibility}):")

@@ -48,17 +48,24 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
+def check_source(name: str, key: str = "model.path") -> None:
+    """Fail early on a model that cannot load: a local folder without weights, config or
+    tokenizer, or a name that is neither a folder nor a Hub id (org/name)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_local_folder(path)
+    elif _looks_like_path(name):
+        raise UserError(
+            f"{key}={name}: model folder not found; give a local folder or a Hub id like org/name"
+        )
+
+
 def load(config: ModelConfig):
     """Load (model, tokenizer, model_config) with mlx_lm.load; quantize if asked."""
     from mlx_lm import load as mlx_load
 
     path = Path(config.path).expanduser()
-    if path.exists():
-        _check_local_folder(path)
-    elif _looks_like_path(config.path):
-        raise UserError(
-            f"{config.path}: model folder not found; give a local folder or a Hub id like org/name"
-        )
+    check_source(config.path)
     try:
         model, tokenizer, model_config = mlx_load(
             str(path) if path.exists() else config.path,
@@ -122,6 +129,28 @@ def lora_parameters(config: LoraConfig) -> dict:
 
 def num_adapted_layers(model: nn.Module, config: LoraConfig) -> int:
     return len(model.layers) if config.num_layers < 0 else min(config.num_layers, len(model.layers))
+
+
+def check_lora_keys(model: nn.Module, config: LoraConfig) -> None:
+    """Every name in lora.keys must be a linear layer of the adapted blocks (checked before
+    any slow stage; mlx-lm would skip a name that matches nothing)."""
+    if not config.keys:
+        return
+    blocks = model.layers[len(model.layers) - num_adapted_layers(model, config) :]
+    linears = sorted(
+        {
+            name
+            for block in blocks
+            for name, module in block.named_modules()
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear))
+        }
+    )
+    for key in config.keys:
+        if key not in linears:
+            raise UserError(
+                f"lora.keys: {key!r} is no linear layer of this model; its linears are "
+                f"{', '.join(linears)}"
+            )
 
 
 def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:

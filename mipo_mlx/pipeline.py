@@ -67,7 +67,10 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
                 d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, d.limit
             )
             held_prompts = heldout_prompts(config.evaluation) if config.evaluation.prompts else None
+            if config.evaluation.judge:
+                mdl.check_source(config.evaluation.judge, "evaluation.judge")
             model, tokenizer, _ = mdl.load(config.model)
+            mdl.check_lora_keys(model, config.lora)
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
             check_pairs_possible(rendered, config.pairs, d)
             held = (
@@ -189,11 +192,15 @@ def one_round(
 def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
     """Base (and, given a run folder's adapters, base + adapters) on the held-out prompts."""
     prompts = heldout_prompts(config.evaluation)
+    if config.evaluation.judge:
+        mdl.check_source(config.evaluation.judge, "evaluation.judge")
     model, tokenizer, _ = mdl.load(config.model)
     held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
-    results = {"base": answers(config, model, tokenizer, held)}
-    if adapters:
+    if adapters:  # read before any answer: a bad folder stops here, not after the base
         mdl.load_adapters(model, Path(adapters))
+    with mdl.adapters_disabled(model) if adapters else nullcontext():
+        results = {"base": answers(config, model, tokenizer, held)}
+    if adapters:
         results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
         add_compliance_win_rate(results)
     add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)

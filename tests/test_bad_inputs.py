@@ -2,6 +2,7 @@
 untouched."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ GOOD = [
 def jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
+
+FAST = ["--generation.max_tokens", "4", "--generation.truncated", "keep"]
 
 # name: (files to write {name: text or bytes}, extra CLI args, fragment the message must contain)
 CASES = {
@@ -162,6 +165,59 @@ CASES = {
         ["--evaluation.prompts", "{dir}/held.jsonl"],
         "held.jsonl: prompts file not found",
     ),
+    "lora key matches no layer": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--lora.keys", "[self_attn.q_prj]"],
+        "lora.keys: 'self_attn.q_prj' is no linear layer of this model",
+    ),
+    "judge model missing": (
+        {"p.jsonl": jsonl(GOOD), "h.jsonl": jsonl([{**r, "context": "Be brief."} for r in GOOD])},
+        ["--evaluation.prompts", "{dir}/h.jsonl", "--evaluation.judge", "./no/judge"],
+        "evaluation.judge=./no/judge: model folder not found",
+    ),
+    "output below a regular file": (
+        {"p.jsonl": jsonl(GOOD), "file.txt": "x"},
+        ["--output", "{dir}/file.txt/run"],
+        "cannot write there",
+    ),
+    # The other commands: (files, arguments, fragment, command)
+    "evaluate: adapters folder missing": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--model", "{model}", "--prompts", "{dir}/p.jsonl", "--adapters", "{dir}/none"],
+        "--adapters {dir}/none: no adapters.safetensors there",
+        "evaluate",
+    ),
+    "export: malformed repo id": (
+        {},
+        ["--adapters", "{run}", "--output", "{dir}/f", "--upload-repo", "not a repo"],
+        "--upload-repo 'not a repo': use the form user/name",
+        "export",
+    ),
+    "export: malformed pairs repo id": (
+        {},
+        ["--adapters", "{run}", "--output", "{dir}/f", "--upload-pairs-repo", "me/x/y"],
+        "--upload-pairs-repo 'me/x/y': use the form user/name",
+        "export",
+    ),
+    "export: pairs upload without a token": (
+        {},
+        ["--adapters", "{run}", "--output", "{dir}/f", "--upload-pairs-repo", "me/pairs"],
+        "no Hugging Face token",
+        "export",
+    ),
+    "export: output is the run": (
+        {},
+        ["--adapters", "{run}", "--output", "{run}", "--overwrite"],
+        "is the adapters folder",
+        "export",
+    ),
+    "export: output holds the run": (
+        {},
+        ["--adapters", "{run}", "--output", "{run}/..", "--overwrite"],
+        "holds the adapters folder",
+        "export",
+    ),
+    "export: argument missing": ({}, ["--adapters", "{run}"], "required: --output", "export"),
 }
 
 
@@ -183,11 +239,24 @@ def models(toy_model_dir, tmp_path_factory):
     earlier.mkdir()
     (earlier / "config.yaml").write_text("model:\n  path: x\n")
     (earlier / "pairs.jsonl").write_text("{}\n")
+    runs = root / "runs"  # a finished run, alone in its parent folder
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(jsonl(GOOD))
+    args = ["--model", str(toy_model_dir), "--prompts", str(prompts), "--output", str(runs / "run")]
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *args, "--iters", "1", *FAST],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
     return {
         "model_no_tok": no_tok,
         "model_no_template": no_template,
         "model_corrupt": corrupt,
         "earlier_run": earlier,
+        "run": runs / "run",
+        "model": toy_model_dir,
     }
 
 
@@ -197,7 +266,8 @@ def snapshot(folder):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, models, toy_model_dir, tmp_path):
-    files, extra, fragment = CASES[name]
+    files, extra, fragment, *command = CASES[name]
+    command = command[0] if command else "train"
     for file_name, content in files.items():
         target = tmp_path / file_name
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -208,25 +278,34 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     extra = [
         a.format(**fill) if "{" in a and "}" in a and not a.startswith("Q:") else a for a in extra
     ]
-    args = [
-        "--model",
-        str(toy_model_dir),
-        "--prompts",
-        str(tmp_path / "p.jsonl"),
-        "--output",
-        str(out),
-        "--generation.max_tokens",
-        "4",
-        "--generation.truncated",
-        "keep",
-        "--iters",
-        "1",
-        *extra,
-    ]
-    watched = [out] + [models["earlier_run"]] * ("{earlier_run}" in " ".join(CASES[name][1]))
+    fragment = fragment.format(**fill) if "{dir}" in fragment else fragment
+    args = extra
+    if command == "train":
+        args = [
+            "--model",
+            str(toy_model_dir),
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--output",
+            str(out),
+            "--generation.max_tokens",
+            "4",
+            "--generation.truncated",
+            "keep",
+            "--iters",
+            "1",
+            *extra,
+        ]
+    named = " ".join(CASES[name][1])
+    watched = [out] + [models["earlier_run"]] * ("{earlier_run}" in named)
+    watched += [models["run"].parent] * ("{run}" in named)
     before = [snapshot(w) for w in watched]
     done = subprocess.run(
-        [sys.executable, "-m", "mipo_mlx.train", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", f"mipo_mlx.{command}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_TOKEN": "", "HF_HOME": str(tmp_path / "no-hf-home")},
     )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-1500:]
