@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, save_config, save_model
 
 from . import model as mdl
-from .config import from_dict
+from .config import Config, apply, load_yaml
 from .errors import UserError
 from .pairs import read_pairs
 from .score import pack_rows, token_logps
@@ -48,13 +47,13 @@ class Check:
         )
 
 
-def check_pairs(run: Path, limit: int = 16):
+def check_pairs(run: Path, limit: int = 16, vocab: int | None = None):
     path = run / "pairs.jsonl"
     if not path.is_file():
         raise UserError(
             f"{path}: not found; export needs the run's pairs to verify the fused model"
         )
-    pairs = read_pairs(path)
+    pairs = read_pairs(path, vocab)
     valid = [p for p in pairs if p.split == "valid"] or pairs
     return valid[:limit]
 
@@ -107,9 +106,9 @@ def build(run: Path, quantize: int | None, force: bool):
         raise UserError(
             f"{config_path}: not found; --adapters must be a folder written by mipo_mlx.train"
         )
-    config = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+    config = apply(Config(), load_yaml(config_path), str(config_path))
     model, tokenizer, model_config = mdl.load(config.model)
-    pairs = check_pairs(run)
+    pairs = check_pairs(run, vocab=mdl.vocab_size(model))
     pad = mdl.pad_id(tokenizer)
     base_margins = margins_and_logits(model, pairs, pad)[0]
     mdl.load_adapters(model, run)

@@ -94,6 +94,12 @@ def load(config: ModelConfig):
     return model, tokenizer, model_config
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's embedding table (token ids must stay below it), where it says."""
+    size = getattr(getattr(model, "args", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def pad_id(tokenizer) -> int:
     """The id that pads rows (never scored): the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -16,6 +16,7 @@ trainers can read it, plus the token ids and the stored reference log-probs:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,14 +69,22 @@ class Pair:
 REQUIRED = ("chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "negatives", "source")
 
 
-def _id_list(value, key: str, where: str) -> list[int]:
+def _id_list(value, key: str, where: str, vocab: int | None) -> list[int]:
     if (
         not isinstance(value, list)
         or not value
-        or not all(isinstance(t, int) and t >= 0 for t in value)
+        or not all(type(t) is int and 0 <= t < (vocab or 2**31) for t in value)
     ):
-        raise UserError(f"{where}: '{key}' must be a non-empty list of token ids")
+        below = f" below the vocabulary size {vocab}" if vocab else ""
+        raise UserError(
+            f"{where}: '{key}' must be a non-empty list of token ids{below}; "
+            "regenerate the pair file"
+        )
     return value
+
+
+def _finite(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _is_answer(turn) -> bool:
@@ -86,11 +95,18 @@ def _is_answer(turn) -> bool:
     )
 
 
-def pair_from_row(row: dict, where: str) -> Pair:
-    """Validate one pair-file row (the schema above) and build a `Pair`."""
+def pair_from_row(row: dict, where: str, vocab: int | None = None) -> Pair:
+    """Validate one pair-file row (the schema above) and build a `Pair`; with `vocab`, every
+    token id must be below it (an id past the embedding table would crash the process)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a pair must be a JSON object; regenerate the pair file")
     missing = [k for k in REQUIRED if k not in row]
     if missing:
         raise UserError(f"{where}: missing key(s) {', '.join(missing)}; regenerate the pair file")
+    if not isinstance(row["negatives"], str) or type(row["source"]) is not int:
+        raise UserError(f"{where}: 'negatives' must be a name and 'source' a row number")
+    if row.get("split", "train") not in ("train", "valid"):
+        raise UserError(f"{where}: 'split' must be train or valid")
     chosen, rejected = row["chosen"], row["rejected"]
     if (
         not isinstance(chosen, list)
@@ -105,15 +121,22 @@ def pair_from_row(row: dict, where: str) -> Pair:
             "assistant turn {role: assistant, content: text}"
         )
     ref = row.get("reference_logps")
-    if ref is not None and not (isinstance(ref, dict) and {"chosen", "rejected"} <= set(ref)):
-        raise UserError(f"{where}: 'reference_logps' must hold 'chosen' and 'rejected'")
+    if ref is not None and not (
+        isinstance(ref, dict)
+        and {"chosen", "rejected"} <= set(ref)
+        and _finite(ref["chosen"])
+        and _finite(ref["rejected"])
+    ):
+        raise UserError(
+            f"{where}: 'reference_logps' must hold finite 'chosen' and 'rejected' log-probs"
+        )
     return Pair(
         messages=chosen[:-1],
         chosen=chosen[-1]["content"],
         rejected=rejected[-1]["content"],
-        prompt_ids=_id_list(row["prompt_ids"], "prompt_ids", where),
-        chosen_ids=_id_list(row["chosen_ids"], "chosen_ids", where),
-        rejected_ids=_id_list(row["rejected_ids"], "rejected_ids", where),
+        prompt_ids=_id_list(row["prompt_ids"], "prompt_ids", where, vocab),
+        chosen_ids=_id_list(row["chosen_ids"], "chosen_ids", where, vocab),
+        rejected_ids=_id_list(row["rejected_ids"], "rejected_ids", where, vocab),
         negatives=row["negatives"],
         source=row["source"],
         rejected_source=row.get("rejected_source"),
@@ -123,8 +146,8 @@ def pair_from_row(row: dict, where: str) -> Pair:
     )
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    return [pair_from_row(row, f"{path}:{n}") for n, row in read_jsonl(path, "pairs")]
+def read_pairs(path: str | Path, vocab: int | None = None) -> list[Pair]:
+    return [pair_from_row(row, f"{path}:{n}", vocab) for n, row in read_jsonl(path, "pairs")]
 
 
 def write_pairs(path: str | Path, pairs: list[Pair]) -> None:

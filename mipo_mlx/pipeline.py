@@ -151,7 +151,7 @@ def one_round(
     round's), draws from other seeds, and is the reference its pairs are scored under: each
     round is a DPO step away from the model that made its pairs."""
     pad = mdl.pad_id(tokenizer)
-    pairs = folder.pairs()
+    pairs = folder.pairs(mdl.vocab_size(model))
     fresh = pairs is None
     if not fresh:
         dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")

@@ -208,15 +208,16 @@ class RunFolder:
     def responses(self, name: str) -> ResponseFile:
         return ResponseFile(self.path / f"responses.{name}.jsonl")
 
-    def pairs(self) -> list[Pair] | None:
-        """The pairs of an earlier attempt (written whole at the end of their stage), or None."""
+    def pairs(self, vocab: int | None = None) -> list[Pair] | None:
+        """The pairs of an earlier attempt (written whole at the end of their stage), or None;
+        checked against the schema, token ids below `vocab`."""
         path = self.path / "pairs.jsonl"
         rows = dist.decided(
             lambda: [row for _, row in read_jsonl(path, "pairs")] if path.is_file() else None
         )
         if rows is None:
             return None
-        return [pair_from_row(row, f"{path}:{n}") for n, row in enumerate(rows, 1)]
+        return [pair_from_row(row, f"{path}:{n}", vocab) for n, row in enumerate(rows, 1)]
 
     def write_pairs(self, pairs: list[Pair]) -> None:
         dist.main_only(write_pairs, self.path / "pairs.jsonl", pairs)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -218,6 +219,37 @@ CASES = {
         "export",
     ),
     "export: argument missing": ({}, ["--adapters", "{run}"], "required: --output", "export"),
+    # Files a run reads back, damaged or hand-edited: resume and export read them
+    "resume: token id past the vocabulary": (
+        {},
+        ["--resume", "{run_bad_id}"],
+        "pairs.jsonl:2: 'chosen_ids' must be a non-empty list of token ids below the vocabulary",
+        "resume",
+    ),
+    "export: token id past the vocabulary": (
+        {},
+        ["--adapters", "{run_bad_id}", "--output", "{dir}/f"],
+        "pairs.jsonl:2: 'chosen_ids' must be a non-empty list of token ids below the vocabulary",
+        "export",
+    ),
+    "resume: reference log-prob not finite": (
+        {},
+        ["--resume", "{run_nan}"],
+        "pairs.jsonl:1: 'reference_logps' must hold finite",
+        "resume",
+    ),
+    "resume: pair row not an object": (
+        {},
+        ["--resume", "{run_list_row}"],
+        "pairs.jsonl:1: each line must be a JSON object",
+        "resume",
+    ),
+    "export: damaged config.yaml": (
+        {},
+        ["--adapters", "{run_bad_yaml}", "--output", "{dir}/f"],
+        "config.yaml line 2: not valid YAML",
+        "export",
+    ),
 }
 
 
@@ -250,7 +282,25 @@ def models(toy_model_dir, tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    damaged = {}
+    for name, damage in (
+        ("run_bad_id", lambda rows: rows[1]["chosen_ids"].append(10**6)),
+        ("run_nan", lambda rows: rows[0]["reference_logps"].update(chosen=float("nan"))),
+        ("run_list_row", lambda rows: rows.__setitem__(0, [1, 2])),
+        ("run_bad_yaml", None),
+    ):
+        copy = root / name / "run"
+        shutil.copytree(runs / "run", copy)
+        if damage is None:
+            (copy / "config.yaml").write_text("model: [\n")
+            damaged[name] = copy
+            continue
+        rows = [json.loads(line) for line in (copy / "pairs.jsonl").read_text().splitlines()]
+        damage(rows)
+        (copy / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        damaged[name] = copy
     return {
+        **damaged,
         "model_no_tok": no_tok,
         "model_no_template": no_template,
         "model_corrupt": corrupt,
@@ -280,6 +330,7 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     ]
     fragment = fragment.format(**fill) if "{dir}" in fragment else fragment
     args = extra
+    module = "train" if command == "resume" else command
     if command == "train":
         args = [
             "--model",
@@ -299,9 +350,12 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     named = " ".join(CASES[name][1])
     watched = [out] + [models["earlier_run"]] * ("{earlier_run}" in named)
     watched += [models["run"].parent] * ("{run}" in named)
+    watched += [
+        Path(fill[k]).parent for k in models if k.startswith("run_") and f"{{{k}}}" in named
+    ]
     before = [snapshot(w) for w in watched]
     done = subprocess.run(
-        [sys.executable, "-m", f"mipo_mlx.{command}", *args],
+        [sys.executable, "-m", f"mipo_mlx.{module}", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -315,5 +369,5 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     assert [snapshot(w) for w in watched] == before  # nothing written, nothing lost
 
 
-def test_table_has_at_least_25_inputs():
-    assert len(CASES) >= 25
+def test_table_has_every_case():
+    assert len(CASES) >= 44  # 29 before the reliability round, and the cases it added
