@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import distributed as dist
 from .errors import UserError
 from .files import atomic_folder, newest_folder
-from .model import adapter_weights
+from .model import adapter_weights, write_safetensors
 
 NAME = "checkpoint"
 
@@ -36,9 +36,9 @@ class TrainState:
 
 def save(out: Path, state: TrainState) -> Path:
     with atomic_folder(out / NAME) as folder:
-        mx.save_safetensors(str(folder / "adapters.safetensors"), state.adapters)
-        mx.save_safetensors(
-            str(folder / "state.safetensors"),
+        write_safetensors(folder / "adapters.safetensors", state.adapters)
+        write_safetensors(
+            folder / "state.safetensors",
             {f"optimizer.{k}": v for k, v in state.optimizer.items()},
         )
         (folder / "state.json").write_text(

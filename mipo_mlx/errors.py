@@ -9,13 +9,26 @@ point (finished work saved) by raising `Stopped`.
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
+# Faults of the file system rather than bugs: reported as one line, with what to do.
+DISK_FAULTS = {
+    errno.ENOSPC: "the disk is full; free space, then resume (what was written is kept)",
+    errno.EDQUOT: "the disk quota is used up; free space, then resume",
+    errno.EFBIG: "the file grew past the size this process may write; raise the limit, then resume",
+    errno.EROFS: "the file system is read-only; choose a writable output folder",
+    errno.EACCES: "no permission to write there; choose another output folder",
+    errno.EPERM: "no permission to write there; choose another output folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+}
 
 
 class UserError(Exception):
@@ -71,6 +84,13 @@ def reports_user_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             return main(*args, **kwargs) or 0
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except OSError as err:
+            if err.errno not in DISK_FAULTS:
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            strerror = err.strerror or os.strerror(err.errno)
+            print(f"error: {where}{strerror} - {DISK_FAULTS[err.errno]}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -207,6 +207,17 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     }
 
 
+def write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, with a failed write (full disk, no permission) as one line."""
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as err:
+        raise UserError(
+            f"{path}: could not write ({err}); make sure the disk has space and the folder is "
+            "writable, then resume (what was written before is kept)"
+        ) from None
+
+
 def save_adapters(
     folder: Path, model: nn.Module, lora: LoraConfig, base_model: str, name: str = ADAPTER_WEIGHTS
 ) -> Path:
@@ -215,7 +226,7 @@ def save_adapters(
     target = folder / name
     # mx.save_safetensors adds the suffix otherwise
     with atomic_path(target, suffix=".safetensors") as tmp:
-        mx.save_safetensors(str(tmp), weights)
+        write_safetensors(tmp, weights)
     write_json(
         folder / ADAPTER_CONFIG,
         {

@@ -295,3 +295,39 @@ def test_prompts_reordered_or_edited_after_a_kill_are_refused(setup):
     mine.write_bytes(original)
     resume(out)
     assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("limit_kb", [1, 4, 24])
+def test_disk_full_is_one_line_and_resumes(setup, tmp_path, limit_kb):
+    """A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored: writes past it fail as a full
+    disk's do) stops the run at whichever write reaches it: one line, exit 2, no temporary
+    file left, every file written before intact; with the limit lifted, the run resumes to
+    the uninterrupted result."""
+    import resource
+
+    model_dir, prompts, reference, _ = setup
+    out = tmp_path / "run"
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", *train_cmd(model_dir, prompts, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-2000:]
+    assert "resume" in lines[0]
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or ".partial" in p.name]
+    assert leftovers == [], leftovers
+    if (out / "config.yaml").is_file():
+        resume(out)
+    else:  # stopped before the run began: run it again
+        again = [sys.executable, "-m", "mipo_mlx.train", *train_cmd(model_dir, prompts, out)]
+        assert subprocess.run(again, capture_output=True, timeout=300).returncode == 0
+    assert_same_run(out, reference)
