@@ -49,6 +49,22 @@ def check_repo_id(repo_id: str, flag: str = "--upload-repo") -> None:
         raise UserError(f"{flag} {repo_id!r}: use the form user/name")
 
 
+def hub_failure(err: BaseException, repo_id: str, token: str) -> str:
+    """One line for a failed upload: what went wrong, never the token."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text.replace(token, "<token>") if token else text
+    if len(text) > 160:
+        text = text[:157] + "..."
+    if status in (401, 403):
+        what = f"the Hub refused the token for {repo_id} (HTTP {status}); check its write access"
+    elif status is not None:
+        what = f"the Hub answered HTTP {status} for {repo_id}: {text}"
+    else:
+        what = f"could not reach the Hub: {text}"
+    return f"{what}; the files are kept, publish again with the same command"
+
+
 def publish(
     path: Path, repo_id: str, *, private: bool, dry_run: bool, kind: str = "model"
 ) -> list[str]:
@@ -65,22 +81,29 @@ def publish(
         return [name for name, _ in files]
     token = require_token()
     api = hub_api()
-    api.create_repo(repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token)
-    if Path(path).is_file():
-        api.upload_file(
-            path_or_fileobj=str(path),
-            path_in_repo=Path(path).name,
-            repo_id=repo_id,
-            repo_type=kind,
-            token=token,
+    try:
+        api.create_repo(
+            repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token
         )
-    else:
-        api.upload_folder(
-            folder_path=str(path),
-            repo_id=repo_id,
-            repo_type=kind,
-            token=token,
-            allow_patterns=[name for name, _ in files],
-        )
+        if Path(path).is_file():
+            api.upload_file(
+                path_or_fileobj=str(path),
+                path_in_repo=Path(path).name,
+                repo_id=repo_id,
+                repo_type=kind,
+                token=token,
+            )
+        else:
+            api.upload_folder(
+                folder_path=str(path),
+                repo_id=repo_id,
+                repo_type=kind,
+                token=token,
+                allow_patterns=[name for name, _ in files],
+            )
+    except (TypeError, AttributeError, NameError):
+        raise  # a bug here, not the network
+    except Exception as err:  # the client's network, HTTP and auth errors, in any version
+        raise UserError(hub_failure(err, repo_id, token)) from None
     print(f"published https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}")
     return [name for name, _ in files]

@@ -11,6 +11,7 @@ import pytest
 
 from mipo_mlx import export, hub
 from mipo_mlx.card import front_matter
+from mipo_mlx.errors import UserError
 from mipo_mlx.pairs import read_pairs
 from mipo_mlx.score import pack_pairs
 
@@ -316,3 +317,38 @@ def test_dequantized_export_loads_in_transformers(plain_run, tmp_path):
         expected = hf(torch.tensor([ids])).logits.numpy()
     model, _ = load(str(tmp_path / "f"))
     assert float(np.abs(np.array(model(mx.array([ids]))) - expected).max()) < 1e-3
+
+
+class Unreachable(FakeHub):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def create_repo(self, **kw):
+        raise self.error
+
+
+class Refused(Exception):
+    def __init__(self, status):
+        super().__init__(f"{status} Client Error for url https://huggingface.co/api/repos/create")
+        self.response = type("Response", (), {"status_code": status})()
+
+
+@pytest.mark.parametrize(
+    "error, fragment",
+    [
+        (ConnectionError("[Errno -3] Temporary failure in name resolution"), "could not reach"),
+        (TimeoutError("timed out after 10 s (token hf_secret_token_value)"), "could not reach"),
+        (Refused(401), "the Hub refused the token for me/tiny (HTTP 401)"),
+        (Refused(500), "the Hub answered HTTP 500 for me/tiny"),
+    ],
+)
+def test_upload_failures_are_one_line_without_the_token(tmp_path, monkeypatch, error, fragment):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(hub, "hub_api", lambda: Unreachable(error))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    with pytest.raises(UserError) as caught:
+        hub.publish(tmp_path, "me/tiny", private=False, dry_run=False)
+    message = str(caught.value)
+    assert fragment in message and "\n" not in message and "publish again" in message
+    assert "hf_secret_token_value" not in message
