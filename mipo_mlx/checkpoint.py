@@ -12,6 +12,7 @@ instant leaves the previous checkpoint or the new one whole.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +35,22 @@ class TrainState:
     optimizer: dict[str, mx.array]  # flattened optimizer state
 
 
-def save(out: Path, state: TrainState) -> Path:
+def save(out: Path, state: TrainState, made_from: str | None = None) -> Path:
+    """Write the checkpoint whole or not at all; `made_from` names the pairs it trained on."""
     with atomic_folder(out / NAME) as folder:
         write_safetensors(folder / "adapters.safetensors", state.adapters)
         write_safetensors(
             folder / "state.safetensors",
             {f"optimizer.{k}": v for k, v in state.optimizer.items()},
         )
-        (folder / "state.json").write_text(
-            json.dumps({"step": state.step, "batches_done": state.batches_done})
-        )
+        meta = {"step": state.step, "batches_done": state.batches_done, "pairs": made_from}
+        (folder / "state.json").write_text(json.dumps(meta))
     return out / NAME
 
 
-def load(out: Path) -> TrainState | None:
-    """The newest whole checkpoint in `out`, or None."""
+def load(out: Path, made_from: Callable[[], str | None] | None = None) -> TrainState | None:
+    """The newest whole checkpoint in `out`, or None. One made from other pairs than
+    `made_from` (pairs.jsonl edited since) is refused, never trained on."""
     folder = newest_folder(out / NAME)
     if folder is None or not (folder / "state.json").is_file():
         return None
@@ -60,6 +62,19 @@ def load(out: Path) -> TrainState | None:
         raise UserError(
             f"{folder}: unreadable checkpoint ({err}); delete it to restart training"
         ) from None
+    if not (
+        isinstance(meta, dict)
+        and all(type(meta.get(k)) is int and meta[k] >= 0 for k in ("step", "batches_done"))
+    ):
+        raise UserError(
+            f"{folder / 'state.json'}: needs whole numbers 'step' and 'batches_done'; "
+            "delete the checkpoint to restart training"
+        )
+    if made_from and meta.get("pairs") not in (None, made_from()):
+        raise UserError(
+            f"{folder}: made from other pairs than {out / 'pairs.jsonl'} holds now (it changed "
+            "since); restore that file, or delete the checkpoint to train on it from the start"
+        )
     optimizer = {
         k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")
     }
@@ -70,17 +85,19 @@ def _layout(arrays: dict[str, mx.array]) -> dict[str, list]:
     return {k: [list(v.shape), str(v.dtype).split(".")[-1]] for k, v in arrays.items()}
 
 
-def load_on_every_rank(out: Path) -> TrainState | None:
+def load_on_every_rank(
+    out: Path, made_from: Callable[[], str | None] | None = None
+) -> TrainState | None:
     """Rank 0's checkpoint (read from its folder; other hosts may not have it) on every rank:
     rank 0 reads it and sends what it found (an unreadable one stops every rank), then its
     arrays."""
     if dist.size() == 1:
-        return load(out)
+        return load(out, made_from)
     state = None
 
     def read() -> dict | None:
         nonlocal state
-        state = load(out)
+        state = load(out, made_from)
         if state is None:
             return None
         return {

@@ -261,8 +261,15 @@ class RunFolder:
                 name=f"{step:07d}_adapters.safetensors",
             )
 
+    def pairs_fingerprint(self) -> str | None:
+        """A hash of pairs.jsonl as it is now: a checkpoint records what it trained on."""
+        path = self.path / "pairs.jsonl"
+        if not path.is_file():
+            return None
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
     def save_checkpoint(self, state: ckpt.TrainState) -> None:
-        dist.main_only(ckpt.save, self.path, state)
+        dist.main_only(lambda: ckpt.save(self.path, state, self.pairs_fingerprint()))
 
     def load_checkpoint(self) -> ckpt.TrainState | None:
-        return ckpt.load_on_every_rank(self.path)
+        return ckpt.load_on_every_rank(self.path, self.pairs_fingerprint)

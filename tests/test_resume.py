@@ -331,3 +331,27 @@ def test_disk_full_is_one_line_and_resumes(setup, tmp_path, limit_kb):
         again = [sys.executable, "-m", "mipo_mlx.train", *train_cmd(model_dir, prompts, out)]
         assert subprocess.run(again, capture_output=True, timeout=300).returncode == 0
     assert_same_run(out, reference)
+
+
+def test_checkpoint_made_from_other_pairs_is_refused(setup):
+    """pairs.jsonl edited after a checkpoint: resuming stops with one line (the checkpoint
+    trained on other pairs); restored, the run resumes to the uninterrupted result."""
+    model_dir, prompts, reference, root = setup
+    out = root / "killed-then-pairs-edited"
+    run_killed("after-step", 5, model_dir, prompts, out)
+    original = (out / "pairs.jsonl").read_bytes()
+    rows = [json.loads(line) for line in original.decode().splitlines()]
+    rows[0]["reference_logps"]["chosen"] += 1.0
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "made from other pairs" in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) <= 3  # progress lines, then the one error
+    assert done.stderr.strip().splitlines()[-1].startswith("error:")
+    (out / "pairs.jsonl").write_bytes(original)
+    resume(out)
+    assert_same_run(out, reference)
