@@ -162,7 +162,8 @@ def one_round(
                 f"{config.data.max_prompt_tokens}"
             )
         generation = replace(config.generation, seed=config.generation.seed + k - 1)
-        caches = {name: folder.responses(name) for name in ("chosen", "rejected")}
+        vocab = mdl.vocab_size(model)
+        caches = {name: folder.responses(name, vocab) for name in ("chosen", "rejected")}
         pairs = build_pairs(
             model, tokenizer, rendered, config.pairs, generation, config.data, caches, stop
         )

@@ -143,11 +143,27 @@ class ResponseFile:
     interrupted pass resumes with the responses it had (each prompt samples from its own
     seeded stream, so the resumed responses are the uninterrupted ones)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, vocab: int | None = None):
+        self.path, self.vocab = path, vocab
 
     def rows(self) -> list[dict]:
-        return read_lines(self.path)
+        """The saved responses, each checked (a hand-edited or damaged line is one error)."""
+        rows = read_lines(self.path)
+        for number, row in enumerate(rows, start=1):
+            ids = row.get("token_ids") if isinstance(row, dict) else None
+            if not (
+                type(row.get("index")) is int
+                and row["index"] >= 0
+                and isinstance(ids, list)
+                and all(type(t) is int and 0 <= t < (self.vocab or 2**31) for t in ids)
+                and type(row.get("finished")) is bool
+            ):
+                raise UserError(
+                    f"{self.path}: response {number} is not an index, token ids"
+                    + (f" below {self.vocab}" if self.vocab else "")
+                    + " and a finished flag; delete the file to generate these answers again"
+                )
+        return rows
 
     def record(self, index: int, response: Response) -> None:
         dist.main_only(append_jsonl, self.path, response.to_row(index))
@@ -205,8 +221,8 @@ class RunFolder:
         as data.prompts or evaluation.prompts of a later run)."""
         dist.main_only(write_jsonl, self.path / name, map(prompt_row, prompts))
 
-    def responses(self, name: str) -> ResponseFile:
-        return ResponseFile(self.path / f"responses.{name}.jsonl")
+    def responses(self, name: str, vocab: int | None = None) -> ResponseFile:
+        return ResponseFile(self.path / f"responses.{name}.jsonl", vocab)
 
     def pairs(self, vocab: int | None = None) -> list[Pair] | None:
         """The pairs of an earlier attempt (written whole at the end of their stage), or None;

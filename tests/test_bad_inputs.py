@@ -244,6 +244,24 @@ CASES = {
         "pairs.jsonl:1: each line must be a JSON object",
         "resume",
     ),
+    "resume: answer token id past the vocabulary": (
+        {},
+        ["--resume", "{run_bad_response}"],
+        "responses.chosen.jsonl: response 2 is not an index, token ids below",
+        "resume",
+    ),
+    "resume: answer without its finished flag": (
+        {},
+        ["--resume", "{run_response_flag}"],
+        "responses.chosen.jsonl: response 1 is not an index, token ids",
+        "resume",
+    ),
+    "resume: checkpoint state damaged": (
+        {},
+        ["--resume", "{run_bad_state}"],
+        "checkpoint/state.json: needs whole numbers 'step' and 'batches_done'",
+        "resume",
+    ),
     "export: damaged config.yaml": (
         {},
         ["--adapters", "{run_bad_yaml}", "--output", "{dir}/f"],
@@ -288,17 +306,35 @@ def models(toy_model_dir, tmp_path_factory):
         ("run_nan", lambda rows: rows[0]["reference_logps"].update(chosen=float("nan"))),
         ("run_list_row", lambda rows: rows.__setitem__(0, [1, 2])),
         ("run_bad_yaml", None),
+        ("run_bad_response", "responses"),
+        ("run_response_flag", "responses"),
+        ("run_bad_state", "state"),
     ):
         copy = root / name / "run"
         shutil.copytree(runs / "run", copy)
+        damaged[name] = copy
         if damage is None:
             (copy / "config.yaml").write_text("model: [\n")
-            damaged[name] = copy
+            continue
+        if damage == "state":  # a run killed in training, its checkpoint's state edited
+            (copy / "adapters.safetensors").unlink()
+            (copy / "checkpoint" / "state.json").write_text('{"step": "1"}')
+            continue
+        if damage == "responses":  # a run killed while answering, its answers edited
+            (copy / "pairs.jsonl").unlink()
+            lines = (copy / "responses.chosen.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in lines]
+            if name == "run_bad_response":
+                rows[1]["token_ids"].append(10**6)
+            else:
+                del rows[0]["finished"]
+            (copy / "responses.chosen.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows)
+            )
             continue
         rows = [json.loads(line) for line in (copy / "pairs.jsonl").read_text().splitlines()]
         damage(rows)
         (copy / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        damaged[name] = copy
     return {
         **damaged,
         "model_no_tok": no_tok,
@@ -364,10 +400,13 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-1500:]
     assert "Traceback" not in done.stderr
-    assert len([line for line in lines if not line.startswith("note:")]) == 1, done.stderr
+    said = [line for line in lines if not line.startswith("note:")]
+    if command == "resume":  # a resumed run may first say what it reuses
+        said = [line for line in said if line.startswith("error:")]
+    assert len(said) == 1, done.stderr
     assert lines[-1].startswith("error:") and fragment in lines[-1], lines[-1]
     assert [snapshot(w) for w in watched] == before  # nothing written, nothing lost
 
 
 def test_table_has_every_case():
-    assert len(CASES) >= 44  # 29 before the reliability round, and the cases it added
+    assert len(CASES) >= 47  # 29 before the reliability round, and the cases it added
