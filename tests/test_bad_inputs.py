@@ -166,6 +166,54 @@ CASES = {
         ["--evaluation.prompts", "{dir}/held.jsonl"],
         "held.jsonl: prompts file not found",
     ),
+    "prompt not a string": (
+        {"p.jsonl": jsonl(GOOD + [{"prompt": 42}])},
+        [],
+        "p.jsonl:4: 'prompt' must be",
+    ),
+    "messages not a list": (
+        {"p.jsonl": jsonl(GOOD + [{"messages": "hi"}])},
+        [],
+        "p.jsonl:4: 'messages' must be a non-empty list of {role, content} turns",
+    ),
+    "line not an object": (
+        {"p.jsonl": jsonl(GOOD) + "[1, 2]\n"},
+        [],
+        "p.jsonl:4: each line must be a JSON object",
+    ),
+    "empty prompts file": ({"p.jsonl": ""}, [], "p.jsonl: 0 prompt(s)"),
+    "prompts path is a folder": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--prompts", "{dir}"],
+        "prompts file not found",
+    ),
+    "model path is a file": (
+        {"p.jsonl": jsonl(GOOD), "m.bin": "x"},
+        ["--model", "{dir}/m.bin"],
+        "m.bin: no config.json; point model.path at an mlx-lm/Hugging Face model folder",
+    ),
+    "yaml not a mapping": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "- 1\n- 2\n"},
+        ["--config", "{dir}/c.yaml"],
+        "c.yaml: expected a mapping of sections",
+    ),
+    "yaml section not a mapping": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "training: 3\n"},
+        ["--config", "{dir}/c.yaml"],
+        "section 'training' must be a mapping of keys",
+    ),
+    "lora rank zero": ({"p.jsonl": jsonl(GOOD)}, ["--lora.rank", "0"], "'lora.rank'"),
+    "top_p zero": ({"p.jsonl": jsonl(GOOD)}, ["--generation.top_p", "0"], "'generation.top_p'"),
+    "negative iters": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--iters", "-1"],
+        "'training.iters' must be at least 1, got -1",
+    ),
+    "evaluation limit below 2": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--evaluation.prompts", "{dir}/p.jsonl", "--evaluation.limit", "1"],
+        "'evaluation.limit'",
+    ),
     "lora key matches no layer": (
         {"p.jsonl": jsonl(GOOD)},
         ["--lora.keys", "[self_attn.q_prj]"],
@@ -260,6 +308,12 @@ CASES = {
         {},
         ["--resume", "{run_bad_state}"],
         "checkpoint/state.json: needs whole numbers 'step' and 'batches_done'",
+        "resume",
+    ),
+    "resume: damaged config.yaml": (
+        {},
+        ["--resume", "{run_bad_yaml}"],
+        "config.yaml line 2: not valid YAML",
         "resume",
     ),
     "export: damaged config.yaml": (
@@ -409,4 +463,4 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
 
 
 def test_table_has_every_case():
-    assert len(CASES) >= 47  # 29 before the reliability round, and the cases it added
+    assert len(CASES) >= 59  # 29 before the reliability round, and the cases it added
