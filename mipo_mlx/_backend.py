@@ -37,7 +37,13 @@ def _find_openblas() -> str | None:
     if choice.lower() in {"0", "off", "none", "bundled"}:
         return None
     if choice:
-        return choice if Path(choice).exists() else None
+        if Path(choice).exists():
+            return choice
+        print(
+            f"note: MIPO_MLX_BLAS={choice}: no such file; looking for the system OpenBLAS "
+            "instead (set it to a library path, or to off)",
+            file=sys.stderr,
+        )
     arch = platform.machine()
     for pattern in _BLAS_CANDIDATES:
         path = pattern.format(arch=arch)
@@ -63,7 +69,11 @@ def prefer_system_blas() -> str | None:
         return None
     try:
         ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-    except OSError:
+    except OSError as err:
+        print(
+            f"note: could not load {path} ({err}); MLX keeps its bundled BLAS, which is slower",
+            file=sys.stderr,
+        )
         return None
     _loaded_blas = path
     return path
