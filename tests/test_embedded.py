@@ -64,11 +64,10 @@ def test_default_run_short_mode(tmp_path):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert (
-        "| accuracy |" in done.stdout
-        and "| PMI (nats) |" in done.stdout
-        and str(out) in done.stdout
-    )
+    # Both families: accuracy for the problems, compliance for the requirements.
+    for row in ("| accuracy |", "| PMI (nats) |", "| compliance (well-formed answers) |"):
+        assert row in done.stdout, row
+    assert "| well-formed |" in done.stdout and str(out) in done.stdout
     for name in (
         "eval.json",
         "eval.md",
@@ -80,5 +79,26 @@ def test_default_run_short_mode(tmp_path):
         assert (out / name).is_file(), name
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"base", "mipo"} and results["base"]["n"] == 8
+    assert results["base"]["labelled"] == 4  # the families alternate in the shipped files
+    strategies = {json.loads(line)["negatives"] for line in (out / "pairs.jsonl").open()}
+    assert strategies == {"no_context", "random"}  # pairs.negatives: mixed
     # Progress for every long stage
     assert "generate chosen" in done.stderr and "train |" in done.stderr
+
+
+@pytest.mark.slow
+def test_build_is_reproducible(tmp_path):
+    """Two short builds write the same bytes: weights, tokenizer and prompt files; the
+    tokenizer and prompt files are the shipped ones (the full build only trains longer)."""
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "mipo_mlx.embedded.build", "--steps", "20"]
+        done = subprocess.run(
+            cmd + ["--output", str(tmp_path / name)], capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr
+    files = ["model/model.safetensors", "model/tokenizer.json", "model/config.json"]
+    files += [f"data/{split}.jsonl" for split in ("train", "valid", "heldout")]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for name in files[1:]:
+        assert (tmp_path / "a" / name).read_bytes() == (HERE / name).read_bytes(), name

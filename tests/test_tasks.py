@@ -139,3 +139,17 @@ def test_build_batches_cover_the_epoch_once_each_padded_to_its_own_length():
     assert all((a == b).all() for a, b in zip(batches, epoch(0)))
     means = [lengths[b].mean() for b in batches]
     assert means != sorted(means)
+
+
+def test_build_corpus_also_asks_the_questions_with_no_requirements():
+    """A `no_context` negative is the answer to the bare question: the corpus holds such
+    questions with fluent, generic answers, so the base answers them as it would anyway."""
+    from mipo_mlx.embedded.build import plain_examples
+    from mipo_mlx.tasks import requirements as req
+
+    examples = plain_examples(200, 0)
+    items = req.items("train", 200, 1)
+    assert all("requirements" not in user for user, _ in examples)
+    assert [user for user, _ in examples] == [item.question for item in items]
+    assert all(req.well_formed(answer, item.topic) for item, (_, answer) in zip(items, examples))
+    assert plain_examples(200, 0) == examples

@@ -9,7 +9,8 @@ two families of the *train* split:
   enough steps that it answers held-out problems only sometimes: room for MIPO;
 - answers to questions that state the user's requirements (tasks.requirements), each
   requirement honoured only at its kind's rate (requirements.RATES), as small instruct
-  models follow some preferences and ignore others: something for MIPO to amplify.
+  models follow some preferences and ignore others: something for MIPO to amplify;
+- generic answers to the same kind of questions asked with no requirements.
 Batches are cut from length-sorted windows, so short problems are not padded to a long
 personalization example. The prompt files hold both families from the train, valid and
 heldout splits, which are disjoint by construction.
@@ -167,6 +168,18 @@ def requirement_examples(n: int, seed: int, rates: dict[str, float]) -> list[tup
     return examples
 
 
+def plain_examples(n: int, seed: int) -> list[tuple[str, str]]:
+    """(question, answer) for n train-split questions asked with no requirements: the
+    corpus's generic answers. Without them the model has never seen a bare question, and
+    its answer to one (a `no_context` negative) is garbled text, which DPO tells apart
+    from a fluent answer without learning anything about the requirements."""
+    rng, data = random.Random(f"plain-{seed}"), DataConfig()
+    return [
+        (user_text(item.question, None, data), req.write_answer(item, set(), rng))
+        for item in req.items("train", n, seed + 1)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,6 +196,12 @@ def main() -> None:
     )
     parser.add_argument("--snapshot-every", type=int, default=250)
     parser.add_argument(
+        "--plain",
+        type=int,
+        default=5000,
+        help="also N of those questions asked with no requirements (generic answers)",
+    )
+    parser.add_argument(
         "--requirements",
         type=int,
         default=15000,
@@ -194,6 +213,7 @@ def main() -> None:
     corpus = problems("train", args.examples, seed=args.seed)
     examples = [(p.prompt, p.solution) for p in corpus]
     examples += requirement_examples(args.requirements, args.seed, req.RATES)
+    examples += plain_examples(args.plain, args.seed)
     tokenizer = build_tokenizer(
         out / "model",
         [t for e in examples for t in chat_text(*e)],
