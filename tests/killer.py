@@ -52,8 +52,9 @@ def main():
         def log(path, row):
             real(path, row)
             if row.get("step") == value and (folder is None or folder in str(path)):
-                if point == "wait-after-step":
-                    while not os.path.exists(os.environ["KILLER_GO"]):
+                if point == "wait-after-step":  # at most 5 minutes, should the test die
+                    deadline = time.time() + 300
+                    while not os.path.exists(os.environ["KILLER_GO"]) and time.time() < deadline:
                         time.sleep(0.02)
                 die()
 

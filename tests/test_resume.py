@@ -222,6 +222,17 @@ def test_a_second_run_on_a_folder_in_use_is_refused(setup):
         text=True,
         env={**os.environ, "KILLER_GO": str(go)},
     )
+    try:
+        check_the_folder_is_held(first, out, go, model_dir, prompts)
+    finally:  # never leave the holder waiting, whatever failed
+        go.touch()
+        if first.wait(timeout=300) != -signal.SIGKILL:
+            first.kill()
+    resume(out)
+    assert_same_run(out, reference)
+
+
+def check_the_folder_is_held(first, out, go, model_dir, prompts):
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -247,8 +258,6 @@ def test_a_second_run_on_a_folder_in_use_is_refused(setup):
     assert set(before) <= {p.name for p in out.iterdir()}
     go.touch()
     assert first.wait(timeout=300) == -signal.SIGKILL  # killed after step 5
-    resume(out)
-    assert_same_run(out, reference)
 
 
 def test_output_below_a_regular_file_is_one_line(setup, tmp_path):
