@@ -102,6 +102,7 @@ def test_python_api_example_runs(tmp_path):
 
 
 def test_embedded_experiment_runs_small(tmp_path):
+    """The experiment end to end on a few prompts: choices on valid, arms on held-out, tables."""
     cmd = [
         sys.executable,
         str(ROOT / "examples" / "embedded_experiment.py"),
@@ -111,19 +112,40 @@ def test_embedded_experiment_runs_small(tmp_path):
         "1e-4,3e-4",
         "--seeds",
         "0,1",
+        "--rounds",
+        "2",
         "--iters",
         "1",
         "--train-limit",
-        "8",
+        "6",
         "--eval-limit",
         "4",
+        "--set",
+        "generation.max_tokens=12",
+        "--set",
+        "evaluation.max_tokens=12",
+        "--set",
+        "generation.truncated=keep",
+        "--set",
+        "training.batch_size=2",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert set(report["chosen_rates"]) == {"mipo", "sft"} and report["chosen_rates"]["mipo"] in (
-        1e-4,
-        3e-4,
-    )
-    assert [len(report["heldout"][m]) for m in ("base", "mipo", "sft")] == [2, 2, 2]
-    assert "| mipo |" in done.stdout
+    for family in ("personalization", "math"):
+        for method in ("mipo", "sft"):
+            assert report["chosen_on_valid"][family][method]["lr"] in (1e-4, 3e-4)
+    arms = report["heldout"]["personalization"]
+    assert set(arms) == {
+        "base",
+        "mipo no_context",
+        "mipo no_context, round 2",
+        "mipo random_context",
+        "mipo random",
+        "sft",
+    }
+    assert all(len(rows) == 2 for rows in arms.values())
+    assert set(report["heldout"]["math"]) == {"base", "mipo random", "mipo incomplete", "sft"}
+    assert "| mipo no_context, round 2 |" in done.stdout and "| mipo incomplete |" in done.stdout
+    # The runs were on each family's own rows, and held-out only for the final arms.
+    assert not list((tmp_path / "exp" / "select").glob("*seed*"))
