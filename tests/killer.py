@@ -72,7 +72,7 @@ def main():
     elif point == "in-checkpoint":
         real_save = checkpoint.save
 
-        def save(out, state):
+        def save(out, state, *rest):
             if state.step == value:
                 real_rename = type(out).rename
 
@@ -82,7 +82,7 @@ def main():
                         die()  # the old checkpoint moved aside, the new one not yet in place
 
                 type(out).rename = rename
-            return real_save(out, state)
+            return real_save(out, state, *rest)
 
         checkpoint.save = save
     elif point == "in-adapters-write":
