@@ -67,8 +67,8 @@ def test_blas_can_be_switched_off():
     assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
 
 
-def test_blas_path_that_does_not_exist_is_a_note_then_the_usual_search(tmp_path):
-    missing = tmp_path / "libnothing.so"
+def blas_with(setting: Path) -> subprocess.CompletedProcess:
+    """A fresh interpreter with MIPO_MLX_BLAS=setting: which BLAS it loaded, and its notes."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -77,10 +77,16 @@ def test_blas_path_that_does_not_exist_is_a_note_then_the_usual_search(tmp_path)
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "MIPO_MLX_BLAS": str(missing)},
+        env={**os.environ, "MIPO_MLX_BLAS": str(setting)},
         timeout=120,
     )
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_blas_path_that_does_not_exist_is_a_note_then_the_usual_search(tmp_path):
+    missing = tmp_path / "libnothing.so"
+    proc = blas_with(missing)
     assert proc.stderr.strip() == (
         f"note: MIPO_MLX_BLAS={missing}: no such file; looking for the system OpenBLAS "
         "instead (set it to a library path, or to off)"
@@ -92,18 +98,8 @@ def test_blas_path_that_does_not_exist_is_a_note_then_the_usual_search(tmp_path)
 def test_blas_library_that_cannot_load_is_a_note(tmp_path):
     broken = tmp_path / "libbroken.so"
     broken.write_bytes(b"not a shared library")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MIPO_MLX_BLAS": str(broken)},
-        timeout=120,
-    )
-    assert proc.returncode == 0 and proc.stderr.startswith(f"note: could not load {broken}")
+    proc = blas_with(broken)
+    assert proc.stderr.startswith(f"note: could not load {broken}")
     assert proc.stdout.strip().startswith("bundled reference BLAS")
 
 
