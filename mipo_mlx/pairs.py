@@ -69,12 +69,15 @@ class Pair:
 REQUIRED = ("chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids", "negatives", "source")
 
 
+def are_token_ids(value, vocab: int | None) -> bool:
+    """A list of whole numbers in [0, vocab) (any non-negative ones without `vocab`)."""
+    return isinstance(value, list) and all(
+        type(t) is int and 0 <= t < (vocab or 2**31) for t in value
+    )
+
+
 def _id_list(value, key: str, where: str, vocab: int | None) -> list[int]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(type(t) is int and 0 <= t < (vocab or 2**31) for t in value)
-    ):
+    if not value or not are_token_ids(value, vocab):
         below = f" below the vocabulary size {vocab}" if vocab else ""
         raise UserError(
             f"{where}: '{key}' must be a non-empty list of token ids{below}; "

@@ -34,7 +34,7 @@ from .files import (
     write_text,
 )
 from .generate import Response
-from .pairs import Pair, pair_from_row, write_pairs
+from .pairs import Pair, are_token_ids, pair_from_row, write_pairs
 from .prompts import Prompt, prompt_row
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark
@@ -97,8 +97,10 @@ INPUT_NAMES = {
 
 
 def fingerprint(data) -> str:
-    """A short hash of JSON-able data (token ids, labels)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of bytes, or of JSON-able data (token ids, labels)."""
+    if not isinstance(data, bytes):
+        data = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def check_inputs(out: Path, now: dict[str, str]) -> None:
@@ -150,12 +152,11 @@ class ResponseFile:
         """The saved responses, each checked (a hand-edited or damaged line is one error)."""
         rows = read_lines(self.path)
         for number, row in enumerate(rows, start=1):
-            ids = row.get("token_ids") if isinstance(row, dict) else None
             if not (
-                type(row.get("index")) is int
+                isinstance(row, dict)
+                and type(row.get("index")) is int
                 and row["index"] >= 0
-                and isinstance(ids, list)
-                and all(type(t) is int and 0 <= t < (self.vocab or 2**31) for t in ids)
+                and are_token_ids(row.get("token_ids"), self.vocab)
                 and type(row.get("finished")) is bool
             ):
                 raise UserError(
@@ -282,7 +283,7 @@ class RunFolder:
         path = self.path / "pairs.jsonl"
         if not path.is_file():
             return None
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return fingerprint(path.read_bytes())
 
     def save_checkpoint(self, state: ckpt.TrainState) -> None:
         dist.main_only(lambda: ckpt.save(self.path, state, self.pairs_fingerprint()))
