@@ -7,8 +7,10 @@ No fusing: adapters are attached to the base in memory. The metrics are the
 evaluation stage's (`measure.py`): PMI, MIPO's own success measure, needs no labels;
 accuracy needs an 'answer' on each row. With evaluation.judge, a judge model scores
 answers 1-5 per stated preference (personalization rows) and gives the win rate of
-the adapters' answers against the base model's (ties win). This module imports no
-mlx at the top, so `--help` and config errors need no backend.
+the adapters' answers against the base model's (ties win). The report goes to eval.json,
+eval.md and eval.png in --output (the run folder by default), or to eval-2.*, eval-3.*, ...
+where an earlier report is there: one evaluation never replaces another. This module
+imports no mlx at the top, so `--help` and config errors need no backend.
 """
 
 from __future__ import annotations
@@ -49,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     from ._backend import require_mlx
 
     require_mlx()
-    from .measure import write_report
+    from .files import folder_lock
+    from .measure import free_report_stem, write_report
     from .pipeline import evaluate
 
-    results = evaluate(config, adapters)
     out = Path(overrides.get("output.dir") or adapters or config.output.dir)
-    print(write_report(out, results, config.evaluation.plots))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    with folder_lock(out, "--output"):  # not while a run writes there, nor a second evaluate
+        stem = free_report_stem(out)  # chosen first: a taken name fails before the slow work
+        results = evaluate(config, adapters)
+        print(write_report(out, results, config.evaluation.plots, stem))
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0
 
 

@@ -327,11 +327,22 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, results: dict[str, dict], plots: bool) -> str:
-    """eval.json, eval.md (and eval.png) in `out`; returns the table."""
+def write_report(out: Path, results: dict[str, dict], plots: bool, stem: str = "eval") -> str:
+    """<stem>.json, <stem>.md (and <stem>.png) in `out`; returns the table."""
     table = markdown_table(results)
-    write_json(out / "eval.json", results)
-    write_text(out / "eval.md", table)
+    write_json(out / f"{stem}.json", results)
+    write_text(out / f"{stem}.md", table)
     if plots:
-        plot_comparison(results, out / "eval.png")
+        plot_comparison(results, out / f"{stem}.png")
     return table
+
+
+def free_report_stem(out: Path) -> str:
+    """'eval', or the first of 'eval-2', 'eval-3', ... none of whose files exist in `out`:
+    a later evaluation never replaces an earlier one (a run's own report included)."""
+    n = 1
+    while True:
+        stem = "eval" if n == 1 else f"eval-{n}"
+        if not any((out / f"{stem}{ext}").exists() for ext in (".json", ".md", ".png")):
+            return stem
+        n += 1

@@ -258,6 +258,24 @@ def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
     assert (tmp_path / "ev" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| PMI (nats) |" in (tmp_path / "ev" / "eval.md").read_text()
 
+    # A second evaluation into the same folder writes eval-2.*, never over the first report.
+    first = {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir()}
+    done = subprocess.run([*cmd, "--limit", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ev").iterdir() if p.name in first} == first
+    assert json.loads((tmp_path / "ev" / "eval-2.json").read_text())["base"]["n"] == 2
+    assert (tmp_path / "ev" / "eval-2.md").is_file() and (tmp_path / "ev" / "eval-2.png").is_file()
+    assert f"wrote {tmp_path / 'ev' / 'eval-2.json'}" in done.stdout
+
+    # While another process holds the folder (a run still training there), evaluate refuses.
+    from mipo_mlx.files import folder_lock
+
+    with folder_lock(tmp_path / "ev"):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'ev'}: in use by")
+    assert not (tmp_path / "ev" / "eval-3.json").exists()
+
 
 # ---------------------------------------------------------------- compliance
 
