@@ -107,6 +107,11 @@ def build(run: Path, quantize: int | None, force: bool):
             f"{config_path}: not found; --adapters must be a folder written by mipo_mlx.train"
         )
     config = apply(Config(), load_yaml(config_path), str(config_path))
+    if not config.model.path:
+        raise UserError(
+            f"{config_path}: model.path is not set; restore the run's config.yaml, or set "
+            "model.path in it to the base model the adapters were trained on"
+        )
     model, tokenizer, model_config = mdl.load(config.model)
     pairs = check_pairs(run, vocab=mdl.vocab_size(model))
     pad = mdl.pad_id(tokenizer)

@@ -322,6 +322,42 @@ CASES = {
         "config.yaml line 2: not valid YAML",
         "export",
     ),
+    "export: empty config.yaml": (
+        {},
+        ["--adapters", "{run_empty_yaml}", "--output", "{dir}/f"],
+        "config.yaml: model.path is not set",
+        "export",
+    ),
+    "evaluate: empty config.yaml": (
+        {},
+        ["--adapters", "{run_empty_yaml}"],
+        "model.path is not set",
+        "evaluate",
+    ),
+    "export: damaged adapter_config.json": (
+        {},
+        ["--adapters", "{run_bad_adapter_config}", "--output", "{dir}/f"],
+        "adapter_config.json: not valid JSON",
+        "export",
+    ),
+    "evaluate: damaged adapter_config.json": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--adapters", "{run_bad_adapter_config}", "--prompts", "{dir}/p.jsonl", *FAST[:2]],
+        "adapter_config.json: not valid JSON",
+        "evaluate",
+    ),
+    "evaluate: output is a file": (
+        {"p.jsonl": jsonl(GOOD), "taken": "a file"},
+        ["--adapters", "{run}", "--prompts", "{dir}/p.jsonl", "--output", "{dir}/taken"],
+        "taken: exists and is not a folder",
+        "evaluate",
+    ),
+    "evaluate: adapters cut short": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--adapters", "{run_cut_adapters}", "--prompts", "{dir}/p.jsonl", *FAST[:2]],
+        "adapters.safetensors: cannot read the adapters",
+        "evaluate",
+    ),
 }
 
 
@@ -363,10 +399,24 @@ def models(toy_model_dir, tmp_path_factory):
         ("run_bad_response", "responses"),
         ("run_response_flag", "responses"),
         ("run_bad_state", "state"),
+        ("run_empty_yaml", "file"),
+        ("run_bad_adapter_config", "file"),
+        ("run_cut_adapters", "file"),
     ):
         copy = root / name / "run"
         shutil.copytree(runs / "run", copy)
         damaged[name] = copy
+        if damage == "file":  # one file of a finished run emptied, edited or cut short
+            target, text = {
+                "run_empty_yaml": ("config.yaml", b""),
+                "run_bad_adapter_config": ("adapter_config.json", b'{"lora_parameters": '),
+                "run_cut_adapters": (
+                    "adapters.safetensors",
+                    (copy / "adapters.safetensors").read_bytes()[:100],
+                ),
+            }[name]
+            (copy / target).write_bytes(text)
+            continue
         if damage is None:
             (copy / "config.yaml").write_text("model: [\n")
             continue
@@ -463,4 +513,4 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
 
 
 def test_table_has_every_case():
-    assert len(CASES) >= 59  # 29 before the reliability round, and the cases it added
+    assert len(CASES) >= 66  # 29 before the reliability round, and the cases it added
