@@ -37,10 +37,24 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"command line: {message}; see --help")
 
 
-def build_parser(prog: str, description: str, shortcuts: dict[str, str]) -> argparse.ArgumentParser:
+# How the short forms read in --help.
+METAVARS = {"model": "M", "prompts": "P", "output": "DIR", "iters": "N", "limit": "N"}
+
+
+def build_parser(
+    prog: str, description: str, shortcuts: dict[str, str], usage: str = ""
+) -> argparse.ArgumentParser:
+    """The command's parser: --config, the short forms, then every setting grouped by section.
+
+    The usage line names the short forms (and `usage`, the command's own options) and ends
+    with `[--section.key VALUE ...]`: listing all ~70 settings there would bury it."""
+    short = " ".join(f"[--{name} {METAVARS.get(name, 'VALUE')}]" for name in shortcuts)
     parser = _Parser(
         allow_abbrev=False,  # '--training.learning_rat' is a mistake, not a shorthand
         prog=prog,
+        usage=f"%(prog)s [--config YAML] {short} {usage} [--section.key VALUE ...]".replace(
+            "  ", " "
+        ),
         description=description,
         argument_default=argparse.SUPPRESS,  # an option not given never overrides the YAML file
     )
@@ -48,8 +62,10 @@ def build_parser(prog: str, description: str, shortcuts: dict[str, str]) -> argp
     parser.add_argument(
         "--config", metavar="YAML", help="YAML file of settings (sections as below)."
     )
-    for short, key in shortcuts.items():
-        parser.add_argument(f"--{short}", dest=key, metavar="VALUE", help=f"Same as --{key}.")
+    for name, key in shortcuts.items():
+        parser.add_argument(
+            f"--{name}", dest=key, metavar=METAVARS.get(name, "VALUE"), help=f"Same as --{key}."
+        )
     defaults = Config()
     for section_name, section in sections().items():
         group = parser.add_argument_group(f"{section_name} settings")

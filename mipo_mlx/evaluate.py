@@ -32,7 +32,9 @@ SHORTCUTS = {
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("python -m mipo_mlx.evaluate", __doc__.split("\n\n")[0], SHORTCUTS)
+    parser = build_parser(
+        "python -m mipo_mlx.evaluate", __doc__.split("\n\n")[0], SHORTCUTS, "[--adapters RUN]"
+    )
     parser.add_argument(
         "--adapters",
         metavar="DIR",

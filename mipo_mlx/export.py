@@ -64,6 +64,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m mipo_mlx.export",
+        usage="%(prog)s --adapters RUN_DIR --output DIR [--quantize {4,8}] [--upload-repo ...]",
         description=__doc__.split("\n\n")[0],
         allow_abbrev=False,
     )

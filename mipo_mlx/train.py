@@ -32,7 +32,9 @@ DESCRIPTION = (
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _build_parser("python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS)
+    p = _build_parser(
+        "python -m mipo_mlx.train", DESCRIPTION, SHORTCUTS, "[--resume DIR] [--limit N]"
+    )
     p.add_argument(
         "--resume", metavar="DIR", help="continue an interrupted run in DIR with its settings"
     )

@@ -56,6 +56,30 @@ def test_help_exits_zero(tmp_path):
     assert proc.stderr == ""
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
+def test_help_reads_at_a_glance(command, tmp_path):
+    """One short usage line, then the description, then the options grouped by section."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"mipo_mlx.{command}", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "100", "PATH": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    usage, blank, description = proc.stdout.splitlines()[:3]
+    assert usage.startswith(f"usage: python -m mipo_mlx.{command} ") and len(usage) <= 160
+    assert blank == "" and description.startswith(("MIPO", "`python -m"))
+    if command != "export":
+        assert usage.endswith("[--section.key VALUE ...]") and "--output DIR" in usage
+        assert "--training.learning_rate" not in usage
+        headings = [line for line in proc.stdout.splitlines() if line.endswith(" settings:")]
+        assert headings[:3] == ["model settings:", "lora settings:", "data settings:"]
+    else:
+        assert "--adapters RUN_DIR --output DIR" in usage
+
+
 def test_unknown_cli_key(tmp_path):
     # BUG: argparse reports it: the full usage (about 50 lines) and then
     # "python -m mipo_mlx.train: error: unrecognized arguments: ...", with no
