@@ -21,6 +21,7 @@ from . import model as mdl
 from .config import Config, apply, load_yaml
 from .errors import UserError
 from .pairs import read_pairs
+from .progress import Progress
 from .score import pack_rows, token_logps
 
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |logit diff|, by dtype
@@ -115,13 +116,17 @@ def build(run: Path, quantize: int | None, force: bool):
     model, tokenizer, model_config = mdl.load(config.model)
     pairs = check_pairs(run, vocab=mdl.vocab_size(model))
     pad = mdl.pad_id(tokenizer)
-    base_margins = margins_and_logits(model, pairs, pad)[0]
-    mdl.load_adapters(model, run)
-    reference = margins_and_logits(model, pairs, pad)
-    fuse(model, dequantize=True)
-    model_config.pop("quantization", None)
-    model_config.pop("quantization_config", None)
-    check = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
+    with Progress(4, "fuse and check") as progress:  # each step a pass over the whole model
+        base_margins = margins_and_logits(model, pairs, pad)[0]
+        progress.update()
+        mdl.load_adapters(model, run)
+        reference = margins_and_logits(model, pairs, pad)
+        progress.update()
+        fuse(model, dequantize=True)
+        model_config.pop("quantization", None)
+        model_config.pop("quantization_config", None)
+        progress.update()
+        check = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
     print(f"fused (de-quantized) vs base + adapters: {check.line()}")
     tolerance = LOGIT_TOLERANCE.get(
         str(model.layers[0].self_attn.q_proj.weight.dtype).split(".")[-1], 1e-1
@@ -133,16 +138,22 @@ def build(run: Path, quantize: int | None, force: bool):
         )
     drift = None
     if quantize:
-        model_config = mdl.quantize(model, model_config, quantize, config.model.quantize_group_size)
-        drift = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
+        with Progress(2, f"quantize to {quantize} bits and check") as progress:
+            model_config = mdl.quantize(
+                model, model_config, quantize, config.model.quantize_group_size
+            )
+            progress.update()
+            drift = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
         print(f"re-quantized to {quantize} bits vs base + adapters (drift): {drift.line()}")
-    mx.eval(model.parameters())
+    with Progress(1, "materialize the weights"):
+        mx.eval(model.parameters())
     return model, tokenizer, model_config, config, check, drift
 
 
 def save_folder(out: Path, model, tokenizer, model_config: dict, card: str) -> list[Path]:
     """Weights, config.json, tokenizer (chat template included) and the model card."""
-    save_model(out, model)
+    with Progress(1, f"save {out}"):
+        save_model(out, model)
     save_config(dict(model_config), out / "config.json")
     tokenizer.save_pretrained(str(out))
     (out / "README.md").write_text(card, encoding="utf-8")

@@ -159,29 +159,29 @@ def generate_all(
     }
     todo = [i for i in range(len(ids)) if i not in done]
     mine = todo[dist.rank() :: dist.size()]
-    progress = dist.progress(len(ids), stage)
-    progress.update(len(done))
+    with dist.progress(len(ids), stage) as progress:
+        progress.update(len(done))
 
-    def finished(k: int, response: Response) -> None:
-        if cache is not None:
-            cache.record(mine[k], response)
-        progress.update(dist.size())
-        if should_stop is not None and should_stop():
-            raise Stopped(0)
+        def finished(k: int, response: Response) -> None:
+            if cache is not None:
+                cache.record(mine[k], response)
+            progress.update(dist.size())
+            if should_stop is not None and should_stop():
+                raise Stopped(0)
 
-    fresh = dict(
-        zip(
-            mine,
-            generate(
-                model,
-                tokenizer,
-                [ids[i] for i in mine],
-                config,
-                streams=[stream0 + i for i in mine],
-                on_done=finished,
-            ),
+        fresh = dict(
+            zip(
+                mine,
+                generate(
+                    model,
+                    tokenizer,
+                    [ids[i] for i in mine],
+                    config,
+                    streams=[stream0 + i for i in mine],
+                    on_done=finished,
+                ),
+            )
         )
-    )
     if dist.size() > 1:  # every rank's share to every rank; the cache records the others' too
         parts = dist.all_gather_objects([r.to_row(i) for i, r in fresh.items()])
         fresh = {row["index"]: Response.from_row(row) for part in parts for row in part}
@@ -189,5 +189,4 @@ def generate_all(
             for i in sorted(set(fresh) - set(mine)):
                 cache.record(i, fresh[i])
     done.update(fresh)
-    progress.close()
     return [done[i] for i in range(len(ids))]

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .progress import Progress
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -81,26 +82,28 @@ def publish(
         return [name for name, _ in files]
     token = require_token()
     api = hub_api()
+    total = sum(size for _, size in files)
     try:
-        api.create_repo(
-            repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token
-        )
-        if Path(path).is_file():
-            api.upload_file(
-                path_or_fileobj=str(path),
-                path_in_repo=Path(path).name,
-                repo_id=repo_id,
-                repo_type=kind,
-                token=token,
+        with Progress(1, f"upload {total / 2**20:.1f} MiB to {repo_id}"):
+            api.create_repo(
+                repo_id=repo_id, repo_type=kind, private=private, exist_ok=True, token=token
             )
-        else:
-            api.upload_folder(
-                folder_path=str(path),
-                repo_id=repo_id,
-                repo_type=kind,
-                token=token,
-                allow_patterns=[name for name, _ in files],
-            )
+            if Path(path).is_file():
+                api.upload_file(
+                    path_or_fileobj=str(path),
+                    path_in_repo=Path(path).name,
+                    repo_id=repo_id,
+                    repo_type=kind,
+                    token=token,
+                )
+            else:
+                api.upload_folder(
+                    folder_path=str(path),
+                    repo_id=repo_id,
+                    repo_type=kind,
+                    token=token,
+                    allow_patterns=[name for name, _ in files],
+                )
     except (TypeError, AttributeError, NameError):
         raise  # a bug here, not the network
     except Exception as err:  # the client's network, HTTP and auth errors, in any version

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from . import distributed as dist
 from . import model as mdl
 from .config import EvaluationConfig, GenerationConfig, ModelConfig
 from .errors import UserError
@@ -145,13 +146,15 @@ def score_response(
         for item, prefs in zip(items, preferences)
         for pref in prefs
     ]
-    answers = generate(
-        judge,
-        tokenizer,
-        prompts,
-        judge_config(max_tokens, batch_size),
-        streams=list(range(len(prompts))),
-    )
+    with dist.progress(len(prompts), "judge") as progress:
+        answers = generate(
+            judge,
+            tokenizer,
+            prompts,
+            judge_config(max_tokens, batch_size),
+            streams=list(range(len(prompts))),
+            on_done=lambda i, response: progress.update(),
+        )
     parsed = iter([parse_score(decode(tokenizer, answer)) for answer in answers])
     results = []
     for prefs in preferences:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed as dist
 from .config import DataConfig, EvaluationConfig, GenerationConfig
 from .errors import UserError
 from .files import write_json, write_text
@@ -111,18 +112,22 @@ def pmi_scores(
     seed: int,
     pad: int,
     plain_ids: list[list[int] | None] | None = None,
+    stage: str = "PMI",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
     user context, None for a prompt that has none) also the context PMI of the answers whose
-    prompt has a context, (m,). Every log-prob comes from one scoring pass."""
+    prompt has a context, (m,). Every log-prob comes from one scoring pass, shown as `stage`."""
     n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
     plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
-    flat = response_logps(
-        model,
-        [p for column in columns for p in column] + [plain_ids[i] for i in plain],
-        list(response_ids) * len(columns) + [response_ids[i] for i in plain],
-        pad,
-    )
+    prompts = [p for column in columns for p in column] + [plain_ids[i] for i in plain]
+    with dist.progress(len(prompts), stage) as progress:
+        flat = response_logps(
+            model,
+            prompts,
+            list(response_ids) * len(columns) + [response_ids[i] for i in plain],
+            pad,
+            on_batch=progress.update,
+        )
     logps = flat[: n * len(columns)].reshape(len(columns), n).T  # (n, 1 + k)
     pmi = logps[:, 0] - logps[:, 1:].mean(axis=1)
     return pmi, (logps[plain, 0] - flat[n * len(columns) :]) if plain else None
@@ -261,6 +266,7 @@ def answer_and_measure(
             config.seed,
             pad_id(tokenizer),
             context_free_ids(tokenizer, rendered, data),
+            f"PMI ({label})",
         )
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)

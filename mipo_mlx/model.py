@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import distributed as dist
 from .config import LoraConfig, ModelConfig
 from .errors import UserError
 from .files import atomic_path, write_json
@@ -66,23 +67,25 @@ def load(config: ModelConfig):
 
     path = Path(config.path).expanduser()
     check_source(config.path)
-    try:
-        model, tokenizer, model_config = mlx_load(
-            str(path) if path.exists() else config.path,
-            return_config=True,
-            revision=config.revision,
-            tokenizer_config={"trust_remote_code": config.trust_remote_code},
-            trust_remote_code=config.trust_remote_code,
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{config.path}: could not load the model ({first}); check the folder or repo id"
-        ) from None
+    with dist.progress(1, f"load {config.path}"):
+        try:
+            model, tokenizer, model_config = mlx_load(
+                str(path) if path.exists() else config.path,
+                return_config=True,
+                revision=config.revision,
+                tokenizer_config={"trust_remote_code": config.trust_remote_code},
+                trust_remote_code=config.trust_remote_code,
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"{config.path}: could not load the model ({first}); check the folder or repo id"
+            ) from None
     if config.quantize_bits and (config.quantize_on_cpu or not on_cpu()):
-        model_config = quantize(
-            model, model_config, config.quantize_bits, config.quantize_group_size
-        )
+        with dist.progress(1, f"quantize to {config.quantize_bits} bits"):
+            model_config = quantize(
+                model, model_config, config.quantize_bits, config.quantize_group_size
+            )
     elif config.quantize_bits and not is_quantized(model):
         print(
             "note: model.quantize_bits skipped on the CPU backend, "

@@ -288,12 +288,14 @@ def response_logps(
     pad_id: int,
     token_budget: int = 16384,
     min_shared: int = 64,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """log p(response_r | prompt_r) for each row r, (N,), in batches of about `token_budget`
     padded tokens (rows sorted by length; one mx.eval per batch). When the model allows it,
     the LM head runs on the response positions only, and a prefix all prompts share (a
     few-shot prompt's exemplars, at least `min_shared` tokens) runs once, the rows attending
-    to its keys and values; otherwise full logits are computed, a few rows at a time."""
+    to its keys and values; otherwise full logits are computed, a few rows at a time.
+    `on_batch(n)` is called after each batch of n rows."""
     head_only = head_only_works(model)
     start = common_prefix(prompts) if head_only else 0
     records = None
@@ -320,6 +322,8 @@ def response_logps(
         mx.eval(logps)  # one evaluation per batch; a sync point
         out[rows] = np.array(logps.tolist())
         first = end
+        if on_batch is not None:
+            on_batch(len(rows))
     return out
 
 
@@ -376,17 +380,16 @@ def use_shared_prompt(model, pairs, choice: str, pad_id: int) -> bool:
 def add_reference_logps(model, pairs, pad_id: int, batch_size: int, shared: bool = False) -> None:
     """Score every pair once under the base model (no adapters); stored with the pairs.
     With several ranks, each scores every size-th pair and all get every score."""
-    progress = dist.progress(len(pairs), "score reference")
     mine = dist.shard(len(pairs))
-    scores = score_pairs(
-        model,
-        [pairs[i] for i in mine],
-        pad_id,
-        batch_size,
-        shared,
-        on_batch=lambda n: progress.update(n * dist.size()),
-    )
-    progress.close()
+    with dist.progress(len(pairs), "score reference") as progress:
+        scores = score_pairs(
+            model,
+            [pairs[i] for i in mine],
+            pad_id,
+            batch_size,
+            shared,
+            on_batch=lambda n: progress.update(n * dist.size()),
+        )
     if dist.size() > 1:  # put them back in order
         parts = dist.all_gather_objects(scores)
         scores = [parts[i % dist.size()][i // dist.size()] for i in range(len(pairs))]

@@ -61,8 +61,6 @@ def train_adapters(
         dist.say(f"resuming training from the checkpoint at step {state.step}")
     # Lines after the checkpoint will be logged again
     folder.trim_metrics(state.step if state else 0)
-    progress = dist.progress(steps, "train")
-    progress.update(state.step if state else 0)
 
     def validate():
         batches = (
@@ -94,18 +92,18 @@ def train_adapters(
         shared=shared,
         part=(dist.rank(), dist.size()),
     )
-    metrics = train(
-        model,
-        loss,
-        batches,
-        steps,
-        config,
-        validate=validate if valid_set else None,
-        save=save,
-        log=log,
-        resume=state,
-        checkpoint=folder.save_checkpoint,
-        should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None,
-    )
-    progress.close()
-    return metrics
+    with dist.progress(steps, "train") as progress:
+        progress.update(state.step if state else 0)
+        return train(
+            model,
+            loss,
+            batches,
+            steps,
+            config,
+            validate=validate if valid_set else None,
+            save=save,
+            log=log,
+            resume=state,
+            checkpoint=folder.save_checkpoint,
+            should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None,
+        )
