@@ -3,14 +3,27 @@
 Both must happen before `mlx.core` is first imported, which is why the package
 `__init__` calls `prefer_system_blas` and the CLIs call `require_mlx` before
 importing anything that imports mlx.
+
+MLX's Linux CPU wheel links a reference BLAS (about 5 GFLOP/s for a float32 1024x1024
+matmul on a 2-core x86 machine). Its `cblas_*` and LAPACK symbols resolve through the
+global scope first, so a library loaded here with RTLD_GLOBAL wins. In order:
+1. MIPO_MLX_BLAS: a library path, or off (keep the bundled one);
+2. the system OpenBLAS (Debian's libopenblas0-pthread), where it is installed;
+3. the OpenBLAS of the `ngsolve-openblas` wheel, which `pip install 'mipo_mlx[cpu]'`
+   brings on Linux x86-64: a DYNAMIC_ARCH build that exports the unprefixed symbols.
+   It links `libgfortran.so.5`, which a fresh machine may lack; then the libgfortran
+   that MLX's own wheel ships (under a hashed name) is loaded under that name first.
+BENCHMARKS.md has the measured speed of each.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
+import struct
 import sys
 from pathlib import Path
 
@@ -23,6 +36,7 @@ _BLAS_CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+PIP_BLAS = "ngsolve_openblas"  # the import name of the ngsolve-openblas wheel
 _loaded_blas: str | None = None
 
 BACKEND_HINT = (
@@ -30,20 +44,13 @@ BACKEND_HINT = (
     "install one with `pip install 'mipo_mlx[cpu]'` (CPU) or `pip install 'mipo_mlx[cuda]'` "
     "(NVIDIA GPU); on macOS plain `mlx` uses Metal"
 )
+SLOW_BLAS = (
+    "bundled reference BLAS (slow; on Linux x86-64 `pip install 'mipo_mlx[cpu]'` brings a "
+    "fast one, elsewhere install the system OpenBLAS)"
+)
 
 
-def _find_openblas() -> str | None:
-    choice = os.environ.get("MIPO_MLX_BLAS", "")
-    if choice.lower() in {"0", "off", "none", "bundled"}:
-        return None
-    if choice:
-        if Path(choice).exists():
-            return choice
-        print(
-            f"note: MIPO_MLX_BLAS={choice}: no such file; looking for the system OpenBLAS "
-            "instead (set it to a library path, or to off)",
-            file=sys.stderr,
-        )
+def _system_openblas() -> str | None:
     arch = platform.machine()
     for pattern in _BLAS_CANDIDATES:
         path = pattern.format(arch=arch)
@@ -52,38 +59,131 @@ def _find_openblas() -> str | None:
     return ctypes.util.find_library("openblas")
 
 
-def prefer_system_blas() -> str | None:
-    """Load the system OpenBLAS into the global symbol scope, before mlx loads.
+def pip_openblas() -> str | None:
+    """The library file of the ngsolve-openblas wheel, where it is installed (found without
+    importing the package, whose import would load it with its own messages)."""
+    spec = importlib.util.find_spec(PIP_BLAS)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(folder).glob("libopenblas*.so*"))
+        if found:
+            return str(found[0])
+    return None
 
-    MLX's Linux CPU wheel links a reference BLAS (about 5 GFLOP/s for a float32
-    1024x1024 matmul on a 2-core x86 machine); its `cblas_*` symbols resolve through
-    the global scope first, so a library loaded here with RTLD_GLOBAL wins (about
-    30x faster measured). Set MIPO_MLX_BLAS=off to keep the bundled one, or to a
-    path to choose another library. Returns the library path used, if any.
-    """
+
+def _candidates() -> list[str]:
+    """Libraries to try, in order; an explicit MIPO_MLX_BLAS path alone (and the usual search
+    after it when it does not exist)."""
+    choice = os.environ.get("MIPO_MLX_BLAS", "")
+    if choice.lower() in {"0", "off", "none", "bundled"}:
+        return []
+    if choice:
+        if Path(choice).exists():
+            return [choice]
+        print(
+            f"note: MIPO_MLX_BLAS={choice}: no such file; looking for the system OpenBLAS "
+            "instead (set it to a library path, or to off)",
+            file=sys.stderr,
+        )
+    return [path for path in (_system_openblas(), pip_openblas()) if path]
+
+
+def _soname_offset(data: bytes) -> tuple[int, int] | None:
+    """(file offset, length) of the DT_SONAME string of a 64-bit little-endian ELF library."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+    ]
+    dynamic = next((s for s in sections if s[1] == 6), None)  # SHT_DYNAMIC
+    if dynamic is None:
+        return None
+    strings = sections[dynamic[6]][4]  # its sh_link: .dynstr's file offset
+    for at in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+        tag, value = struct.unpack_from("<qQ", data, at)
+        if tag == 14:  # DT_SONAME
+            start = strings + value
+            return start, data.index(b"\0", start) - start
+        if tag == 0:
+            break
+    return None
+
+
+def _provide_libgfortran() -> bool:
+    """Load MLX's own libgfortran (shipped under a hashed name in `mlx_cpu.libs/`) under the
+    name `libgfortran.so.5`, which the pip OpenBLAS asks for: a copy in memory with its
+    DT_SONAME rewritten (same length or shorter; nothing is written to disk)."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(list(spec.submodule_search_locations)[0]).parent
+    fortran = sorted(site.glob("mlx*.libs/libgfortran*.so*")) or sorted(
+        site.glob("*.libs/libgfortran*.so*")
+    )
+    if not fortran or not hasattr(os, "memfd_create"):
+        return False
+    for quadmath in sorted(fortran[0].parent.glob("libquadmath*.so*")):  # libgfortran needs it
+        ctypes.CDLL(str(quadmath), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    data = bytearray(fortran[0].read_bytes())
+    where = _soname_offset(bytes(data))
+    name = b"libgfortran.so.5"
+    if where is None or where[1] < len(name):
+        return False
+    start, length = where
+    data[start : start + length] = name + b"\0" * (length - len(name))
+    fd = os.memfd_create("libgfortran.so.5")  # stays open: the loader maps it
+    os.write(fd, data)
+    ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    return True
+
+
+def _load(path: str) -> str | None:
+    """Load `path` into the global scope (a missing libgfortran is provided once, then it is
+    tried again); None when it loaded, else why not."""
+    mode = os.RTLD_NOW | os.RTLD_GLOBAL
+    try:
+        ctypes.CDLL(path, mode=mode)
+        return None
+    except OSError as err:
+        why = err
+    if "libgfortran" in str(why):
+        try:
+            if _provide_libgfortran():
+                ctypes.CDLL(path, mode=mode)
+                return None
+        except OSError as err:
+            why = err
+    return str(why)
+
+
+def prefer_system_blas() -> str | None:
+    """Load a fast BLAS into the global symbol scope, before mlx loads (see the module's
+    docstring for the order). Returns the library path used, if any."""
     global _loaded_blas
     if _loaded_blas or sys.platform != "linux" or "mlx.core" in sys.modules:
         return _loaded_blas
-    path = _find_openblas()
-    if path is None:
-        return None
-    try:
-        ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-    except OSError as err:
+    failed = []
+    for path in _candidates():
+        why = _load(path)
+        if why is None:
+            _loaded_blas = path
+            return path
+        failed.append(f"{path} ({why})")
+    if failed:  # one note, only when no fast library loaded
         print(
-            f"note: could not load {path} ({err}); MLX keeps its bundled BLAS, which is slower",
+            f"note: could not load {'; nor '.join(failed)}; MLX keeps its bundled BLAS, "
+            "which is slower",
             file=sys.stderr,
         )
-        return None
-    _loaded_blas = path
-    return path
+    return None
 
 
 def blas_library() -> str:
     """Which BLAS the CPU backend uses, for logs and benchmark reports."""
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    return _loaded_blas or "bundled reference BLAS (slow; install libopenblas0-pthread)"
+    return _loaded_blas or SLOW_BLAS
 
 
 def require_mlx() -> None:

@@ -64,7 +64,7 @@ def test_blas_can_be_switched_off():
         "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
         MIPO_MLX_BLAS="off",
     )
-    assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
+    assert out == _backend.SLOW_BLAS
 
 
 def blas_with(setting: Path) -> subprocess.CompletedProcess:
@@ -91,8 +91,8 @@ def test_blas_path_that_does_not_exist_is_a_note_then_the_usual_search(tmp_path)
         f"note: MIPO_MLX_BLAS={missing}: no such file; looking for the system OpenBLAS "
         "instead (set it to a library path, or to off)"
     )
-    found = SYSTEM_OPENBLAS if Path(SYSTEM_OPENBLAS).exists() else "bundled reference BLAS"
-    assert proc.stdout.strip().startswith(found)
+    found = SYSTEM_OPENBLAS if Path(SYSTEM_OPENBLAS).exists() else _backend.pip_openblas()
+    assert proc.stdout.strip().startswith(found or "bundled reference BLAS")
 
 
 def test_blas_library_that_cannot_load_is_a_note(tmp_path):
@@ -103,12 +103,98 @@ def test_blas_library_that_cannot_load_is_a_note(tmp_path):
     assert proc.stdout.strip().startswith("bundled reference BLAS")
 
 
+# A fresh Linux machine: neither the system OpenBLAS nor the libgfortran it brings. Made, as
+# root, in a mount namespace where an overlay hides them from the system library folder.
+HIDDEN = ["libblas.so.3", "liblapack.so.3", "libopenblas.so.0", "openblas-pthread"]
+HIDDEN += ["libgfortran.so.5", "libgfortran.so.5.0.0"]
+LIBS = Path("/usr/lib/x86_64-linux-gnu")
+
+
+@pytest.fixture
+def fresh_machine(tmp_path):
+    """A command prefix that runs a command on the fresh machine (skips where it can't)."""
+    if sys.platform != "linux" or os.geteuid() != 0 or not LIBS.is_dir():
+        pytest.skip("needs root on Linux x86-64 to hide the system libraries")
+    if _backend.pip_openblas() is None:
+        pytest.skip("the pip OpenBLAS (ngsolve-openblas) is not installed")
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    for name in HIDDEN:
+        os.mknod(upper / name, 0o644 | 0o020000, os.makedev(0, 0))  # an overlay whiteout
+    mount = f"mount -t overlay overlay -o lowerdir={LIBS},upperdir={upper},workdir={work} {LIBS}"
+    prefix = ["unshare", "-m", "bash", "-c", f'{mount} && exec "$@"', "_"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    return prefix
+
+
+def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
+    """No system OpenBLAS and no libgfortran: `pip install mipo_mlx[cpu]` alone gives MLX a
+    fast BLAS. MLX's cblas_sgemm and LAPACK calls bind to it, and the results are right."""
+    code = (
+        "import mipo_mlx, numpy as np, mlx.core as mx\n"
+        "from mipo_mlx._backend import blas_library\n"
+        "print(blas_library())\n"
+        "a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)\n"
+        "want = a.astype(np.float64) @ a\n"
+        "got = np.array(mx.matmul(mx.array(a), mx.array(a), stream=mx.cpu))\n"
+        "print(np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5)\n"
+        "m = a @ a.T + 256 * np.eye(256, dtype=np.float32)\n"
+        "inv = np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu))\n"
+        "print(np.abs(inv @ m - np.eye(256)).max() < 1e-4)\n"
+    )
+    proc = subprocess.run(
+        [*fresh_machine, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"},
+            "LD_DEBUG": "bindings",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [_backend.pip_openblas(), "True", "True"]
+    lines = proc.stderr.splitlines()
+    bound = [line for line in lines if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    assert bound and all("libopenblas" in line for line in bound), bound
+    assert not any(line.startswith("note:") for line in lines)
+
+
+def test_fresh_machine_without_a_libgfortran_falls_back_with_one_note(fresh_machine):
+    """Where no libgfortran can be had either, the pip OpenBLAS cannot load: one note, and MLX
+    works on with its own BLAS (the import never fails for it)."""
+    code = (
+        "import os\n"
+        "import mipo_mlx._backend as b\n"  # with MIPO_MLX_BLAS=off, the import loaded nothing
+        "del os.environ['MIPO_MLX_BLAS']\n"
+        "b._provide_libgfortran = lambda: False\n"
+        "print(b.prefer_system_blas())\n"
+        "import mlx.core as mx\n"
+        "print((mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item())\n"
+    )
+    proc = subprocess.run(
+        [*fresh_machine, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MIPO_MLX_BLAS": "off"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "64.0"]
+    notes = proc.stderr.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: could not load "), notes
+    assert "libgfortran.so.5" in notes[0] and notes[0].endswith("which is slower")
+
+
 def test_too_late_after_mlx_is_imported():
     out = python(
         "import mlx.core\nimport mipo_mlx\nfrom mipo_mlx._backend import blas_library\n"
         "print(blas_library())"
     )
-    assert out == "bundled reference BLAS (slow; install libopenblas0-pthread)"
+    assert out == _backend.SLOW_BLAS
 
 
 @needs_openblas
