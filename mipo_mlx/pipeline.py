@@ -32,7 +32,7 @@ from .measure import (
 )
 from .pairs import Pair, build_pairs, check_pairs_possible
 from .plots import plot_training
-from .prompts import Rendered, read_source, render_prompts
+from .prompts import Rendered, read_source, render_prompts, user_text
 from .run_folder import RunFolder, fingerprint
 from .score import add_reference_logps, use_shared_prompt
 from .training import train_adapters
@@ -44,6 +44,7 @@ class RunResult:
     pairs: list[Pair]
     metrics: dict[str, float]
     evaluation: str | None = None  # the before/after table, when evaluation.prompts is set
+    example: str | None = None  # a held-out (else a training) prompt's user turn, to try it on
 
 
 def run(config: Config, resume_run: bool = False) -> RunResult:
@@ -97,7 +98,10 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
                 folder.keep_prompts("train_prompts.jsonl", prompts)
             if held_prompts and config.evaluation.format != "prompts":
                 folder.keep_prompts("eval_prompts.jsonl", held_prompts)
-        return stages(config, folder, stop, model, tokenizer, rendered, held)
+        result = stages(config, folder, stop, model, tokenizer, rendered, held)
+        first = (held.rendered if held is not None else rendered).prompts[0]
+        result.example = user_text(first.question, first.context, d)
+        return result
 
 
 def stages(

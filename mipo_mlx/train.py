@@ -14,6 +14,7 @@ no mlx at the top, so `--help` and config errors work without a backend.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.evaluation is not None:
         print(result.evaluation)
+    print(next_steps(config, result))
     return 0
+
+
+def next_steps(config, result) -> str:
+    """Where the outputs are, and the next three commands, each runnable as printed: chat
+    with the adapters, evaluate them, export the fused model."""
+    out = Path(result.output)
+    model = config.model.path
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())  # a local base model, from anywhere
+    files = ["adapters.safetensors", "eval.md", "eval.png", "training.png", "pairs.jsonl"]
+    chat = ["python", "-m", "mlx_lm", "generate", "--model", model, "--adapter-path", str(out)]
+    chat += ["--max-tokens", str(config.generation.max_tokens)]
+    chat += ["--prompt", result.example or "Hello!"]
+    lines = [
+        f"outputs in {out}: " + ", ".join(name for name in files if (out / name).is_file()),
+        "next:",
+        "  chat with the adapters:  " + shlex.join(chat),
+        "  evaluate them:           "
+        + shlex.join(["python", "-m", "mipo_mlx.evaluate", "--adapters", str(out)]),
+        "  export the fused model:  "
+        + shlex.join(
+            ["python", "-m", "mipo_mlx.export", "--adapters", str(out), "--output", f"{out}-fused"]
+        ),
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,15 @@ def test_embedded_experiment_runs_small(tmp_path):
     assert "| mipo no_context, round 2 |" in done.stdout and "| mipo incomplete |" in done.stdout
     # The runs were on each family's own rows, and held-out only for the final arms.
     assert not list((tmp_path / "exp" / "select").glob("*seed*"))
+
+
+def test_readme_two_commands_are_the_ones_ci_runs():
+    """The README's setup is the one CI uses: the test command is .ci/run's last line as is,
+    and the main job's command sets up the same way (the plot extra instead of dev)."""
+    section = README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    main_job, tests = [block.strip() for block in bash_blocks(section)[:2]]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1] == tests
+    setup = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu,{}]" && '
+    assert tests == setup.format("dev") + "pytest -q"
+    assert main_job == setup.format("plot") + "python -m mipo_mlx.train"

@@ -1,6 +1,7 @@
 """The embedded default: the shipped model loads with mlx-lm, and the no-argument run works."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -84,6 +85,30 @@ def test_default_run_short_mode(tmp_path):
     assert strategies == {"no_context", "random"}  # pairs.negatives: mixed
     # Progress for every long stage
     assert "generate chosen" in done.stderr and "train |" in done.stderr
+    # It ends with where its outputs are and the next three commands, each runnable as printed.
+    tail = done.stdout.strip().splitlines()[-5:]
+    assert (
+        tail[0].startswith(f"outputs in {out}: adapters.safetensors, eval.md")
+        and tail[1] == "next:"
+    )
+    commands = [shlex.split(line.split(":  ", 1)[1]) for line in tail[2:]]
+    assert [c[:3] for c in commands] == [
+        ["python", "-m", "mlx_lm"],
+        ["python", "-m", "mipo_mlx.evaluate"],
+        ["python", "-m", "mipo_mlx.export"],
+    ]
+    ran = [
+        subprocess.run(
+            [sys.executable, *c[1:]], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+        for c in commands
+    ]
+    assert all(r.returncode == 0 for r in ran), [r.stderr[-800:] for r in ran]
+    first = json.loads((HERE / "data" / "heldout.jsonl").open().readline())["prompt"]
+    assert commands[0][-1] == first  # a held-out prompt: not one the adapters trained on
+    assert ran[0].stdout.count("==========") == 2  # mlx_lm's frame around the answer
+    assert json.loads((out / "eval-2.json").read_text())["mipo"]["n"] == 8  # run's eval kept
+    assert json.loads((tmp_path / "out-fused" / "config.json").read_text())["model_type"] == "llama"
 
 
 @pytest.mark.slow
