@@ -103,31 +103,19 @@ def test_blas_library_that_cannot_load_is_a_note(tmp_path):
     assert proc.stdout.strip().startswith("bundled reference BLAS")
 
 
-# A fresh Linux machine: neither the system OpenBLAS nor the libgfortran it brings. Made, as
-# root, in a mount namespace where an overlay hides them from the system library folder.
-HIDDEN = ["libblas.so.3", "liblapack.so.3", "libopenblas.so.0", "openblas-pthread"]
-HIDDEN += ["libgfortran.so.5", "libgfortran.so.5.0.0"]
-LIBS = Path("/usr/lib/x86_64-linux-gnu")
-
-
 @pytest.fixture
 def fresh_machine(tmp_path):
-    """A command prefix that runs a command on the fresh machine (skips where it can't)."""
-    if sys.platform != "linux" or os.geteuid() != 0 or not LIBS.is_dir():
-        pytest.skip("needs root on Linux x86-64 to hide the system libraries")
+    """A command prefix that runs a command as on a fresh Linux machine: no system OpenBLAS,
+    no libgfortran (benchmarks/fresh_machine.py; skips where it can't)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fresh_machine import prefix
+
     if _backend.pip_openblas() is None:
         pytest.skip("the pip OpenBLAS (ngsolve-openblas) is not installed")
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    for name in HIDDEN:
-        os.mknod(upper / name, 0o644 | 0o020000, os.makedev(0, 0))  # an overlay whiteout
-    mount = f"mount -t overlay overlay -o lowerdir={LIBS},upperdir={upper},workdir={work} {LIBS}"
-    prefix = ["unshare", "-m", "bash", "-c", f'{mount} && exec "$@"', "_"]
-    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
-    return prefix
+    made = prefix(tmp_path)
+    if isinstance(made, str):
+        pytest.skip(made)
+    return made
 
 
 def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
