@@ -1,7 +1,6 @@
 """Which BLAS MLX's Linux CPU backend gets, and what it is worth, in one run.
 
   python benchmarks/blas.py               # matmul GFLOP/s of each BLAS found here
-  python benchmarks/blas.py --end-to-end  # and the no-argument run's wall time with each
 
 Each setting runs in a fresh interpreter (the BLAS is chosen before mlx.core loads):
 - bundled: MIPO_MLX_BLAS=off, the reference BLAS MLX's wheel links;
@@ -11,8 +10,8 @@ Each setting runs in a fresh interpreter (the BLAS is chosen before mlx.core loa
 - pip, fresh machine: the default choice on a machine with neither the system OpenBLAS
   nor libgfortran (benchmarks/fresh_machine.py; root only), as a newcomer's machine.
 A float32 n x n matmul: the median of 7 timed runs after one warm-up. Prints a table and
-the ratios to the bundled BLAS; --end-to-end also runs `python -m mipo_mlx.train` (no
-arguments) once per setting and prints its wall time.
+the ratios to the bundled BLAS. (The no-argument run's wall time with each is measured
+with `/usr/bin/time` in BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,11 +70,7 @@ def settings(workdir: Path) -> list[tuple[str, list[str], dict[str, str]]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--end-to-end", action="store_true", help="also time the no-argument run per setting"
-    )
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, prefix, env in settings(Path(folder)):
@@ -92,32 +86,16 @@ def main() -> int:
                 continue
             row = {"setting": name, **json.loads(done.stdout.splitlines()[-1])}
             row["notes"] = [line for line in done.stderr.splitlines() if line.startswith("note:")]
-            if args.end_to_end:
-                with tempfile.TemporaryDirectory() as run_dir:
-                    start = time.perf_counter()
-                    train = subprocess.run(
-                        [*prefix, sys.executable, "-m", "mipo_mlx.train", "--output", run_dir],
-                        capture_output=True,
-                        text=True,
-                        env={**env, "MIPO_MLX_PROGRESS_SECONDS": "60"},
-                        timeout=3600,
-                    )
-                    row["wall_s"] = time.perf_counter() - start
-                    row["train_ok"] = train.returncode == 0
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = rows[0]
-    print("\n| setting | library | GFLOP/s 1024 | GFLOP/s 2048 | vs bundled |", end="")
-    print(" no-argument run |" if args.end_to_end else "")
-    print("| --- | --- | --- | --- | --- |" + (" --- |" if args.end_to_end else ""))
+    print("\n| setting | library | GFLOP/s 1024 | GFLOP/s 2048 | vs bundled |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         line = (
             f"| {row['setting']} | {Path(row['blas'].split(' (')[0]).name} | "
             f"{row['1024']:.1f} | {row['2048']:.1f} | {row['1024'] / base['1024']:.1f}x |"
         )
-        if args.end_to_end:
-            wall, failed = row["wall_s"], "" if row["train_ok"] else " (failed)"
-            line += f" {int(wall // 60)} min {wall % 60:.0f} s{failed} |"
         print(line)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from mipo_mlx.cli import METAVARS
 from mipo_mlx.config import (
     SHORTCUTS,
     Config,
@@ -656,7 +657,7 @@ def test_every_key_appears_in_help():
     missing = [key for key in all_keys() if f"--{key}" not in text]
     assert missing == []
     for short in SHORTCUTS:
-        assert f"--{short} VALUE" in text
+        assert f"--{short} {METAVARS[short]}" in text
     assert "--config YAML" in text
 
 
