@@ -118,6 +118,20 @@ def fresh_machine(tmp_path):
     return made
 
 
+def on_fresh_machine(prefix: list[str], code: str, **env: str) -> subprocess.CompletedProcess:
+    """Python `code` run on the fresh machine, with MIPO_MLX_BLAS unset unless `env` sets it."""
+    environ = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
     """No system OpenBLAS and no libgfortran: `pip install mipo_mlx[cpu]` alone gives MLX a
     fast BLAS. MLX's cblas_sgemm and LAPACK calls bind to it, and the results are right."""
@@ -133,17 +147,7 @@ def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
         "inv = np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu))\n"
         "print(np.abs(inv @ m - np.eye(256)).max() < 1e-4)\n"
     )
-    proc = subprocess.run(
-        [*fresh_machine, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"},
-            "LD_DEBUG": "bindings",
-        },
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = on_fresh_machine(fresh_machine, code, LD_DEBUG="bindings")
     assert proc.stdout.split() == [_backend.pip_openblas(), "True", "True"]
     lines = proc.stderr.splitlines()
     bound = [line for line in lines if "libmlx.so" in line and "`cblas_sgemm'" in line]
@@ -163,14 +167,7 @@ def test_fresh_machine_without_a_libgfortran_falls_back_with_one_note(fresh_mach
         "import mlx.core as mx\n"
         "print((mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item())\n"
     )
-    proc = subprocess.run(
-        [*fresh_machine, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MIPO_MLX_BLAS": "off"},
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = on_fresh_machine(fresh_machine, code, MIPO_MLX_BLAS="off")
     assert proc.stdout.split() == ["None", "64.0"]
     notes = proc.stderr.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: could not load "), notes
