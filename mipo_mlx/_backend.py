@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import os
 import platform
@@ -110,6 +111,7 @@ def _soname_offset(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+@functools.cache  # one copy however many libraries ask for it
 def _provide_libgfortran() -> bool:
     """Load MLX's own libgfortran (shipped under a hashed name in `mlx_cpu.libs/`) under the
     name `libgfortran.so.5`, which the pip OpenBLAS asks for: a copy in memory with its

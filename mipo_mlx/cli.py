@@ -48,13 +48,13 @@ def build_parser(
 
     The usage line names the short forms (and `usage`, the command's own options) and ends
     with `[--section.key VALUE ...]`: listing all ~70 settings there would bury it."""
-    short = " ".join(f"[--{name} {METAVARS.get(name, 'VALUE')}]" for name in shortcuts)
+    parts = ["%(prog)s [--config YAML]"]
+    parts += [f"[--{name} {METAVARS.get(name, 'VALUE')}]" for name in shortcuts]
+    parts += [usage] * bool(usage) + ["[--section.key VALUE ...]"]
     parser = _Parser(
         allow_abbrev=False,  # '--training.learning_rat' is a mistake, not a shorthand
         prog=prog,
-        usage=f"%(prog)s [--config YAML] {short} {usage} [--section.key VALUE ...]".replace(
-            "  ", " "
-        ),
+        usage=" ".join(parts),
         description=description,
         argument_default=argparse.SUPPRESS,  # an option not given never overrides the YAML file
     )
