@@ -34,8 +34,41 @@ def base_card(model_path: str) -> dict:
     return front_matter(local.read_text(encoding="utf-8")) if local.is_file() else {}
 
 
+def gguf_section(gguf: dict) -> list[str]:
+    """How to run the GGUF file, and whether llama.cpp was checked to match the fused model."""
+    name, check = gguf["file"], gguf["check"]
+    verified = (
+        f"Checked in {check.line()}."
+        if check is not None
+        else "**Not verified**: llama-cpp-python was not installed when this file was written, "
+        "so it was not loaded in llama.cpp and compared with the fused model."
+    )
+    return [
+        "## GGUF (llama.cpp, Ollama, LM Studio)",
+        "",
+        f"`{name}`: {gguf['type']}, {gguf['bytes'] / 1e6:.1f} MB, tokenizer and chat template "
+        "included. " + verified,
+        "",
+        "```sh",
+        f"llama-cli -m {name} -cnv          # llama.cpp: chat with the model's template",
+        f"llama-server -m {name}            # llama.cpp: an OpenAI-compatible server",
+        "ollama create mipo -f Modelfile && ollama run mipo",
+        "```",
+        "",
+        "The Modelfile names the file and the end-of-turn stop token; Ollama reads the chat "
+        "template from the file (add a TEMPLATE line if it does not recognize it).",
+        "",
+    ]
+
+
 def model_card(
-    run: Path, config: Config, model_config: dict, check, drift, quantize: int | None
+    run: Path,
+    config: Config,
+    model_config: dict,
+    check,
+    drift,
+    quantize: int | None,
+    gguf: dict | None = None,
 ) -> str:
     meta = ModelCardData(
         base_model=config.model.path,
@@ -89,6 +122,8 @@ def model_card(
     ]
     if drift is not None:
         lines.append(f"- after re-quantizing to {quantize} bits: {drift.line()}")
+    if gguf is not None:
+        lines += ["", *gguf_section(gguf)]
     lines += [
         "",
         "## Use",

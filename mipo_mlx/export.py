@@ -2,8 +2,8 @@
 publish.
 
   python -m mipo_mlx.export --adapters <run-dir> --output <dir> [--quantize {4,8}]
-                            [--upload-repo user/name] [--private] [--dry-run]
-                            [--force] [--overwrite]
+                            [--gguf {f32,f16,q8_0}] [--upload-repo user/name] [--private]
+                            [--dry-run] [--force] [--overwrite]
 
 The fused model is de-quantized by default: W = dequantize(W_q) + scale * B^T A^T,
 in the base's float dtype, so nothing the adapters learned is rounded away (a
@@ -11,17 +11,24 @@ re-quantized fuse can erase small DPO updates). Before anything is written as
 final or uploaded, the fused model is checked against base + adapters on the
 run's held-out pairs: logits within a tolerance, and chosen-minus-rejected
 log-prob margins preserved.
+
+`--gguf TYPE` also writes the fused model as one GGUF file (llama.cpp, Ollama, LM Studio)
+with an Ollama Modelfile, and checks the file in llama.cpp itself where llama-cpp-python is
+installed: its logits against the fused model's on the same pairs, and its tokenizer against
+the Hugging Face one. Without llama-cpp-python the file is kept and marked not verified.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 from .card import model_card
 from .errors import UserError, reports_user_errors
 from .files import atomic_folder
+from .gguf_file import FILE_TYPES, check_base
 from .hub import check_repo_id, publish, require_token
 
 MARKER = ".mipo_mlx_export"  # in every folder export writes; --overwrite replaces only those
@@ -64,7 +71,10 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m mipo_mlx.export",
-        usage="%(prog)s --adapters RUN_DIR --output DIR [--quantize {4,8}] [--upload-repo ...]",
+        usage=(
+            "%(prog)s --adapters RUN_DIR --output DIR [--quantize {4,8}] "
+            "[--gguf {f32,f16,q8_0}] [--upload-repo ...]"
+        ),
         description=__doc__.split("\n\n")[0],
         allow_abbrev=False,
     )
@@ -77,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         choices=(4, 8),
         help="re-quantize the fused model (reports the drift)",
+    )
+    p.add_argument(
+        "--gguf",
+        choices=FILE_TYPES,
+        help="also write one GGUF file of the fused model (llama.cpp, Ollama, LM Studio)",
     )
     p.add_argument(
         "--upload-repo", metavar="USER/NAME", help="publish to this Hugging Face Hub repo"
@@ -116,13 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{run}: no pairs.jsonl to publish with --upload-pairs-repo")
     if (args.upload_repo or pairs_repo) and not args.dry_run:
         require_token()  # fail before the slow part, not after
+    if args.gguf:
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError("--gguf needs the gguf package: pip install 'mipo_mlx[gguf]'")
+        check_base(run)  # architecture and tokenizer, before the slow part
     require_mlx()
-    from .fuse import build, save_folder
+    from . import gguf_file
+    from .fuse import build, requantize, save_folder
 
-    model, tokenizer, model_config, config, check, drift = build(run, args.quantize, args.force)
-    card = model_card(run, config, model_config, check, drift, args.quantize)
+    fused = build(run, args.force)
     with atomic_folder(out) as folder:  # a failure leaves an earlier output as it was
-        save_folder(folder, model, tokenizer, model_config, card)
+        gguf = gguf_file.export(folder, fused, args.gguf, args.force) if args.gguf else None
+        drift = requantize(fused, args.quantize) if args.quantize else None
+        card = model_card(
+            run, fused.config, fused.model_config, fused.check, drift, args.quantize, gguf
+        )
+        save_folder(folder, fused.model, fused.tokenizer, fused.model_config, card)
         (folder / MARKER).write_text(f"fused from {run.resolve()}\n", encoding="utf-8")
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({len(files)} files); load it with mlx_lm.load('{out}')")

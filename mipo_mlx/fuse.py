@@ -99,9 +99,25 @@ def fuse(model, dequantize: bool = True):
     return model
 
 
-def build(run: Path, quantize: int | None, force: bool):
-    """Load base + adapters, fuse (and re-quantize), verify; return (model, tokenizer, config,
-    report)."""
+@dataclass
+class Fused:
+    """The fused model and what it was checked on."""
+
+    model: object
+    tokenizer: object
+    model_config: dict  # config.json of the fused model
+    config: Config  # the run's settings
+    pairs: list  # the held-out pairs of the checks
+    pad: int
+    reference: tuple  # base + adapters: (margins (B,), logits (2B, T, V), mask)
+    outputs: tuple  # the fused model's, the same way
+    base_margins: mx.array  # (B,)
+    check: Check
+
+
+def build(run: Path, force: bool) -> Fused:
+    """Load base + adapters, fuse into de-quantized weights, and check the fused model against
+    base + adapters on the run's held-out pairs."""
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise UserError(
@@ -126,7 +142,8 @@ def build(run: Path, quantize: int | None, force: bool):
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
         progress.update()
-        check = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
+        outputs = margins_and_logits(model, pairs, pad)
+        check = compare(reference, outputs, base_margins)
     print(f"fused (de-quantized) vs base + adapters: {check.line()}")
     tolerance = LOGIT_TOLERANCE.get(
         str(model.layers[0].self_attn.q_proj.weight.dtype).split(".")[-1], 1e-1
@@ -136,18 +153,24 @@ def build(run: Path, quantize: int | None, force: bool):
             f"the fused model does not match base + adapters (tolerance {tolerance:g} logits, "
             f"{MARGIN_TOLERANCE} nats); nothing written. Pass --force to write it anyway"
         )
-    drift = None
-    if quantize:
-        with Progress(2, f"quantize to {quantize} bits and check") as progress:
-            model_config = mdl.quantize(
-                model, model_config, quantize, config.model.quantize_group_size
-            )
-            progress.update()
-            drift = compare(reference, margins_and_logits(model, pairs, pad), base_margins)
-        print(f"re-quantized to {quantize} bits vs base + adapters (drift): {drift.line()}")
     with Progress(1, "materialize the weights"):
         mx.eval(model.parameters())
-    return model, tokenizer, model_config, config, check, drift
+    return Fused(
+        model, tokenizer, model_config, config, pairs, pad, reference, outputs, base_margins, check
+    )
+
+
+def requantize(fused: Fused, bits: int) -> Check:
+    """Quantize the fused model in place; its drift from base + adapters."""
+    with Progress(2, f"quantize to {bits} bits and check") as progress:
+        fused.model_config = mdl.quantize(
+            fused.model, fused.model_config, bits, fused.config.model.quantize_group_size
+        )
+        progress.update()
+        outputs = margins_and_logits(fused.model, fused.pairs, fused.pad)
+        drift = compare(fused.reference, outputs, fused.base_margins)
+    print(f"re-quantized to {bits} bits vs base + adapters (drift): {drift.line()}")
+    return drift
 
 
 def save_folder(out: Path, model, tokenizer, model_config: dict, card: str) -> list[Path]:

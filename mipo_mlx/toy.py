@@ -14,6 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .gguf_file import LLAMA3_SPLIT
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -38,19 +40,26 @@ def build_tokenizer(
     vocab_size: int,
     split_digits: bool = False,
     max_length: int = 4096,
+    llama3_split: bool = False,
 ):
     """Train a byte-level BPE tokenizer on `corpus` and write the HF tokenizer files.
 
-    `split_digits` makes every digit its own token (numbers spelled digit by digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    `split_digits` makes every digit its own token (numbers spelled digit by digit);
+    `llama3_split` pre-splits text with Llama 3's regex, as Llama 3.x tokenizers do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits
-        else byte_level
-    )
+    if split_digits:
+        byte_level = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    elif llama3_split:
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+        byte_level = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -121,12 +130,18 @@ def build_model_folder(
     corpus: list[str] | None = None,
     seed: int = 0,
     dtype: mx.Dtype = mx.float32,
+    llama3_split: bool = False,
+    extra_config: dict | None = None,
 ) -> Path:
-    """Write a random-init mlx-lm model folder with a trained tokenizer; return its path."""
+    """Write a random-init mlx-lm model folder with a trained tokenizer; return its path.
+    `extra_config` adds config.json keys (e.g. Llama 3's rope_scaling)."""
     from mlx_lm.utils import _get_classes, save_config
 
     folder = Path(folder)
-    vocab = build_tokenizer(folder, corpus or DEFAULT_CORPUS, vocab_size).get_vocab_size()
+    tokenizer = build_tokenizer(
+        folder, corpus or DEFAULT_CORPUS, vocab_size, llama3_split=llama3_split
+    )
+    vocab = tokenizer.get_vocab_size()
     tokens = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
     eos_id = next(t["id"] for t in tokens if t["content"] == "<|im_end|>")
     config = model_config(
@@ -140,6 +155,7 @@ def build_model_folder(
         kv_heads,
         tie_word_embeddings,
     )
+    config.update(extra_config or {})
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))

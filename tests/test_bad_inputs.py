@@ -267,6 +267,18 @@ CASES = {
         "export",
     ),
     "export: argument missing": ({}, ["--adapters", "{run}"], "required: --output", "export"),
+    "export: unknown GGUF type": (
+        {},
+        ["--adapters", "{run}", "--output", "{dir}/f", "--gguf", "q4"],
+        "argument --gguf: invalid choice: 'q4'",
+        "export",
+    ),
+    "export: GGUF of an unsupported architecture": (
+        {},
+        ["--adapters", "{run_other_arch}", "--output", "{dir}/f", "--gguf", "f16"],
+        "model_type 'gemma2' has no GGUF export here; supported: llama, qwen2",
+        "export",
+    ),
     # Files a run reads back, damaged or hand-edited: resume and export read them
     "resume: token id past the vocabulary": (
         {},
@@ -402,6 +414,7 @@ def models(toy_model_dir, tmp_path_factory):
         ("run_empty_yaml", "file"),
         ("run_bad_adapter_config", "file"),
         ("run_cut_adapters", "file"),
+        ("run_other_arch", "base"),
     ):
         copy = root / name / "run"
         shutil.copytree(runs / "run", copy)
@@ -419,6 +432,14 @@ def models(toy_model_dir, tmp_path_factory):
             continue
         if damage is None:
             (copy / "config.yaml").write_text("model: [\n")
+            continue
+        if damage == "base":  # the base model's config.json names an architecture GGUF lacks
+            base = root / name / "base"
+            shutil.copytree(toy_model_dir, base)
+            config = json.loads((base / "config.json").read_text())
+            (base / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
+            text = (copy / "config.yaml").read_text()
+            (copy / "config.yaml").write_text(text.replace(str(toy_model_dir), str(base)))
             continue
         if damage == "state":  # a run killed in training, its checkpoint's state edited
             (copy / "adapters.safetensors").unlink()
