@@ -316,3 +316,22 @@ def test_llama_cpp_tokenizes_like_hugging_face(name, request, tmp_path, capsys):
         ours = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert ours == hf.encode(text, add_special_tokens=False), text
     llm.close()
+
+
+def test_upload_sends_the_gguf_file_and_modelfile(runs, tmp_path, monkeypatch, capsys):
+    from mipo_mlx import hub
+
+    from .test_export import FakeHub
+
+    fake = FakeHub()
+    monkeypatch.setattr(hub, "hub_api", lambda: fake)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    out = tmp_path / "f"
+    argv = ["--adapters", str(runs["qwen2"]), "--output", str(out), "--gguf", "q8_0"]
+    assert export.main([*argv, "--upload-repo", "me/tiny"]) == 0
+    (_, create), (_, upload) = fake.calls
+    assert {"model-q8_0.gguf", "Modelfile", "README.md"} <= set(upload["allow_patterns"])
+    assert upload["folder_path"] == str(out)
+    card = (out / "README.md").read_text()
+    size = (out / "model-q8_0.gguf").stat().st_size
+    assert f"`model-q8_0.gguf`: q8_0, {size / 1e6:.1f} MB" in card
