@@ -173,21 +173,26 @@ def _vocabulary(writer, folder: Path, tokenizer, vocab: int) -> None:
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab).add_to_gguf(writer, quiet=True)
 
 
-def _encode(data: np.ndarray, file_type: str):
-    """(array to write, its ggml type): norms and biases stay float32, as in llama.cpp's own
+def _ggml_type(shape: tuple, file_type: str):
+    """The stored type of a tensor: norms and biases stay float32, as in llama.cpp's own
     files; a matrix whose rows are not whole q8_0 blocks is written in float16."""
     import gguf
 
     t = gguf.GGMLQuantizationType
-    if data.ndim == 1 or file_type == "f32":
-        return data.astype(np.float32), t.F32
-    if file_type == "q8_0" and data.shape[-1] % Q8_BLOCK == 0:
-        return gguf.quants.quantize(data.astype(np.float32), t.Q8_0), t.Q8_0
-    return data.astype(np.float16), t.F16
+    if len(shape) == 1 or file_type == "f32":
+        return t.F32
+    return t.Q8_0 if file_type == "q8_0" and shape[-1] % Q8_BLOCK == 0 else t.F16
+
+
+def _encode(data: np.ndarray, ggml_type) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.quantize(data.astype(np.float32, copy=False), ggml_type)
 
 
 def _tensors(model, config: dict):
-    """(gguf name, float32 array) for every weight, in a fixed order, one at a time."""
+    """(gguf name, shape, a function giving the float32 array) for every weight, in a fixed
+    order: the arrays are made one at a time, when written."""
     import gguf
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -195,17 +200,20 @@ def _tensors(model, config: dict):
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config["model_type"]]
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    rows_of = {".q_proj.": heads, ".k_proj.": config.get("num_key_value_heads") or heads}
     for name, weight in tree_flatten(model.parameters()):
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise UserError(f"the fused model's tensor {name} has no GGUF name; nothing written")
-        data = np.array(weight.astype(mx.float32))
-        if config["model_type"] == "llama" and ".q_proj." in name:
-            data = _permute(data, heads)
-        elif config["model_type"] == "llama" and ".k_proj." in name:
-            data = _permute(data, kv_heads)
-        yield target, data
+        permute = next((h for key, h in rows_of.items() if key in name), None)
+        if config["model_type"] != "llama":  # qwen2 uses the halves layout in llama.cpp too
+            permute = None
+
+        def array(weight=weight, permute=permute) -> np.ndarray:
+            data = np.array(weight.astype(mx.float32))
+            return data if permute is None else _permute(data, permute)
+
+        yield target, tuple(weight.shape), array
 
 
 def _byte_size(shape: tuple, ggml_type) -> int:
@@ -234,18 +242,19 @@ def write_gguf(
     )
     rope_factors = _hyperparameters(writer, config, vocab)
     _vocabulary(writer, folder, tokenizer, vocab)
-    extra = [] if rope_factors is None else [("rope_freqs.weight", rope_factors)]
-    # First the table of contents (shapes and sizes), then the data, converted one at a time
-    for name, data in [*_tensors(model, config), *extra]:
-        encoded, ggml_type = _encode(data, file_type)
-        writer.add_tensor_info(
-            name, data.shape, np.dtype(np.float32), _byte_size(data.shape, ggml_type), ggml_type
-        )
+    extra = []
+    if rope_factors is not None:
+        extra.append(("rope_freqs.weight", rope_factors.shape, lambda: rope_factors))
+    tensors = [*_tensors(model, config), *extra]
+    # First the table of contents (shapes and sizes), then the data, made one at a time
+    for name, shape, _ in tensors:
+        kind = _ggml_type(shape, file_type)
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), _byte_size(shape, kind), kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data in [*_tensors(model, config), *extra]:
-        writer.write_tensor_data(_encode(data, file_type)[0])
+    for _, shape, array in tensors:
+        writer.write_tensor_data(_encode(array(), _ggml_type(shape, file_type)))
     writer.close()
 
 

@@ -155,8 +155,21 @@ def test_layout_and_tokenizer_metadata(name, runs, tmp_path, capsys):
     assert modelfile == f'FROM ./model-q8_0.gguf\nPARAMETER stop "{tokenizer.eos_token}"\n'
     card = (out / "README.md").read_text()
     assert "model-q8_0.gguf" in card and "ollama create" in card
-    if not HAS_LLAMA_CPP:  # never claimed verified when it was not
-        assert "NOT verified" in printed and "**Not verified**" in card
+    assert ("Checked in llama.cpp" in card) == HAS_LLAMA_CPP
+    assert ("**Not verified**" in card) == (not HAS_LLAMA_CPP) == ("NOT verified" in printed)
+
+
+def test_without_llama_cpp_the_file_is_kept_and_said_not_verified(
+    runs, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails
+    out = tmp_path / "fused"
+    printed = export_gguf(runs["llama"], out, "f16", capsys)
+    assert "model-f16.gguf: NOT verified: llama-cpp-python is not installed" in printed
+    assert " vs the fused model" not in printed
+    card = (out / "README.md").read_text()
+    assert "**Not verified**" in card and "Checked in" not in card
+    assert (out / "model-f16.gguf").stat().st_size > 0
 
 
 def test_f32_weights_round_trip_with_llamas_permutation(runs, tmp_path, capsys):
