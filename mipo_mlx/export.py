@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("gguf") is None:
             raise UserError("--gguf needs the gguf package: pip install 'mipo_mlx[gguf]'")
         check_base(run)  # architecture and tokenizer, before the slow part
+    # The checks compare float32 logits at 1e-3: keep matmuls at full float32 where MLX would
+    # use TF32 (NVIDIA GPUs, Apple M5), unless the user chose otherwise
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
     require_mlx()
     from . import gguf_file
     from .fuse import build, requantize, save_folder
