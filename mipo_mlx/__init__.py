@@ -6,12 +6,12 @@ against the frozen base with LoRA adapters. See README.md.
 
 The modules, layer by layer from the bottom; a module imports only from its own
 layer or the layers below (tests/test_layers.py checks it):
-  foundation  __init__ errors progress files embedded config cli _backend plots hub
-  data        formats tasks prompts
-  compute     distributed model generate prefix score losses memory checkpoint toy
-  stages      pairs batching loop run_folder training measure judge fuse card
-  pipeline    pipeline
-  commands    train evaluate export embedded.build
+foundation __init__ errors progress files embedded config cli _backend plots hub
+data       formats tasks prompts
+compute    distributed model generate prefix score losses memory checkpoint gguf_check gguf_file toy
+stages     pairs batching loop run_folder trackers training measure judge fuse card
+pipeline   pipeline
+commands   train evaluate export embedded.build
 """
 
 from ._backend import prefer_system_blas

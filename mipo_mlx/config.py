@@ -30,6 +30,8 @@ DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_
 # The names data.template takes: the paper's prompt templates (formats.PAPER_TEMPLATES holds them).
 TEMPLATE_NAMES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
 LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
+# Where a run's metrics also go (trackers.py): nowhere but the run folder, or a tracker.
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def setting(default: Any, help: str, **limits: Any) -> Any:
@@ -209,6 +211,14 @@ class TrainingConfig:
         None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0
     )
     seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0)
+    report_to: str = setting(
+        "none",
+        "Also send the metrics, settings, evaluation table and plots to a tracker: "
+        "tensorboard (event files in the output folder's tensorboard/) or wandb "
+        "(Weights & Biases).",
+        choices=REPORT_TO,
+    )
+    run_name: str | None = setting(None, "The run's name in W&B; null = the output folder's name.")
 
 
 @dataclass

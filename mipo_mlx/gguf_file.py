@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import Config, apply, load_yaml
 from .errors import UserError
 from .gguf_check import TOLERANCE, check_in_llama_cpp
 from .progress import Progress
@@ -270,8 +271,6 @@ def modelfile(gguf_name: str, tokenizer) -> str:
 
 def _base_files(run: Path) -> Path | None:
     """The local folder (or Hub cache snapshot) of the run's base model, where there is one."""
-    from .config import Config, apply, load_yaml
-
     config_path = run / "config.yaml"
     if not config_path.is_file():
         return None  # export's own check reports it

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from . import distributed as dist
 from . import model as mdl
-from .config import Config, validate
+from . import trackers
+from .batching import total_steps
+from .config import Config, to_dict, validate
 from .errors import StopFlag
 from .judge import add_judge
 from .measure import (
@@ -33,7 +35,7 @@ from .measure import (
 from .pairs import Pair, build_pairs, check_pairs_possible
 from .plots import plot_training
 from .prompts import Rendered, read_source, render_prompts, user_text
-from .run_folder import RunFolder, fingerprint
+from .run_folder import RunFolder, fingerprint, portable
 from .score import add_reference_logps, use_shared_prompt
 from .training import train_adapters
 
@@ -56,12 +58,12 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
     validate(config)
     folder = RunFolder(config.output.dir)
     stop = StopFlag()
-    with stop.installed(), ExitStack() as lock:
+    with stop.installed(), ExitStack() as resources:
         if config.training.memory_limit_gb:
             mdl.set_memory_limit(config.training.memory_limit_gb)
         # Bad input stops every rank before the model loads or anything is written.
         with dist.together():
-            lock.enter_context(folder.locked())  # held until the run ends
+            resources.enter_context(folder.locked())  # held until the run ends
             folder.check(config, resume_run)
             d = config.data
             prompts = read_source(
@@ -70,6 +72,9 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             held_prompts = heldout_prompts(config.evaluation) if config.evaluation.prompts else None
             if config.evaluation.judge:
                 mdl.check_source(config.evaluation.judge, "evaluation.judge")
+            # Before the first slow stage: a tracker that cannot start stops the run here (W&B's
+            # run starts now; TensorBoard writes nothing until these checks have passed)
+            tracker = resources.enter_context(trackers.start(config, folder.path, resume_run))
             model, tokenizer, _ = mdl.load(config.model)
             mdl.check_lora_keys(model, config.lora)
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
@@ -98,7 +103,8 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
                 folder.keep_prompts("train_prompts.jsonl", prompts)
             if held_prompts and config.evaluation.format != "prompts":
                 folder.keep_prompts("eval_prompts.jsonl", held_prompts)
-        result = stages(config, folder, stop, model, tokenizer, rendered, held)
+        tracker.log_config(to_dict(portable(config)))  # config.yaml's settings
+        result = stages(config, folder, stop, model, tokenizer, rendered, held, tracker)
         first = (held.rendered if held is not None else rendered).prompts[0]
         result.example = user_text(first.question, first.context, d)
         return result
@@ -112,6 +118,7 @@ def stages(
     tokenizer,
     rendered: Rendered,
     held: Heldout | None,
+    tracker: trackers.Tracker,
 ) -> RunResult:
     results: dict[str, dict] = {}
     if held is not None:
@@ -119,8 +126,12 @@ def stages(
             "eval_base.json", lambda: answers(config, model, tokenizer, held)
         )
     rounds = config.training.rounds
+    steps = 0  # of the rounds so far: the tracker's steps run on from round to round
     for k in range(1, rounds + 1):
-        pairs, metrics = one_round(config, folder.round(k), stop, model, tokenizer, rendered, k)
+        pairs, metrics = one_round(
+            config, folder.round(k), stop, model, tokenizer, rendered, k, tracker, steps
+        )
+        steps += total_steps(config.training, sum(p.split == "train" for p in pairs), dist.size())
         if k > 1:  # the run folder's adapters are the last round's
             folder.save_adapters(model, config.lora, config.model.path)
         if held is not None and rounds == 1:
@@ -144,11 +155,22 @@ def stages(
             dist.main_only(
                 plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
             )
+        tracker.log_table("evaluation", table, steps)
+        for name in ("eval", "training"):
+            tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
     return RunResult(folder.path, pairs, metrics, table)
 
 
 def one_round(
-    config: Config, folder: RunFolder, stop: StopFlag, model, tokenizer, rendered: Rendered, k: int
+    config: Config,
+    folder: RunFolder,
+    stop: StopFlag,
+    model,
+    tokenizer,
+    rendered: Rendered,
+    k: int,
+    tracker: trackers.Tracker,
+    steps_before: int,
 ) -> tuple[list[Pair], dict[str, float]]:
     """Round k: answers, pairs and reference scores (reused from `folder` when there), then
     training. From round 2 on the model answers with the adapters it has (the previous
@@ -190,6 +212,8 @@ def one_round(
         stop,
         shared,
         attach=k == 1,
+        tracker=tracker,
+        steps_before=steps_before,
     )
     return pairs, metrics
 

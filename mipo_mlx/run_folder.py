@@ -51,8 +51,16 @@ STAGE_FILES = (
 )
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
 # Settings that may differ between an interrupted run and its resumption: the run folder
-# resumes wherever it is now (moved, copied, or named from another working directory).
-MAY_CHANGE = {"output.dir", "output.overwrite", "training.memory_limit_gb", "evaluation.plots"}
+# resumes wherever it is now (moved, copied, or named from another working directory), and
+# where the metrics are also sent changes nothing the run computes.
+MAY_CHANGE = {
+    "output.dir",
+    "output.overwrite",
+    "training.memory_limit_gb",
+    "training.report_to",
+    "training.run_name",
+    "evaluation.plots",
+}
 # Settings naming local files or folders, kept absolute in config.yaml so that resume,
 # evaluate and export read the same ones from any working directory.
 LOCAL_PATHS = ("model.path", "data.prompts", "evaluation.prompts", "evaluation.judge")
@@ -252,16 +260,19 @@ class RunFolder:
     def append_metrics(self, row: dict) -> None:
         dist.main_only(append_jsonl, self.path / "metrics.jsonl", row)
 
-    def trim_metrics(self, last_step: int) -> None:
-        """Keep the metric lines up to the checkpoint's step (later ones will be logged again)."""
+    def trim_metrics(self, last_step: int) -> list[dict]:
+        """Keep the metric lines up to the checkpoint's step (later ones will be logged again);
+        returns the lines kept (rank 0's: the other ranks get none)."""
         path = self.path / "metrics.jsonl"
+        kept: list[dict] = []
 
         def trim() -> None:
             if path.exists():
-                rows = [r for r in read_lines(path) if r.get("step", 0) <= last_step]
-                write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+                kept.extend(r for r in read_lines(path) if r.get("step", 0) <= last_step)
+                write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
         dist.main_only(trim)
+        return kept
 
     def save_adapters(
         self, model, lora: LoraConfig, base_model: str, step: int | None = None

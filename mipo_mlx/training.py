@@ -12,6 +12,7 @@ from .memory import estimate, working_set_bytes
 from .pairs import Pair
 from .run_folder import RunFolder
 from .score import pack_pairs
+from .trackers import Tracker
 
 
 def announce_memory(model, pairs: list[Pair], config: TrainingConfig) -> None:
@@ -40,10 +41,14 @@ def train_adapters(
     should_stop=None,
     shared: bool = False,
     attach: bool = True,
+    tracker: Tracker | None = None,
+    steps_before: int = 0,
 ) -> dict[str, float]:
     """LoRA training on the pairs' 'train' split, validated on their 'valid' split; resumes from
     the folder's checkpoint. `shared` packs each prompt once for both responses. Without
-    `attach`, the adapters the model holds (a previous round's) train on."""
+    `attach`, the adapters the model holds (a previous round's) train on. Each metrics row also
+    goes to `tracker`, at step `steps_before` + its step (earlier rounds' steps come first)."""
+    tracker = tracker or Tracker()
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
     if attach:
@@ -59,8 +64,10 @@ def train_adapters(
     state = folder.load_checkpoint()
     if state is not None:
         dist.say(f"resuming training from the checkpoint at step {state.step}")
-    # Lines after the checkpoint will be logged again
-    folder.trim_metrics(state.step if state else 0)
+    # Lines after the checkpoint will be logged again. The tracker gets the lines before it
+    # anew: a killed run may have lost some on their way (it keeps what it already holds)
+    for row in folder.trim_metrics(state.step if state else 0):
+        tracker.log(row, steps_before + row["step"])
 
     def validate():
         batches = (
@@ -71,6 +78,7 @@ def train_adapters(
 
     def log(metrics):
         folder.append_metrics(metrics)
+        tracker.log(metrics, steps_before + metrics["step"])
         progress.update(
             1,
             loss=metrics["loss"],
