@@ -1,6 +1,6 @@
 """mipo_mlx against the hand-made peer pipeline, measured side by side on this machine.
 
-    python benchmarks/run.py --quick     # about 5 minutes on 2 CPU cores
+    python benchmarks/run.py --quick     # the smaller model (about 20 minutes on 2 CPU cores)
     python benchmarks/run.py             # the full run behind BENCHMARKS.md
 
 The peer pipeline is what a user would assemble today: `mlx_lm.generate` one prompt
@@ -9,8 +9,10 @@ trainer (a second full model as the reference, chosen and rejected in separate
 forwards, the reference recomputed every step). Both sides get the same random-init
 model of a real architecture (qwen2, built here), the same pairs, batch, LoRA rank
 and layers, and the same BLAS. Every measurement runs in a fresh subprocess, so
-peak memory is that side's alone. The last line printed is
-`train_speedup=<x> memory_ratio=<y> generation_speedup=<z> mfu=<w>`.
+peak memory is that side's alone. The compared sides run interleaved, A B A B ... for
+`--rounds` rounds (5), and a ratio is the median over rounds of the round's ratio, printed
+with its min-max. The last line printed is
+`train_speedup=<x> memory_ratio=<y> generation_speedup=<z> mfu=<w>`, with the medians.
 
 mlx-lm-lora (pip install mlx-lm-lora; 5.10.2 measured) reads the Metal-only key
 `max_recommended_working_set_size` from `mx.device_info()` and stops with a
@@ -416,6 +418,31 @@ WORKERS = {
 # ---------------------------------------------------------------- the benchmark (parent process)
 
 
+HEADLINE = ("peer-default", "ours-default")  # the sides whose ratio is the headline
+
+
+def interleaved(specs: dict, rounds: int, label: str, seconds, unit: str, worker="train") -> dict:
+    """Each side of `specs` once per round, in turn (A B A B ...), each in its own process, so
+    that a slow spell of the machine lands on both sides and not on one: a ratio of two
+    single passes was seen to move from 3.51x to 1.99x an hour apart. Returns each side's
+    first result with `rounds` (every round's result) and `round_seconds` added."""
+    results: dict = {key: [] for key in specs}
+    for r in range(rounds):
+        for key, spec in specs.items():
+            results[key].append(run_worker(worker, spec))
+            say(f"{label} round {r + 1}/{rounds}: {key:14s} {seconds(results[key][-1]):.2f} {unit}")
+    return {
+        key: {**found[0], "rounds": found, "round_seconds": [seconds(x) for x in found]}
+        for key, found in results.items()
+    }
+
+
+def ratio(slow: dict, fast: dict) -> dict:
+    """The median over rounds of slow/fast, paired by round, with its spread."""
+    values = [a / b for a, b in zip(slow["round_seconds"], fast["round_seconds"])]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summary(values: list[float]) -> dict:
     return {
         "median": statistics.median(values),
@@ -446,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "out"), help="folder for results.json and plots"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds of each compared pair of sides"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -471,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_model(out / f"model-{mode}", shape)
     report: dict = {"mode": mode, "machine": machine(), "model": shape, "runs": {}}
     steps, warmup = (3, 1) if args.quick else (4, 1)  # the first step compiles
+    rounds = args.rounds
 
     report["matmul_gflops"] = run_worker("matmul", {})["gflops"]
     say(f"matmul peak: {report['matmul_gflops']:.1f} GFLOP/s (float32)")
@@ -483,10 +514,16 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=1))
         )
         base = {"model": str(model_dir), "pairs": str(pairs_file), "steps": steps, "warmup": warmup}
-        runs = {}
-        for side, variant in [("peer", "default")] + [("ours", v) for v in variants]:
-            key = f"{side}-{variant}"
-            runs[key] = run_worker("train", {**base, "side": side, "variant": variant})
+        runs = interleaved(
+            {key: {**base, "side": key.split("-")[0], "variant": "default"} for key in HEADLINE},
+            rounds,
+            f"train {name}",
+            lambda r: statistics.median(r["step_seconds"]),
+            "s/step",
+        )
+        for variant in variants[1:]:  # the levers, once each (BENCHMARKS.md, "Levers")
+            key = f"ours-{variant}"
+            runs[key] = run_worker("train", {**base, "side": "ours", "variant": variant})
             r = runs[key]
             say(
                 f"train {name:16s} {key:16s} {statistics.median(r['step_seconds']):7.2f} s/step  "
@@ -523,22 +560,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs_file.write_text(
         json.dumps(make_pairs(n_prompts, (200, 400), (1, 2), shape["vocab"], seed=3))
     )
-    gen = {}
-    for side in ("sequential", "ours"):
-        gen[side] = run_worker(
-            "generate",
-            {
-                "model": str(model_dir),
-                "pairs": str(pairs_file),
-                "side": side,
-                "max_tokens": max_tokens,
-                "batch_size": n_prompts,
-            },
-        )
-        say(
-            f"generate {side:10s} {gen[side]['seconds_per_pair']:.2f} s/pair  "
-            f"{gen[side]['tokens_per_second']:.0f} tok/s"
-        )
+    spec = {"model": str(model_dir), "pairs": str(pairs_file), "max_tokens": max_tokens}
+    gen = interleaved(
+        {side: {**spec, "side": side, "batch_size": n_prompts} for side in ("sequential", "ours")},
+        rounds,
+        "generate",
+        lambda r: r["seconds_per_pair"],
+        "s/pair",
+        worker="generate",
+    )
     report["generation"] = gen
 
     if not args.quick:
@@ -604,25 +634,26 @@ def finish(report: dict, out: Path) -> None:
     ratios = {}
     for name, runs in report["runs"].items():
         peer, ours = runs["peer-default"], runs["ours-default"]
-        peer_s, ours_s = (
-            statistics.median(peer["step_seconds"]),
-            statistics.median(ours["step_seconds"]),
-        )
         ratios[name] = {
-            "train_speedup": peer_s / ours_s,
+            "train_speedup": ratio(peer, ours) if "rounds" in peer else None,
             "memory_ratio": ours["peak_total_gb"] / peer["peak_total_gb"],
         }
+        if ratios[name]["train_speedup"] is None:  # the 4-bit pair: one pass each
+            one = statistics.median(peer["step_seconds"]) / statistics.median(ours["step_seconds"])
+            ratios[name]["train_speedup"] = {"median": one, "min": one, "max": one}
         for r in runs.values():
-            r["summary"] = summary(r["step_seconds"])
-            r["mfu"] = train_flops(r) / statistics.median(r["step_seconds"]) / peak
+            r["summary"] = summary(r.get("round_seconds") or r["step_seconds"])
+            r["mfu"] = train_flops(r) / r["summary"]["median"] / peak
     gen = report["generation"]
-    generation_speedup = gen["sequential"]["seconds_per_pair"] / gen["ours"]["seconds_per_pair"]
+    generation = ratio(gen["sequential"], gen["ours"])
+    report["generation_speedup"] = generation
     chat = ratios["train/chat"]
     mfu = report["runs"]["train/chat"]["ours-default"]["mfu"]
     report["ratios"] = ratios
     report["last_line"] = (
-        f"train_speedup={chat['train_speedup']:.2f} memory_ratio={chat['memory_ratio']:.2f} "
-        f"generation_speedup={generation_speedup:.2f} mfu={mfu:.2f}"
+        f"train_speedup={chat['train_speedup']['median']:.2f} "
+        f"memory_ratio={chat['memory_ratio']:.2f} "
+        f"generation_speedup={generation['median']:.2f} mfu={mfu:.2f}"
     )
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
@@ -644,17 +675,31 @@ def markdown(report: dict) -> str:
             )
     lines += [
         "",
-        "| generation | s/pair | tokens/s | generated tokens | peak GB |",
+        "| generation | s/pair (median [min, max] over rounds) | tokens/s | generated tokens "
+        "| peak GB |",
         "| --- | --- | --- | --- | --- |",
     ]
     for side, g in report["generation"].items():
+        s = summary(g["round_seconds"])
         lines.append(
-            f"| {side} | {g['seconds_per_pair']:.2f} | {g['tokens_per_second']:.0f} | "
-            f"{g['generated_tokens']} | {g['peak_active_gb']:.2f} |"
+            f"| {side} | {s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}] | "
+            f"{g['tokens_per_second']:.0f} | {g['generated_tokens']} | {g['peak_active_gb']:.2f} |"
         )
-    lines += ["", "| workload | train_speedup | memory_ratio |", "| --- | --- | --- |"]
+    g = report["generation_speedup"]
+    lines += [
+        "",
+        f"generation_speedup (sequential / ours, per round): {g['median']:.2f} "
+        f"[{g['min']:.2f}, {g['max']:.2f}]",
+        "",
+        "| workload | train_speedup (peer / ours, per round: median [min, max]) | memory_ratio |",
+        "| --- | --- | --- |",
+    ]
     for name, r in report["ratios"].items():
-        lines.append(f"| {name} | {r['train_speedup']:.2f} | {r['memory_ratio']:.2f} |")
+        t = r["train_speedup"]
+        lines.append(
+            f"| {name} | {t['median']:.2f} [{t['min']:.2f}, {t['max']:.2f}] | "
+            f"{r['memory_ratio']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -694,7 +739,9 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     gen = report["generation"]
     axes[2].bar(
-        list(gen), [g["seconds_per_pair"] for g in gen.values()], color=["tab:gray", "tab:blue"]
+        list(gen),
+        [statistics.median(g["round_seconds"]) for g in gen.values()],
+        color=["tab:gray", "tab:blue"],
     )
     axes[2].set_ylabel("seconds per pair (generation)")
     fig.suptitle(f"mipo_mlx vs mlx-lm-lora DPO + sequential mlx_lm.generate ({report['mode']} run)")

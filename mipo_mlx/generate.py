@@ -9,6 +9,7 @@ keeps finished responses in a cache, so an interrupted pass resumes where it was
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,21 +74,67 @@ def stream_seed(seed: int, stream: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def seeded_sampler(temperature: float, top_p: float, seed: int) -> Callable[[mx.array], mx.array]:
-    """A sampler with its own random key, split once per token."""
-    from mlx_lm.sample_utils import apply_top_p
+def sample_rows(
+    logprobs: np.ndarray, uniforms: np.ndarray, temperature: float, top_p: float
+) -> np.ndarray:
+    """One token per row of normalized log-probs (B, V), the whole batch at once.
 
+    As mlx-lm's apply_top_p then categorical: the nucleus is the smallest set of most
+    probable tokens whose mass (at temperature 1) reaches `top_p`; a token is then drawn from
+    it with weights exp(logprob / temperature), by inverse CDF from the row's own uniform in
+    [0, 1) (B,). Every operation is per row, so a row's token depends only on its log-probs
+    and its uniform. In numpy: one sort of the batch's probabilities (values only) finds each
+    row's nucleus, where MLX's CPU sort and exp run 10-20x slower (BENCHMARKS.md)."""
     if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    state = {"key": mx.random.key(seed)}
+        return logprobs.argmax(axis=-1)
+    top = logprobs.max(axis=-1, keepdims=True)
+    weights = np.exp((logprobs - top) * (1.0 / temperature))  # (B, V)
+    if top_p < 1:
+        probs = np.exp(logprobs)  # (B, V), temperature 1
+        ordered = np.sort(probs, axis=-1)[:, ::-1]  # most probable first
+        kept = ((np.cumsum(ordered, axis=-1) - ordered) < top_p).sum(axis=-1)  # (B,) >= 1
+        floor = np.take_along_axis(ordered, kept[:, None] - 1, axis=-1)  # (B, 1) least kept
+        weights = np.where(probs >= floor, weights, 0.0)
+    cumulative = np.cumsum(weights, axis=-1, dtype=np.float64)  # (B, V)
+    target = uniforms * cumulative[:, -1]  # (B,)
+    picked = (cumulative <= target[:, None]).sum(axis=-1)  # the first token past the target
+    last = weights.shape[-1] - 1 - (weights[:, ::-1] > 0).argmax(axis=-1)  # last kept token
+    return np.minimum(picked, last)
 
-    def sample(logprobs: mx.array) -> mx.array:  # (1, V) -> (1,)
-        state["key"], key = mx.random.split(state["key"])
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=key)
 
-    return sample
+class StreamSampler:
+    """The sampler of every row of a generation batch: mlx-lm's BatchGenerator calls one
+    shared sampler once per decode step on the whole batch (a sampler per row costs an MLX
+    vocabulary sort and a dozen small ops per row and step). Each row still draws from its
+    own stream, a generator seeded by its prompt's stream seed that gives one uniform per
+    token, so a response does not depend on its batch.
+
+    Which prompt each row holds is read from the batch that calls: BatchGenerator's
+    GenerationBatch keeps `uids` in row order."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+        self.seeds: dict[int, int] = {}  # uid -> stream seed, set once the uids are known
+        self.streams: dict[int, np.random.Generator] = {}
+
+    def __call__(self, logprobs: mx.array) -> mx.array:  # (B, V) -> (B,)
+        caller = sys._getframe(1).f_locals.get("self")
+        uids = getattr(caller, "uids", None)
+        if uids is None or len(uids) != logprobs.shape[0]:
+            raise RuntimeError(
+                "mlx-lm's BatchGenerator no longer samples from a batch holding `uids` in row "
+                "order; mipo_mlx.generate.StreamSampler needs updating for this mlx-lm version"
+            )
+        if self.temperature == 0:
+            return mx.argmax(logprobs, axis=-1)
+        draws = np.array([self._stream(uid).random() for uid in uids])  # (B,) in [0, 1)
+        rows = np.array(logprobs.astype(mx.float32))  # (B, V): this step's forward runs here
+        return mx.array(sample_rows(rows, draws, self.temperature, self.top_p))
+
+    def _stream(self, uid: int) -> np.random.Generator:
+        if uid not in self.streams:
+            self.streams[uid] = np.random.default_rng(self.seeds[uid])
+        return self.streams[uid]
 
 
 def generate(
@@ -113,14 +160,14 @@ def generate(
         completion_batch_size=config.batch_size,
         prefill_batch_size=min(config.batch_size, 8),
     )
-    samplers = [
-        seeded_sampler(config.temperature, config.top_p, stream_seed(config.seed, s))
-        for s in streams
-    ]
+    sampler = StreamSampler(config.temperature, config.top_p)
     try:
         uids = generator.insert(
-            prompts, max_tokens=[config.max_tokens] * len(prompts), samplers=samplers
+            prompts,
+            max_tokens=[config.max_tokens] * len(prompts),
+            samplers=[sampler] * len(prompts),
         )
+        sampler.seeds = {uid: stream_seed(config.seed, s) for uid, s in zip(uids, streams)}
         index = {uid: i for i, uid in enumerate(uids)}
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
         results: list[Response | None] = [None] * len(prompts)

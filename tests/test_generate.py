@@ -10,7 +10,7 @@ import pytest
 
 from mipo_mlx.batching import batch_stream, total_steps
 from mipo_mlx.config import GenerationConfig, TrainingConfig
-from mipo_mlx.generate import STREAM_STRIDE, Response, decode, generate, seeded_sampler, stream_seed
+from mipo_mlx.generate import STREAM_STRIDE, Response, decode, generate, sample_rows, stream_seed
 from mipo_mlx.pairs import Pair
 
 QUESTIONS = [
@@ -193,18 +193,53 @@ def test_temperature_zero_is_greedy(toy_model, prompt_ids):
     assert again == out
 
 
-def test_seeded_sampler():
-    logprobs = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
-    greedy = seeded_sampler(0, 0.9, seed=1)
-    assert greedy(logprobs).tolist() == [3]
-    a, b = seeded_sampler(1.0, 1.0, seed=5), seeded_sampler(1.0, 1.0, seed=5)
-    draws_a = [a(logprobs).item() for _ in range(50)]
-    assert draws_a == [b(logprobs).item() for _ in range(50)]
-    assert len(set(draws_a)) > 1  # the key advances on every call
-    top = seeded_sampler(1.0, 0.35, seed=3)  # nucleus = {0.4}: always token 3
-    assert {top(logprobs).item() for _ in range(30)} == {3}
-    top2 = seeded_sampler(1.0, 0.65, seed=3)  # nucleus = {0.4, 0.3}
-    assert {top2(logprobs).item() for _ in range(60)} == {2, 3}
+def draw(logprobs, uniforms, temperature=1.0, top_p=1.0):
+    logprobs = np.asarray(logprobs, dtype=np.float32)
+    return sample_rows(logprobs, np.asarray(uniforms), temperature, top_p).tolist()
+
+
+def test_sample_rows_inverse_cdf_by_hand():
+    """Probabilities 0.1 0.2 0.3 0.4: the cumulative mass in vocabulary order is 0.1 0.3 0.6
+    1.0, so u in [0, 0.1) picks token 0, [0.1, 0.3) token 1, and so on."""
+    row = np.log([0.1, 0.2, 0.3, 0.4])
+    assert draw([row] * 4, [0.05, 0.25, 0.59, 0.99]) == [0, 1, 2, 3]
+
+
+def test_sample_rows_nucleus_by_hand():
+    """top_p 0.65: most probable first 0.4 0.3 | 0.2 0.1; the mass before 0.3 is 0.4 < 0.65,
+    before 0.2 it is 0.7, so the nucleus is {3, 2}. In vocabulary order its weights are 0.3
+    then 0.4 of 0.7: u < 3/7 picks 2, the rest 3."""
+    row = np.log([0.1, 0.2, 0.3, 0.4])
+    assert draw([row] * 4, [0.0, 0.42, 0.43, 0.9999], top_p=0.65) == [2, 2, 3, 3]
+    assert draw([row] * 2, [0.0, 0.9999], top_p=0.35) == [3, 3]  # the nucleus is {3}
+    # temperature 0.5 squares the weights: 0.09 and 0.16 of 0.25, so u < 0.36 picks 2
+    assert draw([row] * 2, [0.35, 0.37], temperature=0.5, top_p=0.65) == [2, 3]
+    assert draw([row], [0.9], temperature=0.0, top_p=0.65) == [3]  # greedy
+
+
+def test_sample_rows_each_row_alone():
+    """A row's token depends on its own log-probs and uniform only, whatever the other rows
+    are: peaked rows and a flat one (a nucleus of most of the vocabulary) together."""
+    rng = np.random.default_rng(0)
+    peaked = rng.normal(size=(6, 2048)) * 4
+    flat = rng.normal(size=(1, 2048)) * 0.01  # its nucleus holds far more than 256 tokens
+    rows = np.concatenate([peaked, flat])
+    rows = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+    u = rng.random(7)
+    together = draw(rows, u, temperature=0.7, top_p=0.9)
+    alone = [draw(rows[i : i + 1], u[i : i + 1], temperature=0.7, top_p=0.9)[0] for i in range(7)]
+    assert together == alone
+    assert draw(rows[:6], u[:6], 0.7, 0.9) == together[:6]
+
+
+def test_sample_rows_frequencies_match_the_nucleus():
+    """Over many uniforms each kept token comes up in proportion to its weight."""
+    row = np.log([0.05, 0.15, 0.3, 0.5])
+    u = (np.arange(10_000) + 0.5) / 10_000
+    picks = np.array(draw([row] * len(u), u, top_p=0.7))
+    # nucleus {3, 2}: weights 0.5 and 0.3 of 0.8
+    assert set(picks.tolist()) == {2, 3}
+    assert abs((picks == 3).mean() - 0.625) < 1e-3
 
 
 # ---------------------------------------------------------------- decode
