@@ -53,15 +53,9 @@ def per_row_sampler(temperature: float, top_p: float, seed: int):
 
 def per_row_generate(model, tokenizer, prompts, config) -> list[list[int]]:
     """mipo_mlx's generate() as it was, with one sampler per row (the lever under test)."""
-    from mlx_lm.generate import BatchGenerator
+    from mipo_mlx.generate import batch_generator
 
-    generator = BatchGenerator(
-        model,
-        max_tokens=config.max_tokens,
-        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-        completion_batch_size=config.batch_size,
-        prefill_batch_size=min(config.batch_size, 8),
-    )
+    generator = batch_generator(model, tokenizer, config)
     samplers = [per_row_sampler(config.temperature, config.top_p, s) for s in range(len(prompts))]
     uids = generator.insert(
         prompts, max_tokens=[config.max_tokens] * len(prompts), samplers=samplers

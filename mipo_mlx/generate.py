@@ -137,6 +137,20 @@ class StreamSampler:
         return self.streams[uid]
 
 
+def batch_generator(model, tokenizer, config: GenerationConfig):
+    """mlx-lm's continuous-batching generator as generation uses it (the benchmark's
+    per-row-sampler side uses the same one)."""
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        model,
+        max_tokens=config.max_tokens,
+        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+        completion_batch_size=config.batch_size,
+        prefill_batch_size=min(config.batch_size, 8),
+    )
+
+
 def generate(
     model,
     tokenizer,
@@ -149,17 +163,9 @@ def generate(
 
     `on_done(i, response)` is called as each response finishes, for progress and checkpoints.
     """
-    from mlx_lm.generate import BatchGenerator
-
     if not prompts:
         return []
-    generator = BatchGenerator(
-        model,
-        max_tokens=config.max_tokens,
-        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-        completion_batch_size=config.batch_size,
-        prefill_batch_size=min(config.batch_size, 8),
-    )
+    generator = batch_generator(model, tokenizer, config)
     sampler = StreamSampler(config.temperature, config.top_p)
     try:
         uids = generator.insert(
