@@ -21,6 +21,9 @@ from . import distributed as dist
 from .prefix import AfterPrefix, RecordKV, body_and_head, common_prefix, prefix_keys
 
 PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompiles of the compiled step
+# Logits one scoring batch may hold (float32 values, 128 MB): at a 32k vocabulary 1,024
+# scored positions, at 128k 256. The logits, not the tokens, set a scoring batch's peak.
+LOGITS_BUDGET = 1 << 25
 
 
 @dataclass
@@ -289,9 +292,11 @@ def response_logps(
     token_budget: int = 16384,
     min_shared: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    logits_budget: int = LOGITS_BUDGET,
 ) -> np.ndarray:
     """log p(response_r | prompt_r) for each row r, (N,), in batches of about `token_budget`
-    padded tokens (rows sorted by length; one mx.eval per batch). When the model allows it,
+    padded tokens and at most `logits_budget` logits (rows sorted by length; one mx.eval per
+    batch; a row longer than the budgets is a batch of its own). When the model allows it,
     the LM head runs on the response positions only, and a prefix all prompts share (a
     few-shot prompt's exemplars, at least `min_shared` tokens) runs once, the rows attending
     to its keys and values; otherwise full logits are computed, a few rows at a time.
@@ -304,7 +309,10 @@ def response_logps(
         mx.eval([(r.keys, r.values) for r in records])
     else:
         start = 0
-    budget = token_budget if head_only else min(token_budget, 2048)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
+    positions = max(1, logits_budget // vocab)  # scored positions (head only) in a batch
+    # Without head_only every padded position gets logits
+    budget = token_budget if head_only else min(token_budget, 2048, positions)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     width = [
         _width(len(prompts[i]) - start + len(responses[i]), PAD_MULTIPLE)
@@ -313,8 +321,13 @@ def response_logps(
     out = np.zeros(len(prompts))
     first = 0
     while first < len(order):
-        end = first + 1
-        while end < len(order) and (end + 1 - first) * width[order[end]] <= budget:
+        end, scored = first + 1, len(responses[order[first]])
+        while (
+            end < len(order)
+            and (end + 1 - first) * width[order[end]] <= budget
+            and (not head_only or scored + len(responses[order[end]]) <= positions)
+        ):
+            scored += len(responses[order[end]])
             end += 1
         rows = order[first:end]
         packed = pack_rows([prompts[i][start:] for i in rows], [responses[i] for i in rows], pad_id)

@@ -307,3 +307,29 @@ def test_prefix_pass_mask_is_mlx_lms_causal_mask():
         assert mx.array_equal(
             RecordKV().make_mask(n, return_array=True), create_causal_mask(n)
         ).item()
+
+
+def test_response_logps_batches_hold_the_logits_budget(toy_model):
+    """A scoring batch holds at most logits_budget logits (scored positions x vocabulary): the
+    logits, not the tokens, set its peak memory (PMI scores 5 rows per answer). The log-probs
+    do not depend on it, and a row longer than the budget still gets a batch of its own."""
+    from mipo_mlx.score import response_logps
+
+    model, _ = toy_model
+    vocab = model.args.vocab_size
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 300, size=n).tolist() for n in (3, 40, 1, 17, 64, 9, 5, 2)]
+    answers = [rng.integers(4, 300, size=n).tolist() for n in (5, 2, 30, 1, 12, 7, 9, 4)]
+    expected = [one_by_one(model, p, a) for p, a in zip(prompts, answers)]
+    for model_, name in ((model, "head only"), (ScalesLogits(model), "full logits")):
+        unbounded, bounded = [], []
+        got = response_logps(model_, prompts, answers, 0, on_batch=unbounded.append)
+        small = response_logps(
+            model_, prompts, answers, 0, on_batch=bounded.append, logits_budget=16 * vocab
+        )
+        np.testing.assert_allclose(small, got, rtol=1e-4, atol=1e-4)
+        if name == "head only":
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        assert unbounded == [len(prompts)], name  # all in one batch by default
+        # 16 positions a batch: the 30-token answer alone, the others in batches of <= 16
+        assert len(bounded) >= 5 and sum(bounded) == len(prompts), (name, bounded)
