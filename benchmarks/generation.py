@@ -4,6 +4,7 @@ vocabularies.
 
     python benchmarks/generation.py --quick      # the quick model, 3 rounds (minutes)
     python benchmarks/generation.py              # the quick and the full model, 5 rounds
+    python benchmarks/generation.py --model full --vocab 32k --rounds 3 --sides sequential,ours
 
 Sides, each in its own process, interleaved (A B C A B C ...) so that a slow spell of the
 machine lands on every side, never on one alone:
@@ -104,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick model, 3 rounds")
     parser.add_argument("--rounds", type=int, help="rounds of every side (default 3 / 5)")
+    parser.add_argument("--model", choices=("quick", "full"), help="only this model")
+    parser.add_argument("--vocab", choices=tuple(VOCABS), help="only this vocabulary")
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help="comma-separated sides (sequential, per_row, ours); ours is always run",
+    )
     parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -112,41 +120,41 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(args.spec))), flush=True)
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
+    sides = [x for x in SIDES if x in args.sides.split(",") or x == "ours"]
+    models = ("quick",) if args.quick else (args.model,) if args.model else ("quick", "full")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report, last = {}, []
-    for mode in ("quick",) if args.quick else ("quick", "full"):
+    for mode in models:
         n_prompts, max_tokens = (8, 128) if mode == "quick" else (16, 160)
         for label, vocab in VOCABS.items():
+            if args.vocab and label != args.vocab:
+                continue
             shape = {**run.MODELS[mode], "vocab": vocab}
             model_dir = run.build_model(out / f"model-{mode}-{label}", shape)
             pairs = out / f"pairs-generate-{mode}-{label}.json"
             pairs.write_text(json.dumps(run.make_pairs(n_prompts, (200, 400), (1, 2), vocab, 3)))
             spec = {"model": str(model_dir), "pairs": str(pairs), "max_tokens": max_tokens}
             spec["batch_size"] = n_prompts
-            times = {side: [] for side in SIDES}
+            times = {side: [] for side in sides}
             for r in range(rounds):
-                for side in SIDES:
+                for side in sides:
                     result = run_side({**spec, "side": side})
                     times[side].append(result["seconds_per_pair"])
                     run.say(
                         f"{mode} {label} round {r + 1}: {side:10s} {times[side][-1]:.2f} s/pair"
                     )
-            speedup = [s / o for s, o in zip(times["sequential"], times["ours"])]
-            sampler = [p / o for p, o in zip(times["per_row"], times["ours"])]
-            report[f"{mode}/{label}"] = {"seconds_per_pair": times, "speedup": speedup}
-            report[f"{mode}/{label}"]["sampler_speedup"] = sampler
-            run.say(
-                f"{mode} {label}: s/pair "
-                + ", ".join(f"{s} {spread(times[s])}" for s in SIDES)
-                + f"; sequential/ours {spread(speedup)}; per_row/ours {spread(sampler)}"
-            )
-            if mode == "quick":
-                last += [
-                    f"generation_speedup_{label}={statistics.median(speedup):.2f}",
-                    f"sampler_speedup_{label}={statistics.median(sampler):.2f}",
-                ]
-    (out / "generation.json").write_text(json.dumps(report, indent=1))
+            entry = report[f"{mode}/{label}"] = {"seconds_per_pair": times}
+            line = f"{mode} {label}: s/pair " + ", ".join(f"{s} {spread(times[s])}" for s in sides)
+            for name, slow in (("speedup", "sequential"), ("sampler_speedup", "per_row")):
+                if slow in times:
+                    entry[name] = [s / o for s, o in zip(times[slow], times["ours"])]
+                    line += f"; {slow}/ours {spread(entry[name])}"
+                    prefix = "generation_speedup" if name == "speedup" else name
+                    suffix = label if mode == "quick" else f"{mode}_{label}"
+                    last.append(f"{prefix}_{suffix}={statistics.median(entry[name]):.2f}")
+            run.say(line)
+    (out / f"generation-{'-'.join(models)}.json").write_text(json.dumps(report, indent=1))
     print(" ".join(sorted(last)))
     return 0
 
