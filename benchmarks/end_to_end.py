@@ -2,7 +2,7 @@
 table, mipo_mlx against the pipeline a user would assemble from the peers.
 
     python benchmarks/end_to_end.py --quick     # the quick model, 5 rounds (about 25 minutes)
-    python benchmarks/end_to_end.py             # the full model
+    python benchmarks/end_to_end.py --rounds 3  # the full model (about 31 minutes)
 
 Both sides start from the same prompt file (arithmetic and multiple-choice prompts of the
 embedded data; labelled held-out prompts for the table), on the same random-init qwen2 model
