@@ -376,10 +376,6 @@ WORKERS = {
 # ---------------------------------------------------------------- the benchmark
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick model and workload")
@@ -392,14 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.spec))), flush=True)
         return 0
 
-    import importlib.util
-
-    if importlib.util.find_spec("mlx_lm_lora") is None:
-        print(
-            "benchmarks/end_to_end.py: the peer side needs mlx-lm-lora; "
-            "install it with `pip install mlx-lm-lora`",
-            file=sys.stderr,
-        )
+    if not run.peer_installed("benchmarks/end_to_end.py"):
         return 2
     mode = "quick" if args.quick else "full"
     out = Path(args.out)
@@ -439,7 +428,7 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
     memory = {
         side: statistics.median(r["peak_rss_gb"] for r in found) for side, found in rounds.items()
     }
-    speedup = spread(ratios)
+    speedup = run.summary(ratios)
     lines = [
         f"End to end, {mode} workload ({workload['prompts']} prompts = pairs, "
         f"{workload['prompts'] // workload['batch']} steps at batch {workload['batch']}, "
@@ -451,17 +440,17 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
     ]
     for side, found in rounds.items():
         for stage in found[0]["stages"]:
-            s = spread([r["stages"][stage] for r in found])
+            s = run.summary([r["stages"][stage] for r in found])
             lines.append(
                 f"| {side} | {stage} | {s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}] |"
             )
         for bar in found[0].get("progress", {}):  # ours' progress bars, in whole seconds
-            s = spread([r["progress"].get(bar, 0) for r in found])
+            s = run.summary([r["progress"].get(bar, 0) for r in found])
             lines.append(
                 f"| {side} | (progress bar: {bar}) | {s['median']:.0f} [{s['min']:.0f}, "
                 f"{s['max']:.0f}] |"
             )
-        s = spread([r["seconds"] for r in found])
+        s = run.summary([r["seconds"] for r in found])
         lines.append(
             f"| {side} | **total** | **{s['median']:.1f}** [{s['min']:.1f}, {s['max']:.1f}] |"
         )
@@ -488,9 +477,7 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
         "mode": mode,
         "workload": workload,
         "machine": run.machine(),
-        "rounds": {
-            side: [{k: v for k, v in r.items()} for r in found] for side, found in rounds.items()
-        },
+        "rounds": rounds,
         "end_to_end_speedup": speedup,
         "ratios": ratios,
         "peak_rss_gb": memory,

@@ -452,6 +452,19 @@ def summary(values: list[float]) -> dict:
     }
 
 
+def peer_installed(script: str) -> bool:
+    """Whether mlx-lm-lora (the peer side) is installed; if not, one line saying how."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_lm_lora") is not None:
+        return True
+    print(
+        f"{script}: the peer side needs mlx-lm-lora; install it with `pip install mlx-lm-lora`",
+        file=sys.stderr,
+    )
+    return False
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -483,14 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.spec))), flush=True)
         return 0
 
-    import importlib.util
-
-    if importlib.util.find_spec("mlx_lm_lora") is None:
-        print(
-            "benchmarks/run.py: the peer side needs mlx-lm-lora; "
-            "install it with `pip install mlx-lm-lora`",
-            file=sys.stderr,
-        )
+    if not peer_installed("benchmarks/run.py"):
         return 2
     mode = "quick" if args.quick else "full"
     out = Path(args.out)
