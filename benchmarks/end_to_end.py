@@ -113,14 +113,13 @@ def measured(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> 
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:5])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
-    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     # ru_maxrss: kilobytes on Linux, bytes on macOS
     scale = 1 if sys.platform == "darwin" else 1024
     return {
         "seconds": seconds,
         "started": started,
         "peak_rss_gb": usage.ru_maxrss * scale / 1e9,
-        "result": json.loads(lines[-1][len("RESULT ") :]) if lines else {},
+        "result": run.worker_result(stdout) or {},
         "stdout": stdout,
         "stderr": stderr,
     }
@@ -381,11 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick model and workload")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ours, peer)")
     parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    run.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.spec))), flush=True)
+    if run.answered_as_worker(args, WORKERS):
         return 0
 
     if not run.peer_installed("benchmarks/end_to_end.py"):

@@ -113,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated sides (sequential, per_row, ours); ours is always run",
     )
     parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    run.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.spec))), flush=True)
+    if run.answered_as_worker(args, {"generate": worker}):
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
     sides = [x for x in SIDES if x in args.sides.split(",") or x == "ours"]
@@ -169,10 +167,10 @@ def run_side(spec: dict) -> dict:
         text=True,
         timeout=3600,
     )
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
+    result = run.worker_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"worker {spec['side']} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(line[len("RESULT ") :])
+    return result
 
 
 if __name__ == "__main__":

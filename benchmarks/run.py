@@ -102,6 +102,26 @@ def make_pairs(n: int, prompt_range, response_range, vocab: int, seed: int) -> l
     ]
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments a benchmark script's worker processes are started with."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def answered_as_worker(args: argparse.Namespace, workers: dict) -> bool:
+    """In a worker process: run the named worker on its spec, print its RESULT line, True."""
+    if not args.worker:
+        return False
+    print("RESULT " + json.dumps(workers[args.worker](json.loads(args.spec))), flush=True)
+    return True
+
+
+def worker_result(stdout: str) -> dict | None:
+    """The last RESULT line a worker printed, parsed; None if it printed none."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+
+
 def run_worker(kind: str, spec: dict, env: dict | None = None, timeout: int = 3600) -> dict:
     """Run one measurement in a fresh Python process; its last stdout line is JSON."""
     cmd = [
@@ -115,10 +135,10 @@ def run_worker(kind: str, spec: dict, env: dict | None = None, timeout: int = 36
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = worker_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"worker {kind} {spec.get('side', '')} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 # ---------------------------------------------------------------- workers (one per subprocess)
@@ -489,11 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds of each compared pair of sides"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(args.spec))), flush=True)
+    if answered_as_worker(args, WORKERS):
         return 0
 
     if not peer_installed("benchmarks/run.py"):
