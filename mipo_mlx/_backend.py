@@ -111,18 +111,28 @@ def _soname_offset(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _libgfortran_copies() -> list[Path]:
+    """The libgfortran copies that wheels ship under hashed names (`<wheel>.libs/`): MLX's own
+    first, then any other package's on sys.path (numpy's), so that a broken or stand-in `mlx`
+    does not leave the pip OpenBLAS without one."""
+    sites = []
+    spec = importlib.util.find_spec("mlx")
+    if spec is not None and spec.submodule_search_locations:
+        sites.append(Path(list(spec.submodule_search_locations)[0]).parent)
+    sites += [Path(entry) for entry in sys.path if entry and Path(entry).is_dir()]
+    found: list[Path] = []
+    for site in sites:
+        for pattern in ("mlx*.libs/libgfortran*.so*", "*.libs/libgfortran*.so*"):
+            found += [f for f in sorted(site.glob(pattern)) if f not in found]
+    return found
+
+
 @functools.cache  # one copy however many libraries ask for it
 def _provide_libgfortran() -> bool:
-    """Load MLX's own libgfortran (shipped under a hashed name in `mlx_cpu.libs/`) under the
+    """Load a wheel's own libgfortran (shipped under a hashed name, MLX's first) under the
     name `libgfortran.so.5`, which the pip OpenBLAS asks for: a copy in memory with its
     DT_SONAME rewritten (same length or shorter; nothing is written to disk)."""
-    spec = importlib.util.find_spec("mlx")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    site = Path(list(spec.submodule_search_locations)[0]).parent
-    fortran = sorted(site.glob("mlx*.libs/libgfortran*.so*")) or sorted(
-        site.glob("*.libs/libgfortran*.so*")
-    )
+    fortran = _libgfortran_copies()
     if not fortran or not hasattr(os, "memfd_create"):
         return False
     for quadmath in sorted(fortran[0].parent.glob("libquadmath*.so*")):  # libgfortran needs it
