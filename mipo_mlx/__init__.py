@@ -5,11 +5,13 @@ to a different, random prompt, scored under the right prompt; training is DPO
 against the frozen base with LoRA adapters. See README.md.
 
 The modules, layer by layer from the bottom; a module imports only from its own
-layer or the layers below (tests/test_layers.py checks it):
+layer or the layers below (tests/test_layers.py checks it; an indented line goes on with the
+layer above):
 foundation __init__ errors progress files embedded config cli _backend plots hub
 data       formats tasks prompts
-compute    distributed model generate prefix score losses memory checkpoint gguf_check gguf_file toy
-stages     pairs batching loop run_folder trackers training measure judge fuse card
+compute    distributed model generate prefix score selection losses memory checkpoint
+           gguf_check gguf_file toy
+stages     pairs batching loop run_folder trackers training measure guard judge fuse card
 pipeline   pipeline
 commands   train evaluate export embedded.build
 """

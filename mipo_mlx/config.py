@@ -24,7 +24,14 @@ import yaml
 from .embedded import resolve_path
 from .errors import UserError
 
-NEGATIVE_STRATEGIES = ("random", "incomplete", "no_context", "random_context", "mixed")
+NEGATIVE_STRATEGIES = (
+    "random",
+    "incomplete",
+    "no_context",
+    "random_context",
+    "mixed",
+    "majority_vote",
+)
 # Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
 # The names data.template takes: the paper's prompt templates (formats.PAPER_TEMPLATES holds them).
@@ -148,6 +155,24 @@ class PairsConfig:
         "random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES
     )
     seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0)
+    samples: int = setting(
+        1,
+        "Answers sampled per prompt. Above 1, the chosen answer is the one the current model "
+        "ranks highest by its own PMI (best-of-k: log p(y|x,c) - log p(y|x) for a prompt with a "
+        "context, log p(y|x) - log p(y|x') otherwise); majority_vote votes among them.",
+        min=1,
+    )
+    min_vote_margin: int = setting(
+        1,
+        "majority_vote: the chosen answer's result needs at least this many more votes than "
+        "the rejected answer's; prompts with less agreement get no pair.",
+        min=1,
+    )
+    drop_identical: bool = setting(
+        True,
+        "Drop pairs whose chosen and rejected answers are the same text: they carry no DPO "
+        "gradient but count in each batch's mean.",
+    )
 
 
 @dataclass
@@ -156,6 +181,12 @@ class TrainingConfig:
     beta: float = setting(0.1, "DPO beta.", gt=0)
     label_smoothing: float = setting(
         0.0, "Label smoothing for sigmoid/robust losses.", min=0, max=0.49
+    )
+    nll_weight: float = setting(
+        0.0,
+        "Weight of an NLL term on the chosen answer, added to the preference loss: "
+        "alpha * -log pi(y+|x) / |y+| (iterative RPO); it keeps the chosen answers likely.",
+        min=0,
     )
     learning_rate: float = setting(1e-5, "Peak learning rate.", gt=0)
     warmup_fraction: float = setting(0.03, "Share of steps with linear warmup.", min=0, max=1)
@@ -173,6 +204,11 @@ class TrainingConfig:
         "Rounds of generate -> pairs -> train (the paper runs 1; more is an extension): round k "
         "answers with round k-1's adapters, and that model is round k's reference.",
         min=1,
+    )
+    fresh_prompts: bool = setting(
+        False,
+        "Each round answers prompts no earlier round trained on: round k takes the k-th "
+        "block of data.limit prompts of data.prompts.",
     )
     shared_prompt: str = setting(
         "auto",
@@ -244,6 +280,12 @@ class EvaluationConfig:
     top_p: float = setting(0.9, "Nucleus sampling mass for evaluation answers.", gt=0, max=1)
     max_tokens: int = setting(256, "Longest evaluation answer, in tokens.", min=1)
     pmi_negatives: int = setting(4, "Other prompts x' per answer in the PMI estimate.", min=1)
+    best_of: int = setting(
+        1,
+        "Answers sampled per prompt; above 1 the one the base model ranks highest by its PMI "
+        "is kept (best-of-k reranking, at k times the inference cost).",
+        min=1,
+    )
     seed: int = setting(
         1234, "Sampling seed for evaluation (the same for base and adapters).", min=0
     )
@@ -255,6 +297,28 @@ class EvaluationConfig:
     judge_max_tokens: int = setting(128, "Longest judge answer, in tokens (greedy).", min=8)
     judge_batch_size: int = setting(16, "Judge prompts decoded together.", min=1)
     plots: bool = setting(True, "Write PNG plots (needs matplotlib: pip install 'mipo_mlx[plot]').")
+
+
+@dataclass
+class GuardConfig:
+    prompts: str | None = setting(
+        None,
+        "Valid prompts (as evaluation.format) on which the base and every round are scored; "
+        "the run keeps the best of them, the base included. null = no guard.",
+    )
+    limit: int | None = setting(200, "Score on the first N valid prompts; null = all.", min=2)
+    keep: str = setting(
+        "best",
+        "Which adapters the run ends with: the best-scoring round on the valid prompts (zero "
+        "adapters, i.e. the base, when no round beats it), or the last round (guard off).",
+        choices=("best", "last"),
+    )
+    score: str = setting(
+        "auto",
+        "What ranks the rounds: the task's own measure where valid rows carry labels "
+        "(accuracy, compliance), else the label-free objective (PMI minus KL to the base).",
+        choices=("auto", "labels", "label_free"),
+    )
 
 
 @dataclass
@@ -272,6 +336,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -450,6 +515,16 @@ def validate(config: Config, command: str = "train") -> Config:
                 "with the user's context; "
                 f"data.template={data.template} has none (use prism or your own context_template)"
             )
+    if config.pairs.negatives == "majority_vote" and config.pairs.samples < 3:
+        raise UserError(
+            "pairs.negatives=majority_vote votes among pairs.samples answers per prompt; "
+            f"set pairs.samples to at least 3 (got {config.pairs.samples})"
+        )
+    if config.training.fresh_prompts and config.training.rounds > 1 and not data.limit:
+        raise UserError(
+            "training.fresh_prompts needs data.limit: each round takes the next data.limit "
+            "prompts of data.prompts"
+        )
     if not config.model.path:
         hint = "--adapters <run-dir>" if command == "evaluate" else "set it in the config"
         raise UserError(f"model.path is not set: pass --model <repo-or-folder> or {hint}")
@@ -474,6 +549,7 @@ def resolve(
     config.data.prompts = resolve_path(config.data.prompts)
     config.evaluation.prompts = resolve_path(config.evaluation.prompts)
     config.evaluation.judge = resolve_path(config.evaluation.judge)
+    config.guard.prompts = resolve_path(config.guard.prompts)
     return config
 
 

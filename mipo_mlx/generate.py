@@ -199,9 +199,11 @@ def generate_all(
     stream0: int,
     cache: ResponseCache | None = None,
     should_stop: Callable[[], bool] | None = None,
+    streams: list[int] | None = None,
 ) -> list[Response]:
-    """One response per prompt, prompt i sampling from stream `stream0 + i`; with `cache`, the
-    responses it holds are kept and the rest generated (and recorded as they finish).
+    """One response per prompt, prompt i sampling from stream `stream0 + i` (or `streams[i]`);
+    with `cache`, the responses it holds are kept and the rest generated (and recorded as they
+    finish).
 
     With several ranks, each generates every size-th prompt left to do and every rank gets
     every response (each prompt's stream is its own, so they equal one rank's)."""
@@ -230,7 +232,7 @@ def generate_all(
                     tokenizer,
                     [ids[i] for i in mine],
                     config,
-                    streams=[stream0 + i for i in mine],
+                    streams=[streams[i] if streams else stream0 + i for i in mine],
                     on_done=finished,
                 ),
             )

@@ -20,14 +20,15 @@ from . import distributed as dist
 from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
 from .errors import Stopped
-from .losses import LOSSES, preference_metrics
+from .losses import LOSSES, preference_metrics, with_chosen_nll
 from .score import Batch, pair_logps
 
 StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, mx.array]]]
 
 
 def make_loss(config: TrainingConfig) -> StepLoss:
-    """loss(model, batch.tree()) -> (mean loss, metrics)."""
+    """loss(model, batch.tree()) -> (mean loss, metrics); with training.nll_weight, the
+    preference loss plus the chosen answers' length-normalised NLL ('nll/chosen' reports it)."""
     loss_fn = LOSSES[config.loss]
 
     def loss(model, batch: dict[str, mx.array]):
@@ -40,8 +41,13 @@ def make_loss(config: TrainingConfig) -> StepLoss:
             beta=config.beta,
             label_smoothing=config.label_smoothing,
         )
+        nll = {}
+        if config.nll_weight > 0:
+            lengths = batch["owners"].sum(axis=0)[: chosen.shape[0]]  # (B,) tokens of each y+
+            losses = with_chosen_nll(losses, chosen, lengths, config.nll_weight)
+            nll = {"nll/chosen": (-chosen / lengths).mean()}
         metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected)
-        return metrics["loss"], metrics
+        return metrics["loss"], {**metrics, **nll}
 
     return loss
 

@@ -165,6 +165,15 @@ def sft_loss(
     return -policy_chosen, beta * chosen, beta * rejected
 
 
+def with_chosen_nll(losses, policy_chosen, chosen_lengths, weight: float):
+    """Iterative RPO (Pang et al. 2024, eq. 3): the preference loss plus a length-normalised
+    NLL of the chosen answer, L = L_pref + alpha * (-log pi(y+|x)) / |y+|. Plain DPO lowers
+    the likelihood of both answers; the NLL term keeps the chosen ones likely, so iterated
+    rounds do not drift off the model's own distribution. losses, policy_chosen and
+    chosen_lengths (tokens scored in y+, stop token included) are (B,); returns (B,)."""
+    return losses - weight * policy_chosen / chosen_lengths
+
+
 def preference_metrics(
     losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected
 ) -> dict:

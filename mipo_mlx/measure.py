@@ -27,6 +27,7 @@ from .model import pad_id
 from .plots import plot_comparison
 from .prompts import Prompt, Rendered, messages_for, read_source, render, render_prompts, user_text
 from .score import response_logps
+from .selection import best_by_pmi, pmi_of_samples, sample_answers
 from .tasks import requirements as req
 from .tasks.extract import is_correct
 
@@ -37,6 +38,9 @@ METRICS = [
     ("well_formed_rate", "well-formed", "{:.3f}"),
     ("pmi_mean", "PMI (nats)", "{:.2f}"),
     ("pmi_context_mean", "context PMI (nats)", "{:.2f}"),
+    ("kl_mean", "KL to the base (nats)", "{:.2f}"),
+    ("objective", "objective: PMI - KL (nats)", "{:.2f}"),
+    ("guard_score", "valid score (guard)", "{:.3f}"),
     ("judge_score", "judge score (1-5)", "{:.2f}"),
     ("win_rate", "win rate vs base (ties win)", "{:.3f}"),
     ("win_rate_reference", "win rate vs reference (ties win)", "{:.3f}"),
@@ -117,6 +121,21 @@ def pmi_scores(
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
     user context, None for a prompt that has none) also the context PMI of the answers whose
     prompt has a context, (m,). Every log-prob comes from one scoring pass, shown as `stage`."""
+    pmi, context, _ = pmi_parts(model, prompt_ids, response_ids, k, seed, pad, plain_ids, stage)
+    return pmi, context
+
+
+def pmi_parts(
+    model,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    k: int,
+    seed: int,
+    pad: int,
+    plain_ids: list[list[int] | None] | None = None,
+    stage: str = "PMI",
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """pmi_scores' two, and each answer's log-prob under its own prompt, log p(y|x), (n,)."""
     n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
     plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
     prompts = [p for column in columns for p in column] + [plain_ids[i] for i in plain]
@@ -130,7 +149,7 @@ def pmi_scores(
         )
     logps = flat[: n * len(columns)].reshape(len(columns), n).T  # (n, 1 + k)
     pmi = logps[:, 0] - logps[:, 1:].mean(axis=1)
-    return pmi, (logps[plain, 0] - flat[n * len(columns) :]) if plain else None
+    return pmi, (logps[plain, 0] - flat[n * len(columns) :]) if plain else None, logps[:, 0]
 
 
 def context_free_ids(
@@ -182,6 +201,16 @@ def compliance_metrics(prompts: list[Prompt], texts: list[str]) -> dict:
         "well_formed_rate": float(np.mean(formed)),
         "compliance_scores": scores,
     }
+
+
+def task_scores(prompts: list[Prompt], texts: list[str], labels) -> list[float | None]:
+    """Each row's score on its own task: 1/0 for a correct answer where the row has a label,
+    the compliance item score where it states requirements, None where it has neither."""
+    scores = compliance_metrics(prompts, texts).get("compliance_scores") or [None] * len(texts)
+    return [
+        float(is_correct(text, str(label))) if label is not None else score
+        for text, label, score in zip(texts, labels, scores)
+    ]
 
 
 def add_compliance_win_rate(results: dict[str, dict]) -> None:
@@ -250,36 +279,83 @@ def answer_and_measure(
     batch_size: int,
     base: Callable[[], AbstractContextManager],
     label: str,
+    lean: bool = False,
 ) -> dict:
     """The model's answers to the held-out prompts and their metrics; PMI is scored inside
-    `base()` (the model with its adapters off)."""
+    `base()` (the model with its adapters off). `label` is "base" or "mipo" (base + adapters),
+    perhaps followed by where the prompts come from. `lean` skips the scoring (PMI, KL, the
+    objective): what needs only the answers and the labels is kept."""
     rendered = held.rendered
-    responses = generate_all(
-        model, tokenizer, rendered.ids, sampling(config, batch_size), f"answer ({label})", 0
-    )
-    with base():
-        pmi, context_pmi = pmi_scores(
-            model,
-            rendered.ids,
-            [r.token_ids for r in responses],
-            config.pmi_negatives,
-            config.seed,
-            pad_id(tokenizer),
-            context_free_ids(tokenizer, rendered, data),
-            f"PMI ({label})",
-        )
+    responses = heldout_answers(model, tokenizer, held, config, data, batch_size, base, label)
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)
     result.update(compliance_metrics(rendered.prompts, texts))
-    result.update(pmi_mean=float(pmi.mean()), pmi_ci95=interval(pmi))
-    if context_pmi is not None:
-        result.update(
-            pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi)
-        )
+    scores = [s for s in task_scores(rendered.prompts, texts, held.labels) if s is not None]
+    if scores:
+        result["task_score"] = float(np.mean(scores))
+    if not lean:
+        result.update(scored_metrics(model, tokenizer, held, responses, config, data, base, label))
     result["examples"] = [
         {"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])
     ]
     result["answers"] = texts
+    return result
+
+
+def heldout_answers(
+    model, tokenizer, held: Heldout, config: EvaluationConfig, data, batch_size, base, label
+) -> list[Response]:
+    """One answer per held-out prompt; with evaluation.best_of = k > 1, the best of k by the
+    base model's PMI (against the prompt without its context, or another prompt)."""
+    rendered, how = held.rendered, sampling(config, batch_size)
+    if config.best_of == 1:
+        return generate_all(model, tokenizer, rendered.ids, how, f"answer ({label})", 0)
+    k, n = config.best_of, len(rendered.ids)
+    samples = sample_answers(model, tokenizer, rendered.ids, k, how, f"answer ({label}, {k} each)")
+    plain = context_free_ids(tokenizer, rendered, data) or [None] * n
+    other = other_prompts(n, 1, config.seed)[:, 0]
+    against = [ids if ids is not None else rendered.ids[j] for ids, j in zip(plain, other)]
+    with base(), dist.progress(2 * k * n, f"rank best of {k} ({label})") as progress:
+        pmi = pmi_of_samples(
+            model, rendered.ids, against, samples, pad_id(tokenizer), progress.update
+        )
+    return [answers[j] for answers, j in zip(samples, best_by_pmi(pmi, samples, how))]
+
+
+def scored_metrics(
+    model, tokenizer, held: Heldout, responses, config: EvaluationConfig, data, base, label
+) -> dict:
+    """PMI and context PMI under the base; for the adapters ('mipo') also the KL to the base,
+    log pi(y|x) - log p_base(y|x) on their own answers; and the label-free objective, the mean
+    over answers of their MIPO PMI (context PMI where the prompt has a context) minus that KL:
+    the KL-regularised quantity MIPO maximises, with the regulariser at full weight."""
+    rendered, pad = held.rendered, pad_id(tokenizer)
+    answers = [r.token_ids for r in responses]
+    with base():
+        pmi, context_pmi, own = pmi_parts(
+            model,
+            rendered.ids,
+            answers,
+            config.pmi_negatives,
+            config.seed,
+            pad,
+            context_free_ids(tokenizer, rendered, data),
+            f"PMI ({label})",
+        )
+    kl = np.zeros(len(answers))
+    if label.startswith("mipo"):
+        with dist.progress(len(answers), f"KL to the base ({label})") as progress:
+            policy = response_logps(model, rendered.ids, answers, pad, on_batch=progress.update)
+        kl = policy - own
+    rows = pmi.copy()
+    if context_pmi is not None:
+        rows[[i for i, p in enumerate(rendered.prompts) if p.context is not None]] = context_pmi
+    result = {"pmi_mean": float(pmi.mean()), "pmi_ci95": interval(pmi)}
+    if context_pmi is not None:
+        result.update(
+            pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi)
+        )
+    result.update(kl_mean=float(kl.mean()), objective=float(np.mean(rows - kl)))
     return result
 
 

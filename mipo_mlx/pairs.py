@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed as dist
 from .config import DataConfig, GenerationConfig, PairsConfig
 from .errors import UserError
 from .files import read_jsonl, write_jsonl
@@ -35,7 +36,15 @@ from .generate import (
     usable,
     usable_indices,
 )
+from .model import pad_id
 from .prompts import Prompt, Rendered, drop_one_sentence, messages_for, render, user_text
+from .selection import (
+    best_by_pmi,
+    extract_result,
+    majority_pair,
+    pmi_of_samples,
+    sample_answers,
+)
 
 
 @dataclass
@@ -367,6 +376,127 @@ def generated_pairs(
     return pairs
 
 
+def pmi_against(rendered: Rendered, tokenizer, data: DataConfig, seed: int) -> list[list[int]]:
+    """What each prompt's answers are contrasted with when best-of-k ranks them by PMI: the
+    prompt without its user context, or for a prompt with none another such prompt (drawn by
+    a derangement; any other prompt when it is the only one)."""
+    prompts, n = rendered.prompts, len(rendered.prompts)
+    plain = [i for i, p in enumerate(prompts) if p.context is None]
+    partner = (
+        dict(zip(plain, [plain[j] for j in derangement(plain, seed)])) if len(plain) > 1 else {}
+    )
+    against = []
+    for i, p in enumerate(prompts):
+        if p.context is not None:
+            turn = user_text(p.question, None, data)
+            against.append(render(tokenizer, messages_for(p, turn, data), data.enable_thinking))
+        else:
+            against.append(rendered.ids[partner.get(i, (i + 1) % n)])
+    return against
+
+
+def chosen_answers(
+    model,
+    tokenizer,
+    rendered: Rendered,
+    config: PairsConfig,
+    generation: GenerationConfig,
+    data: DataConfig,
+    cache: ResponseCache | None = None,
+    should_stop=None,
+) -> list[Response]:
+    """One chosen answer per prompt; with pairs.samples = k > 1, the best of k by the current
+    model's own PMI (the model that answers, before this round trains it)."""
+    if config.samples == 1:
+        stage = "generate chosen"
+        return generate_all(
+            model, tokenizer, rendered.ids, generation, stage, 0, cache, should_stop
+        )
+    k = config.samples
+    samples = sample_answers(
+        model,
+        tokenizer,
+        rendered.ids,
+        k,
+        generation,
+        f"generate chosen ({k} each)",
+        0,
+        cache,
+        should_stop,
+    )
+    against = pmi_against(rendered, tokenizer, data, config.seed)
+    with dist.progress(2 * k * len(samples), "rank chosen by PMI") as progress:
+        pmi = pmi_of_samples(
+            model, rendered.ids, against, samples, pad_id(tokenizer), progress.update
+        )
+    picks = best_by_pmi(pmi, samples, generation)
+    dist.say(
+        f"best of {k}: the chosen answer's PMI {np.mean(pmi[np.arange(len(picks)), picks]):.2f} "
+        f"nats on average, against {pmi[:, 0].mean():.2f} for a single sample"
+    )
+    return [answers[j] for answers, j in zip(samples, picks)]
+
+
+def majority_vote_pairs(
+    rendered: Rendered,
+    samples: list[list[Response]],
+    tokenizer,
+    generation: GenerationConfig,
+    min_margin: int,
+) -> list[Pair]:
+    """Self-consistency pairs (ScPO): among each prompt's usable answers, chosen has the most
+    common final result and rejected the least common (selection.majority_pair); prompts
+    without a clear majority get no pair."""
+    pairs = []
+    for i, answers in enumerate(samples):
+        kept = [j for j, answer in enumerate(answers) if usable(answer, generation)]
+        texts = [decode(tokenizer, answers[j]) for j in kept]
+        pick = majority_pair([extract_result(t) for t in texts], min_margin)
+        if pick is None:
+            continue
+        c, r = pick
+        pairs.append(
+            Pair(
+                rendered.messages[i],
+                texts[c],
+                texts[r],
+                rendered.ids[i],
+                answers[kept[c]].token_ids,
+                answers[kept[r]].token_ids,
+                "majority_vote",
+                i,
+            )
+        )
+    dist.say(
+        f"majority vote: {len(pairs)} of {len(samples)} prompts have a majority result at "
+        f"least {min_margin} vote(s) ahead of another"
+    )
+    if not pairs:
+        raise UserError(
+            "pairs.negatives=majority_vote: no prompt's answers had a majority result ahead of "
+            "another; raise pairs.samples or generation.temperature, or lower "
+            "pairs.min_vote_margin"
+        )
+    return pairs
+
+
+def drop_identical(pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose chosen and rejected answers differ: a pair with the same text on both
+    sides has a zero DPO gradient but would count in its batch's mean."""
+    kept = [p for p in pairs if p.chosen != p.rejected]
+    if len(kept) < len(pairs):
+        dist.say(
+            f"dropped {len(pairs) - len(kept)} of {len(pairs)} pairs with the same text on "
+            "both sides"
+        )
+    if not kept:
+        raise UserError(
+            f"all {len(pairs)} pairs have the same text on both sides: nothing to learn; raise "
+            "generation.temperature, or set pairs.drop_identical=false"
+        )
+    return kept
+
+
 def build_pairs(
     model,
     tokenizer,
@@ -377,44 +507,75 @@ def build_pairs(
     caches: dict[str, ResponseCache] | None = None,
     should_stop=None,
 ) -> list[Pair]:
-    """Answer every prompt (chosen), make the negatives as `config.negatives` says, and mark a
-    share of the pairs for validation. `caches` keep each pass's responses ('chosen',
-    'rejected'). `mixed`: rows with a context get `no_context` negatives, the others `random`
-    ones drawn among themselves; each pair records the strategy it got."""
+    """Answer every prompt (chosen), make the negatives as `config.negatives` says, drop the
+    pairs with the same text on both sides (pairs.drop_identical), and mark a share of the
+    pairs for validation. `caches` keep each pass's responses ('chosen', 'rejected').
+    `mixed`: rows with a context get `no_context` negatives, the others `random` ones drawn
+    among themselves; each pair records the strategy it got. `majority_vote`: pairs.samples
+    answers per prompt vote (majority_vote_pairs)."""
     caches = caches or {}
-    positives = generate_all(
-        model,
-        tokenizer,
-        rendered.ids,
-        generation,
-        "generate chosen",
-        0,
-        caches.get("chosen"),
-        should_stop,
+    if config.negatives == "majority_vote":
+        k = config.samples
+        samples = sample_answers(
+            model,
+            tokenizer,
+            rendered.ids,
+            k,
+            generation,
+            f"generate answers ({k} each)",
+            0,
+            caches.get("chosen"),
+            should_stop,
+        )
+        pairs = majority_vote_pairs(
+            rendered, samples, tokenizer, generation, config.min_vote_margin
+        )
+    else:
+        pairs = contrast_pairs(
+            model, tokenizer, rendered, config, generation, data, caches, should_stop
+        )
+    if config.drop_identical:
+        pairs = drop_identical(pairs)
+    return split_pairs(pairs, data.valid_fraction, config.seed)
+
+
+def contrast_pairs(
+    model,
+    tokenizer,
+    rendered: Rendered,
+    config: PairsConfig,
+    generation: GenerationConfig,
+    data: DataConfig,
+    caches: dict[str, ResponseCache],
+    should_stop=None,
+) -> list[Pair]:
+    """MIPO's pairs: each prompt's chosen answer, and a rejected answer made without the
+    prompt's information, as `config.negatives` says."""
+    positives = chosen_answers(
+        model, tokenizer, rendered, config, generation, data, caches.get("chosen"), should_stop
     )
     if config.negatives == "random":
-        pairs = random_pairs(rendered, positives, tokenizer, generation, config.seed)
-    else:
-        altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
-        strategy = "no_context" if config.negatives == "mixed" else config.negatives
-        pairs = []
-        if any(text is not None for text in altered) or config.negatives != "mixed":
-            rejected = caches.get("rejected")
-            pairs = generated_pairs(
-                model,
-                tokenizer,
-                rendered,
-                positives,
-                altered,
-                strategy,
-                generation,
-                data,
-                rejected,
-                should_stop,
-            )
-        plain = _without_context(rendered, "mixed") if config.negatives == "mixed" else []
-        if plain:  # mixed: the rows without a context draw their negatives from each other
-            seed = config.seed
-            pairs += random_pairs(rendered, positives, tokenizer, generation, seed, among=plain)
-            pairs.sort(key=lambda pair: pair.source)
-    return split_pairs(pairs, data.valid_fraction, config.seed)
+        return random_pairs(rendered, positives, tokenizer, generation, config.seed)
+    altered = altered_prompts(rendered.prompts, config.negatives, data, config.seed)
+    strategy = "no_context" if config.negatives == "mixed" else config.negatives
+    pairs = []
+    if any(text is not None for text in altered) or config.negatives != "mixed":
+        rejected = caches.get("rejected")
+        pairs = generated_pairs(
+            model,
+            tokenizer,
+            rendered,
+            positives,
+            altered,
+            strategy,
+            generation,
+            data,
+            rejected,
+            should_stop,
+        )
+    plain = _without_context(rendered, "mixed") if config.negatives == "mixed" else []
+    if plain:  # mixed: the rows without a context draw their negatives from each other
+        seed = config.seed
+        pairs += random_pairs(rendered, positives, tokenizer, generation, seed, among=plain)
+        pairs.sort(key=lambda pair: pair.source)
+    return pairs

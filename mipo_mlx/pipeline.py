@@ -17,11 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed as dist
+from . import guard as grd
 from . import model as mdl
 from . import trackers
 from .batching import total_steps
 from .config import Config, to_dict, validate
-from .errors import StopFlag
+from .errors import StopFlag, UserError
+from .files import write_json
 from .judge import add_judge
 from .measure import (
     Heldout,
@@ -34,7 +36,7 @@ from .measure import (
 )
 from .pairs import Pair, build_pairs, check_pairs_possible
 from .plots import plot_training
-from .prompts import Rendered, read_source, render_prompts, user_text
+from .prompts import Rendered, block, read_source, render_prompts, user_text
 from .run_folder import RunFolder, fingerprint, portable
 from .score import add_reference_logps, use_shared_prompt
 from .training import train_adapters
@@ -47,6 +49,7 @@ class RunResult:
     metrics: dict[str, float]
     evaluation: str | None = None  # the before/after table, when evaluation.prompts is set
     example: str | None = None  # a held-out (else a training) prompt's user turn, to try it on
+    guard: str | None = None  # what the guard kept, when guard.prompts is set
 
 
 def run(config: Config, resume_run: bool = False) -> RunResult:
@@ -66,10 +69,11 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             resources.enter_context(folder.locked())  # held until the run ends
             folder.check(config, resume_run)
             d = config.data
-            prompts = read_source(
-                d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, d.limit
-            )
+            prompts = training_prompts(config)
             held_prompts = heldout_prompts(config.evaluation) if config.evaluation.prompts else None
+            valid_prompts = (
+                grd.guard_prompts(config.guard, config.evaluation) if config.guard.prompts else None
+            )
             if config.evaluation.judge:
                 mdl.check_source(config.evaluation.judge, "evaluation.judge")
             # Before the first slow stage: a tracker that cannot start stops the run here (W&B's
@@ -78,10 +82,16 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             model, tokenizer, _ = mdl.load(config.model)
             mdl.check_lora_keys(model, config.lora)
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
-            check_pairs_possible(rendered, config.pairs, d)
+            for k in range(1, config.training.rounds + 1):
+                check_pairs_possible(round_prompts(config, rendered, k), config.pairs, d)
             held = (
                 heldout(tokenizer, held_prompts, d, config.evaluation.prompts)
                 if held_prompts
+                else None
+            )
+            valid = (
+                heldout(tokenizer, valid_prompts, d, config.guard.prompts)
+                if valid_prompts
                 else None
             )
             inputs = {"train_prompts": fingerprint(rendered.ids)}
@@ -104,10 +114,34 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             if held_prompts and config.evaluation.format != "prompts":
                 folder.keep_prompts("eval_prompts.jsonl", held_prompts)
         tracker.log_config(to_dict(portable(config)))  # config.yaml's settings
-        result = stages(config, folder, stop, model, tokenizer, rendered, held, tracker)
+        result = stages(config, folder, stop, model, tokenizer, rendered, held, valid, tracker)
         first = (held.rendered if held is not None else rendered).prompts[0]
         result.example = user_text(first.question, first.context, d)
         return result
+
+
+def training_prompts(config: Config):
+    """data.prompts as data.* says; with training.fresh_prompts, a block of data.limit prompts
+    for each round (round_prompts)."""
+    d, t = config.data, config.training
+    fresh = t.fresh_prompts and t.rounds > 1
+    limit = d.limit * t.rounds if fresh else d.limit
+    prompts = read_source(d.prompts, d.format, d.split, d.skip, d.subset, d.subset_seed, limit)
+    if fresh and len(prompts) < limit:
+        raise UserError(
+            f"{d.prompts}: {len(prompts)} prompts; training.fresh_prompts gives each of the "
+            f"{t.rounds} rounds its own {d.limit} (data.limit), {limit} in all; lower data.limit "
+            "or training.rounds, or add prompts"
+        )
+    return prompts
+
+
+def round_prompts(config: Config, rendered: Rendered, k: int) -> Rendered:
+    """The prompts round k answers: all of them, or with training.fresh_prompts its own block."""
+    if not (config.training.fresh_prompts and config.training.rounds > 1):
+        return rendered
+    size = -(-len(rendered.prompts) // config.training.rounds)
+    return block(rendered, (k - 1) * size, k * size)
 
 
 def stages(
@@ -118,6 +152,7 @@ def stages(
     tokenizer,
     rendered: Rendered,
     held: Heldout | None,
+    valid: Heldout | None,
     tracker: trackers.Tracker,
 ) -> RunResult:
     results: dict[str, dict] = {}
@@ -125,15 +160,17 @@ def stages(
         results["base"] = folder.cached_json(
             "eval_base.json", lambda: answers(config, model, tokenizer, held)
         )
+    guard = Guard(config, folder, model, tokenizer, valid)
     rounds = config.training.rounds
     steps = 0  # of the rounds so far: the tracker's steps run on from round to round
     for k in range(1, rounds + 1):
+        mine = round_prompts(config, rendered, k)
         pairs, metrics = one_round(
-            config, folder.round(k), stop, model, tokenizer, rendered, k, tracker, steps
+            config, folder.round(k), stop, model, tokenizer, mine, k, tracker, steps
         )
         steps += total_steps(config.training, sum(p.split == "train" for p in pairs), dist.size())
-        if k > 1:  # the run folder's adapters are the last round's
-            folder.save_adapters(model, config.lora, config.model.path)
+        folder.round_adapters(k, model, config.lora, config.model.path)
+        guard.score_round(k)
         if held is not None and rounds == 1:
             results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
         elif held is not None:  # kept, so that a resumed run does not answer again
@@ -141,6 +178,10 @@ def stages(
                 f"eval_round-{k}.json",
                 lambda: answers(config, model, tokenizer, held, adapters=True),
             )
+    verdict = guard.finish()
+    folder.save_adapters(model, config.lora, config.model.path)  # the kept round's
+    for name, score in zip(results, guard.scores):
+        results[name]["guard_score"] = score
     dist.say(
         f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  "
         f"(mlx_lm.load(model, adapter_path='{folder.path}'))"
@@ -158,7 +199,59 @@ def stages(
         tracker.log_table("evaluation", table, steps)
         for name in ("eval", "training"):
             tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
-    return RunResult(folder.path, pairs, metrics, table)
+    return RunResult(folder.path, pairs, metrics, table, guard=verdict)
+
+
+class Guard:
+    """The guard of a run (guard.py): the base and each round scored on the valid prompts
+    (kept in guard_base.json, guard_round-<k>.json, so a resumed run does not answer again),
+    the best adapters held, and at the end put back. Without valid prompts it does nothing."""
+
+    def __init__(self, config: Config, folder: RunFolder, model, tokenizer, valid):
+        self.config, self.folder, self.model, self.tokenizer = config, folder, model, tokenizer
+        self.valid, self.scores = valid, []
+        self.keeper = grd.Keeper()
+        if valid is None:
+            return
+        self.labels = grd.uses_labels(config.guard, valid)
+        self.scores.append(self._score("guard_base.json", adapters=False))
+
+    def _score(self, name: str, adapters: bool) -> float:
+        lean = self.labels
+        result = self.folder.cached_json(
+            name,
+            lambda: answers(
+                self.config, self.model, self.tokenizer, self.valid, adapters, lean, "valid"
+            ),
+        )
+        return grd.round_score(result, self.labels)
+
+    def score_round(self, k: int) -> None:
+        if self.valid is None:
+            return
+        self.scores.append(self._score(f"guard_round-{k}.json", adapters=True))
+        self.keeper.offer(self.model, grd.best_round(self.scores) == k)
+
+    def finish(self) -> str | None:
+        """Put the kept adapters back (guard.keep=best); the line that says what was kept."""
+        if self.valid is None:
+            return None
+        keep = self.config.guard.keep
+        kept = grd.best_round(self.scores) if keep == "best" else len(self.scores) - 1
+        if kept != len(self.scores) - 1:
+            self.keeper.restore(self.model)
+        line = grd.verdict(self.scores, kept, self.labels, keep)
+        dist.main_only(
+            write_json,
+            self.folder.path / "guard.json",
+            {
+                "score": "task" if self.labels else "label_free",
+                "scores": dict(zip([grd.name(k) for k in range(len(self.scores))], self.scores)),
+                "kept": grd.name(kept),
+                "keep": keep,
+            },
+        )
+        return line
 
 
 def one_round(
@@ -236,9 +329,18 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
     return results
 
 
-def answers(config: Config, model, tokenizer, held: Heldout, adapters: bool = False) -> dict:
+def answers(
+    config: Config,
+    model,
+    tokenizer,
+    held: Heldout,
+    adapters: bool = False,
+    lean: bool = False,
+    where: str = "",
+) -> dict:
     """The evaluation stage for the base model, or for base + adapters ('mipo'; PMI is always
-    scored by the base, with the adapters off)."""
+    scored by the base, with the adapters off); `lean` skips the scoring, `where` names the
+    prompt set in the progress lines."""
     base = (lambda: mdl.adapters_disabled(model)) if adapters else nullcontext
     return answer_and_measure(
         model,
@@ -248,5 +350,6 @@ def answers(config: Config, model, tokenizer, held: Heldout, adapters: bool = Fa
         config.data,
         config.generation.batch_size,
         base,
-        "mipo" if adapters else "base",
+        ("mipo" if adapters else "base") + (f", {where}" if where else ""),
+        lean,
     )

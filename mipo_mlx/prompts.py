@@ -184,6 +184,16 @@ class Rendered:
     skipped: int  # prompts over data.max_prompt_tokens, skipped by data.long_prompts
 
 
+def block(rendered: Rendered, start: int, end: int) -> Rendered:
+    """Prompts start..end-1 of `rendered` (the skipped count stays with the first block)."""
+    return Rendered(
+        rendered.prompts[start:end],
+        rendered.messages[start:end],
+        rendered.ids[start:end],
+        rendered.skipped if start == 0 else 0,
+    )
+
+
 def render_prompts(prompts: list[Prompt], tokenizer, data: DataConfig, source: str) -> Rendered:
     """Each prompt's chat turns and token ids, the long-prompt policy applied; `source` names
     the prompts in messages. At least 2 must fit (a negative comes from another prompt)."""

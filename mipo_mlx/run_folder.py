@@ -44,6 +44,8 @@ STAGE_FILES = (
     "metrics.jsonl",
     "pairs.jsonl",
     "eval_base.json",
+    "guard_base.json",
+    "guard.json",
     "responses.chosen.jsonl",
     "responses.rejected.jsonl",
     "train_prompts.jsonl",
@@ -63,7 +65,13 @@ MAY_CHANGE = {
 }
 # Settings naming local files or folders, kept absolute in config.yaml so that resume,
 # evaluate and export read the same ones from any working directory.
-LOCAL_PATHS = ("model.path", "data.prompts", "evaluation.prompts", "evaluation.judge")
+LOCAL_PATHS = (
+    "model.path",
+    "data.prompts",
+    "evaluation.prompts",
+    "evaluation.judge",
+    "guard.prompts",
+)
 
 
 def portable(config: Config) -> Config:
@@ -212,7 +220,8 @@ class RunFolder:
         for folder in (self.path / ckpt.NAME, *partial_and_old(self.path / ckpt.NAME)):
             if folder.exists():
                 shutil.rmtree(folder)
-        for earlier in (*self.path.glob("round-*"), *self.path.glob("eval_round-*.json")):
+        earlier_rounds = ("round-*", "eval_round-*.json", "guard_round-*.json")
+        for earlier in (p for pattern in earlier_rounds for p in self.path.glob(pattern)):
             if earlier.is_dir():
                 shutil.rmtree(earlier)
             else:
@@ -288,6 +297,13 @@ class RunFolder:
                 base_model,
                 name=f"{step:07d}_adapters.safetensors",
             )
+
+    def round_adapters(self, k: int, model, lora: LoraConfig, base_model: str) -> None:
+        """Round k's adapters, kept in `round-<k>/` (round 1's too) for as long as the run folder:
+        `mlx_lm.load(model, adapter_path=<run>/round-<k>)` loads any round."""
+        folder = self.path / f"round-{k}"
+        dist.main_only(folder.mkdir, parents=True, exist_ok=True)
+        dist.main_only(mdl.save_adapters, folder, model, lora, base_model)
 
     def pairs_fingerprint(self) -> str | None:
         """A hash of pairs.jsonl as it is now: a checkpoint records what it trained on."""

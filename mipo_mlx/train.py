@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.evaluation is not None:
         print(result.evaluation)
+    if result.guard is not None:
+        print(result.guard)
     print(next_steps(config, result))
     return 0
 

@@ -41,6 +41,7 @@ LAYERS = [
             "generate",
             "prefix",
             "score",
+            "selection",
             "losses",
             "memory",
             "checkpoint",
@@ -59,6 +60,7 @@ LAYERS = [
             "trackers",
             "training",
             "measure",
+            "guard",
             "judge",
             "fuse",
             "card",
@@ -205,8 +207,13 @@ def test_readme_lists_the_same_layers():
 def test_package_docstring_lists_the_same_layers():
     import mipo_mlx
 
-    rows = [line.split() for line in mipo_mlx.__doc__.split("layers below", 1)[1].splitlines()[1:]]
-    assert [(row[0], row[1:]) for row in rows if row] == [
+    rows: list[list[str]] = []
+    for line in mipo_mlx.__doc__.split("layer above):", 1)[1].splitlines():
+        if line.startswith(" ") and rows:  # goes on with the layer above
+            rows[-1] += line.split()
+        elif line.strip():
+            rows.append(line.split())
+    assert [(row[0], row[1:]) for row in rows] == [
         (layer, members) for layer, members in LAYERS
     ]
 

@@ -47,6 +47,32 @@ def test_step_zero_loss_is_log2_and_margins_zero(toy_model_dir):
     assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_step_zero_loss_with_the_nll_term_is_log2_plus_the_weighted_chosen_nll(toy_model_dir):
+    """At step 0 policy == reference, so each pair's loss is log 2 + alpha * NLL(y+|x) / |y+|,
+    where NLL(y+|x) = -reference_chosen (scored apart by score_pairs) and |y+| is the number of
+    chosen tokens. The batch's loss is the mean over its 4 pairs."""
+    model, pairs = setup(toy_model_dir)
+    alpha = 0.7
+    config = TrainingConfig(nll_weight=alpha)
+    logs = []
+    train(model, make_loss(config), cycle(pairs, 4), 1, config, log=logs.append)
+    nll = [-p.reference_logps["chosen"] / len(p.chosen_ids) for p in pairs[:4]]
+    assert logs[0]["loss"] == pytest.approx(math.log(2) + alpha * np.mean(nll), abs=1e-5)
+    assert logs[0]["nll/chosen"] == pytest.approx(np.mean(nll), abs=1e-5)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_nll_term_by_hand():
+    """Two pairs, their DPO losses log 2, chosen log-probs -2 and -6 over 2 and 3 tokens, weight
+    0.5: 0.5 * 2/2 = 0.5 and 0.5 * 6/3 = 1.0 are added."""
+    from mipo_mlx.losses import with_chosen_nll
+
+    got = with_chosen_nll(
+        mx.array([math.log(2)] * 2), mx.array([-2.0, -6.0]), mx.array([2.0, 3.0]), 0.5
+    )
+    assert got.tolist() == pytest.approx([math.log(2) + 0.5, math.log(2) + 1.0])
+
+
 def test_only_adapters_change_and_their_gradients_are_nonzero(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     before = params(model)
