@@ -1,33 +1,37 @@
-"""Does MIPO make the embedded model better? Each family of the embedded prompts, over seeds.
+"""Does MIPO make the embedded model better, and keep it better over rounds? Each family of the
+embedded prompts, over seeds, every choice made on the valid split.
 
-  python examples/embedded_experiment.py --output runs/experiment
-  python examples/embedded_experiment.py --output runs/experiment --select-only  # step 1 only
+  python examples/embedded_experiment.py --output runs/experiment              # every step
+  python examples/embedded_experiment.py --output runs/experiment --step select
 
-Two families, each run on its own rows of the shipped prompt files:
-- personalization (tasks.requirements): a question and the user's requirements; the
-  score is compliance (of well-formed answers), with the well-formed rate beside it.
-  Arms: base (prompting); MIPO with `no_context`, `random_context` and `random`
-  negatives; SFT on the model's own with-requirement answers (the `no_context` arm's
-  pairs and steps); and rounds 1, 2, 3 of the `no_context` arm (round 1 is that arm).
-- math (tasks.synthetic: arithmetic and multiple choice); the score is accuracy.
-  Arms: base; MIPO with `random` and `incomplete` negatives; SFT (the `random` arm's pairs).
+Families, each on its own rows:
+- personalization (tasks.requirements): score compliance (of well-formed answers);
+- problems (tasks.synthetic: arithmetic and multiple choice): score accuracy.
+Training prompts are the shipped ones followed by more of the same draw from the train split
+(training.fresh_prompts gives each round its own 512); valid and held-out are the shipped rows.
 
-1. On the *valid* split, seed 0, learning rates are chosen for MIPO (`no_context` for
-   personalization, `random` for math) and for SFT, from --rates. Personalization picks
-   the highest compliance among rates that keep the well-formed rate within 3 points of
-   the base's; math the highest accuracy. The other MIPO arms of a family use its MIPO
-   rate. The round count is then chosen on valid at personalization's MIPO rate. The
-   held-out split is never used for a choice.
-2. With the chosen rates, every arm runs with seeds 0, 1, 2 (generation, pairs,
-   training and evaluation seeds) and is evaluated on the held-out split.
-3. Prints Markdown tables: mean ± sd over seeds, and each arm's paired difference to the
-   base (same seed, same held-out prompts) with its 95% t-interval over seeds; writes
-   results.json.
+Step 1, select (valid, seed 0; every round evaluated on valid, no guard). Personalization:
+today's recipe (`no_context`, lr 3e-4, one epoch of 512 prompts a round), each lever added
+to it alone (drop identical pairs, NLL weight 1, best of 4 chosen, fresh prompts each round),
+all four together at lr 3e-4, 1e-3 and 2e-3; 4 rounds each. The recipe chosen is the
+(settings, rounds) with the highest valid compliance whose well-formed rate is within 3
+points of the base's. Problems: `random` negatives with the chosen recipe's levers at the
+three rates, 4 rounds each; the rate with the best valid accuracy over its rounds is chosen.
+These runs also show how the label-free scores track the labelled ones over rounds and rates.
 
-Runs go two at a time (--workers), each in its own process, its log beside its folder.
-A run already done with the same resolved settings is read back, not run again, so an
-interrupted experiment continues where it stopped. Step 1 took 27 minutes on 2
-CPU cores (two runs at a time) and the held-out step 66 more: 93 minutes in all.
+Step 2, held-out (seeds 0, 1, 2, run once). Personalization: base; SFT on own answers (lr 1e-4,
+chosen on valid when this experiment was first run); today's recipe, 1 and 2 rounds; the new
+recipe with the guard on the valid rows; best of 4 at inference, reranked by the base's own
+context PMI. Problems: base; SFT (lr 1e-3, likewise); MIPO `random` and `incomplete` with the
+recipe's levers at the rate and round count chosen on valid, with the guard; majority-vote
+pairs (4 samples, ScPO) likewise.
+
+Step 3, fresh draw: the chosen recipe and today's 2 rounds again on new draws of the
+personalization train and held-out items (a seed used nowhere else, items of the shipped
+held-out file left out), run seed 3.
+
+Runs go --workers at a time, each its own process (OPENBLAS_NUM_THREADS=1 each), its log
+beside its folder; a run already done with the same settings is read back, not run again.
 """
 
 from __future__ import annotations
@@ -37,170 +41,362 @@ import contextlib
 import json
 import math
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from mipo_mlx.config import resolve, to_dict
 from mipo_mlx.embedded import HERE, default_config_path
 from mipo_mlx.files import write_jsonl
-from mipo_mlx.pipeline import run
 
-# family -> (rows of the shipped files, score, arms: name -> (negatives, loss, rounds))
-FAMILIES = {
-    "personalization": {
-        "score": "compliance",
-        "mipo": "mipo no_context",
-        "arms": {
-            "mipo no_context": ("no_context", "sigmoid"),
-            "mipo random_context": ("random_context", "sigmoid"),
-            "mipo random": ("random", "sigmoid"),
-            "sft": ("no_context", "sft"),
-        },
-    },
-    "math": {
-        "score": "accuracy",
-        "mipo": "mipo random",
-        "arms": {
-            "mipo random": ("random", "sigmoid"),
-            "mipo incomplete": ("incomplete", "sigmoid"),
-            "sft": ("random", "sft"),
-        },
-    },
-}
+PER_ROUND = 512  # training prompts a round answers
+ROUNDS = 4
+FRESH_SEED = 9137  # the fresh draw's items; used nowhere else
 WELL_FORMED_SLACK = 0.03
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+SCORE = {"personalization": "compliance", "problems": "accuracy"}
+
+TODAY = {
+    "pairs.negatives": "no_context",
+    "training.learning_rate": 3e-4,
+    "pairs.drop_identical": False,
+    "training.nll_weight": 0.0,
+    "pairs.samples": 1,
+    "training.fresh_prompts": False,
+}
+LEVERS = {
+    "drop identical": {"pairs.drop_identical": True},
+    "nll 1": {"training.nll_weight": 1.0},
+    "best of 4": {"pairs.samples": 4},
+    "fresh prompts": {"training.fresh_prompts": True},
+}
+ALL_LEVERS = {k: v for lever in LEVERS.values() for k, v in lever.items()}
+
+
+# ---------------------------------------------------------------- data
 
 
 def family_files(root: Path, data: Path) -> dict[str, dict[str, Path]]:
-    """Each family's rows of the train, valid and heldout files in `data`, in root/data."""
-    files: dict[str, dict[str, Path]] = {family: {} for family in FAMILIES}
-    for split in ("train", "valid", "heldout"):
+    """Each family's train (PER_ROUND x ROUNDS prompts), valid and held-out files."""
+    from mipo_mlx.tasks import requirements as req
+    from mipo_mlx.tasks import synthetic as syn
+
+    files: dict[str, dict[str, Path]] = {"personalization": {}, "problems": {}}
+    for split in ("valid", "heldout"):
         rows = [json.loads(line) for line in (data / f"{split}.jsonl").open()]
-        for family in FAMILIES:
-            path = root / "data" / f"{family}-{split}.jsonl"
-            mine = [r for r in rows if (r.get("task") == "requirements") == (family != "math")]
-            write_jsonl(path, mine)
-            files[family][split] = path
+        for family in files:
+            mine = [r for r in rows if (r.get("task") == "requirements") == (family != "problems")]
+            files[family][split] = root / "data" / f"{family}-{split}.jsonl"
+            write_jsonl(files[family][split], mine)
+    n = PER_ROUND * ROUNDS
+    drawn = {
+        "personalization": [i.row() for i in req.items("train", n, seed=7)],
+        "problems": [p.row() for p in syn.problems("train", n, seed=7)],
+    }
+    shipped = [json.loads(line) for line in (data / "train.jsonl").open()]
+    for family, rows in drawn.items():
+        mine = [r for r in shipped if (r.get("task") == "requirements") == (family != "problems")]
+        assert rows[: len(mine)] == mine, "the shipped prompts begin the draw"
+        files[family]["train"] = root / "data" / f"{family}-train.jsonl"
+        write_jsonl(files[family]["train"], rows)
     return files
 
 
-def one_run(out: Path, files: dict[str, Path], split: str, args, **settings) -> dict:
-    """One pipeline run of the embedded default on a family's files; its eval.json (a run
-    already done with the same settings is read back, not run again)."""
+def fresh_files(root: Path, data: Path) -> dict[str, Path]:
+    """New draws of personalization train and held-out items, none in the shipped files."""
+    from mipo_mlx.tasks import requirements as req
+
+    shipped = {
+        json.dumps([r["prompt"], r["context"]])
+        for split in ("train", "valid", "heldout")
+        for r in map(json.loads, (data / f"{split}.jsonl").open())
+        if r.get("task") == "requirements"
+    }
+    out = {}
+    for split, n in (("train", PER_ROUND * ROUNDS), ("heldout", 200)):
+        rows = [i.row() for i in req.items(split, n + 600, seed=FRESH_SEED)]
+        rows = [r for r in rows if json.dumps([r["prompt"], r["context"]]) not in shipped][:n]
+        out[split] = root / "data" / f"fresh-personalization-{split}.jsonl"
+        write_jsonl(out[split], rows)
+    return out
+
+
+# ---------------------------------------------------------------- runs
+
+
+def one_run(out: Path, train: Path, evaluate: Path, seed: int, settings: dict) -> dict:
+    """One pipeline run of the embedded default; {'eval': eval.json, 'guard': guard.json}.
+    A run already done with the same settings is read back."""
+    from mipo_mlx.pipeline import evaluate as evaluate_only
+    from mipo_mlx.pipeline import run
+
     overrides = {
-        "data.prompts": str(files["train"]),
-        "evaluation.prompts": str(files[split]),
+        "data.prompts": str(train),
+        "data.limit": PER_ROUND,
+        "evaluation.prompts": str(evaluate),
         "evaluation.plots": False,
         "output.dir": str(out),
         "output.overwrite": True,
+        **{k: seed for k in ("generation.seed", "pairs.seed", "training.seed", "evaluation.seed")},
+        **{k: v for k, v in settings.items() if k != "evaluate_only"},
     }
-    if args.iters:
-        overrides["training.iters"] = args.iters
-    if args.train_limit:
-        overrides["data.limit"] = args.train_limit
-    if args.eval_limit:
-        overrides["evaluation.limit"] = args.eval_limit
-    seed = settings.pop("seed")
-    for key in ("generation.seed", "pairs.seed", "training.seed", "evaluation.seed"):
-        overrides[key] = seed
-    overrides.update(settings)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
     config = resolve(str(default_config_path()), dict(overrides))
-    settings_now = json.loads(json.dumps(to_dict(config)))
-    if (out / "eval.json").is_file() and (out / "settings.json").is_file():
-        if json.loads((out / "settings.json").read_text()) == settings_now:
-            return json.loads((out / "eval.json").read_text())  # this very run, done before
+    now = json.loads(json.dumps(to_dict(config)))
+    now["evaluate_only"] = bool(settings.get("evaluate_only"))
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text())["settings"] == now:
+        return json.loads(done.read_text())["result"]
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            run(config)
-    (out / "settings.json").write_text(json.dumps(settings_now, indent=1))
-    return json.loads((out / "eval.json").read_text())
+            if settings.get("evaluate_only"):
+                report = {"base": evaluate_only(config, None)["base"]}
+            else:
+                run(config)
+                report = json.loads((out / "eval.json").read_text())
+    guard = out / "guard.json"
+    result = {"eval": report, "guard": json.loads(guard.read_text()) if guard.is_file() else None}
+    done.write_text(json.dumps({"settings": now, "result": result}))
+    return result
 
 
 def run_job(job: dict) -> dict:
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # two runs on two cores: one thread each
     return one_run(**job)
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
-    """The jobs' eval.json, in order; `workers` processes at a time, longest jobs first."""
-    order = sorted(
-        range(len(jobs)),
-        key=lambda i: (-jobs[i]["training.rounds"], "math" in jobs[i]["out"].name),
-    )
-    results: list[dict] = [{}] * len(jobs)
-    if workers <= 1:
-        for i in order:
-            results[i] = run_job(jobs[i])
-        return results
+def run_all(jobs: dict, workers: int) -> dict:
+    """The jobs' results by key; `workers` processes at a time, the longest first."""
+    order = sorted(jobs, key=lambda k: -weight(jobs[k]["settings"]))
     context = multiprocessing.get_context("spawn")
+    results = {}
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(run_job, jobs[i]): i for i in order}
+        futures = {pool.submit(run_job, jobs[k]): k for k in order}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             print(f"  done: {jobs[futures[future]]['out']}", flush=True)
     return results
 
 
-def arm_settings(negatives: str, loss: str, lr: float, rounds: int = 1) -> dict:
-    return {
-        "pairs.negatives": negatives,
-        "training.loss": loss,
-        "training.learning_rate": lr,
-        "training.rounds": rounds,
-    }
+def weight(settings: dict) -> float:
+    return settings.get("training.rounds", 1) * settings.get("pairs.samples", 1)
 
 
-def rounds_of(result: dict) -> list[dict]:
+def rounds_of(report: dict) -> list[dict]:
     """The adapters' results, round by round."""
-    if "mipo" in result:
-        return [result["mipo"]]
-    count = sum(key.startswith("round ") for key in result)
-    return [result[f"round {k}"] for k in range(1, count + 1)]
+    if "mipo" in report:
+        return [report["mipo"]]
+    count = sum(key.startswith("round ") for key in report)
+    return [report[f"round {k}"] for k in range(1, count + 1)]
 
 
-def acceptable(family: str, result: dict, base: dict) -> bool:
-    if family == "math":
-        return True
-    return result["well_formed_rate"] >= base["well_formed_rate"] - WELL_FORMED_SLACK
+def kept_result(result: dict) -> tuple[int, dict]:
+    """The round the guard kept (0: the base) and its held-out results."""
+    report, kept = result["eval"], result["guard"]["kept"]
+    k = 0 if kept == "the base" else int(kept.split()[-1])
+    return k, report["base"] if k == 0 else rounds_of(report)[k - 1]
 
 
-def candidates_of(family: str, lr: float, result: dict, label: str) -> list[dict]:
-    """Each round's valid score, printed, and whether it keeps the well-formed rate."""
-    spec, base, out = FAMILIES[family], result["base"], []
-    for k, adapted in enumerate(rounds_of(result), start=1):
-        ok = acceptable(family, adapted, base)
-        score = adapted[spec["score"]]
-        print(
-            f"[valid] {family} {label} lr={lr:g} round {k}: {spec['score']} {score:.3f} "
-            f"(base {base[spec['score']]:.3f})"
-            + ("" if ok else " - well-formed rate fell more than 3 points: not eligible"),
-            flush=True,
+# ---------------------------------------------------------------- step 1: select on valid
+
+
+def select_jobs(root: Path, files: dict, chosen_levers: dict | None) -> dict:
+    p, jobs = files["personalization"], {}
+
+    def job(family, name, settings):
+        f = files[family]
+        jobs[family, name] = {
+            "out": root / "select" / f"{family}-{name.replace(' ', '_')}",
+            "train": f["train"],
+            "evaluate": f["valid"],
+            "seed": 0,
+            "settings": {"training.rounds": ROUNDS, "guard.keep": "last", **settings},
+        }
+
+    del p
+    job("personalization", "today", TODAY)
+    for lever, extra in LEVERS.items():
+        job("personalization", f"today + {lever}", {**TODAY, **extra})
+    for lr in (3e-4, 1e-3, 2e-3):
+        job(
+            "personalization",
+            f"all levers lr {lr:g}",
+            {**TODAY, **ALL_LEVERS, "training.learning_rate": lr},
         )
-        out.append({"lr": lr, "rounds": k, "score": score, "eligible": ok})
+    if chosen_levers is not None:
+        for lr in (3e-4, 1e-3, 2e-3):
+            settings = {**chosen_levers, "pairs.negatives": "random", "training.learning_rate": lr}
+            job("problems", f"random lr {lr:g}", settings)
+    return jobs
+
+
+def eligible_rounds(report: dict) -> list[tuple[int, float, bool]]:
+    base = report["base"]
+    return [
+        (k, r["compliance"], r["well_formed_rate"] >= base["well_formed_rate"] - WELL_FORMED_SLACK)
+        for k, r in enumerate(rounds_of(report), start=1)
+    ]
+
+
+def choose_recipe(done: dict) -> tuple[str, int]:
+    """The personalization (settings, rounds) with the best eligible valid compliance; on a
+    tie the fewer rounds."""
+    best = max(
+        (
+            (score, -k, name)
+            for (family, name), result in done.items()
+            if family == "personalization"
+            for k, score, ok in eligible_rounds(result["eval"])
+            if ok
+        ),
+        default=None,
+    )
+    if best is None:
+        raise SystemExit("no personalization setting kept the well-formed rate on valid")
+    return best[2], -best[1]
+
+
+def label_free_tracking(done: dict) -> dict:
+    """Spearman's rank correlation, over every (settings, round) of step 1 and the base,
+    between the labelled score and each label-free candidate, per family."""
+    out = {}
+    for family, score in SCORE.items():
+        points = [
+            r
+            for (f, _), result in done.items()
+            if f == family
+            for r in [result["eval"]["base"], *rounds_of(result["eval"])]
+        ]
+        if len(points) < 3:
+            continue
+        labelled = [p[score] for p in points]
+        context = "pmi_context_mean" if family == "personalization" else "pmi_mean"
+        candidates = {
+            "PMI": [p[context] for p in points],
+            "PMI - KL (the guard's label-free score)": [p["objective"] for p in points],
+            "PMI - 0.1 KL (DPO's own weight)": [p[context] - 0.1 * p["kl_mean"] for p in points],
+            "-KL": [-p["kl_mean"] for p in points],
+        }
+        out[family] = {
+            "points": len(points),
+            **{name: spearman(values, labelled) for name, values in candidates.items()},
+        }
     return out
 
 
-def best(candidates: list[dict]) -> dict:
-    """The best eligible score; the fewer rounds, then the lower rate, on a tie."""
-    eligible = [c for c in candidates if c["eligible"]] or candidates
-    return max(eligible, key=lambda c: (c["score"], -c["rounds"], -c["lr"]))
+def spearman(a: list[float], b: list[float]) -> float:
+    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable") for v in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+# ---------------------------------------------------------------- step 2: held-out
+
+
+def heldout_jobs(root: Path, files: dict, recipe: dict, math_recipe: dict, seeds) -> dict:
+    jobs = {}
+    for seed in seeds:
+        for family, arms in (
+            (
+                "personalization",
+                {
+                    "sft": {
+                        "pairs.negatives": "no_context",
+                        "training.loss": "sft",
+                        "training.learning_rate": 1e-4,
+                        "pairs.drop_identical": False,
+                    },
+                    "today": {**TODAY, "training.rounds": 2},
+                    "recipe": recipe,
+                    "best of 4 at inference": {"evaluate_only": True, "evaluation.best_of": 4},
+                },
+            ),
+            (
+                "problems",
+                {
+                    "sft": {
+                        "pairs.negatives": "random",
+                        "training.loss": "sft",
+                        "training.learning_rate": 1e-3,
+                        "pairs.drop_identical": False,
+                    },
+                    "mipo random": {**math_recipe, "pairs.negatives": "random"},
+                    "mipo incomplete": {**math_recipe, "pairs.negatives": "incomplete"},
+                    "majority vote": {
+                        **math_recipe,
+                        "pairs.negatives": "majority_vote",
+                        "pairs.samples": 4,
+                    },
+                },
+            ),
+        ):
+            f = files[family]
+            for arm, settings in arms.items():
+                if arm in ("recipe", "mipo random", "mipo incomplete", "majority vote"):
+                    settings = {**settings, "guard.prompts": str(f["valid"])}
+                jobs[family, seed, arm] = {
+                    "out": root / "heldout" / f"{family}-{arm.replace(' ', '_')}-seed{seed}",
+                    "train": f["train"],
+                    "evaluate": f["heldout"],
+                    "seed": seed,
+                    "settings": settings,
+                }
+    return jobs
 
 
 def metrics_of(family: str, result: dict) -> dict:
     keys = ["accuracy", "pmi_mean"]
-    if family != "math":
+    if family == "personalization":
         keys = ["compliance", "well_formed_rate", "compliance_win_rate", "pmi_context_mean"]
-    return {k: result[k] for k in keys if result.get(k) is not None}
+    return {k: result.get(k) for k in keys}
 
 
-def mean_sd(values: list[float]) -> str:
-    v = np.array(values, dtype=float)
+def arms_table(family: str, done: dict, seeds) -> tuple[dict, str]:
+    """Each arm's per-seed metrics, and the Markdown table."""
+    arms: dict[str, list[dict]] = {}
+    kept_rounds: dict[str, list[int]] = {}
+    for (f, _seed, arm), result in sorted(done.items(), key=lambda kv: kv[0][1]):
+        if f != family:
+            continue
+        report = result["eval"]
+        if arm == "sft":
+            arms.setdefault("base", []).append(metrics_of(family, report["base"]))
+            arms.setdefault("sft", []).append(metrics_of(family, rounds_of(report)[0]))
+        elif arm == "best of 4 at inference":
+            arms.setdefault(arm, []).append(metrics_of(family, report["base"]))
+        elif result["guard"] is None:  # today's recipe: its rounds
+            for k, r in enumerate(rounds_of(report), start=1):
+                arms.setdefault(f"today's recipe, {k} round(s)", []).append(metrics_of(family, r))
+        else:
+            k, kept = kept_result(result)
+            name = "new recipe with the guard" if arm == "recipe" else f"{arm} with the guard"
+            arms.setdefault(name, []).append(metrics_of(family, kept))
+            kept_rounds.setdefault(name, []).append(k)
+            for j, r in enumerate(rounds_of(report), start=1):
+                arms.setdefault(f"{arm}, round {j} (no guard)", []).append(metrics_of(family, r))
+    score = SCORE[family]
+    keys = list(metrics_of(family, {}))
+    head = (
+        f"| {family} | " + " | ".join(keys) + f" | {score} - base (95% CI) | kept round by seed |"
+    )
+    lines = [head, "|" + " --- |" * (len(keys) + 3)]
+    for name, rows in arms.items():
+        cells = [mean_sd([r[k] for r in rows]) for k in keys]
+        diff = (
+            "-"
+            if name == "base"
+            else paired([r[score] for r in rows], [b[score] for b in arms["base"]])
+        )
+        kept = ", ".join(map(str, kept_rounds.get(name, []))) or "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} | {kept} |")
+    return arms, "\n".join(lines)
+
+
+def mean_sd(values: list) -> str:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "-"
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
@@ -213,22 +409,7 @@ def paired(values: list[float], base: list[float]) -> str:
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
 
-def table(family: str, arms: dict[str, list[dict]]) -> str:
-    keys = list(metrics_of(family, arms["base"][0]))
-    if family != "math":
-        keys.insert(2, "compliance_win_rate")
-    score = FAMILIES[family]["score"]
-    head = f"| {family} | " + " | ".join(keys) + f" | {score} - base (95% CI) |"
-    lines = [head, "|" + " --- |" * (len(keys) + 2)]
-    for name, rows in arms.items():
-        cells = [mean_sd([r[k] for r in rows]) if k in rows[0] else "-" for k in keys]
-        diff = (
-            "-"
-            if name == "base"
-            else paired([r[score] for r in rows], [b[score] for b in arms["base"]])
-        )
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} |")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- main
 
 
 def main() -> None:
@@ -236,130 +417,109 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", default="runs/experiment")
-    parser.add_argument(
-        "--data", default=str(HERE / "data"), help="the prompt files (default: the shipped ones)"
-    )
-    parser.add_argument("--rates", default="1e-4,3e-4,1e-3")
+    parser.add_argument("--data", default=str(HERE / "data"), help="the shipped prompt files")
+    parser.add_argument("--step", choices=("select", "heldout", "fresh", "all"), default="all")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument(
-        "--families",
-        default=",".join(FAMILIES),
-        help="run only these families",
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the rounds arm")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each a process")
-    parser.add_argument(
-        "--select-only", action="store_true", help="stop after the choices on the valid split"
-    )
-    parser.add_argument("--iters", type=int, help="steps per run (default: one epoch)")
-    parser.add_argument("--train-limit", type=int, help="use only N training prompts (a trial)")
-    parser.add_argument("--eval-limit", type=int, help="evaluate on only N prompts (a trial)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="another setting for every run, e.g. generation.max_tokens=16 (a trial)",
-    )
     args = parser.parse_args()
-    root = Path(args.output)
-    rates = [float(r) for r in args.rates.split(",")]
+    root, data = Path(args.output), Path(args.data)
     seeds = [int(s) for s in args.seeds.split(",")]
-    files = family_files(root, Path(args.data))
-    unknown = set(args.families.split(",")) - set(FAMILIES)
-    if unknown:
-        parser.error(f"--families: unknown {sorted(unknown)}; choose from {list(FAMILIES)}")
-    families = {f: FAMILIES[f] for f in args.families.split(",")}
+    files = family_files(root, data)
 
-    # 1. On valid, seed 0: each family's MIPO and SFT rates (one round each).
-    selection = {
-        (family, method, lr): {
-            "out": root / "select" / f"{family}-{method}-{lr:g}",
-            "files": files[family],
-            "split": "valid",
-            "args": args,
-            "seed": 0,
-            **arm_settings(*spec["arms"][spec["mipo"] if method == "mipo" else "sft"], lr),
-        }
-        for family, spec in families.items()
-        for method in ("mipo", "sft")
-        for lr in rates
+    # 1. select on valid: personalization first (its recipe's levers carry to problems)
+    done = run_all(select_jobs(root, files, None), args.workers)
+    name, rounds = choose_recipe(done)
+    settings = select_jobs(root, files, None)["personalization", name]["settings"]
+    levers = {k: v for k, v in settings.items() if k not in ("training.rounds", "guard.keep")}
+    done.update(run_all(select_jobs(root, files, levers), args.workers))
+    math = {  # (best valid accuracy over the rounds, its round) by rate
+        lr: max(
+            (r["accuracy"], -k)
+            for k, r in enumerate(rounds_of(done["problems", f"random lr {lr:g}"]["eval"]), 1)
+        )
+        for lr in (3e-4, 1e-3, 2e-3)
     }
-    done = dict(zip(selection, run_all(list(selection.values()), args.workers)))
-    chosen: dict[str, dict] = {}
-    for family, spec in families.items():
-        chosen[family] = {}
-        for method in ("mipo", "sft"):
-            label = spec["mipo"] if method == "mipo" else "sft"
-            candidates = [
-                c
-                for lr in rates
-                for c in candidates_of(family, lr, done[family, method, lr], label)
+    math_lr = max(math, key=lambda lr: (math[lr], -lr))
+    math_rounds = -math[math_lr][1]
+    recipe = {**levers, "training.rounds": ROUNDS}
+    chosen = {
+        "personalization": {"settings": name, "rounds": rounds, "recipe": recipe},
+        "problems": {
+            "lr": math_lr,
+            "rounds": math_rounds,
+            "best valid accuracy (and round) by lr": {lr: [a, -k] for lr, (a, k) in math.items()},
+        },
+        "valid": {
+            f"{family}: {n}": [
+                {
+                    k: r.get(k)
+                    for k in (
+                        "compliance",
+                        "well_formed_rate",
+                        "accuracy",
+                        "pmi_context_mean",
+                        "pmi_mean",
+                        "kl_mean",
+                        "objective",
+                    )
+                }
+                for r in [result["eval"]["base"], *rounds_of(result["eval"])]
             ]
-            chosen[family][method] = {**best(candidates), "candidates": candidates}
-
-    if args.select_only:
-        (root / "chosen.json").write_text(json.dumps(chosen, indent=2))
-        for family in families:
-            for method, pick in chosen[family].items():
-                print(f"chosen on valid: {family} {method} lr {pick['lr']:g}")
+            for (family, n), result in done.items()
+        },
+        "label_free_tracking": label_free_tracking(done),
+    }
+    (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
+    print(
+        json.dumps(
+            {k: chosen[k] for k in ("personalization", "problems", "label_free_tracking")}, indent=1
+        )
+    )
+    if args.step == "select":
         return
 
-    # 2. The rounds at personalization's MIPO rate, on valid; and every arm on held-out.
-    jobs: dict[tuple, dict] = {}
-    if "personalization" in families:
-        spec, lr = FAMILIES["personalization"], chosen["personalization"]["mipo"]["lr"]
-        jobs["rounds"] = {
-            "out": root / "select" / f"personalization-rounds-{lr:g}",
-            "files": files["personalization"],
-            "split": "valid",
-            "args": args,
-            "seed": 0,
-            **arm_settings(*spec["arms"][spec["mipo"]], lr, args.rounds),
+    # 2. held-out, once
+    report = {"chosen_on_valid": chosen, "seeds": seeds}
+    if args.step in ("heldout", "all"):
+        math_recipe = {**recipe, "training.learning_rate": math_lr, "training.rounds": math_rounds}
+        jobs = heldout_jobs(root, files, recipe, math_recipe, seeds)
+        done = run_all(jobs, args.workers)
+        for family in SCORE:
+            arms, text = arms_table(family, done, seeds)
+            report[family] = arms
+            print(f"\n{family}, held-out, seeds {seeds}:\n\n{text}")
+
+    # 3. the chosen recipe on a fresh draw, run seed 3
+    if args.step in ("fresh", "all"):
+        fresh = fresh_files(root, data)
+        valid = files["personalization"]["valid"]
+        jobs = {
+            ("personalization", 3, arm): {
+                "out": root / "fresh" / f"personalization-{arm}-seed3",
+                "train": fresh["train"],
+                "evaluate": fresh["heldout"],
+                "seed": 3,
+                "settings": settings,
+            }
+            for arm, settings in (
+                ("recipe", {**recipe, "guard.prompts": str(valid)}),
+                ("today", {**TODAY, "training.rounds": 2}),
+                (
+                    "sft",
+                    {
+                        "pairs.negatives": "no_context",
+                        "training.loss": "sft",
+                        "training.learning_rate": 1e-4,
+                        "pairs.drop_identical": False,
+                    },
+                ),
+            )
         }
-    for family, spec in families.items():
-        for seed in seeds:
-            for arm, (negatives, loss) in spec["arms"].items():
-                lr = chosen[family]["sft" if loss == "sft" else "mipo"]["lr"]
-                rounds = args.rounds if arm == "mipo no_context" else 1
-                jobs[family, seed, arm] = {
-                    "out": root / "heldout" / f"{family}-{arm.replace(' ', '_')}-seed{seed}",
-                    "files": files[family],
-                    "split": "heldout",
-                    "args": args,
-                    "seed": seed,
-                    **arm_settings(negatives, loss, lr, rounds),
-                }
-    done = dict(zip(jobs, run_all(list(jobs.values()), args.workers)))
-    if "rounds" in done:
-        lr = chosen["personalization"]["mipo"]["lr"]
-        candidates = candidates_of("personalization", lr, done["rounds"], "mipo no_context")
-        chosen["personalization"]["rounds"] = {**best(candidates), "candidates": candidates}
-
-    results: dict[str, dict[str, list[dict]]] = {}
-    for family, spec in families.items():
-        arms: dict[str, list[dict]] = {"base": []}
-        for seed in seeds:
-            for arm in spec["arms"]:
-                result = done[family, seed, arm]
-                if arm == spec["mipo"]:
-                    arms["base"].append(metrics_of(family, result["base"]))
-                for k, adapted in enumerate(rounds_of(result), start=1):
-                    name = arm if k == 1 else f"{arm}, round {k}"
-                    arms.setdefault(name, []).append(metrics_of(family, adapted))
-        results[family] = arms
-
-    report = {"chosen_on_valid": chosen, "seeds": seeds, "heldout": results}
-    name = "results.json" if len(families) == len(FAMILIES) else f"results-{args.families}.json"
-    (root / name).write_text(json.dumps(report, indent=2))
-    for family in families:
-        mipo, sft = chosen[family]["mipo"], chosen[family]["sft"]
-        rounds = chosen[family].get("rounds", {}).get("rounds", 1)
-        print(
-            f"\n{family}: chosen on valid: MIPO lr {mipo['lr']:g} ({rounds} round(s) best), "
-            f"SFT lr {sft['lr']:g}; held-out, seeds {seeds}:\n"
-        )
-        print(table(family, results[family]))
+        done = run_all(jobs, args.workers)
+        arms, text = arms_table("personalization", done, [3])
+        report["fresh draw"] = arms
+        print(f"\npersonalization, fresh draw (items seed {FRESH_SEED}), run seed 3:\n\n{text}")
+    (root / f"results-{args.step}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

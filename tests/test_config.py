@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipo_mlx.cli import METAVARS
 from mipo_mlx.config import (
+    NEGATIVE_STRATEGIES,
     SHORTCUTS,
     Config,
     all_keys,
@@ -76,6 +79,16 @@ def test_defaults_match_documented_values():
     t = c.training
     assert (t.loss, t.beta, t.learning_rate, t.epochs, t.iters) == ("sigmoid", 0.1, 1e-5, 1, None)
     assert (t.batch_size, t.grad_accumulation, t.compile, t.grad_checkpoint) == (4, 1, True, False)
+    assert (t.nll_weight, t.fresh_prompts, t.rounds) == (0.0, False, 1)
+    p = c.pairs
+    assert (p.samples, p.min_vote_margin, p.drop_identical) == (1, 1, True)
+    assert (c.guard.prompts, c.guard.limit, c.guard.keep, c.guard.score) == (
+        None,
+        200,
+        "best",
+        "auto",
+    )
+    assert c.evaluation.best_of == 1
     assert (c.output.dir, c.output.overwrite) == ("mipo_output", False)
 
 
@@ -103,6 +116,7 @@ def test_all_keys_lists_every_section_and_field():
         "pairs",
         "training",
         "evaluation",
+        "guard",
         "output",
     ]
     assert len(keys) == len(set(keys)) == sum(len(settings_of(cls)) for cls in sections().values())
@@ -300,7 +314,7 @@ def test_optional_values_accept_null(tmp_path):
             "pairs.negatives",
             "shuffled",
             "'pairs.negatives' must be one of random, incomplete, no_context, "
-            "random_context, mixed, got 'shuffled'",
+            "random_context, mixed, majority_vote, got 'shuffled'",
         ),
         ("lora.rank", 0, "'lora.rank' must be at least 1, got 0"),
         ("lora.num_layers", -2, "'lora.num_layers' must be at least -1, got -2"),
@@ -365,6 +379,34 @@ def test_negative_seed_is_rejected(key):
 def test_validate_accepts_a_complete_config():
     config = valid_config()
     assert validate(config) is config
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    negatives=st.sampled_from(NEGATIVE_STRATEGIES),
+    samples=st.integers(1, 6),
+    fresh=st.booleans(),
+    rounds=st.integers(1, 4),
+    limit=st.one_of(st.none(), st.integers(2, 64)),
+)
+def test_validate_rounds_and_sampling_rules(negatives, samples, fresh, rounds, limit):
+    """The rules between the new keys, over every combination: majority_vote votes among at
+    least 3 answers, and fresh prompts per round need data.limit to size the rounds' blocks;
+    anything else passes. Each error is one line naming the keys."""
+    config = valid_config()
+    config.pairs.negatives, config.pairs.samples = negatives, samples
+    config.training.fresh_prompts, config.training.rounds = fresh, rounds
+    config.data.limit = limit
+    bad_vote = negatives == "majority_vote" and samples < 3
+    bad_fresh = fresh and rounds > 1 and limit is None
+    if not (bad_vote or bad_fresh):
+        assert validate(config) is config
+        return
+    with pytest.raises(UserError) as err:
+        validate(config)
+    message = str(err.value)
+    assert "\n" not in message
+    assert ("pairs.samples" in message) if bad_vote else ("training.fresh_prompts" in message)
 
 
 def test_validate_requires_model_path():

@@ -367,3 +367,40 @@ def test_answer_and_measure_scores_compliance_of_its_answers(toy_model):
     )
     check_report(result, prompts=prompts)
     assert len(result["compliance_scores"]) == 6 and "pmi_context_mean" in result
+
+
+def test_best_of_k_at_inference_keeps_the_answer_with_the_highest_base_context_pmi(toy_model):
+    """evaluation.best_of = 3: each prompt's 3 samples (sample j from stream i + j *
+    SAMPLE_STRIDE) are ranked by the base's context PMI, scored here one row at a time, and the
+    report holds the best one; the adapters' KL is 0 for the base and the objective is the mean
+    context PMI of the answers kept."""
+    from contextlib import nullcontext
+
+    from mipo_mlx.config import DataConfig, EvaluationConfig
+    from mipo_mlx.generate import decode
+    from mipo_mlx.measure import answer_and_measure, context_free_ids, heldout, sampling
+    from mipo_mlx.prompts import Prompt
+    from mipo_mlx.score import response_logps
+    from mipo_mlx.selection import sample_answers
+
+    model, tokenizer = toy_model
+    prompts = [
+        Prompt(f"p.jsonl:{i}", f"Tom has {i} apples. How many?", c)
+        for i, c in enumerate(["Be brief.", "Use numbers.", "Be polite.", "One line."])
+    ]
+    data = DataConfig()
+    ev = EvaluationConfig(max_tokens=6, pmi_negatives=1, seed=3, temperature=1.0, best_of=3)
+    held = heldout(tokenizer, prompts, data, "p.jsonl")
+    result = answer_and_measure(model, tokenizer, held, ev, data, 4, nullcontext, "base")
+    ids, plain = held.rendered.ids, context_free_ids(tokenizer, held.rendered, data)
+    samples = sample_answers(model, tokenizer, ids, 3, sampling(ev, 4), "again")
+    one = lambda prompt, answer: response_logps(model, [prompt], [answer], 0)[0]  # noqa: E731
+    best = []
+    for i, answers in enumerate(samples):
+        pmi = [one(ids[i], a.token_ids) - one(plain[i], a.token_ids) for a in answers]
+        best.append(answers[int(np.argmax(pmi))])
+    assert result["answers"] == [decode(tokenizer, a) for a in best]
+    assert len({decode(tokenizer, a) for s in samples for a in s}) > len(samples)  # they differ
+    context = [one(ids[i], a.token_ids) - one(plain[i], a.token_ids) for i, a in enumerate(best)]
+    assert result["kl_mean"] == 0.0
+    assert result["objective"] == pytest.approx(np.mean(context), abs=1e-4)

@@ -213,9 +213,7 @@ def test_package_docstring_lists_the_same_layers():
             rows[-1] += line.split()
         elif line.strip():
             rows.append(line.split())
-    assert [(row[0], row[1:]) for row in rows] == [
-        (layer, members) for layer, members in LAYERS
-    ]
+    assert [(row[0], row[1:]) for row in rows] == [(layer, members) for layer, members in LAYERS]
 
 
 @pytest.mark.parametrize("command", sorted(LAZY_IMPORTS_ALLOWED))

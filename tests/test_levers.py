@@ -227,3 +227,37 @@ def test_a_run_killed_inside_a_best_of_k_round_resumes_to_the_uninterrupted_resu
     )
     scale = max(np.abs(v).max() for v in want.values())
     assert max(np.abs(got[k] - want[k]).max() for k in want) <= 1e-5 * scale
+
+
+def test_fresh_prompts_give_each_round_its_own_block(toy_model_dir, tmp_path):
+    """12 prompts, data.limit 6, 2 rounds: round 1 answers the first 6, round 2 the next 6."""
+    from mipo_mlx.pipeline import run
+
+    prompts = write_prompts(tmp_path / "p.jsonl", n=12)
+    config = Config()
+    config.model.path, config.data.prompts = str(toy_model_dir), str(prompts)
+    config.output.dir, config.data.limit = str(tmp_path / "out"), 6
+    config.generation.max_tokens, config.generation.truncated = 6, "keep"
+    config.generation.temperature = 1.0
+    t = config.training
+    t.rounds, t.fresh_prompts, t.iters, t.batch_size = 2, True, 1, 2
+    result = run(config)
+    cases = [
+        sorted(p.messages[-1]["content"].rsplit("Case ", 1)[1] for p in read_pairs(path))
+        for path in (result.output / "pairs.jsonl", result.output / "round-2" / "pairs.jsonl")
+    ]
+    assert cases == [[f"{i}." for i in range(6)], sorted(f"{i}." for i in range(6, 12))]
+
+
+def test_fresh_prompts_need_enough_rows(toy_model_dir, tmp_path):
+    from mipo_mlx.errors import UserError
+    from mipo_mlx.pipeline import run
+
+    config = Config()
+    config.model.path = str(toy_model_dir)
+    config.data.prompts = str(write_prompts(tmp_path / "p.jsonl", n=10))
+    config.output.dir, config.data.limit = str(tmp_path / "out"), 6
+    config.training.rounds, config.training.fresh_prompts = 2, True
+    with pytest.raises(UserError, match="10 prompts; training.fresh_prompts gives each of the 2"):
+        run(config)
+    assert not (tmp_path / "out" / "config.yaml").exists()
