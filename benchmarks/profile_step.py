@@ -72,7 +72,7 @@ def _saved_softmax_vjp(primals, cotangents, outputs):
 def setup(model_dir: Path, pairs_file: Path):
     from mipo_mlx.config import LoraConfig, TrainingConfig
     from mipo_mlx.model import attach_lora
-    from mipo_mlx.pairs import Pair
+    from mipo_mlx.pair_file import Pair
     from mipo_mlx.score import pack_pairs, score_pairs, use_shared_prompt
 
     model, _ = run.load_model({"model": str(model_dir)})

@@ -233,7 +233,7 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     from mipo_mlx.config import LoraConfig, TrainingConfig
     from mipo_mlx.loop import make_loss, train
     from mipo_mlx.model import adapters_disabled, attach_lora
-    from mipo_mlx.pairs import Pair
+    from mipo_mlx.pair_file import Pair
     from mipo_mlx.score import pack_pairs, pair_logps, score_pairs, use_shared_prompt
 
     variant = spec["variant"]

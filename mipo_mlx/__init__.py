@@ -11,7 +11,8 @@ foundation __init__ errors progress files embedded config cli _backend plots hub
 data       formats tasks prompts
 compute    distributed model generate prefix score selection losses memory checkpoint
            gguf_check gguf_file toy
-stages     pairs batching loop run_folder trackers training measure guard judge fuse card
+stages     pair_file pairs batching loop run_folder trackers training measure guard judge
+           fuse card
 pipeline   pipeline
 commands   train evaluate export embedded.build
 """

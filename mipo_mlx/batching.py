@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .config import TrainingConfig
-from .pairs import Pair
+from .pair_file import Pair
 from .score import Batch, pack_pairs
 
 

@@ -20,7 +20,7 @@ from mlx_lm.utils import dequantize_model, save_config, save_model
 from . import model as mdl
 from .config import Config, apply, load_yaml
 from .errors import UserError
-from .pairs import read_pairs
+from .pair_file import read_pairs
 from .progress import Progress
 from .score import pack_rows, token_logps
 

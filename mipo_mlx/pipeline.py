@@ -34,7 +34,8 @@ from .measure import (
     markdown_table,
     write_report,
 )
-from .pairs import Pair, build_pairs, check_pairs_possible
+from .pair_file import Pair
+from .pairs import build_pairs, check_pairs_possible
 from .plots import plot_training
 from .prompts import Rendered, block, read_source, render_prompts, user_text
 from .run_folder import RunFolder, fingerprint, portable

@@ -34,7 +34,7 @@ from .files import (
     write_text,
 )
 from .generate import Response
-from .pairs import Pair, are_token_ids, pair_from_row, write_pairs
+from .pair_file import Pair, are_token_ids, pair_from_row, write_pairs
 from .prompts import Prompt, prompt_row
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark

@@ -9,7 +9,7 @@ from .batching import batch_stream, total_steps
 from .config import LoraConfig, TrainingConfig
 from .loop import make_loss, train, validation_metrics
 from .memory import estimate, working_set_bytes
-from .pairs import Pair
+from .pair_file import Pair
 from .run_folder import RunFolder
 from .score import pack_pairs
 from .trackers import Tracker

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from mipo_mlx.pairs import Pair
+from mipo_mlx.pair_file import Pair
 
 ARITHMETIC = "Tom has {a} apples. He buys {b} more. How many apples does he have?"
 

@@ -12,7 +12,7 @@ import pytest
 from mipo_mlx import export, hub
 from mipo_mlx.card import front_matter
 from mipo_mlx.errors import UserError
-from mipo_mlx.pairs import read_pairs
+from mipo_mlx.pair_file import read_pairs
 from mipo_mlx.score import pack_pairs
 
 from .builders import write_prompts

@@ -11,7 +11,7 @@ import pytest
 from mipo_mlx.batching import batch_stream, total_steps
 from mipo_mlx.config import GenerationConfig, TrainingConfig
 from mipo_mlx.generate import STREAM_STRIDE, Response, decode, generate, sample_rows, stream_seed
-from mipo_mlx.pairs import Pair
+from mipo_mlx.pair_file import Pair
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",

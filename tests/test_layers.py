@@ -53,6 +53,7 @@ LAYERS = [
     (
         "stages",
         [
+            "pair_file",
             "pairs",
             "batching",
             "loop",

@@ -17,7 +17,8 @@ import mipo_mlx.generate as gen
 from mipo_mlx import guard as grd
 from mipo_mlx.config import Config
 from mipo_mlx.generate import STREAM_STRIDE, Response
-from mipo_mlx.pairs import drop_identical, pmi_against, read_pairs
+from mipo_mlx.pair_file import read_pairs
+from mipo_mlx.pairs import drop_identical, pmi_against
 from mipo_mlx.selection import SAMPLE_STRIDE
 
 from .builders import made_up_pairs, run_args, write_prompts

@@ -10,16 +10,8 @@ import pytest
 
 from mipo_mlx.config import DataConfig
 from mipo_mlx.errors import UserError
-from mipo_mlx.pairs import (
-    Pair,
-    _repair,
-    altered_prompts,
-    derangement,
-    pair_from_row,
-    read_pairs,
-    split_pairs,
-    write_pairs,
-)
+from mipo_mlx.pair_file import Pair, pair_from_row, read_pairs, write_pairs
+from mipo_mlx.pairs import _repair, altered_prompts, derangement, split_pairs
 from mipo_mlx.prompts import Prompt, split_sentences
 
 # ---------------------------------------------------------------- derangement

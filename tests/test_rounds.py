@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.pairs import read_pairs
+from mipo_mlx.pair_file import read_pairs
 
 from .builders import run_args, write_prompts
 from .test_score import one_by_one

@@ -128,7 +128,7 @@ def test_score_pairs_restores_order(toy_model):
 def test_shared_layout_row_by_row():
     """Prompt [5, 6, 7], chosen [8, 9], rejected [4]: the prefix holds [5, 6] once; the rows
     start at the last prompt token 7, which predicts the first response token."""
-    from mipo_mlx.pairs import Pair
+    from mipo_mlx.pair_file import Pair
 
     pair = Pair([], "c", "r", [5, 6, 7], [8, 9], [4], "random", 0)
     batch = pack_pairs([pair], pad_id=0, shared=True, pad_multiple=4)
@@ -168,7 +168,7 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mipo_mlx.pairs import Pair
+    from mipo_mlx.pair_file import Pair
 
     model = _lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)

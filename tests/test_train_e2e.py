@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mipo_mlx.config import from_dict
-from mipo_mlx.pairs import read_pairs
+from mipo_mlx.pair_file import read_pairs
 from mipo_mlx.score import pack_pairs, pair_logps
 
 from .builders import write_prompts
