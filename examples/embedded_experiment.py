@@ -16,7 +16,8 @@ to it alone (drop identical pairs, NLL weight 1, best of 4 chosen, fresh prompts
 all four together at lr 3e-4, 1e-3 and 2e-3; 4 rounds each. The recipe chosen is the
 (settings, rounds) with the highest valid compliance whose well-formed rate is within 3
 points of the base's. Problems: `random` negatives with the chosen recipe's levers at the
-three rates, 4 rounds each; the rate with the best valid accuracy over its rounds is chosen.
+three rates, 2 rounds each (for time); the rate and round count with the best valid accuracy
+are chosen.
 These runs also show how the label-free scores track the labelled ones over rounds and rates.
 
 Step 2, held-out (seeds 0, 1, 2, run once). Personalization: base; SFT on own answers (lr 1e-4,
@@ -53,7 +54,9 @@ from mipo_mlx.files import write_jsonl
 
 PER_ROUND = 512  # training prompts a round answers
 ROUNDS = 4
+MATH_ROUNDS = 2  # the problems' rounds on valid (fewer, for time: each of 3 rates)
 FRESH_SEED = 9137  # the fresh draw's items; used nowhere else
+FRESH_RUN_SEED = 3  # the fresh draw's run seed
 WELL_FORMED_SLACK = 0.03
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 SCORE = {"personalization": "compliance", "problems": "accuracy"}
@@ -73,6 +76,22 @@ LEVERS = {
     "fresh prompts": {"training.fresh_prompts": True},
 }
 ALL_LEVERS = {k: v for lever in LEVERS.values() for k, v in lever.items()}
+# SFT on the model's own answers, at the rates chosen on valid when this experiment was first
+# run (identical pairs kept: their chosen answers still carry SFT's gradient)
+SFT = {
+    "personalization": {
+        "pairs.negatives": "no_context",
+        "training.loss": "sft",
+        "training.learning_rate": 1e-4,
+        "pairs.drop_identical": False,
+    },
+    "problems": {
+        "pairs.negatives": "random",
+        "training.loss": "sft",
+        "training.learning_rate": 1e-3,
+        "pairs.drop_identical": False,
+    },
+}
 
 
 # ---------------------------------------------------------------- data
@@ -163,13 +182,15 @@ def one_run(out: Path, train: Path, evaluate: Path, seed: int, settings: dict) -
 
 
 def run_job(job: dict) -> dict:
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # two runs on two cores: one thread each
     return one_run(**job)
 
 
 def run_all(jobs: dict, workers: int) -> dict:
-    """The jobs' results by key; `workers` processes at a time, the longest first."""
+    """The jobs' results by key; `workers` processes at a time, the longest first. Each process
+    gets OPENBLAS_NUM_THREADS=1 (unless set) before it loads OpenBLAS: two runs with the
+    default threads on two cores each take several times as long as one alone."""
     order = sorted(jobs, key=lambda k: -weight(jobs[k]["settings"]))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the children inherit it at spawn
     context = multiprocessing.get_context("spawn")
     results = {}
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -207,12 +228,13 @@ def select_jobs(root: Path, files: dict, chosen_levers: dict | None) -> dict:
 
     def job(family, name, settings):
         f = files[family]
+        rounds = ROUNDS if family == "personalization" else MATH_ROUNDS
         jobs[family, name] = {
             "out": root / "select" / f"{family}-{name.replace(' ', '_')}",
             "train": f["train"],
             "evaluate": f["valid"],
             "seed": 0,
-            "settings": {"training.rounds": ROUNDS, "guard.keep": "last", **settings},
+            "settings": {"training.rounds": rounds, "guard.keep": "last", **settings},
         }
 
     del p
@@ -301,12 +323,7 @@ def heldout_jobs(root: Path, files: dict, recipe: dict, math_recipe: dict, seeds
             (
                 "personalization",
                 {
-                    "sft": {
-                        "pairs.negatives": "no_context",
-                        "training.loss": "sft",
-                        "training.learning_rate": 1e-4,
-                        "pairs.drop_identical": False,
-                    },
+                    "sft": SFT["personalization"],
                     "today": {**TODAY, "training.rounds": 2},
                     "recipe": recipe,
                     "best of 4 at inference": {"evaluate_only": True, "evaluation.best_of": 4},
@@ -315,12 +332,7 @@ def heldout_jobs(root: Path, files: dict, recipe: dict, math_recipe: dict, seeds
             (
                 "problems",
                 {
-                    "sft": {
-                        "pairs.negatives": "random",
-                        "training.loss": "sft",
-                        "training.learning_rate": 1e-3,
-                        "pairs.drop_identical": False,
-                    },
+                    "sft": SFT["problems"],
                     "mipo random": {**math_recipe, "pairs.negatives": "random"},
                     "mipo incomplete": {**math_recipe, "pairs.negatives": "incomplete"},
                     "majority vote": {
@@ -409,6 +421,27 @@ def paired(values: list[float], base: list[float]) -> str:
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
 
+def fresh_jobs(root: Path, fresh: dict[str, Path], files: dict, recipe: dict) -> dict:
+    """The chosen recipe, today's 2 rounds and SFT on the fresh draw (the guard on the
+    shipped valid rows)."""
+    valid = files["personalization"]["valid"]
+    arms = {
+        "recipe": {**recipe, "guard.prompts": str(valid)},
+        "today": {**TODAY, "training.rounds": 2},
+        "sft": SFT["personalization"],
+    }
+    return {
+        ("personalization", FRESH_RUN_SEED, arm): {
+            "out": root / "fresh" / f"personalization-{arm}-seed{FRESH_RUN_SEED}",
+            "train": fresh["train"],
+            "evaluate": fresh["heldout"],
+            "seed": FRESH_RUN_SEED,
+            "settings": settings,
+        }
+        for arm, settings in arms.items()
+    }
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -478,47 +511,30 @@ def main() -> None:
     if args.step == "select":
         return
 
-    # 2. held-out, once
+    # 2. held-out, once; 3. the chosen recipe on a fresh draw, run seed 3 (one pool, so both
+    # workers stay busy)
     report = {"chosen_on_valid": chosen, "seeds": seeds}
+    math_recipe = {**recipe, "training.learning_rate": math_lr, "training.rounds": math_rounds}
+    jobs = {}
     if args.step in ("heldout", "all"):
-        math_recipe = {**recipe, "training.learning_rate": math_lr, "training.rounds": math_rounds}
-        jobs = heldout_jobs(root, files, recipe, math_recipe, seeds)
-        done = run_all(jobs, args.workers)
+        jobs.update(heldout_jobs(root, files, recipe, math_recipe, seeds))
+    if args.step in ("fresh", "all"):
+        jobs.update(fresh_jobs(root, fresh_files(root, data), files, recipe))
+    done = run_all(jobs, args.workers)
+    if args.step in ("heldout", "all"):
+        held = {k: v for k, v in done.items() if k[1] in seeds}
         for family in SCORE:
-            arms, text = arms_table(family, done, seeds)
+            arms, text = arms_table(family, held, seeds)
             report[family] = arms
             print(f"\n{family}, held-out, seeds {seeds}:\n\n{text}")
-
-    # 3. the chosen recipe on a fresh draw, run seed 3
     if args.step in ("fresh", "all"):
-        fresh = fresh_files(root, data)
-        valid = files["personalization"]["valid"]
-        jobs = {
-            ("personalization", 3, arm): {
-                "out": root / "fresh" / f"personalization-{arm}-seed3",
-                "train": fresh["train"],
-                "evaluate": fresh["heldout"],
-                "seed": 3,
-                "settings": settings,
-            }
-            for arm, settings in (
-                ("recipe", {**recipe, "guard.prompts": str(valid)}),
-                ("today", {**TODAY, "training.rounds": 2}),
-                (
-                    "sft",
-                    {
-                        "pairs.negatives": "no_context",
-                        "training.loss": "sft",
-                        "training.learning_rate": 1e-4,
-                        "pairs.drop_identical": False,
-                    },
-                ),
-            )
-        }
-        done = run_all(jobs, args.workers)
-        arms, text = arms_table("personalization", done, [3])
+        fresh = {k: v for k, v in done.items() if k[1] == FRESH_RUN_SEED}
+        arms, text = arms_table("personalization", fresh, [FRESH_RUN_SEED])
         report["fresh draw"] = arms
-        print(f"\npersonalization, fresh draw (items seed {FRESH_SEED}), run seed 3:\n\n{text}")
+        print(
+            f"\npersonalization, fresh draw (items seed {FRESH_SEED}), run seed "
+            f"{FRESH_RUN_SEED}:\n\n{text}"
+        )
     (root / f"results-{args.step}.json").write_text(json.dumps(report, indent=1))
 
 
