@@ -10,13 +10,18 @@ requirements: `measure.task_scores`), else the label-free objective PMI - KL to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
+from . import distributed as dist
 from . import model as mdl
 from .config import EvaluationConfig, GuardConfig
 from .errors import UserError
+from .files import write_json
 from .measure import Heldout
 from .prompts import Prompt, read_source
+from .run_folder import RunFolder
 
 
 def guard_prompts(config: GuardConfig, evaluation: EvaluationConfig) -> list[Prompt]:
@@ -81,3 +86,54 @@ class Keeper:
         weights = self.best or {k: mx.zeros_like(v) for k, v in mdl.adapter_weights(model).items()}
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(model.parameters())
+
+
+class Guard:
+    """The guard of a run: the base and each round scored on the valid prompts (kept in
+    guard_base.json, guard_round-<k>.json, so a resumed run does not answer again), the best
+    adapters held, and at the end put back. Without valid prompts it does nothing.
+    `answer(adapters, lean)` is the evaluation stage on the valid prompts."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        folder: RunFolder,
+        model,
+        valid: Heldout | None,
+        answer: Callable[[bool, bool], dict],
+    ):
+        self.config, self.folder, self.model, self.answer = config, folder, model, answer
+        self.valid, self.scores, self.keeper = valid, [], Keeper()
+        if valid is not None:
+            self.labels = uses_labels(config, valid)
+            self.scores.append(self._score("guard_base.json", adapters=False))
+
+    def _score(self, name: str, adapters: bool) -> float:
+        result = self.folder.cached_json(name, lambda: self.answer(adapters, self.labels))
+        return round_score(result, self.labels)
+
+    def score_round(self, k: int) -> None:
+        if self.valid is None:
+            return
+        self.scores.append(self._score(f"guard_round-{k}.json", adapters=True))
+        self.keeper.offer(self.model, best_round(self.scores) == k)
+
+    def finish(self) -> str | None:
+        """Put the kept adapters back (guard.keep=best); the line that says what was kept."""
+        if self.valid is None:
+            return None
+        last = len(self.scores) - 1
+        kept = best_round(self.scores) if self.config.keep == "best" else last
+        if kept != last:
+            self.keeper.restore(self.model)
+        dist.main_only(
+            write_json,
+            self.folder.path / "guard.json",
+            {
+                "score": "task" if self.labels else "label_free",
+                "scores": {name(k): s for k, s in enumerate(self.scores)},
+                "kept": name(kept),
+                "keep": self.config.keep,
+            },
+        )
+        return verdict(self.scores, kept, self.labels, self.config.keep)

@@ -23,7 +23,6 @@ from . import trackers
 from .batching import total_steps
 from .config import Config, to_dict, validate
 from .errors import StopFlag, UserError
-from .files import write_json
 from .judge import add_judge
 from .measure import (
     Heldout,
@@ -161,7 +160,13 @@ def stages(
         results["base"] = folder.cached_json(
             "eval_base.json", lambda: answers(config, model, tokenizer, held)
         )
-    guard = Guard(config, folder, model, tokenizer, valid)
+    guard = grd.Guard(
+        config.guard,
+        folder,
+        model,
+        valid,
+        lambda adapters, lean: answers(config, model, tokenizer, valid, adapters, lean, "valid"),
+    )
     rounds = config.training.rounds
     steps = 0  # of the rounds so far: the tracker's steps run on from round to round
     for k in range(1, rounds + 1):
@@ -201,58 +206,6 @@ def stages(
         for name in ("eval", "training"):
             tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
     return RunResult(folder.path, pairs, metrics, table, guard=verdict)
-
-
-class Guard:
-    """The guard of a run (guard.py): the base and each round scored on the valid prompts
-    (kept in guard_base.json, guard_round-<k>.json, so a resumed run does not answer again),
-    the best adapters held, and at the end put back. Without valid prompts it does nothing."""
-
-    def __init__(self, config: Config, folder: RunFolder, model, tokenizer, valid):
-        self.config, self.folder, self.model, self.tokenizer = config, folder, model, tokenizer
-        self.valid, self.scores = valid, []
-        self.keeper = grd.Keeper()
-        if valid is None:
-            return
-        self.labels = grd.uses_labels(config.guard, valid)
-        self.scores.append(self._score("guard_base.json", adapters=False))
-
-    def _score(self, name: str, adapters: bool) -> float:
-        lean = self.labels
-        result = self.folder.cached_json(
-            name,
-            lambda: answers(
-                self.config, self.model, self.tokenizer, self.valid, adapters, lean, "valid"
-            ),
-        )
-        return grd.round_score(result, self.labels)
-
-    def score_round(self, k: int) -> None:
-        if self.valid is None:
-            return
-        self.scores.append(self._score(f"guard_round-{k}.json", adapters=True))
-        self.keeper.offer(self.model, grd.best_round(self.scores) == k)
-
-    def finish(self) -> str | None:
-        """Put the kept adapters back (guard.keep=best); the line that says what was kept."""
-        if self.valid is None:
-            return None
-        keep = self.config.guard.keep
-        kept = grd.best_round(self.scores) if keep == "best" else len(self.scores) - 1
-        if kept != len(self.scores) - 1:
-            self.keeper.restore(self.model)
-        line = grd.verdict(self.scores, kept, self.labels, keep)
-        dist.main_only(
-            write_json,
-            self.folder.path / "guard.json",
-            {
-                "score": "task" if self.labels else "label_free",
-                "scores": dict(zip([grd.name(k) for k in range(len(self.scores))], self.scores)),
-                "kept": grd.name(kept),
-                "keep": keep,
-            },
-        )
-        return line
 
 
 def one_round(
