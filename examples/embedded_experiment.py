@@ -13,11 +13,11 @@ Training prompts are the shipped ones followed by more of the same draw from the
 Step 1, select (valid, seed 0; every round evaluated on valid, no guard). Personalization:
 today's recipe (`no_context`, lr 3e-4, one epoch of 512 prompts a round), each lever added
 to it alone (drop identical pairs, NLL weight 1, best of 4 chosen, fresh prompts each round),
-all four together at lr 3e-4, 1e-3 and 2e-3; 4 rounds each. The recipe chosen is the
+all four together at lr 3e-4 and 2e-3; 4 rounds each. The recipe chosen is the
 (settings, rounds) with the highest valid compliance whose well-formed rate is within 3
-points of the base's. Problems: `random` negatives with the chosen recipe's levers at the
-three rates, 2 rounds each (for time); the rate and round count with the best valid accuracy
-are chosen.
+points of the base's. Problems: `random` negatives with the chosen recipe's levers (one
+sample a prompt, for time) at the two rates, 2 rounds each; the rate and round count with the
+best valid accuracy are chosen.
 These runs also show how the label-free scores track the labelled ones over rounds and rates.
 
 Step 2, held-out (seeds 0, 1, 2, run once). Personalization: base; SFT on own answers (lr 1e-4,
@@ -54,7 +54,8 @@ from mipo_mlx.files import write_jsonl
 
 PER_ROUND = 512  # training prompts a round answers
 ROUNDS = 4
-MATH_ROUNDS = 2  # the problems' rounds on valid (fewer, for time: each of 3 rates)
+MATH_ROUNDS = 2  # the problems' rounds on valid (fewer, for time)
+RATES = (3e-4, 2e-3)  # the levers together, and the problems, at these rates
 FRESH_SEED = 9137  # the fresh draw's items; used nowhere else
 FRESH_RUN_SEED = 3  # the fresh draw's run seed
 WELL_FORMED_SLACK = 0.03
@@ -186,10 +187,11 @@ def run_job(job: dict) -> dict:
 
 
 def run_all(jobs: dict, workers: int) -> dict:
-    """The jobs' results by key; `workers` processes at a time, the longest first. Each process
-    gets OPENBLAS_NUM_THREADS=1 (unless set) before it loads OpenBLAS: two runs with the
-    default threads on two cores each take several times as long as one alone."""
-    order = sorted(jobs, key=lambda k: -weight(jobs[k]["settings"]))
+    """The jobs' results by key; `workers` processes at a time, the longest first (a job whose
+    folder another process holds goes last). Each process gets OPENBLAS_NUM_THREADS=1 (unless
+    set) before it loads OpenBLAS: two runs with the default threads on two cores each take
+    several times as long as one alone."""
+    order = sorted(jobs, key=lambda k: (held(jobs[k]["out"]), -weight(jobs[k]["settings"])))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the children inherit it at spawn
     context = multiprocessing.get_context("spawn")
     results = {}
@@ -199,6 +201,22 @@ def run_all(jobs: dict, workers: int) -> dict:
             results[futures[future]] = future.result()
             print(f"  done: {jobs[futures[future]]['out']}", flush=True)
     return results
+
+
+def held(folder: Path) -> bool:
+    """Whether another process holds the run folder's lock now."""
+    import fcntl
+
+    lock = folder / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
 def weight(settings: dict) -> float:
@@ -241,15 +259,20 @@ def select_jobs(root: Path, files: dict, chosen_levers: dict | None) -> dict:
     job("personalization", "today", TODAY)
     for lever, extra in LEVERS.items():
         job("personalization", f"today + {lever}", {**TODAY, **extra})
-    for lr in (3e-4, 1e-3, 2e-3):
+    for lr in RATES:
         job(
             "personalization",
             f"all levers lr {lr:g}",
             {**TODAY, **ALL_LEVERS, "training.learning_rate": lr},
         )
-    if chosen_levers is not None:
-        for lr in (3e-4, 1e-3, 2e-3):
-            settings = {**chosen_levers, "pairs.negatives": "random", "training.learning_rate": lr}
+    if chosen_levers is not None:  # one sample a prompt here, for time
+        for lr in RATES:
+            settings = {
+                **chosen_levers,
+                "pairs.samples": 1,
+                "pairs.negatives": "random",
+                "training.learning_rate": lr,
+            }
             job("problems", f"random lr {lr:g}", settings)
     return jobs
 
@@ -470,7 +493,7 @@ def main() -> None:
             (r["accuracy"], -k)
             for k, r in enumerate(rounds_of(done["problems", f"random lr {lr:g}"]["eval"]), 1)
         )
-        for lr in (3e-4, 1e-3, 2e-3)
+        for lr in RATES
     }
     math_lr = max(math, key=lambda lr: (math[lr], -lr))
     math_rounds = -math[math_lr][1]
