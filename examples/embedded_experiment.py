@@ -24,8 +24,8 @@ Step 2, held-out (seeds 0, 1, 2, run once). Personalization: base; SFT on own an
 chosen on valid when this experiment was first run); today's recipe, 1 and 2 rounds; the new
 recipe with the guard on the valid rows; best of 4 at inference, reranked by the base's own
 context PMI. Problems: base; SFT (lr 1e-3, likewise); MIPO `random` and `incomplete` with the
-recipe's levers at the rate and round count chosen on valid, with the guard; majority-vote
-pairs (4 samples, ScPO) likewise.
+recipe's levers (one sample a prompt) at the rate and round count chosen on valid, with the
+guard; majority-vote pairs (4 samples, ScPO) likewise.
 
 Step 3, fresh draw: the chosen recipe and today's 2 rounds again on new draws of the
 personalization train and held-out items (a seed used nowhere else, items of the shipped
@@ -47,6 +47,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from mipo_mlx.config import resolve, to_dict
 from mipo_mlx.embedded import HERE, default_config_path
@@ -184,6 +185,16 @@ def one_run(out: Path, train: Path, evaluate: Path, seed: int, settings: dict) -
 
 def run_job(job: dict) -> dict:
     return one_run(**job)
+
+
+def set_rounds(rounds: int) -> None:
+    global ROUNDS, MATH_ROUNDS
+    ROUNDS, MATH_ROUNDS = rounds, min(MATH_ROUNDS, rounds)
+
+
+def with_extra(jobs: dict, extra: dict) -> dict:
+    """The jobs with `extra` settings (a trial's) on top of their own."""
+    return {k: {**job, "settings": {**job["settings"], **extra}} for k, job in jobs.items()}
 
 
 def run_all(jobs: dict, workers: int) -> dict:
@@ -477,17 +488,27 @@ def main() -> None:
     parser.add_argument("--step", choices=("select", "heldout", "fresh", "all"), default="all")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, each a process")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of the recipe's runs")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another setting for every run, e.g. data.limit=6 (a trial)",
+    )
     args = parser.parse_args()
+    set_rounds(args.rounds)
+    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     root, data = Path(args.output), Path(args.data)
     seeds = [int(s) for s in args.seeds.split(",")]
     files = family_files(root, data)
 
     # 1. select on valid: personalization first (its recipe's levers carry to problems)
-    done = run_all(select_jobs(root, files, None), args.workers)
+    done = run_all(with_extra(select_jobs(root, files, None), extra), args.workers)
     name, rounds = choose_recipe(done)
     settings = select_jobs(root, files, None)["personalization", name]["settings"]
     levers = {k: v for k, v in settings.items() if k not in ("training.rounds", "guard.keep")}
-    done.update(run_all(select_jobs(root, files, levers), args.workers))
+    done.update(run_all(with_extra(select_jobs(root, files, levers), extra), args.workers))
     math = {  # (best valid accuracy over the rounds, its round) by rate
         lr: max(
             (r["accuracy"], -k)
@@ -537,13 +558,18 @@ def main() -> None:
     # 2. held-out, once; 3. the chosen recipe on a fresh draw, run seed 3 (one pool, so both
     # workers stay busy)
     report = {"chosen_on_valid": chosen, "seeds": seeds}
-    math_recipe = {**recipe, "training.learning_rate": math_lr, "training.rounds": math_rounds}
+    math_recipe = {  # one sample a prompt for MIPO's chosen answers here, as on valid
+        **recipe,
+        "pairs.samples": 1,
+        "training.learning_rate": math_lr,
+        "training.rounds": math_rounds,
+    }
     jobs = {}
     if args.step in ("heldout", "all"):
         jobs.update(heldout_jobs(root, files, recipe, math_recipe, seeds))
     if args.step in ("fresh", "all"):
         jobs.update(fresh_jobs(root, fresh_files(root, data), files, recipe))
-    done = run_all(jobs, args.workers)
+    done = run_all(with_extra(jobs, extra), args.workers)
     if args.step in ("heldout", "all"):
         held = {k: v for k, v in done.items() if k[1] in seeds}
         for family in SCORE:

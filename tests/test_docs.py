@@ -102,53 +102,65 @@ def test_python_api_example_runs(tmp_path):
 
 
 def test_embedded_experiment_runs_small(tmp_path):
-    """The experiment end to end on a few prompts: choices on valid, arms on held-out, tables."""
+    """The experiment end to end on a few prompts: the levers and the choices on valid, every
+    arm on held-out with the guard where the design says, the fresh draw, and the tables."""
+    trial = {
+        "data.limit": 6,
+        "evaluation.limit": 4,
+        "guard.limit": 4,
+        "generation.max_tokens": 32,
+        "evaluation.max_tokens": 12,
+        "generation.truncated": "keep",
+        "training.batch_size": 2,
+        "training.iters": 1,
+    }
     cmd = [
         sys.executable,
         str(ROOT / "examples" / "embedded_experiment.py"),
         "--output",
         str(tmp_path / "exp"),
-        "--rates",
-        "1e-4,3e-4",
         "--seeds",
         "0,1",
         "--rounds",
         "2",
-        "--iters",
-        "1",
-        "--train-limit",
-        "6",
-        "--eval-limit",
-        "4",
-        "--set",
-        "generation.max_tokens=12",
-        "--set",
-        "evaluation.max_tokens=12",
-        "--set",
-        "generation.truncated=keep",
-        "--set",
-        "training.batch_size=2",
+        *[arg for k, v in trial.items() for arg in ("--set", f"{k}={v}")],
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "exp" / "results.json").read_text())
-    for family in ("personalization", "math"):
-        for method in ("mipo", "sft"):
-            assert report["chosen_on_valid"][family][method]["lr"] in (1e-4, 3e-4)
-    arms = report["heldout"]["personalization"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "exp" / "results-all.json").read_text())
+    chosen = report["chosen_on_valid"]
+    assert chosen["personalization"]["recipe"]["training.rounds"] == 2
+    assert chosen["problems"]["lr"] in (3e-4, 2e-3)
+    assert set(chosen["label_free_tracking"]) == {"personalization", "problems"}
+    assert len(chosen["valid"]) == 9  # 7 personalization settings, 2 problems rates
+    arms = report["personalization"]
     assert set(arms) == {
         "base",
-        "mipo no_context",
-        "mipo no_context, round 2",
-        "mipo random_context",
-        "mipo random",
         "sft",
+        "today's recipe, 1 round(s)",
+        "today's recipe, 2 round(s)",
+        "new recipe with the guard",
+        "recipe, round 1 (no guard)",
+        "recipe, round 2 (no guard)",
+        "best of 4 at inference",
     }
     assert all(len(rows) == 2 for rows in arms.values())
-    assert set(report["heldout"]["math"]) == {"base", "mipo random", "mipo incomplete", "sft"}
-    assert "| mipo no_context, round 2 |" in done.stdout and "| mipo incomplete |" in done.stdout
-    # The runs were on each family's own rows, and held-out only for the final arms.
-    assert not list((tmp_path / "exp" / "select").glob("*seed*"))
+    problems = {a for a in report["problems"] if "(no guard)" not in a}
+    assert problems == {
+        "base",
+        "sft",
+        "mipo random with the guard",
+        "mipo incomplete with the guard",
+        "majority vote with the guard",
+    }
+    assert len(report["fresh draw"]["new recipe with the guard"]) == 1
+    assert (
+        "| new recipe with the guard |" in done.stdout
+        and "| majority vote with the guard |" in done.stdout
+    )
+    # The choices were made on valid alone: no run of step 1 saw the held-out prompts.
+    for config in (tmp_path / "exp" / "select").glob("*/config.yaml"):
+        assert "valid.jsonl" in yaml.safe_load(config.read_text())["evaluation"]["prompts"]
 
 
 def test_readme_two_commands_are_the_ones_ci_runs():
