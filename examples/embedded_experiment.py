@@ -62,6 +62,14 @@ FRESH_RUN_SEED = 3  # the fresh draw's run seed
 WELL_FORMED_SLACK = 0.03
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 SCORE = {"personalization": "compliance", "problems": "accuracy"}
+# Settings of the embedded default that the no-argument run's recipe sets, held at what this
+# experiment was designed with, so that every arm says what it changes
+PINNED = {
+    "training.learning_rate": 3e-4,
+    "training.nll_weight": 0.0,
+    "guard.prompts": None,
+    "guard.limit": 200,
+}
 
 TODAY = {
     "pairs.negatives": "no_context",
@@ -154,6 +162,7 @@ def one_run(out: Path, train: Path, evaluate: Path, seed: int, settings: dict) -
     from mipo_mlx.pipeline import run
 
     overrides = {
+        **PINNED,
         "data.prompts": str(train),
         "data.limit": PER_ROUND,
         "evaluation.prompts": str(evaluate),
