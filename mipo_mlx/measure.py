@@ -117,25 +117,11 @@ def pmi_scores(
     pad: int,
     plain_ids: list[list[int] | None] | None = None,
     stage: str = "PMI",
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
     user context, None for a prompt that has none) also the context PMI of the answers whose
-    prompt has a context, (m,). Every log-prob comes from one scoring pass, shown as `stage`."""
-    pmi, context, _ = pmi_parts(model, prompt_ids, response_ids, k, seed, pad, plain_ids, stage)
-    return pmi, context
-
-
-def pmi_parts(
-    model,
-    prompt_ids: list[list[int]],
-    response_ids: list[list[int]],
-    k: int,
-    seed: int,
-    pad: int,
-    plain_ids: list[list[int] | None] | None = None,
-    stage: str = "PMI",
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """pmi_scores' two, and each answer's log-prob under its own prompt, log p(y|x), (n,)."""
+    prompt has a context, (m,); and each answer's log-prob under its own prompt, log p(y|x),
+    (n,). Every log-prob comes from one scoring pass, shown as `stage`."""
     n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
     plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
     prompts = [p for column in columns for p in column] + [plain_ids[i] for i in plain]
@@ -332,7 +318,7 @@ def scored_metrics(
     rendered, pad = held.rendered, pad_id(tokenizer)
     answers = [r.token_ids for r in responses]
     with base():
-        pmi, context_pmi, own = pmi_parts(
+        pmi, context_pmi, own = pmi_scores(
             model,
             rendered.ids,
             answers,

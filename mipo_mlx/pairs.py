@@ -266,6 +266,16 @@ def pmi_against(rendered: Rendered, tokenizer, data: DataConfig, seed: int) -> l
     return against
 
 
+def k_answers(
+    model, tokenizer, rendered: Rendered, k: int, generation, what: str, cache, should_stop
+) -> list[list[Response]]:
+    """k answers to each prompt (the pass of the chosen answers, kept in `cache`)."""
+    stage = f"generate {what} ({k} each)"
+    return sample_answers(
+        model, tokenizer, rendered.ids, k, generation, stage, 0, cache, should_stop
+    )
+
+
 def chosen_answers(
     model,
     tokenizer,
@@ -284,17 +294,7 @@ def chosen_answers(
             model, tokenizer, rendered.ids, generation, stage, 0, cache, should_stop
         )
     k = config.samples
-    samples = sample_answers(
-        model,
-        tokenizer,
-        rendered.ids,
-        k,
-        generation,
-        f"generate chosen ({k} each)",
-        0,
-        cache,
-        should_stop,
-    )
+    samples = k_answers(model, tokenizer, rendered, k, generation, "chosen", cache, should_stop)
     against = pmi_against(rendered, tokenizer, data, config.seed)
     with dist.progress(2 * k * len(samples), "rank chosen by PMI") as progress:
         pmi = pmi_of_samples(
@@ -386,17 +386,9 @@ def build_pairs(
     answers per prompt vote (majority_vote_pairs)."""
     caches = caches or {}
     if config.negatives == "majority_vote":
-        k = config.samples
-        samples = sample_answers(
-            model,
-            tokenizer,
-            rendered.ids,
-            k,
-            generation,
-            f"generate answers ({k} each)",
-            0,
-            caches.get("chosen"),
-            should_stop,
+        k, cache = config.samples, caches.get("chosen")
+        samples = k_answers(
+            model, tokenizer, rendered, k, generation, "answers", cache, should_stop
         )
         pairs = majority_vote_pairs(
             rendered, samples, tokenizer, generation, config.min_vote_margin

@@ -108,9 +108,7 @@ def test_embedded_experiment_runs_small(tmp_path):
         "data.limit": 6,
         "evaluation.limit": 4,
         "guard.limit": 4,
-        "generation.max_tokens": 32,
         "evaluation.max_tokens": 12,
-        "generation.truncated": "keep",
         "training.batch_size": 2,
         "training.iters": 1,
     }

@@ -56,6 +56,8 @@ def test_default_run_short_mode(tmp_path):
         "16",
         "--evaluation.limit",
         "8",
+        "--guard.limit",
+        "8",
         "--evaluation.max_tokens",
         "24",
         "--generation.max_tokens",

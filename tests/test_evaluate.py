@@ -105,7 +105,7 @@ def test_pmi_known_answer():
     table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0]]
     prompts = [[0, 3], [1, 3], [2, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]
-    got, context = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3)
+    got, context, _ = pmi_scores(FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3)
     assert context is None
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
     expected = [lp(i, i) - np.mean([lp(i, j) for j in range(3) if j != i]) for i in range(3)]
@@ -117,7 +117,7 @@ def test_pmi_known_answer():
 
 def test_pmi_is_zero_when_the_model_ignores_the_prompt():
     table = [[1.0, 0.5, -0.5, 0.0]] * 4
-    got, _ = pmi_scores(
+    got, _, _ = pmi_scores(
         FirstTokenModel(table),
         [[0], [1], [2], [3]],
         [[1, 2], [0], [3, 3, 1], [2]],
@@ -141,7 +141,7 @@ def test_context_pmi_known_answer():
     ]
     prompts, plain = [[0, 3], [1, 3], [2, 3]], [[3, 3], [3, 3], [3, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]
-    pmi, context = pmi_scores(
+    pmi, context, _ = pmi_scores(
         FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain
     )
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731
@@ -338,7 +338,7 @@ def test_context_pmi_over_the_rows_with_a_context():
     table = [[2.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 2.0, -1.0], [0.5] * 4]
     prompts, plain = [[0, 3], [1, 3], [2, 3]], [[3, 3], None, [3, 3]]
     answers = [[0, 0], [1, 3], [2, 1]]
-    pmi, context = pmi_scores(
+    pmi, context, _ = pmi_scores(
         FirstTokenModel(table), prompts, answers, k=2, seed=0, pad=3, plain_ids=plain
     )
     lp = lambda i, j: sum(log_softmax(table[j])[t] for t in answers[i])  # noqa: E731

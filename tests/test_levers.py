@@ -22,7 +22,7 @@ from mipo_mlx.pairs import drop_identical, pmi_against
 from mipo_mlx.selection import SAMPLE_STRIDE
 
 from .builders import made_up_pairs, run_args, write_prompts
-from .test_pipeline_pairs import ROWS, build_pairs_of, make_config, write_rows
+from .test_pipeline_pairs import ROWS, build, build_pairs_of, make_config, write_rows
 from .test_score import one_by_one
 
 KILLER = str(Path(__file__).with_name("killer.py"))
@@ -104,20 +104,9 @@ def test_best_of_k_chosen_is_the_highest_pmi_sample(toy_model, tmp_path):
     model, tokenizer = toy_model
     config = make_config(write_rows(tmp_path / "p.jsonl", ROWS), "no_context")
     config.pairs.samples = 3
-    calls = []
-    real = gen.generate
-
-    def spy(model, tok, prompts, gen_config, streams, on_done=None):
-        out = real(model, tok, prompts, gen_config, streams, on_done)
-        calls.append(dict(zip(streams, out)))
-        return out
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(gen, "generate", spy)
-    try:
-        pairs, rendered = build_pairs_of(model, tokenizer, config)
-    finally:
-        mp.undo()
+    run = build(model, tokenizer, config)
+    pairs, rendered = run.pairs, run.rendered
+    calls = [dict(zip(call["streams"], call["responses"])) for call in run.calls]
     against = pmi_against(rendered, tokenizer, config.data, config.pairs.seed)
     picked_other = 0
     for pair in pairs:
