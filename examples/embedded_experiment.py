@@ -324,29 +324,46 @@ def choose_recipe(done: dict) -> tuple[str, int]:
 
 
 def label_free_tracking(done: dict) -> dict:
-    """Spearman's rank correlation, over every (settings, round) of step 1 and the base,
-    between the labelled score and each label-free candidate, per family."""
+    """How each label-free candidate tracks the labelled score over the rounds and rates of
+    step 1, per family: Spearman's rank correlation over every (settings, round) and the base,
+    and what the guard would keep with it: in each run, the round (the base included) with the
+    best candidate score, its labelled score and well-formed rate, and the best labelled
+    score any round of that run had (the guard's job is to pick within a run)."""
     out = {}
     for family, score in SCORE.items():
-        points = [
-            r
-            for (f, _), result in done.items()
+        runs = {
+            name: [result["eval"]["base"], *rounds_of(result["eval"])]
+            for (f, name), result in done.items()
             if f == family
-            for r in [result["eval"]["base"], *rounds_of(result["eval"])]
-        ]
+        }
+        points = [p for rows in runs.values() for p in rows]
         if len(points) < 3:
             continue
-        labelled = [p[score] for p in points]
         context = "pmi_context_mean" if family == "personalization" else "pmi_mean"
         candidates = {
-            "PMI": [p[context] for p in points],
-            "PMI - KL (the guard's label-free score)": [p["objective"] for p in points],
-            "PMI - 0.1 KL (DPO's own weight)": [p[context] - 0.1 * p["kl_mean"] for p in points],
-            "-KL": [-p["kl_mean"] for p in points],
+            "PMI": lambda p, c=context: p[c],
+            "PMI - KL (the guard's label-free score)": lambda p: p["objective"],
+            "PMI - 0.1 KL (DPO's own weight)": lambda p, c=context: p[c] - 0.1 * p["kl_mean"],
         }
-        out[family] = {
-            "points": len(points),
-            **{name: spearman(values, labelled) for name, values in candidates.items()},
+        labelled = [p[score] for p in points]
+        out[family] = {"points": len(points), "spearman": {}, "kept": {}}
+        for name, value in candidates.items():
+            out[family]["spearman"][name] = spearman([value(p) for p in points], labelled)
+            kept = {}
+            for run, rows in runs.items():
+                k = max(range(len(rows)), key=lambda i: (value(rows[i]), -i))
+                best = max(range(len(rows)), key=lambda i: (rows[i][score], -i))
+                kept[run] = {
+                    "round": k,
+                    score: rows[k][score],
+                    "well_formed_rate": rows[k].get("well_formed_rate"),
+                    "best round": best,
+                    f"best {score}": rows[best][score],
+                }
+            out[family]["kept"][name] = kept
+        out[family]["kept"]["labels (the guard with labels)"] = {
+            run: {"round": max(range(len(rows)), key=lambda i: (rows[i][score], -i))}
+            for run, rows in runs.items()
         }
     return out
 
