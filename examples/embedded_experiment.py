@@ -67,6 +67,10 @@ SCORE = {"personalization": "compliance", "problems": "accuracy"}
 PINNED = {
     "training.learning_rate": 3e-4,
     "training.nll_weight": 0.0,
+    "training.rounds": 1,
+    "training.fresh_prompts": False,
+    "pairs.samples": 1,
+    "pairs.drop_identical": True,
     "guard.prompts": None,
     "guard.limit": 200,
 }
