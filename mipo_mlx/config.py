@@ -169,7 +169,7 @@ class PairsConfig:
         min=1,
     )
     drop_identical: bool = setting(
-        True,
+        False,
         "Drop pairs whose chosen and rejected answers are the same text: they carry no DPO "
         "gradient but count in each batch's mean.",
     )

@@ -81,7 +81,7 @@ def test_defaults_match_documented_values():
     assert (t.batch_size, t.grad_accumulation, t.compile, t.grad_checkpoint) == (4, 1, True, False)
     assert (t.nll_weight, t.fresh_prompts, t.rounds) == (0.0, False, 1)
     p = c.pairs
-    assert (p.samples, p.min_vote_margin, p.drop_identical) == (1, 1, True)
+    assert (p.samples, p.min_vote_margin, p.drop_identical) == (1, 1, False)
     assert (c.guard.prompts, c.guard.limit, c.guard.keep, c.guard.score) == (
         None,
         200,

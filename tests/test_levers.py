@@ -63,6 +63,7 @@ def test_identical_pairs_are_dropped_by_the_pairs_stage(toy_model, tmp_path, mon
 
     monkeypatch.setattr(gen, "generate", scripted(text, tokenizer))
     config = make_config(write_rows(tmp_path / "p.jsonl", ROWS), "no_context")
+    config.pairs.drop_identical = True
     pairs, _ = build_pairs_of(model, tokenizer, config)
     assert sorted(p.source for p in pairs) == [1, 3, 5]
     config.pairs.drop_identical = False
