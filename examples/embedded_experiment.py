@@ -53,6 +53,7 @@ from mipo_mlx.config import resolve, to_dict
 from mipo_mlx.embedded import HERE, default_config_path
 from mipo_mlx.files import write_jsonl
 
+REPORT_ONLY = False  # --report: read the runs done, run nothing
 PER_ROUND = 512  # training prompts a round answers
 ROUNDS = 4
 MATH_ROUNDS = 2  # the problems' rounds on valid (fewer, for time)
@@ -182,6 +183,8 @@ def one_run(out: Path, train: Path, evaluate: Path, seed: int, settings: dict) -
     done = out / "done.json"
     if done.is_file() and json.loads(done.read_text())["settings"] == now:
         return json.loads(done.read_text())["result"]
+    if REPORT_ONLY:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -210,11 +213,19 @@ def with_extra(jobs: dict, extra: dict) -> dict:
     return {k: {**job, "settings": {**job["settings"], **extra}} for k, job in jobs.items()}
 
 
+def cached(jobs: dict) -> dict:
+    """--report: the jobs already done with the same settings, read back; the rest left out."""
+    results = {k: one_run(**job) for k, job in jobs.items()}
+    return {k: v for k, v in results.items() if v is not None}
+
+
 def run_all(jobs: dict, workers: int) -> dict:
     """The jobs' results by key; `workers` processes at a time, the longest first (a job whose
     folder another process holds goes last). Each process gets OPENBLAS_NUM_THREADS=1 (unless
     set) before it loads OpenBLAS: two runs with the default threads on two cores each take
     several times as long as one alone."""
+    if REPORT_ONLY:
+        return cached(jobs)
     order = sorted(jobs, key=lambda k: (held(jobs[k]["out"]), -weight(jobs[k]["settings"])))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the children inherit it at spawn
     context = multiprocessing.get_context("spawn")
@@ -429,44 +440,49 @@ def metrics_of(family: str, result: dict) -> dict:
 
 
 def arms_table(family: str, done: dict, seeds) -> tuple[dict, str]:
-    """Each arm's per-seed metrics, and the Markdown table."""
-    arms: dict[str, list[dict]] = {}
-    kept_rounds: dict[str, list[int]] = {}
-    for (f, _seed, arm), result in sorted(done.items(), key=lambda kv: kv[0][1]):
+    """Each arm's metrics by seed, and the Markdown table: mean ± sd over seeds and the paired
+    difference to the base of the same seeds (every run of a seed answers the same held-out
+    prompts with the same base first)."""
+    arms: dict[str, dict[int, dict]] = {"base": {}}
+    kept_rounds: dict[str, dict[int, int]] = {}
+    for (f, seed, arm), result in sorted(done.items(), key=lambda kv: kv[0][1]):
         if f != family:
             continue
         report = result["eval"]
+        arms["base"].setdefault(seed, metrics_of(family, report["base"]))
         if arm == "sft":
-            arms.setdefault("base", []).append(metrics_of(family, report["base"]))
-            arms.setdefault("sft", []).append(metrics_of(family, rounds_of(report)[0]))
+            arms.setdefault("sft", {})[seed] = metrics_of(family, rounds_of(report)[0])
         elif arm == "best of 4 at inference":
-            arms.setdefault(arm, []).append(metrics_of(family, report["base"]))
+            arms.setdefault(arm, {})[seed] = metrics_of(family, report["base"])
         elif result["guard"] is None:  # today's recipe: its rounds
             for k, r in enumerate(rounds_of(report), start=1):
-                arms.setdefault(f"today's recipe, {k} round(s)", []).append(metrics_of(family, r))
+                arms.setdefault(f"today's recipe, {k} round(s)", {})[seed] = metrics_of(family, r)
         else:
             k, kept = kept_result(result)
             name = "new recipe with the guard" if arm == "recipe" else f"{arm} with the guard"
-            arms.setdefault(name, []).append(metrics_of(family, kept))
-            kept_rounds.setdefault(name, []).append(k)
+            arms.setdefault(name, {})[seed] = metrics_of(family, kept)
+            kept_rounds.setdefault(name, {})[seed] = k
             for j, r in enumerate(rounds_of(report), start=1):
-                arms.setdefault(f"{arm}, round {j} (no guard)", []).append(metrics_of(family, r))
+                arms.setdefault(f"{arm}, round {j} (no guard)", {})[seed] = metrics_of(family, r)
     score = SCORE[family]
     keys = list(metrics_of(family, {}))
-    head = (
-        f"| {family} | " + " | ".join(keys) + f" | {score} - base (95% CI) | kept round by seed |"
-    )
-    lines = [head, "|" + " --- |" * (len(keys) + 3)]
+    head = f"| {family} | " + " | ".join(keys) + f" | {score} - base (95% CI) |"
+    head += " well-formed - base |" if family == "personalization" else ""
+    head += " kept round by seed |"
+    lines = [head, "|" + " --- |" * (len(keys) + 3 + (family == "personalization"))]
+    base = arms["base"]
     for name, rows in arms.items():
-        cells = [mean_sd([r[k] for r in rows]) for k in keys]
-        diff = (
-            "-"
-            if name == "base"
-            else paired([r[score] for r in rows], [b[score] for b in arms["base"]])
-        )
-        kept = ", ".join(map(str, kept_rounds.get(name, []))) or "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} | {kept} |")
-    return arms, "\n".join(lines)
+        order = sorted(rows)
+        cells = [mean_sd([rows[s][k] for s in order]) for k in keys]
+        for key in [score] + (["well_formed_rate"] if family == "personalization" else []):
+            cells.append(
+                "-"
+                if name == "base"
+                else paired([rows[s][key] for s in order], [base[s][key] for s in order])
+            )
+        kept = ", ".join(str(kept_rounds[name][s]) for s in order) if name in kept_rounds else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {kept} |")
+    return {name: [rows[s] for s in sorted(rows)] for name, rows in arms.items()}, "\n".join(lines)
 
 
 def mean_sd(values: list) -> str:
@@ -526,8 +542,15 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="another setting for every run, e.g. data.limit=6 (a trial)",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: the tables from the runs already done (the others left out)",
+    )
     args = parser.parse_args()
     set_rounds(args.rounds)
+    global REPORT_ONLY
+    REPORT_ONLY = args.report
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     root, data = Path(args.output), Path(args.data)
     seeds = [int(s) for s in args.seeds.split(",")]
