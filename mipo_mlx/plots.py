@@ -20,6 +20,7 @@ BARS = [
     ("compliance", "compliance"),
     ("well_formed_rate", "well-formed"),
     ("pmi_mean", "PMI (nats)"),
+    ("guard_score", "valid score (guard)"),
     ("length_mean", "length (tokens)"),
     ("distinct_2", "distinct-2"),
 ]
