@@ -145,7 +145,13 @@ def _provide_libgfortran() -> bool:
     start, length = where
     data[start : start + length] = name + b"\0" * (length - len(name))
     fd = os.memfd_create("libgfortran.so.5")  # stays open: the loader maps it
-    os.write(fd, data)
+    try:  # a file-size limit (RLIMIT_FSIZE) applies here too: a short copy must not be mapped
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.close(fd)
+        return False
     ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_NOW | os.RTLD_GLOBAL)
     return True
 

@@ -312,21 +312,24 @@ def test_disk_full_is_one_line_and_resumes(setup, tmp_path, limit_kb):
     disk's do) stops the run at whichever write reaches it: one line, exit 2, no temporary
     file left, every file written before intact; with the limit lifted, the run resumes to
     the uninterrupted result."""
-    import resource
 
     model_dir, prompts, reference, _ = setup
     out = tmp_path / "run"
 
-    def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
-
+    # The limit is set once mipo_mlx has loaded its BLAS (an in-memory library copy counts
+    # against RLIMIT_FSIZE too, where a full disk would not touch it), then the command runs.
+    small_disk = (
+        "import runpy, signal, resource, sys, mipo_mlx\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_kb * 1024}, {limit_kb * 1024}))\n"
+        "sys.argv = ['mipo_mlx.train', *sys.argv[1:]]\n"
+        "runpy.run_module('mipo_mlx.train', run_name='__main__')\n"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "mipo_mlx.train", *train_cmd(model_dir, prompts, out)],
+        [sys.executable, "-c", small_disk, *train_cmd(model_dir, prompts, out)],
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=small_disk,
     )
     lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
     assert done.returncode == 2, done.stderr[-2000:]
