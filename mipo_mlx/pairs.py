@@ -142,7 +142,7 @@ def check_pairs_possible(rendered: Rendered, config: PairsConfig, data: DataConf
         plain = _without_context(rendered, config.negatives)
         if plain:
             check_derangeable([rendered.messages[i][-1]["content"] for i in plain])
-    if config.negatives != "random":
+    if config.negatives not in ("random", "majority_vote"):  # these generate from x itself
         altered_prompts(rendered.prompts, config.negatives, data, config.seed)
 
 

@@ -252,3 +252,26 @@ def test_fresh_prompts_need_enough_rows(toy_model_dir, tmp_path):
     with pytest.raises(UserError, match="10 prompts; training.fresh_prompts gives each of the 2"):
         run(config)
     assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_majority_vote_runs_through_the_pipeline(toy_model_dir, tmp_path):
+    """pairs.negatives=majority_vote as a user runs it: prompts without a context are fine (the
+    pre-flight checks know it generates from x itself), and the run writes its pairs."""
+    from mipo_mlx.pipeline import run
+
+    rows = [{"prompt": f"Tom has {i} apples. He buys 2 more. How many?"} for i in range(10)]
+    config = Config()
+    config.model.path = str(toy_model_dir)
+    config.data.prompts = write_rows(tmp_path / "p.jsonl", rows)
+    config.output.dir = str(tmp_path / "out")
+    config.pairs.negatives, config.pairs.samples = "majority_vote", 4
+    g = config.generation
+    g.max_tokens, g.truncated, g.temperature = 8, "keep", 1.5
+    config.training.iters, config.training.batch_size = 1, 1
+    config.data.valid_fraction = 0.0
+    try:
+        result = run(config)
+    except Exception as err:  # only the vote may find no pair on a random toy model
+        assert "no prompt's answers had a majority result" in str(err)
+        return
+    assert {p.negatives for p in read_pairs(result.output / "pairs.jsonl")} == {"majority_vote"}
