@@ -189,10 +189,11 @@ def compliance_metrics(prompts: list[Prompt], texts: list[str]) -> dict:
     }
 
 
-def task_scores(prompts: list[Prompt], texts: list[str], labels) -> list[float | None]:
+def task_scores(texts: list[str], labels, compliance_scores) -> list[float | None]:
     """Each row's score on its own task: 1/0 for a correct answer where the row has a label,
-    the compliance item score where it states requirements, None where it has neither."""
-    scores = compliance_metrics(prompts, texts).get("compliance_scores") or [None] * len(texts)
+    its compliance item score (compliance_metrics') where it states requirements, None where
+    it has neither."""
+    scores = compliance_scores or [None] * len(texts)
     return [
         float(is_correct(text, str(label))) if label is not None else score
         for text, label, score in zip(texts, labels, scores)
@@ -266,21 +267,26 @@ def answer_and_measure(
     base: Callable[[], AbstractContextManager],
     label: str,
     lean: bool = False,
+    adapters: bool = False,
 ) -> dict:
     """The model's answers to the held-out prompts and their metrics; PMI is scored inside
-    `base()` (the model with its adapters off). `label` is "base" or "mipo" (base + adapters),
-    perhaps followed by where the prompts come from. `lean` skips the scoring (PMI, KL, the
-    objective): what needs only the answers and the labels is kept."""
+    `base()` (the model with its adapters off). `label` names the model and the prompts in the
+    progress lines; `adapters` says the model holds adapters (then the KL to the base is
+    scored too). `lean` skips the scoring (PMI, KL, the objective): what needs only the
+    answers and the labels is kept."""
     rendered = held.rendered
     responses = heldout_answers(model, tokenizer, held, config, data, batch_size, base, label)
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)
     result.update(compliance_metrics(rendered.prompts, texts))
-    scores = [s for s in task_scores(rendered.prompts, texts, held.labels) if s is not None]
+    per_row = task_scores(texts, held.labels, result.get("compliance_scores"))
+    scores = [s for s in per_row if s is not None]
     if scores:
         result["task_score"] = float(np.mean(scores))
     if not lean:
-        result.update(scored_metrics(model, tokenizer, held, responses, config, data, base, label))
+        result.update(
+            scored_metrics(model, tokenizer, held, responses, config, data, base, label, adapters)
+        )
     result["examples"] = [
         {"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])
     ]
@@ -309,9 +315,17 @@ def heldout_answers(
 
 
 def scored_metrics(
-    model, tokenizer, held: Heldout, responses, config: EvaluationConfig, data, base, label
+    model,
+    tokenizer,
+    held: Heldout,
+    responses,
+    config: EvaluationConfig,
+    data,
+    base,
+    label,
+    adapters: bool,
 ) -> dict:
-    """PMI and context PMI under the base; for the adapters ('mipo') also the KL to the base,
+    """PMI and context PMI under the base; with `adapters` also the KL to the base,
     log pi(y|x) - log p_base(y|x) on their own answers; and the label-free objective, the mean
     over answers of their MIPO PMI (context PMI where the prompt has a context) minus that KL:
     the KL-regularised quantity MIPO maximises, with the regulariser at full weight."""
@@ -329,7 +343,7 @@ def scored_metrics(
             f"PMI ({label})",
         )
     kl = np.zeros(len(answers))
-    if label.startswith("mipo"):
+    if adapters:
         with dist.progress(len(answers), f"KL to the base ({label})") as progress:
             policy = response_logps(model, rendered.ids, answers, pad, on_batch=progress.update)
         kl = policy - own

@@ -175,7 +175,8 @@ def stages(
             config, folder.round(k), stop, model, tokenizer, mine, k, tracker, steps
         )
         steps += total_steps(config.training, sum(p.split == "train" for p in pairs), dist.size())
-        folder.round_adapters(k, model, config.lora, config.model.path)
+        if rounds > 1:
+            folder.round_adapters(k, model, config.lora, config.model.path)
         guard.score_round(k)
         if held is not None and rounds == 1:
             results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
@@ -185,7 +186,8 @@ def stages(
                 lambda: answers(config, model, tokenizer, held, adapters=True),
             )
     verdict = guard.finish()
-    folder.save_adapters(model, config.lora, config.model.path)  # the kept round's
+    if rounds > 1 or valid is not None:  # the last round's, or the one the guard kept
+        folder.save_adapters(model, config.lora, config.model.path)
     for name, score in zip(results, guard.scores):
         results[name]["guard_score"] = score
     dist.say(
@@ -306,4 +308,5 @@ def answers(
         base,
         ("mipo" if adapters else "base") + (f", {where}" if where else ""),
         lean,
+        adapters,
     )

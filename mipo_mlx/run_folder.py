@@ -299,7 +299,7 @@ class RunFolder:
             )
 
     def round_adapters(self, k: int, model, lora: LoraConfig, base_model: str) -> None:
-        """Round k's adapters, kept in `round-<k>/` (round 1's too) for as long as the run folder:
+        """Round k's adapters of a run of several rounds, kept in `round-<k>/` (round 1's too):
         `mlx_lm.load(model, adapter_path=<run>/round-<k>)` loads any round."""
         folder = self.path / f"round-{k}"
         dist.main_only(folder.mkdir, parents=True, exist_ok=True)

@@ -102,12 +102,10 @@ def majority_pair(results: list[str | None], min_margin: int = 1) -> tuple[int, 
     answer whose result has the fewest, among the other results. None when every answer
     agrees, or when the vote margin (chosen's votes - rejected's) is below `min_margin`."""
     votes = Counter(results)
-    ranked = sorted(
-        (r for r in votes if r is not None), key=lambda r: (-votes[r], results.index(r))
-    )
-    if not ranked:
+    real = [r for r in votes if r is not None]
+    if not real:
         return None
-    top = ranked[0]
+    top = min(real, key=lambda r: (-votes[r], results.index(r)))
     others = [r for r in votes if r != top]
     if not others:
         return None
