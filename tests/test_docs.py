@@ -168,6 +168,8 @@ def test_readme_two_commands_are_the_ones_ci_runs():
     main_job, tests = [block.strip() for block in bash_blocks(section)[:2]]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert ci[-1] == tests
+    # ... inside the fresh-machine simulation, so a library left on the CI machine hides nothing
+    assert any('exec python3 benchmarks/fresh_machine.py bash "$0"' in line for line in ci)
     setup = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[cpu,{}]" && '
     assert tests == setup.format("dev") + "pytest -q"
     assert main_job == setup.format("plot") + "python -m mipo_mlx.train"
