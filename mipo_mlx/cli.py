@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import Config, all_keys, sections, settings_of
+from .config import Config, all_keys, apply, load_yaml, sections, settings_of
 from .errors import UserError
+from .reading import parse_yaml
 
 
 def _describe(default: Any) -> str:
@@ -88,9 +89,10 @@ def parse_value(key: str, text: str) -> Any:
     if hint is str or hint == (str | None):
         return None if text == "null" and hint is not str else text
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"command line: --{key} {text!r} is not a valid value") from None
+        return parse_yaml(text, f"command line: --{key}")
+    except UserError:
+        shown = repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+        raise UserError(f"command line: --{key} {shown} is not a valid value") from None
 
 
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -120,3 +122,24 @@ def parse_args(
     overrides = {key: parse_value(key, text) for key, text in args.items() if key in keys}
     extras = {key: value for key, value in args.items() if key not in keys}
     return yaml_path, overrides, extras
+
+
+# Settings that let a model's own files run code on this machine: honoured only from this
+# command line (an option, or a --config file named there), never from a run folder someone
+# may have shared, whose config.yaml could ask for them.
+RUNS_CODE = ("model.trust_remote_code",)
+
+
+def run_config(run: str | Path, allow: str) -> Config:
+    """The settings of a run folder's config.yaml, less RUNS_CODE: where the file sets one,
+    one note says it was not honoured and how to allow it (`allow`, this command's option)."""
+    path = Path(run) / "config.yaml"
+    settings = load_yaml(path)
+    for key in RUNS_CODE:
+        if settings.pop(key, False) is True:
+            print(
+                f"note: {path} sets {key}: true; not honoured from a run folder (the model's "
+                f"files could run code here); pass {allow} to allow it",
+                file=sys.stderr,
+            )
+    return apply(Config(), settings, str(path))

@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from . import reading
 from .embedded import resolve_path
 from .errors import UserError
+from .loss_settings import check_loss_settings
 
 NEGATIVE_STRATEGIES = (
     "random",
@@ -41,8 +43,18 @@ LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+# The largest whole number a count may be (MLX takes shapes and sizes as 32-bit ints), and
+# the largest seed (numpy's legacy seeding and every seed the code derives from one fit).
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+# training.memory_limit_gb in bytes must fit the size_t mx.set_memory_limit takes.
+MEMORY_MAX_GB = 1e6
+
+
 def setting(default: Any, help: str, **limits: Any) -> Any:
-    """A dataclass field with help text and limits (choices, min, max, gt)."""
+    """A dataclass field with help text and limits: choices, min, max (an int has INT_MAX
+    unless it says), gt, refused ((value, why) pairs: values that would not mean what they
+    say), template (the {fields} a template must use, and nothing else)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
@@ -75,9 +87,16 @@ class LoraConfig:
     rank: int = setting(8, "LoRA rank.", min=1)
     scale: float = setting(20.0, "LoRA scale (mlx-lm's `scale`, not `alpha`).", gt=0)
     dropout: float = setting(0.0, "Dropout on the LoRA input.", min=0, max=0.99)
-    num_layers: int = setting(-1, "Adapt the last N transformer blocks; -1 adapts all.", min=-1)
+    num_layers: int = setting(
+        -1,
+        "Adapt the last N transformer blocks; -1 adapts all.",
+        min=-1,
+        refused=((0, "adapts no block; use -1 for all of them, or N >= 1"),),
+    )
     keys: list[str] | None = setting(
-        None, "Module paths inside a block to adapt, e.g. [self_attn.q_proj]; null = all linears."
+        None,
+        "Module paths inside a block to adapt, e.g. [self_attn.q_proj]; null = all linears.",
+        refused=(([], "adapts no module; use null for every linear, or name the modules"),),
     )
 
 
@@ -101,7 +120,7 @@ class DataConfig:
     subset: int | None = setting(
         None, "Draw N rows at random (seeded by data.subset_seed) before data.limit.", min=2
     )
-    subset_seed: int = setting(42, "Seed of the data.subset draw.", min=0)
+    subset_seed: int = setting(42, "Seed of the data.subset draw.", min=0, max=SEED_MAX)
     template: str | None = setting(
         None,
         "A paper prompt template by name; it replaces data.prompt_template and "
@@ -115,11 +134,14 @@ class DataConfig:
         choices=("skip", "truncate", "error"),
     )
     prompt_template: str = setting(
-        "{prompt}", "Final user turn for a plain prompt; {prompt} is the row's text."
+        "{prompt}",
+        "Final user turn for a plain prompt; {prompt} is the row's text.",
+        template=("prompt",),
     )
     context_template: str = setting(
         "{prompt}\n\nPlease respect the following requirements made by the user: {context}",
         "Final user turn for a row with a context; {prompt} and {context} are filled in.",
+        template=("prompt", "context"),
     )
     system_prompt: str | None = setting(
         None, "System message put before every prompt (paper: none)."
@@ -146,7 +168,9 @@ class GenerationConfig:
         "Responses that hit max_tokens: drop them, or keep them as generated (no EOS).",
         choices=("drop", "keep"),
     )
-    seed: int = setting(42, "Sampling seed; each prompt gets its own stream from it.", min=0)
+    seed: int = setting(
+        42, "Sampling seed; each prompt gets its own stream from it.", min=0, max=SEED_MAX
+    )
 
 
 @dataclass
@@ -154,7 +178,7 @@ class PairsConfig:
     negatives: str = setting(
         "random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES
     )
-    seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0)
+    seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0, max=SEED_MAX)
     samples: int = setting(
         1,
         "Answers sampled per prompt. Above 1, the chosen answer is the one the current model "
@@ -244,9 +268,9 @@ class TrainingConfig:
         10, "With on_nan=skip, stop after this many skipped steps.", min=0
     )
     memory_limit_gb: float | None = setting(
-        None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0
+        None, "Cap MLX's memory use (GB); null = MLX's default.", gt=0, max=MEMORY_MAX_GB
     )
-    seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0)
+    seed: int = setting(42, "Seed for data order, LoRA init and dropout.", min=0, max=SEED_MAX)
     report_to: str = setting(
         "none",
         "Also send the metrics, settings, evaluation table and plots to a tracker: "
@@ -274,7 +298,7 @@ class EvaluationConfig:
         "evaluation.limit (paper: GSM8K 200, ARC 500, seed 42).",
         min=2,
     )
-    subset_seed: int = setting(42, "Seed of the evaluation.subset draw.", min=0)
+    subset_seed: int = setting(42, "Seed of the evaluation.subset draw.", min=0, max=SEED_MAX)
     limit: int | None = setting(200, "Evaluate on the first N held-out prompts; null = all.", min=2)
     temperature: float = setting(0.1, "Sampling temperature for evaluation answers.", min=0)
     top_p: float = setting(0.9, "Nucleus sampling mass for evaluation answers.", gt=0, max=1)
@@ -287,7 +311,10 @@ class EvaluationConfig:
         min=1,
     )
     seed: int = setting(
-        1234, "Sampling seed for evaluation (the same for base and adapters).", min=0
+        1234,
+        "Sampling seed for evaluation (the same for base and adapters).",
+        min=0,
+        max=SEED_MAX,
     )
     judge: str | None = setting(
         None,
@@ -379,45 +406,70 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         return coerce(value, inner[0], key, where)
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{where}: '{key}' must be a list, got {value!r}")
+            raise UserError(f"{where}: '{key}' must be a list, got {_shown(value)}")
         return [coerce(v, args[0], key, where) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{where}: '{key}' must be true or false, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be true or false, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise UserError(f"{where}: '{key}' must be an integer, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be an integer, got {_shown(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+        # PyYAML reads 1e-5 (no dot) as a string; an int past a float's range is no number
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
-        raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be a number, got {_shown(value)}")
     if hint is str:
         if isinstance(value, str):
-            return value
-        raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
+            return _text(value, key, where)
+        raise UserError(f"{where}: '{key}' must be a string, got {_shown(value)}")
     raise TypeError(f"unsupported setting type {hint!r} for {key}")
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: a huge number or text cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: str, key: str, where: str) -> str:
+    """A string setting that a path, a tokenizer or a message can take whole."""
+    if "\x00" in value:
+        raise UserError(f"{where}: '{key}' holds a NUL character; remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{where}: '{key}' holds a lone surrogate, which is no character; write the "
+            "character itself"
+        ) from None
+    return value
 
 
 def check_limits(value: Any, f: dataclasses.Field, key: str, where: str) -> None:
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         shown = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-        raise UserError(f"{where}: '{key}' must be one of {shown}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be one of {shown}, got {_shown(value)}")
+    for refused, why in meta.get("refused", ()):
+        if value == refused and type(value) is type(refused):
+            raise UserError(f"{where}: '{key}' = {json.dumps(value)} {why}")
+    if "template" in meta:
+        check_template(key, value, set(meta["template"]), where)
     if value is None or isinstance(value, (bool, str, list)):
         return
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
+    top = meta.get("max", INT_MAX if isinstance(value, int) else None)
     if "min" in meta and value < meta["min"]:
-        raise UserError(f"{where}: '{key}' must be at least {meta['min']}, got {value}")
-    if "max" in meta and value > meta["max"]:
-        raise UserError(f"{where}: '{key}' must be at most {meta['max']}, got {value}")
+        raise UserError(f"{where}: '{key}' must be at least {meta['min']}, got {_shown(value)}")
+    if top is not None and value > top:
+        raise UserError(f"{where}: '{key}' must be at most {top}, got {_shown(value)}")
     if "gt" in meta and value <= meta["gt"]:
         raise UserError(f"{where}: '{key}' must be greater than {meta['gt']}, got {value}")
 
@@ -456,44 +508,59 @@ def flatten_yaml(data: Any, where: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the config ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    return flatten_yaml(data, str(path))
+    """A settings file as {'section.key': value}, read strictly (`reading.parse_yaml`)."""
+    text = reading.read_text(path, "config")
+    return flatten_yaml(reading.parse_yaml(text, str(path)), str(path))
 
 
-def check_template(key: str, template: str, names: set[str]) -> None:
-    """The template must use exactly `names` as its {fields} (literal braces are {{ }})."""
+def check_template(key: str, template: str, names: set[str], where: str = "settings") -> None:
+    """The template must use exactly `names` as its {fields}, each plain: no format spec,
+    conversion, index or attribute, and no positional field (literal braces are {{ }})."""
+    need = ", ".join("{" + n + "}" for n in sorted(names))
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = [p for p in string.Formatter().parse(template) if p[1] is not None]
     except ValueError as err:
         raise UserError(
-            f"{key}: {err} in {template!r}; write literal braces as {{{{ and }}}}"
+            f"{where}: '{key}': {err} in {_shown(template)}; write literal braces as {{{{ and }}}}"
         ) from None
-    fields = {f.split("!")[0].split(":")[0] for f in fields}
-    if fields != names:
-        need = ", ".join("{" + n + "}" for n in sorted(names))
-        raise UserError(f"{key} must use exactly {need} as fields, got {template!r}")
+    for _, name, spec, conversion in parsed:
+        if name not in names or spec or conversion:
+            shown = (
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise UserError(
+                f"{where}: '{key}' has the field {_shown(shown)}; use only {need}, "
+                "plain (no format spec, conversion, index or attribute)"
+            )
+    if {name for _, name, _, _ in parsed} != names:
+        raise UserError(
+            f"{where}: '{key}' must use exactly {need} as fields, got {_shown(template)}"
+        )
+
+
+def check_settings(config: Config, where: str = "settings") -> None:
+    """Every field's type and limits, as the YAML file and the command line are checked: a
+    Config built or changed in Python is held to the same rules."""
+    for section_name, section_type in sections().items():
+        section = getattr(config, section_name, None)
+        if type(section) is not section_type:
+            raise UserError(f"{where}: '{section_name}' must be a {section_type.__name__}")
+        for name, (hint, f) in settings_of(section_type).items():
+            key = f"{section_name}.{name}"
+            value = coerce(getattr(section, name), hint, key, where)
+            check_limits(value, f, key, where)
+            setattr(section, name, value)
 
 
 def validate(config: Config, command: str = "train") -> Config:
     """Rules across keys that one field's limits cannot state, and the keys `command`
     ('train' or 'evaluate') needs: every check that spans sections is here."""
+    check_settings(config)
     data = config.data
-    check_template("data.prompt_template", data.prompt_template, {"prompt"})
-    check_template("data.context_template", data.context_template, {"prompt", "context"})
     if data.template is not None:
         defaults = DataConfig()
         changed = [
@@ -520,6 +587,7 @@ def validate(config: Config, command: str = "train") -> Config:
             "pairs.negatives=majority_vote votes among pairs.samples answers per prompt; "
             f"set pairs.samples to at least 3 (got {config.pairs.samples})"
         )
+    check_loss_settings(config.training)
     if config.training.fresh_prompts and config.training.rounds > 1 and not data.limit:
         raise UserError(
             "training.fresh_prompts needs data.limit: each round takes the next data.limit "
@@ -565,6 +633,21 @@ def from_dict(data: dict[str, Any], where: str) -> Config:
     return apply(Config(), flatten_yaml(data, where), where)
 
 
+def _range_text(meta: Any) -> str:
+    """The limits of a setting, as the settings table states them."""
+    low = (
+        f"above {meta['gt']}"
+        if "gt" in meta
+        else f"at least {meta['min']}"
+        if "min" in meta
+        else ""
+    )
+    high = f"at most {meta['max']}" if "max" in meta else ""
+    refused = [f"not {json.dumps(value)}" for value, _ in meta.get("refused", ())]
+    said = ", ".join(part for part in (low, high, *refused) if part)
+    return f" Range: {said}." if said else ""
+
+
 def reference_markdown() -> str:
     """The settings table for the README (a test keeps the two in step)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
@@ -579,7 +662,7 @@ def reference_markdown() -> str:
                 if isinstance(value, str)
                 else str(value)
             )
-            meaning = f.metadata["help"]
+            meaning = f.metadata["help"] + _range_text(f.metadata)
             if "choices" in f.metadata:
                 meaning += (
                     " One of: "

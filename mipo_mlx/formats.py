@@ -26,13 +26,14 @@ Sources: a local .jsonl file, a .json file (a list of rows, or JSON lines), a
 
 from __future__ import annotations
 
-import json
+import os
 import random
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import reading
 from .errors import UserError
 from .files import read_jsonl
 
@@ -333,17 +334,10 @@ def _format_parser(format: str) -> Callable[[dict, str], Fields]:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """A .json file: a list of objects, or JSON lines under a .json name."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
-    if not text.lstrip().startswith("["):
-        yield from ((f"{path}:{n}", row) for n, row in read_jsonl(path))
+    if not reading.starts_with(path, "dataset", b"["):
+        yield from ((f"{path}:{n}", row) for n, row in read_jsonl(path, "dataset"))
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from None
+    data = reading.read_json(path, "dataset")
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise UserError(f"{path}: row {number} of the list is not a JSON object")
@@ -355,6 +349,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path}: reading parquet needs pyarrow; pip install pyarrow") from None
+    os.close(reading.open_file(path, "dataset"))  # a FIFO or device would block pyarrow
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises its own error types for a broken file
@@ -366,7 +361,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, raw record) for each record of one file."""
     if path.suffix == ".jsonl":
-        return ((f"{path}:{n}", row) for n, row in read_jsonl(path))
+        return ((f"{path}:{n}", row) for n, row in read_jsonl(path, "dataset"))
     if path.suffix == ".json":
         return _json_rows(path)
     if path.suffix == ".parquet":
@@ -375,7 +370,7 @@ def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _data_files(root: Path) -> list[Path]:
-    if root.is_file():
+    if not root.is_dir():  # a file, or something posing as one: the reader tells which
         return [root]
     return sorted(
         p
@@ -420,9 +415,11 @@ def _source_files(source: str, split: str | None) -> list[Path]:
     files = _data_files(root)
     if not files:
         raise UserError(f"{source}: no .jsonl, .json or .parquet files found")
-    if split is None or root.is_file():  # a file named on its own is read whatever the split says
+    if (
+        split is None or not root.is_dir()
+    ):  # a file named on its own is read whatever the split says
         return files
-    names = {f: f.name if root.is_file() else f.relative_to(root).as_posix() for f in files}
+    names = {f: f.name if not root.is_dir() else f.relative_to(root).as_posix() for f in files}
     chosen = [f for f in files if split in names[f]]
     if not chosen:
         raise UserError(

@@ -3,7 +3,9 @@
 Every loss takes the summed response log-probs of the policy and the reference,
 each of shape (B,), and returns (losses, chosen_rewards, rejected_rewards), each
 (B,). Rewards are the implicit DPO rewards beta * (log pi - log ref). Losses are
-chosen by name from `LOSSES`; there is no if/elif ladder.
+chosen by name from `LOSSES`; there is no if/elif ladder. Each takes every setting of
+`loss_settings.LOSS_SETTINGS`; `loss_settings.HONOURS` says which of them it honours, and the
+configuration refuses the others.
 
 Notation: h = (pi_c - ref_c) - (pi_r - ref_r), the difference of log-ratios.
 """
@@ -15,11 +17,16 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .loss_settings import HONOURS
+
 LossFn = Callable[..., tuple[mx.array, mx.array, mx.array]]
 LOSSES: dict[str, LossFn] = {}
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
+    if name not in HONOURS:
+        raise KeyError(f"loss {name!r}: say which settings it honours in loss_settings.HONOURS")
+
     def add(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         return fn

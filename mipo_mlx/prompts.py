@@ -23,9 +23,14 @@ from . import formats
 from .config import DataConfig
 from .errors import UserError
 from .files import read_jsonl
+from .tasks import requirements
+from .tasks.extract import label_problem
 
 ROLES = {"system", "user", "assistant"}
 PROMPT_KEYS = {"prompt", "messages", "context"}
+# No tokenizer makes a token of more characters: a prompt longer than this many characters a
+# token cannot fit data.max_prompt_tokens, and is skipped (or refused) without tokenising it.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass
@@ -59,9 +64,28 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return [{"role": t["role"], "content": t["content"]} for t in messages]
 
 
+def check_labels(extra: dict[str, Any], where: str) -> None:
+    """The keys evaluation reads ('answer', 'task', 'requirements' and 'topic'), checked as
+    the row is read: a bad label stops the run before any model loads."""
+    if extra.get("answer") is not None:
+        problem = label_problem(extra["answer"])
+        if problem is not None:
+            raise UserError(
+                f"{where}: 'answer' must be a number or a choice letter A-E (the label accuracy "
+                f"is measured against), got {problem}; fix it, or rename the key"
+            )
+    if "task" in extra and not (isinstance(extra["task"], str) and extra["task"].strip()):
+        raise UserError(f"{where}: 'task' must be a non-empty string naming the row's task")
+    if "requirements" in extra:
+        problem = requirements.requirements_problem(extra)
+        if problem is not None:
+            raise UserError(f"{where}: {problem} (rows of the requirements task)")
+
+
 def parse_row(row: dict, where: str) -> Prompt:
     """Normalise one JSONL row to a `Prompt`; `where` is 'file:line' for errors."""
     extra = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    check_labels(extra, where)
     context = row.get("context")
     if context is not None and (not isinstance(context, str) or not context.strip()):
         raise UserError(f"{where}: 'context' must be a non-empty string")
@@ -200,7 +224,7 @@ def render_prompts(prompts: list[Prompt], tokenizer, data: DataConfig, source: s
     kept = Rendered([], [], [], 0)
     for prompt in prompts:
         messages = messages_for(prompt, user_text(prompt.question, prompt.context, data), data)
-        ids = fit_length(render(tokenizer, messages, data.enable_thinking), data, prompt.where)
+        ids = fit_length(tokens(tokenizer, messages, data, prompt.where), data, prompt.where)
         if ids is None:
             kept.skipped += 1
             continue
@@ -215,8 +239,25 @@ def render_prompts(prompts: list[Prompt], tokenizer, data: DataConfig, source: s
     return kept
 
 
-def fit_length(ids: list[int], config: DataConfig, where: str) -> list[int] | None:
-    """Apply the long-prompt policy: None means skip this prompt."""
+def tokens(tokenizer, messages: list[dict[str, str]], config: DataConfig, where: str):
+    """Token ids of `messages`, or None for text too long to fit however it tokenises (a
+    prompt that data.long_prompts truncates is tokenised whole: its end is kept)."""
+    chars = sum(len(turn["content"]) for turn in messages)
+    if config.long_prompts == "truncate" or chars <= MAX_CHARS_PER_TOKEN * config.max_prompt_tokens:
+        return render(tokenizer, messages, config.enable_thinking)
+    if config.long_prompts == "error":
+        raise UserError(
+            f"{where}: prompt has {chars} characters, more than data.max_prompt_tokens="
+            f"{config.max_prompt_tokens} tokens hold; raise it or set data.long_prompts to "
+            "skip/truncate"
+        )
+    return None
+
+
+def fit_length(ids: list[int] | None, config: DataConfig, where: str) -> list[int] | None:
+    """Apply the long-prompt policy: None means skip this prompt (None ids: too long already)."""
+    if ids is None:
+        return None
     if len(ids) <= config.max_prompt_tokens:
         return ids
     if config.long_prompts == "error":

@@ -226,7 +226,7 @@ def test_yaml_not_utf8(tmp_path):
     path.write_bytes("model:\n  path: caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError) as err:
         load_yaml(path)
-    assert str(err.value) == f"{path}: not UTF-8 text; save the config as UTF-8"
+    assert str(err.value) == f"{path}:2: not UTF-8 text; re-save the file as UTF-8"
 
 
 def test_config_path_that_is_a_folder_is_a_user_error(tmp_path):
@@ -435,18 +435,19 @@ def test_validate_requires_prompts():
         (
             "prompt_template",
             "Answer this",
-            "data.prompt_template must use exactly {prompt} as fields, got 'Answer this'",
+            "settings: 'data.prompt_template' must use exactly {prompt} as fields, "
+            "got 'Answer this'",
         ),
         (
             "context_template",
             "{prompt} only",
-            "data.context_template must use exactly {context}, {prompt} as fields, "
+            "settings: 'data.context_template' must use exactly {context}, {prompt} as fields, "
             "got '{prompt} only'",
         ),
         (
             "context_template",
             "{context} only",
-            "data.context_template must use exactly {context}, {prompt} as fields, "
+            "settings: 'data.context_template' must use exactly {context}, {prompt} as fields, "
             "got '{context} only'",
         ),
     ],
@@ -462,10 +463,10 @@ def test_validate_template_missing_placeholder(key, template, message):
 @pytest.mark.parametrize(
     "template, message",
     [
-        ("{prompt} {name}", "data.prompt_template must use exactly {prompt} as fields"),
-        ("{prompt} {0}", "data.prompt_template must use exactly {prompt} as fields"),
-        ("{prompt} {}", "data.prompt_template must use exactly {prompt} as fields"),
-        ("{prompt} {", "data.prompt_template: Single '{' encountered in format string"),
+        ("{prompt} {name}", "settings: 'data.prompt_template' has the field '{name}'; only"),
+        ("{prompt} {0}", "settings: 'data.prompt_template' has the field '{0}'; only"),
+        ("{prompt} {}", "settings: 'data.prompt_template' has the field '{}'; only"),
+        ("{prompt} {", "settings: 'data.prompt_template': Single '{' encountered"),
     ],
 )
 def test_validate_template_with_other_braces(template, message):
@@ -497,7 +498,7 @@ def test_validate_rejects_escaped_prompt_placeholder():
     # and the rendered user turn is the literal text "{prompt}": the question is lost.
     config = valid_config()
     config.data.prompt_template = "Q: {{prompt}}"
-    with pytest.raises(UserError, match=r"data\.prompt_template must use exactly \{prompt\}"):
+    with pytest.raises(UserError, match=r"'data\.prompt_template' must use exactly \{prompt\}"):
         validate(config)
 
 
@@ -715,3 +716,89 @@ def test_every_field_has_help_text():
     for cls in sections().values():
         for name, (_, f) in settings_of(cls).items():
             assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], name
+
+
+# ---------------------------------------------------------------- ranges the libraries accept
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("training.seed", 2**32, "'training.seed' must be at most 4294967295, got 4294967296"),
+        ("generation.seed", 2**64, "'generation.seed' must be at most 4294967295"),
+        ("evaluation.subset_seed", -1, "'evaluation.subset_seed' must be at least 0, got -1"),
+        ("training.memory_limit_gb", 1e7, "'training.memory_limit_gb' must be at most 1000000.0"),
+        ("training.memory_limit_gb", 10**400, "'training.memory_limit_gb' must be a number, got a"),
+        ("training.beta", 10**400, "'training.beta' must be a number, got a huge number"),
+        ("lora.rank", 2**31, "'lora.rank' must be at most 2147483647"),
+        ("training.iters", 10**100, "'training.iters' must be at most 2147483647, got a huge"),
+        ("lora.num_layers", 0, "'lora.num_layers' = 0 adapts no block; use -1 for all of them"),
+        ("lora.keys", [], "'lora.keys' = [] adapts no module; use null for every linear"),
+        ("data.system_prompt", "a\x00b", "'data.system_prompt' holds a NUL character"),
+        ("data.prompts", "p\udcff.jsonl", "'data.prompts' holds a lone surrogate"),
+    ],
+    ids=lambda value: repr(value)[:24],
+)
+def test_values_past_what_the_libraries_take_are_refused(key, value, message):
+    with pytest.raises(UserError) as err:
+        apply(Config(), {key: value}, "c.yaml")
+    assert str(err.value).startswith(f"c.yaml: {message}")
+
+
+def test_seed_limits_are_what_numpy_and_mlx_accept():
+    import mlx.core as mx
+    import numpy as np
+
+    from mipo_mlx.config import SEED_MAX
+
+    np.random.seed(SEED_MAX)  # the legacy seeding: the narrowest of them
+    mx.random.seed(SEED_MAX * 1_000_003 + 10**6)  # the loop's per-step seed
+    with pytest.raises(ValueError):
+        np.random.seed(SEED_MAX + 1)
+
+
+@pytest.mark.parametrize(
+    "template", ["{prompt:>5}", "{prompt!r}", "{prompt[0]}", "{prompt.x}", "{0}", "{prompt:{x}}"]
+)
+def test_templates_are_checked_when_the_settings_are_read(tmp_path, template):
+    path = write_yaml(tmp_path, f"data:\n  prompt_template: '{template}'\n")
+    with pytest.raises(UserError) as err:
+        resolve(str(path), {})
+    assert str(err.value).startswith(f"{path}: 'data.prompt_template' has the field")
+
+
+@pytest.mark.parametrize(
+    "section, name, value, message",
+    [
+        ("training", "learning_rate", -1, "'training.learning_rate' must be greater than 0"),
+        ("generation", "temperature", -1, "'generation.temperature' must be at least 0"),
+        ("generation", "top_p", 5, "'generation.top_p' must be at most 1"),
+        ("training", "batch_size", "4", "'training.batch_size' must be an integer, got '4'"),
+        ("lora", "keys", "q_proj", "'lora.keys' must be a list"),
+        ("data", "context_template", "{context}", "'data.context_template' must use exactly"),
+    ],
+)
+def test_validate_checks_every_field_as_the_command_line_does(section, name, value, message):
+    config = valid_config()
+    setattr(getattr(config, section), name, value)
+    with pytest.raises(UserError) as err:
+        validate(config)
+    assert str(err.value).startswith(f"settings: {message}")
+
+
+def test_validate_refuses_a_section_of_the_wrong_type():
+    config = valid_config()
+    config.training = {"beta": 0.1}
+    with pytest.raises(UserError, match=r"^settings: 'training' must be a TrainingConfig$"):
+        validate(config)
+
+
+def test_run_refuses_bad_settings_before_anything_is_written(tmp_path):
+    from mipo_mlx.pipeline import run
+
+    config = valid_config()
+    config.output.dir = str(tmp_path / "out")
+    config.training.learning_rate = -1
+    with pytest.raises(UserError, match=r"'training\.learning_rate' must be greater than 0"):
+        run(config)
+    assert not (tmp_path / "out").exists()

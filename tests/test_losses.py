@@ -12,6 +12,9 @@ import math
 import mlx.core as mx
 import pytest
 
+from mipo_mlx import config
+from mipo_mlx.errors import UserError
+from mipo_mlx.loss_settings import HONOURS
 from mipo_mlx.losses import LOSSES, preference_metrics
 
 PC, PR, RC, RR = mx.array([-1.0]), mx.array([-3.0]), mx.array([-2.0]), mx.array([-2.0])
@@ -89,3 +92,34 @@ def test_gradient_sign_pushes_chosen_up():
     grad = mx.grad(lambda pc: LOSSES["sigmoid"](pc, PR, RC, RR, beta=0.1)[0].sum())(PC)
     expected = -0.1 * (1 / (1 + math.exp(0.2)))
     assert grad.item() == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("setting, other", [("beta", 0.3), ("label_smoothing", 0.2)])
+def test_a_loss_honours_exactly_the_settings_its_registry_entry_names(name, setting, other):
+    """Changing a setting changes a loss's values (loss or rewards) if and only if
+    loss_settings.HONOURS says the loss honours it: the table the configuration checks is
+    the functions' own behaviour."""
+    assert set(LOSSES) == set(HONOURS) == set(config.LOSSES)
+    changed = value(name, **{setting: other}) if setting != "beta" else beta_value(name, other)
+    assert (changed != value(name)) == (setting in HONOURS[name])
+
+
+def beta_value(name, beta):
+    losses, rc, rr = LOSSES[name](PC, PR, RC, RR, beta=beta)
+    return losses.item(), rc.item(), rr.item()
+
+
+@pytest.mark.parametrize("name", ["hinge", "ipo", "sppo_hard", "nca_pair", "sft"])
+def test_label_smoothing_on_a_loss_that_ignores_it_is_refused_before_any_stage(name):
+    settings = config.Config()
+    settings.model.path, settings.data.prompts = "m", "p.jsonl"
+    settings.training.loss, settings.training.label_smoothing = name, 0.1
+    with pytest.raises(
+        UserError,
+        match=f"training.label_smoothing=0.1 has no effect on "
+        f"training.loss={name} \\(only sigmoid, robust use it\\)",
+    ):
+        config.validate(settings)
+    settings.training.label_smoothing = 0.0
+    config.validate(settings)

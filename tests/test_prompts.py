@@ -80,9 +80,9 @@ def test_parse_row_single_message():
 
 def test_parse_row_prompt_with_context():
     prompt = parse_row(
-        {"prompt": "Plan a trip.", "context": "I hate flying.", "answer": "train"}, "f:2"
+        {"prompt": "Plan a trip.", "context": "I hate flying.", "answer": "B"}, "f:2"
     )
-    assert prompt == Prompt("f:2", "Plan a trip.", "I hate flying.", [], {"answer": "train"})
+    assert prompt == Prompt("f:2", "Plan a trip.", "I hate flying.", [], {"answer": "B"})
 
 
 def test_parse_row_null_context_means_none():

@@ -10,6 +10,7 @@ few-shot prompt (GSM8K 8-shot) may go on to invent the next exemplar and answer 
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
@@ -17,6 +18,8 @@ _HASHES = re.compile(r"####\s*\$?\s*" + _NUMBER)
 _ANSWER_IS = re.compile(r"the answer is\s*:?\s*\$?\s*" + _NUMBER, re.IGNORECASE)
 _LETTER = re.compile(r"the answer is\s*:?\s*\(?([A-E])\b", re.IGNORECASE)
 _NEXT_EXEMPLAR = re.compile(r"\n\s*Question:")
+_LABEL_NUMBER = re.compile(_NUMBER)
+LABEL_LETTERS = "ABCDE"
 
 
 def own_answer(response: str) -> str:
@@ -51,3 +54,17 @@ def is_correct(response: str, answer: str) -> bool:
         return extract_letter(response) == answer.upper()
     got = extract_number(response)
     return got is not None and got == _number(answer)
+
+
+def label_problem(answer) -> str | None:
+    """Why `answer` is no label `is_correct` can match (None when it is one): a label is a
+    number as the extraction reads it ('72', '-3', '1,234', '2.5', or a JSON number) or a
+    choice letter A-E."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return f"a {type(answer).__name__}"
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return f"{answer}"
+    text = str(answer)
+    if _LABEL_NUMBER.fullmatch(text) or (len(text) == 1 and text.upper() in LABEL_LETTERS):
+        return None
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."

@@ -380,6 +380,25 @@ def requirements_from_row(row: dict) -> tuple[Requirement, ...]:
     return tuple(Requirement(r["kind"], r["value"]) for r in row["requirements"])
 
 
+def requirements_problem(row: dict) -> str | None:
+    """Why a row's 'requirements' and 'topic' are not what `requirements_from_row` and
+    `well_formed` read (None when they are): a non-empty list of {kind, value} and a known
+    topic."""
+    listed = row["requirements"]
+    if not isinstance(listed, list) or not listed:
+        return "'requirements' must be a non-empty list of {kind, value}"
+    for r in listed:
+        if not isinstance(r, dict) or set(r) != {"kind", "value"} or not isinstance(r["kind"], str):
+            return "each of 'requirements' must be {kind, value}"
+        try:
+            Requirement(r["kind"], r["value"])
+        except ValueError as err:
+            return f"'requirements': {err}"
+    if not isinstance(row.get("topic"), str) or row["topic"] not in TOPICS:
+        return f"'topic' must name one of the topics ({', '.join(TOPICS)})"
+    return None
+
+
 def compliance(item_or_requirements, answer: str) -> list[bool]:
     """One verdict per requirement, in order, for an Item or a sequence of Requirements."""
     requirements = getattr(item_or_requirements, "requirements", item_or_requirements)

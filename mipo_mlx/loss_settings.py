@@ -1,0 +1,35 @@
+"""Which settings each preference loss honours: the loss registry's contract (`losses.LOSSES`
+holds the functions; tests/test_losses.py checks each one against this table), read without
+mlx so that `config.validate` refuses a setting the chosen loss would ignore before any slow
+stage.
+"""
+
+from __future__ import annotations
+
+from .errors import UserError
+
+# training.<setting> a loss function takes; each loss honours some of them.
+LOSS_SETTINGS = ("beta", "label_smoothing")
+HONOURS: dict[str, tuple[str, ...]] = {
+    "sigmoid": ("beta", "label_smoothing"),  # conservative DPO
+    "robust": ("beta", "label_smoothing"),  # the label-flip rate
+    "hinge": ("beta",),
+    "ipo": ("beta",),
+    "sppo_hard": ("beta",),
+    "nca_pair": ("beta",),
+    "sft": ("beta",),  # not in its loss: it scales the rewards reported beside DPO runs'
+}
+
+
+def check_loss_settings(training) -> None:
+    """Refuse a training.<setting> off its default that training.loss would ignore."""
+    defaults = type(training)()
+    for name in LOSS_SETTINGS:
+        value = getattr(training, name)
+        if name not in HONOURS[training.loss] and value != getattr(defaults, name):
+            users = ", ".join(loss for loss, honoured in HONOURS.items() if name in honoured)
+            raise UserError(
+                f"training.{name}={value} has no effect on training.loss={training.loss} (only "
+                f"{users} use it); leave it at {getattr(defaults, name)} or choose one of those "
+                "losses"
+            )
