@@ -23,21 +23,44 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
 
 from .card import model_card
 from .errors import UserError, reports_user_errors
-from .files import atomic_folder
+from .files import atomic_folder, check_output_place, folder_lock
 from .gguf_file import FILE_TYPES, check_base
 from .hub import check_repo_id, publish, require_token
 
 MARKER = ".mipo_mlx_export"  # in every folder export writes; --overwrite replaces only those
 
 
-def check_export_folder(out: Path, run: Path, overwrite: bool) -> None:
-    """Export replaces nothing it did not write: never the run, a folder holding it or one
-    inside it, and with --overwrite only a folder an earlier export wrote."""
+def base_model(run: Path) -> str | None:
+    """The run's model.path as its config.yaml says (None where it cannot say: the fuse
+    reports a damaged config.yaml in its own words)."""
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        path = saved["model"]["path"]
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+        return None
+    return path if isinstance(path, str) else None
+
+
+def check_export_place(out: Path, given: str, run: Path) -> None:
+    """Export writes where nothing else lives: not the working directory, the base model's
+    folder or the run's, nor a folder holding or inside one of them. A symbolic link is refused
+    rather than followed: the folder is replaced by renames, which would replace the link."""
+    check_output_place(out, given, "--output", base_model(run))
+    if out.is_symlink():
+        raise UserError(
+            f"--output {given}: is a symbolic link (to {os.readlink(out)}); give the folder "
+            "it points to, or another --output"
+        )
     target, adapters = out.resolve(), run.resolve()
     if target == adapters or target in adapters.parents or adapters in target.parents:
         where = (
@@ -48,6 +71,11 @@ def check_export_folder(out: Path, run: Path, overwrite: bool) -> None:
             else "is inside the adapters folder"
         )
         raise UserError(f"--output {out}: {where}; choose a folder outside {run}")
+
+
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """Export replaces nothing it did not write: with --overwrite only a folder an earlier
+    export wrote."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --output")
     if out.exists() and any(out.iterdir()):
@@ -60,6 +88,33 @@ def check_export_folder(out: Path, run: Path, overwrite: bool) -> None:
                 f"{out}: not a folder mipo_mlx.export wrote, and --overwrite replaces only "
                 "those; choose an empty or new --output"
             )
+
+
+class Interrupted(BaseException):
+    """The first SIGINT/SIGTERM during export (a BaseException: no `except Exception` on the
+    way out may take it for a failure of its own)."""
+
+
+@contextmanager
+def stops_at_once():
+    """The first SIGINT or SIGTERM raises `Interrupted` wherever export is (a fuse has no step
+    worth finishing); later ones are ignored, so that removing the partial folder completes."""
+    if threading.current_thread() is not threading.main_thread():  # no handlers there
+        yield
+        return
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        if not seen:
+            seen.append(signum)
+            raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +167,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a folder an earlier export wrote"
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the base model's files run code (never taken from the run's config.yaml)",
+    )
     return p
 
 
@@ -124,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not run.is_dir():
         raise UserError(f"{run}: not found; --adapters must be a folder written by mipo_mlx.train")
-    check_export_folder(out, run, args.overwrite)
+    check_export_place(out, args.output, run)
+    check_export_folder(out, args.overwrite)
     for flag, repo in (("--upload-repo", args.upload_repo), ("--upload-pairs-repo", pairs_repo)):
         if repo:
             check_repo_id(repo, flag)
@@ -140,18 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     # use TF32 (NVIDIA GPUs, Apple M5), unless the user chose otherwise
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     require_mlx()
-    from . import gguf_file
-    from .fuse import build, requantize, save_folder
-
-    fused = build(run, args.force)
-    with atomic_folder(out) as folder:  # a failure leaves an earlier output as it was
-        gguf = gguf_file.export(folder, fused, args.gguf, args.force) if args.gguf else None
-        drift = requantize(fused, args.quantize) if args.quantize else None
-        card = model_card(
-            run, fused.config, fused.model_config, fused.check, drift, args.quantize, gguf
-        )
-        save_folder(folder, fused.model, fused.tokenizer, fused.model_config, card)
-        (folder / MARKER).write_text(f"fused from {run.resolve()}\n", encoding="utf-8")
+    try:
+        with folder_lock(out, "--output", replaced=True), stops_at_once():
+            check_export_folder(out, args.overwrite)  # again: another export may just have ended
+            write_export(run, out, args)
+    except Interrupted as stop:
+        print(f"{stop}: export stopped; nothing was written to {out}", file=sys.stderr)
+        return 130
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({len(files)} files); load it with mlx_lm.load('{out}')")
     if args.upload_repo:
@@ -165,6 +221,23 @@ def main(argv: list[str] | None = None) -> int:
             kind="dataset",
         )
     return 0
+
+
+def write_export(run: Path, out: Path, args: argparse.Namespace) -> None:
+    """Fuse and check, then write the folder whole or not at all (a failure or a stop leaves
+    an earlier output as it was, and no partial folder)."""
+    from . import gguf_file
+    from .fuse import build, requantize, save_folder
+
+    fused = build(run, args.force, args.trust_remote_code)
+    with atomic_folder(out) as folder:
+        gguf = gguf_file.export(folder, fused, args.gguf, args.force) if args.gguf else None
+        drift = requantize(fused, args.quantize) if args.quantize else None
+        card = model_card(
+            run, fused.config, fused.model_config, fused.check, drift, args.quantize, gguf
+        )
+        save_folder(folder, fused.model, fused.tokenizer, fused.model_config, card)
+        (folder / MARKER).write_text(f"fused from {run.resolve()}\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

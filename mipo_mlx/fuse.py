@@ -18,7 +18,8 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, save_config, save_model
 
 from . import model as mdl
-from .config import Config, apply, load_yaml
+from .cli import run_config
+from .config import Config, validate
 from .errors import UserError
 from .pair_file import read_pairs
 from .progress import Progress
@@ -115,20 +116,23 @@ class Fused:
     check: Check
 
 
-def build(run: Path, force: bool) -> Fused:
+def build(run: Path, force: bool, trust_remote_code: bool = False) -> Fused:
     """Load base + adapters, fuse into de-quantized weights, and check the fused model against
-    base + adapters on the run's held-out pairs."""
+    base + adapters on the run's held-out pairs. The model may run code shipped with it only
+    when `trust_remote_code` (this command line) says so, never because the run's config does."""
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise UserError(
             f"{config_path}: not found; --adapters must be a folder written by mipo_mlx.train"
         )
-    config = apply(Config(), load_yaml(config_path), str(config_path))
+    config = run_config(run, "--trust-remote-code")
+    config.model.trust_remote_code = trust_remote_code
     if not config.model.path:
         raise UserError(
             f"{config_path}: model.path is not set; restore the run's config.yaml, or set "
             "model.path in it to the base model the adapters were trained on"
         )
+    validate(config, "export")
     model, tokenizer, model_config = mdl.load(config.model)
     pairs = check_pairs(run, vocab=mdl.vocab_size(model))
     pad = mdl.pad_id(tokenizer)
@@ -176,7 +180,13 @@ def requantize(fused: Fused, bits: int) -> Check:
 def save_folder(out: Path, model, tokenizer, model_config: dict, card: str) -> list[Path]:
     """Weights, config.json, tokenizer (chat template included) and the model card."""
     with Progress(1, f"save {out}"):
-        save_model(out, model)
+        try:
+            save_model(out, model)
+        except RuntimeError as err:  # MLX reports a failed write (a full disk) this way
+            raise UserError(
+                f"--output: could not write the fused weights ({err}); free space on its disk "
+                "or choose a writable folder (nothing was written)"
+            ) from None
     save_config(dict(model_config), out / "config.json")
     tokenizer.save_pretrained(str(out))
     (out / "README.md").write_text(card, encoding="utf-8")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from .files import write_json
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN = "wandb_run.json"  # the W&B run's id and project: --resume continues that run
+# What each tracker writes at the top of the run folder (recorded, so an overwrite clears it)
+TRACKER_FILES = {"tensorboard": (TENSORBOARD_DIR,), "wandb": ("wandb", WANDB_RUN)}
 MODULES = {"tensorboard": "tensorboardX", "wandb": "wandb"}
 
 
@@ -95,8 +96,6 @@ class TensorBoard(Tracker):
     def write(self, step: int, **event) -> None:
         Event = self.tbx.proto.event_pb2.Event
         if self.file is None:  # opened at first use: after the run's own checks passed
-            if not self.resume and self.logdir.exists():  # an earlier run's curves would mix in
-                shutil.rmtree(self.logdir)
             self.logdir.mkdir(parents=True, exist_ok=True)
             writer = self.tbx.event_file_writer.EventsWriter
             self.file = writer(str(self.logdir / "events"), f".{os.getpid()}")
@@ -175,7 +174,7 @@ def start(config: Config, folder: Path, resume: bool) -> Tracker:
             f"({_first_line(err)}): pip install -U 'mipo_mlx[{kind}]', or set "
             "training.report_to: none"
         ) from None
-    files = folder / (TENSORBOARD_DIR if kind == "tensorboard" else "wandb")
+    files = folder / TRACKER_FILES[kind][0]
     if files.exists() and not files.is_dir():  # W&B would quietly write to a temporary folder
         raise UserError(
             f"training.report_to={kind}: {files} is not a folder; move it away or choose "

@@ -2,7 +2,9 @@
 uploads."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -352,3 +354,95 @@ def test_upload_failures_are_one_line_without_the_token(tmp_path, monkeypatch, e
     message = str(caught.value)
     assert fragment in message and "\n" not in message and "publish again" in message
     assert "hf_secret_token_value" not in message
+
+
+def test_export_leaves_the_users_old_and_partial_folders_alone(plain_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    for name in ("m.old", "m.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("the user's")
+    assert export.main(["--adapters", str(plain_run), "--output", str(out)]) == 0
+    assert export.main(["--adapters", str(plain_run), "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old", "m.partial"]
+    for name in ("m.old", "m.partial"):
+        assert (tmp_path / name / "mine.txt").read_text() == "the user's"
+
+
+def test_export_refuses_a_link_nothing_and_the_working_directory(
+    plain_run, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    for given, fragment in (
+        ("link", "--output link: is a symbolic link"),
+        ("", "--output is empty (the working directory)"),
+        (".", "--output .: is the working directory"),
+    ):
+        assert export.main(["--adapters", str(plain_run), "--output", given]) == 2
+        assert fragment in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert not any((tmp_path / "real").iterdir())
+
+
+def test_a_second_export_to_the_same_folder_is_refused_naming_the_first(plain_run, tmp_path):
+    from mipo_mlx.files import folder_lock
+
+    out = tmp_path / "f"
+    with folder_lock(out, "--output", replaced=True):  # the first export, holding it
+        done = run_export("--adapters", str(plain_run), "--output", str(out))
+    assert_user_error(done, f"{out}: in use by process {os.getpid()}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class Terminated(Exception):
+    pass
+
+
+def test_sigterm_during_export_stops_it_and_leaves_nothing(plain_run, tmp_path, monkeypatch):
+    """The first SIGTERM, mid-save: one line, exit 130, no partial folder, no lock file."""
+    from mipo_mlx import fuse
+
+    real_save = fuse.save_folder
+
+    def save_then_terminated(folder, *args):
+        real_save(folder, *args)  # a whole model's files in the partial folder
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def guard(signum, frame):  # were export to install no handler of its own
+        raise Terminated
+
+    monkeypatch.setattr(fuse, "save_folder", save_then_terminated)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        out = tmp_path / "f"
+        code = export.main(["--adapters", str(plain_run), "--output", str(out)])
+    finally:
+        assert signal.getsignal(signal.SIGTERM) is guard  # put back as it was
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(plain_run, tmp_path):
+    """A file-size limit (SIGXFSZ ignored: writes past it fail as on a full disk), set once
+    the libraries are loaded, as in test_resume."""
+    small_disk = (
+        "import runpy, signal, resource, sys, mipo_mlx, mlx.core, mlx_lm\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))\n"
+        "sys.argv = ['mipo_mlx.export', *sys.argv[1:]]\n"
+        "runpy.run_module('mipo_mlx.export', run_name='__main__')\n"
+    )
+    out = tmp_path / "f"
+    done = subprocess.run(
+        [sys.executable, "-c", small_disk, "--adapters", str(plain_run), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert "could not write the fused weights" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from mipo_mlx import files
 from mipo_mlx.errors import UserError
 from mipo_mlx.files import (
     append_jsonl,
+    atomic_folder,
     atomic_path,
+    newest_folder,
+    partial_and_old,
     read_jsonl,
     write_json,
     write_jsonl,
@@ -123,7 +128,7 @@ def test_read_jsonl_missing_file(tmp_path):
 
 
 def test_read_jsonl_folder_is_not_a_file(tmp_path):
-    with pytest.raises(UserError, match=r"rows file not found"):
+    with pytest.raises(UserError, match=r"is a folder, not a rows file"):
         list(read_jsonl(tmp_path))
 
 
@@ -149,3 +154,89 @@ def test_read_jsonl_bad_line(tmp_path, content, message):
     with pytest.raises(UserError) as err:
         next(rows)
     assert str(err.value).startswith(f"{target}{message}")
+
+
+def test_atomic_folder_never_touches_a_users_old_or_partial_folder(tmp_path):
+    """`m.old/` and `m.partial/` are the user's names: replacing `m` leaves them as they were,
+    and leaves nothing of its own beside or inside `m`."""
+    target = tmp_path / "m"
+    for name in ("m.old", "m.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("the user's")
+    for text in ("first", "second"):
+        with atomic_folder(target) as folder:
+            (folder / "data.txt").write_text(text)
+    assert (target / "data.txt").read_text() == "second"
+    assert sorted(p.name for p in target.iterdir()) == ["data.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old", "m.partial"]
+    for name in ("m.old", "m.partial"):
+        assert (tmp_path / name / "mine.txt").read_text() == "the user's"
+
+
+def test_a_kill_between_the_renames_leaves_a_whole_folder_found_then_removed(tmp_path):
+    """What a kill between atomic_folder's renames leaves: the previous folder, marked, at the
+    `.old` name and no target; a kill before a partial folder's mark leaves it empty."""
+    target = tmp_path / "checkpoint"
+    with atomic_folder(target) as folder:
+        (folder / "step").write_text("1")
+    partial, old = partial_and_old(target)
+    target.rename(old)
+    (old / files.MARK).write_text("")
+    partial.mkdir()
+    assert newest_folder(target) == old and (old / "step").read_text() == "1"
+    with atomic_folder(target) as folder:
+        (folder / "step").write_text("2")
+    assert (target / "step").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert newest_folder(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_an_unmarked_folder_under_a_temporary_name_is_refused_and_kept(tmp_path, which):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "data.txt").write_text("before")
+    taken = partial_and_old(target)[which]
+    taken.mkdir()
+    (taken / "mine.txt").write_text("the user's")
+    with pytest.raises(UserError, match="not a folder mipo_mlx wrote"):
+        with atomic_folder(target) as folder:
+            (folder / "data.txt").write_text("after")
+    assert (taken / "mine.txt").read_text() == "the user's"
+    assert (target / "data.txt").read_text() == "before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", taken.name])
+
+
+def test_output_place_refuses_nothing_the_working_directory_and_the_model_folder(
+    tmp_path, monkeypatch
+):
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    refused = {
+        "": "output.dir is empty (the working directory)",
+        ".": "output.dir .: is the working directory",
+        str(model): "is the model folder",
+        "models/base/run": "is inside the model folder",
+        "models": "holds the model folder",
+    }
+    for given, fragment in refused.items():
+        with pytest.raises(UserError) as err:
+            files.check_output_place(Path(given), given, "output.dir", str(model))
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    for given in ("run", "models/base-run", "models/other/run"):  # beside the model: fine
+        files.check_output_place(Path(given), given, "output.dir", str(model))
+    files.check_output_place(Path("run"), "run", "output.dir", "org/hub-model")
+
+
+def test_lock_of_a_replaced_folder_lies_beside_it_and_names_its_holder(tmp_path):
+    target = tmp_path / "new" / "fused"
+    with files.folder_lock(target, "--output", replaced=True):
+        assert not target.exists()  # atomic_folder makes it
+        assert [p.name for p in target.parent.iterdir()] == [".fused.mipo_mlx.lock"]
+        with pytest.raises(UserError) as err:
+            with files.folder_lock(target, "--output", replaced=True):
+                pass
+        assert f"{target}: in use by process" in str(err.value)
+        assert "choose another --output" in str(err.value)
+    assert not (tmp_path / "new").exists()  # nothing left of the lock, nor the folder it made

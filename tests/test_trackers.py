@@ -311,9 +311,9 @@ def test_a_file_where_the_tracker_writes_stops_the_run_before_the_model_loads(
     code = main(run_args(toy_model_dir, prompts, out, "--training.report_to", kind))
     err = capsys.readouterr().err
     assert code == 2
-    assert err == (
-        f"error: training.report_to={kind}: {out / kind} is not a folder; move it away or "
-        "choose another output.dir\n"
+    assert err == (  # a name the run would write, and no run of mipo_mlx wrote there
+        f"error: {out}: holds {kind}, which no run of mipo_mlx wrote there and this run would "
+        "write; move them away or choose another output.dir\n"
     )
 
 
