@@ -33,6 +33,7 @@ class TrainState:
     batches_done: int  # micro-batches consumed: batch k of the stream is a pure function of k
     adapters: dict[str, mx.array]
     optimizer: dict[str, mx.array]  # flattened optimizer state
+    where: str = "the checkpoint"  # the folder it was read from, for messages
 
 
 def save(out: Path, state: TrainState, made_from: str | None = None) -> Path:
@@ -78,7 +79,7 @@ def load(out: Path, made_from: Callable[[], str | None] | None = None) -> TrainS
     optimizer = {
         k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")
     }
-    return TrainState(meta["step"], meta["batches_done"], adapters, optimizer)
+    return TrainState(meta["step"], meta["batches_done"], adapters, optimizer, str(folder))
 
 
 def _layout(arrays: dict[str, mx.array]) -> dict[str, list]:
@@ -103,6 +104,7 @@ def load_on_every_rank(
         return {
             "step": state.step,
             "batches_done": state.batches_done,
+            "where": state.where,
             "adapters": _layout(state.adapters),
             "optimizer": _layout(state.optimizer),
         }
@@ -120,6 +122,7 @@ def load_on_every_rank(
         meta["batches_done"],
         arrays("adapters", state and state.adapters),
         arrays("optimizer", state and state.optimizer),
+        meta["where"],
     )
 
 
@@ -129,9 +132,26 @@ def capture(model, optimizer, step: int, batches_done: int) -> TrainState:
     )
 
 
+def check_fits(where: str, what: str, saved: dict[str, mx.array], wanted: dict) -> None:
+    """Every array of `saved` has its key and shape in `wanted`, and none is missing: a
+    checkpoint of other adapters is refused, never loaded in part."""
+    for key in sorted(set(saved) | set(wanted)):
+        if key not in saved or key not in wanted or saved[key].shape != wanted[key].shape:
+            have = tuple(saved[key].shape) if key in saved else "nothing"
+            need = tuple(wanted[key].shape) if key in wanted else "nothing"
+            raise UserError(
+                f"{where}: its {what} do not fit this run ({key}: saved {have}, needed {need}); "
+                "resume with the settings it was made with, or delete the checkpoint folder to "
+                "train from the start"
+            )
+
+
 def restore(model, optimizer, state: TrainState) -> None:
-    """Put adapters and optimizer state back (before the step is compiled)."""
+    """Put adapters and optimizer state back (before the step is compiled), each checked key
+    by key and shape by shape against the model's trainable adapters."""
+    check_fits(state.where, "adapters", state.adapters, adapter_weights(model))
     model.load_weights(list(state.adapters.items()), strict=False)
     optimizer.init(model.trainable_parameters())
+    check_fits(state.where, "optimizer state", state.optimizer, dict(tree_flatten(optimizer.state)))
     optimizer.state = tree_unflatten(list(state.optimizer.items()))
     mx.eval(model.parameters(), optimizer.state)

@@ -22,7 +22,7 @@ from . import model as mdl
 from . import trackers
 from .batching import total_steps
 from .config import Config, to_dict, validate
-from .errors import StopFlag, UserError
+from .errors import StopFlag, Stopped, UserError
 from .judge import add_judge
 from .measure import (
     Heldout,
@@ -56,7 +56,8 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
     """The whole job: (evaluate the base,) generate pairs, score them, train adapters (, evaluate).
 
     With `resume_run`, finished stages in the output folder are reused and training
-    continues from its last checkpoint. SIGINT/SIGTERM stop at the next safe point.
+    continues from its last checkpoint. SIGINT/SIGTERM stop at the next safe point (`Stopped`),
+    from the main thread; from any other thread no signal handler is set.
     """
     validate(config)
     folder = RunFolder(config.output.dir)
@@ -104,15 +105,23 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
                         [p.extra for p in held.rendered.prompts],
                     ]
                 )
-            if resume_run:
-                folder.check_inputs(inputs)
+            if resume_run:  # the held-out prompts may change: see refresh_evaluation
+                folder.check_inputs({"train_prompts": inputs["train_prompts"]})
         if not resume_run:
             folder.start(config)
             folder.keep_inputs(inputs)
+            folder.keep_record(config, inputs.get("heldout_prompts"))
             if d.format != "prompts":
                 folder.keep_prompts("train_prompts.jsonl", prompts)
             if held_prompts and config.evaluation.format != "prompts":
                 folder.keep_prompts("eval_prompts.jsonl", held_prompts)
+        elif folder.refresh_evaluation(config, inputs.get("heldout_prompts")):
+            dist.say(
+                "the evaluation settings or held-out prompts changed since the run started: "
+                "the base and the adapters are evaluated again"
+            )
+        if dist.any_rank(stop()):  # a stop while the model loaded: before the first stage
+            raise Stopped(0, "before the first stage")
         tracker.log_config(to_dict(portable(config)))  # config.yaml's settings
         result = stages(config, folder, stop, model, tokenizer, rendered, held, valid, tracker)
         first = (held.rendered if held is not None else rendered).prompts[0]
@@ -158,14 +167,16 @@ def stages(
     results: dict[str, dict] = {}
     if held is not None:
         results["base"] = folder.cached_json(
-            "eval_base.json", lambda: answers(config, model, tokenizer, held)
+            "eval_base.json", lambda: answers(config, model, tokenizer, held, stop=stop)
         )
     guard = grd.Guard(
         config.guard,
         folder,
         model,
         valid,
-        lambda adapters, lean: answers(config, model, tokenizer, valid, adapters, lean, "valid"),
+        lambda adapters, lean: answers(
+            config, model, tokenizer, valid, adapters, lean, "valid", stop
+        ),
     )
     rounds = config.training.rounds
     steps = 0  # of the rounds so far: the tracker's steps run on from round to round
@@ -179,11 +190,11 @@ def stages(
             folder.round_adapters(k, model, config.lora, config.model.path)
         guard.score_round(k)
         if held is not None and rounds == 1:
-            results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
+            results["mipo"] = answers(config, model, tokenizer, held, adapters=True, stop=stop)
         elif held is not None:  # kept, so that a resumed run does not answer again
             results[f"round {k}"] = folder.cached_json(
                 f"eval_round-{k}.json",
-                lambda: answers(config, model, tokenizer, held, adapters=True),
+                lambda: answers(config, model, tokenizer, held, adapters=True, stop=stop),
             )
     verdict = guard.finish()
     if rounds > 1 or valid is not None:  # the last round's, or the one the guard kept
@@ -197,7 +208,9 @@ def stages(
     table = None
     if held is not None:
         add_compliance_win_rate(results)
-        add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
+        add_judge(
+            results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code, stop
+        )
         table = markdown_table(results)
         dist.main_only(write_report, folder.path, results, config.evaluation.plots)
         if config.evaluation.plots:
@@ -243,9 +256,16 @@ def one_round(
             model, tokenizer, rendered, config.pairs, generation, config.data, caches, stop
         )
     shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
-    if fresh:  # scored once, with the packing training uses, and stored with the pairs
-        add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
+    unscored = [p for p in pairs if p.reference_logps is None]
+    if unscored:  # scored once, with the packing training uses, and stored with the pairs
+        add_reference_logps(model, unscored, pad, config.training.score_batch_size, shared)
         folder.write_pairs(pairs)
+        if not fresh:  # never trained against a zero reference (reference-free DPO)
+            dist.say(
+                f"scored the reference log-probs of {len(unscored)} pair(s) of "
+                f"{folder.path / 'pairs.jsonl'} that had none"
+            )
+    if fresh:
         dist.say(
             f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) "
             f"to {folder.path / 'pairs.jsonl'}"
@@ -268,20 +288,27 @@ def one_round(
 
 
 def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
-    """Base (and, given a run folder's adapters, base + adapters) on the held-out prompts."""
+    """Base (and, given a run folder's adapters, base + adapters) on the held-out prompts.
+    The settings are checked before the model loads; SIGINT/SIGTERM stop at the next batch
+    (`Stopped`), as in `run`."""
+    validate(config, "evaluate")
     prompts = heldout_prompts(config.evaluation)
     if config.evaluation.judge:
         mdl.check_source(config.evaluation.judge, "evaluation.judge")
-    model, tokenizer, _ = mdl.load(config.model)
-    held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
-    if adapters:  # read before any answer: a bad folder stops here, not after the base
-        mdl.load_adapters(model, Path(adapters))
-    with mdl.adapters_disabled(model) if adapters else nullcontext():
-        results = {"base": answers(config, model, tokenizer, held)}
-    if adapters:
-        results["mipo"] = answers(config, model, tokenizer, held, adapters=True)
-        add_compliance_win_rate(results)
-    add_judge(results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code)
+    stop = StopFlag()
+    with stop.installed():
+        model, tokenizer, _ = mdl.load(config.model)
+        stop.check("while the model loaded")
+        held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
+        if adapters:  # read before any answer: a bad folder stops here, not after the base
+            mdl.load_adapters(model, Path(adapters))
+        with mdl.adapters_disabled(model) if adapters else nullcontext():
+            results = {"base": answers(config, model, tokenizer, held, stop=stop)}
+        if adapters:
+            results["mipo"] = answers(config, model, tokenizer, held, adapters=True, stop=stop)
+            add_compliance_win_rate(results)
+        trust = config.model.trust_remote_code
+        add_judge(results, held.rendered.prompts, config.evaluation, trust, stop)
     return results
 
 
@@ -293,20 +320,27 @@ def answers(
     adapters: bool = False,
     lean: bool = False,
     where: str = "",
+    stop: StopFlag | None = None,
 ) -> dict:
     """The evaluation stage for the base model, or for base + adapters ('mipo'; PMI is always
     scored by the base, with the adapters off); `lean` skips the scoring, `where` names the
-    prompt set in the progress lines."""
+    prompt set in the progress lines; a `stop` request ends it after the answer or batch in
+    hand."""
     base = (lambda: mdl.adapters_disabled(model)) if adapters else nullcontext
-    return answer_and_measure(
-        model,
-        tokenizer,
-        held,
-        config.evaluation,
-        config.data,
-        config.generation.batch_size,
-        base,
-        ("mipo" if adapters else "base") + (f", {where}" if where else ""),
-        lean,
-        adapters,
-    )
+    label = ("mipo" if adapters else "base") + (f", {where}" if where else "")
+    try:
+        return answer_and_measure(
+            model,
+            tokenizer,
+            held,
+            config.evaluation,
+            config.data,
+            config.generation.batch_size,
+            base,
+            label,
+            lean,
+            adapters,
+            stop,
+        )
+    except Stopped:
+        raise Stopped(0, f"during the evaluation ({label})") from None

@@ -12,7 +12,8 @@ import contextlib
 import copy
 import hashlib
 import json
-import shutil
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +22,13 @@ import yaml
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import model as mdl
+from . import run_record, written
 from .config import Config, LoraConfig, to_dict, to_yaml
 from .errors import UserError
 from .files import (
     append_jsonl,
+    check_output_place,
     folder_lock,
-    partial_and_old,
     read_jsonl,
     read_lines,
     write_json,
@@ -36,11 +38,13 @@ from .files import (
 from .generate import Response
 from .pair_file import Pair, are_token_ids, pair_from_row, write_pairs
 from .prompts import Prompt, prompt_row
+from .trackers import TRACKER_FILES
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark
 # a run.
 STAGE_FILES = (
     "inputs.json",
+    run_record.RECORD,
     "metrics.jsonl",
     "pairs.jsonl",
     "eval_base.json",
@@ -52,17 +56,15 @@ STAGE_FILES = (
     "eval_prompts.jsonl",
 )
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
-# Settings that may differ between an interrupted run and its resumption: the run folder
-# resumes wherever it is now (moved, copied, or named from another working directory), and
-# where the metrics are also sent changes nothing the run computes.
-MAY_CHANGE = {
-    "output.dir",
-    "output.overwrite",
-    "training.memory_limit_gb",
-    "training.report_to",
-    "training.run_name",
-    "evaluation.plots",
-}
+# What else a run may write at the top of its folder (`run_names` adds the rounds')
+OUTPUT_FILES = (
+    mdl.ADAPTER_CONFIG,
+    "eval.md",
+    "eval.png",
+    "training.png",
+    written.RECORD,
+    *(name for names in TRACKER_FILES.values() for name in names),
+)
 # Settings naming local files or folders, kept absolute in config.yaml so that resume,
 # evaluate and export read the same ones from any working directory.
 LOCAL_PATHS = (
@@ -90,19 +92,31 @@ def _flat(data: dict) -> dict:
     return {f"{s}.{k}": v for s, body in data.items() for k, v in body.items()}
 
 
+def settings(config: Config) -> dict:
+    """`config` as flat dotted settings, local paths absolute (as config.yaml keeps them)."""
+    return _flat(to_dict(portable(config)))
+
+
+def evaluation_made_with(flat: dict, heldout: str | None) -> dict:
+    """The evaluation settings and held-out prompts that evaluation results are made with."""
+    return {
+        **{
+            k: v for k, v in flat.items() if k.startswith("evaluation.") and k != "evaluation.plots"
+        },
+        "heldout_prompts": heldout,
+    }
+
+
 def check_same_run(out: Path, config: Config) -> None:
-    """Resuming into `out` needs the settings it was started with (a few may change)."""
+    """Resuming into `out` needs the settings and the model it was started with (those in
+    `MAY_CHANGE` may differ): held to its record, not to config.yaml, which users edit."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         raise UserError(f"{out}: no config.yaml, so no run to resume; start it without --resume")
-    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flat(to_dict(portable(config)))
-    for key in sorted(now):
-        if key not in MAY_CHANGE and saved.get(key) != now[key]:
-            raise UserError(
-                f"{out}: belongs to another run ({key} was {saved.get(key)!r}, now {now[key]!r}); "
-                "resume with the same settings or choose another output.dir"
-            )
+    record = run_record.read(out / run_record.RECORD)
+    if record is None:  # started before runs kept a record: config.yaml is all there is
+        record = {"settings": _flat(yaml.safe_load(saved_path.read_text()) or {})}
+    run_record.check(out, record, settings(config))
 
 
 INPUTS = "inputs.json"  # fingerprints of what the run's answers and pairs were made from
@@ -146,14 +160,34 @@ def check_run_folder(out: Path, config: Config, resume: bool) -> None:
     if resume:
         check_same_run(out, config)
         return
-    earlier = [name for name in RUN_FILES if (out / name).exists()] + [
-        p.name for p in sorted(out.glob("round-*"))
-    ]
+    check_output_place(out, config.output.dir, "output.dir", config.model.path)
+    owned = written.owned(out, run_names)
+    foreign = [n for n in sorted(run_names(config.training.rounds) - owned) if _there(out, n)]
+    if foreign:
+        raise UserError(
+            f"{out}: holds {', '.join(foreign)}, which no run of mipo_mlx wrote there and this "
+            "run would write; move them away or choose another output.dir"
+        )
+    # A record alone (a run stopped before its first file) is no earlier run: it starts anew
+    earlier = [name for name in sorted(owned - {written.RECORD}) if _there(out, name)]
     if earlier and not config.output.overwrite:
         raise UserError(
             f"{out}: holds an earlier run ({', '.join(earlier)}); choose another "
             "output.dir or pass --output.overwrite true"
         )
+
+
+def run_names(rounds: int) -> set[str]:
+    """The names at the top of its folder that a run of `rounds` rounds may write."""
+    names = {*RUN_FILES, *OUTPUT_FILES}
+    for k in range(1, rounds + 1):
+        names |= {f"eval_round-{k}.json", f"guard_round-{k}.json"}
+        names |= {f"round-{k}"} if rounds > 1 else set()
+    return names
+
+
+def _there(folder: Path, name: str) -> bool:
+    return os.path.lexists(folder / name)
 
 
 class ResponseFile:
@@ -191,13 +225,19 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
+        self.written = written.Record(self.path)  # rank 0's: only it writes
+
+    def _write(self, names: tuple[str, ...], write: Callable, *args, **kwargs) -> None:
+        """Record `names` (rank 0), then write them: an overwrite removes only recorded names."""
+        dist.main_only(self.written.add, *names)
+        dist.main_only(write, *args, **kwargs)
 
     def round(self, k: int) -> RunFolder:
         """Round k's folder: the run folder for round 1, its `round-<k>/` for later rounds."""
         if k == 1:
             return self
         folder = RunFolder(self.path / f"round-{k}")
-        dist.main_only(folder.path.mkdir, parents=True, exist_ok=True)
+        self._write((folder.path.name,), folder.path.mkdir, parents=True, exist_ok=True)
         return folder
 
     def check(self, config: Config, resume: bool) -> None:
@@ -209,38 +249,65 @@ class RunFolder:
         return folder_lock(self.path) if dist.is_main() else contextlib.nullcontext()
 
     def start(self, config: Config) -> None:
-        """Create the folder and write config.yaml; with overwrite, clear the earlier run's stage
-        files."""
+        """Create the folder and write config.yaml; with overwrite, first remove what earlier
+        runs recorded writing there (and nothing else)."""
         dist.main_only(self._start, config)
 
     def _start(self, config: Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in STAGE_FILES:  # overwrite was asked for: start anew
-            (self.path / name).unlink(missing_ok=True)
-        for folder in (self.path / ckpt.NAME, *partial_and_old(self.path / ckpt.NAME)):
-            if folder.exists():
-                shutil.rmtree(folder)
-        earlier_rounds = ("round-*", "eval_round-*.json", "guard_round-*.json")
-        for earlier in (p for pattern in earlier_rounds for p in self.path.glob(pattern)):
-            if earlier.is_dir():
-                shutil.rmtree(earlier)
-            else:
-                earlier.unlink()
-        write_text(self.path / "config.yaml", to_yaml(portable(config)))
+        written.remove(self.path, written.owned(self.path, run_names))  # overwrite was asked for
+        self.written = written.Record(self.path)
+        # Written by the stages that follow, through other modules: recorded here, before them
+        e = config.evaluation
+        later = ["guard.json"] if config.guard.prompts else []
+        later += ["eval.json", "eval.md"] if e.prompts else []
+        later += ["eval.png", "training.png"] if e.prompts and e.plots else []
+        later += TRACKER_FILES.get(config.training.report_to, ())  # an earlier run's curves go
+        self.written.add(written.CONFIG, run_record.RECORD, *later)
+        write_text(self.path / written.CONFIG, to_yaml(portable(config)))
 
     def check_inputs(self, inputs: dict[str, str]) -> None:
         dist.main_only(check_inputs, self.path, inputs)
 
     def keep_inputs(self, inputs: dict[str, str]) -> None:
-        dist.main_only(write_json, self.path / INPUTS, inputs)
+        self._write((INPUTS,), write_json, self.path / INPUTS, inputs)
+
+    def keep_record(self, config: Config, heldout: str | None) -> None:
+        """What defines the run (`run_record`), written as it starts; `heldout` fingerprints
+        the held-out prompts the evaluation answers."""
+        now = settings(config)
+        record = run_record.make(now, evaluation_made_with(now, heldout))
+        dist.main_only(write_json, self.path / run_record.RECORD, record)
+
+    def refresh_evaluation(self, config: Config, heldout: str | None) -> bool:
+        """A resume whose evaluation settings or held-out prompts differ from those its cached
+        evaluation results were made with drops those results (made again, base included, so
+        before and after compare alike) and records the new ones; returns whether it did."""
+        path = self.path / run_record.RECORD
+        now = evaluation_made_with(settings(config), heldout)
+
+        def refresh() -> bool:
+            record = run_record.read(path)
+            if record is None or record.get("evaluation") == now:
+                return False
+            stale = re.compile(r"eval_base\.json|eval_round-\d+\.json")
+            for name in filter(stale.fullmatch, written.recorded(self.path)):  # ours alone
+                (self.path / name).unlink(missing_ok=True)
+            write_json(path, {**record, "evaluation": now})
+            return True
+
+        return dist.decided(refresh)
 
     def keep_prompts(self, name: str, prompts: list[Prompt]) -> None:
         """Prompts read from a public dataset, as this project's JSONL (inspectable, and usable
         as data.prompts or evaluation.prompts of a later run)."""
-        dist.main_only(write_jsonl, self.path / name, map(prompt_row, prompts))
+        self._write((name,), write_jsonl, self.path / name, map(prompt_row, prompts))
 
     def responses(self, name: str, vocab: int | None = None) -> ResponseFile:
-        return ResponseFile(self.path / f"responses.{name}.jsonl", vocab)
+        """The file of a generation pass, recorded before its first line."""
+        path = self.path / f"responses.{name}.jsonl"
+        dist.main_only(self.written.add, path.name)
+        return ResponseFile(path, vocab)
 
     def pairs(self, vocab: int | None = None) -> list[Pair] | None:
         """The pairs of an earlier attempt (written whole at the end of their stage), or None;
@@ -254,7 +321,7 @@ class RunFolder:
         return [pair_from_row(row, f"{path}:{n}", vocab) for n, row in enumerate(rows, 1)]
 
     def write_pairs(self, pairs: list[Pair]) -> None:
-        dist.main_only(write_pairs, self.path / "pairs.jsonl", pairs)
+        self._write(("pairs.jsonl",), write_pairs, self.path / "pairs.jsonl", pairs)
 
     def cached_json(self, name: str, compute: Callable[[], dict]) -> dict:
         """The JSON file `name` if an earlier attempt wrote it, else `compute()` (run on every
@@ -263,11 +330,11 @@ class RunFolder:
         value = dist.decided(lambda: json.loads(path.read_text()) if path.is_file() else None)
         if value is None:
             value = compute()
-            dist.main_only(write_json, path, value)
+            self._write((name,), write_json, path, value)
         return value
 
     def append_metrics(self, row: dict) -> None:
-        dist.main_only(append_jsonl, self.path / "metrics.jsonl", row)
+        self._write(("metrics.jsonl",), append_jsonl, self.path / "metrics.jsonl", row)
 
     def trim_metrics(self, last_step: int) -> list[dict]:
         """Keep the metric lines up to the checkpoint's step (later ones will be logged again);
@@ -287,22 +354,17 @@ class RunFolder:
         self, model, lora: LoraConfig, base_model: str, step: int | None = None
     ) -> None:
         """The adapters (mlx-lm's format); with `step`, also a copy named after it."""
-        dist.main_only(mdl.save_adapters, self.path, model, lora, base_model)
+        names = (mdl.ADAPTER_WEIGHTS, mdl.ADAPTER_CONFIG)
+        self._write(names, mdl.save_adapters, self.path, model, lora, base_model)
         if step is not None:
-            dist.main_only(
-                mdl.save_adapters,
-                self.path,
-                model,
-                lora,
-                base_model,
-                name=f"{step:07d}_adapters.safetensors",
-            )
+            copy = f"{step:07d}_adapters.safetensors"
+            self._write((copy,), mdl.save_adapters, self.path, model, lora, base_model, name=copy)
 
     def round_adapters(self, k: int, model, lora: LoraConfig, base_model: str) -> None:
         """Round k's adapters of a run of several rounds, kept in `round-<k>/` (round 1's too):
         `mlx_lm.load(model, adapter_path=<run>/round-<k>)` loads any round."""
         folder = self.path / f"round-{k}"
-        dist.main_only(folder.mkdir, parents=True, exist_ok=True)
+        self._write((folder.name,), folder.mkdir, parents=True, exist_ok=True)
         dist.main_only(mdl.save_adapters, folder, model, lora, base_model)
 
     def pairs_fingerprint(self) -> str | None:
@@ -313,7 +375,10 @@ class RunFolder:
         return fingerprint(path.read_bytes())
 
     def save_checkpoint(self, state: ckpt.TrainState) -> None:
-        dist.main_only(lambda: ckpt.save(self.path, state, self.pairs_fingerprint()))
+        def save() -> None:  # the pairs are rank 0's to read
+            ckpt.save(self.path, state, self.pairs_fingerprint())
+
+        self._write((ckpt.NAME,), save)
 
     def load_checkpoint(self) -> ckpt.TrainState | None:
         return ckpt.load_on_every_rank(self.path, self.pairs_fingerprint)

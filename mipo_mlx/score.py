@@ -131,8 +131,10 @@ def pack_rows(
 
 
 def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
-    """Pack pairs for one forward; `shared` runs each prompt once for both responses."""
-    ref = [p.reference_logps or {"chosen": 0.0, "rejected": 0.0} for p in pairs]
+    """Pack pairs for one forward; `shared` runs each prompt once for both responses. A pair
+    not yet scored gets a NaN reference: a loss on it is never reference-free DPO."""
+    unscored = {"chosen": float("nan"), "rejected": float("nan")}
+    ref = [p.reference_logps or unscored for p in pairs]
     reference = {
         "reference_chosen": mx.array([r["chosen"] for r in ref], dtype=mx.float32),
         "reference_rejected": mx.array([r["rejected"] for r in ref], dtype=mx.float32),

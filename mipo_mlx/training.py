@@ -7,6 +7,7 @@ from . import distributed as dist
 from . import model as mdl
 from .batching import batch_stream, total_steps
 from .config import LoraConfig, TrainingConfig
+from .errors import UserError
 from .loop import make_loss, train, validation_metrics
 from .memory import estimate, working_set_bytes
 from .pair_file import Pair
@@ -60,13 +61,17 @@ def train_adapters(
         f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
         f"({len(valid_set)} held out)"
     )
+    if any(p.reference_logps is None for p in pairs):
+        raise ValueError("pairs without reference log-probs: score them first (score.py)")
     loss = make_loss(config)
     state = folder.load_checkpoint()
     if state is not None:
+        check_position(state, steps, config.grad_accumulation, folder)
         dist.say(f"resuming training from the checkpoint at step {state.step}")
     # Lines after the checkpoint will be logged again. The tracker gets the lines before it
     # anew: a killed run may have lost some on their way (it keeps what it already holds)
-    for row in folder.trim_metrics(state.step if state else 0):
+    kept = folder.trim_metrics(state.step if state else 0)
+    for row in kept:
         tracker.log(row, steps_before + row["step"])
 
     def validate():
@@ -102,7 +107,7 @@ def train_adapters(
     )
     with dist.progress(steps, "train") as progress:
         progress.update(state.step if state else 0)
-        return train(
+        last = train(
             model,
             loss,
             batches,
@@ -114,4 +119,24 @@ def train_adapters(
             resume=state,
             checkpoint=folder.save_checkpoint,
             should_stop=(lambda: dist.any_rank(should_stop())) if should_stop else None,
+        )
+    if state is not None and state.step == steps:  # trained to the end before: outputs anew
+        save(steps)
+        last = kept[-1] if kept and kept[-1].get("step") == steps else last
+    return last
+
+
+def check_position(state, steps: int, grad_accumulation: int, folder: RunFolder) -> None:
+    """A checkpoint's step lies within the run's steps, and its data position follows from it
+    (each step consumes grad_accumulation batches)."""
+    where = folder.path / "checkpoint" / "state.json"
+    if state.step > steps:
+        raise UserError(
+            f"{where}: step {state.step} is past this run's {steps} steps; delete the checkpoint "
+            "folder to train again from the start"
+        )
+    if state.batches_done != state.step * grad_accumulation:
+        raise UserError(
+            f"{where}: {state.batches_done} batches done do not make {state.step} steps of "
+            f"{grad_accumulation}; delete the checkpoint folder to train again from the start"
         )

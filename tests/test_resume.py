@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+
+from mipo_mlx.files import partial_and_old
 
 from .builders import run_args, write_prompts
 
@@ -130,7 +133,7 @@ def test_sigkill_between_checkpoint_renames(setup):
     model_dir, prompts, reference, root = setup
     out = root / "killed-checkpoint"
     run_killed("in-checkpoint", 6, model_dir, prompts, out)
-    assert (out / "checkpoint.old").is_dir() and not (out / "checkpoint").exists()
+    assert partial_and_old(out / "checkpoint")[1].is_dir() and not (out / "checkpoint").exists()
     resume(out)
     assert_same_run(out, reference)
 
@@ -366,4 +369,37 @@ def test_checkpoint_made_from_other_pairs_is_refused(setup):
     assert done.stderr.strip().splitlines()[-1].startswith("error:")
     (out / "pairs.jsonl").write_bytes(original)
     resume(out)
+    assert_same_run(out, reference)
+
+
+def test_a_finished_run_without_its_adapters_resumes_to_every_output(setup, tmp_path):
+    """Killed after its last checkpoint, before the adapters were written: the resume writes
+    them from that checkpoint and reports the last step's loss, as the uninterrupted run."""
+    _, _, reference, _ = setup
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "adapters.safetensors").unlink()
+    done = resume(out)
+    assert_same_run(out, reference)
+    last = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"final loss {last['loss']:.4f}" in done.stdout, done.stdout
+
+
+def test_pairs_without_reference_log_probs_are_scored_not_trained_against_zero(setup, tmp_path):
+    """pairs.jsonl whose rows lack reference_logps (hand-made, or another tool's): the resume
+    scores the reference first, so the run equals the one that scored its own pairs."""
+    _, _, reference, _ = setup
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ("checkpoint", "metrics.jsonl", "adapters.safetensors"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    (out / "pairs.jsonl").write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "reference_logps"}) + "\n" for r in rows
+        )
+    )
+    done = resume(out)
+    assert f"scored the reference log-probs of {len(rows)} pair(s)" in done.stderr
     assert_same_run(out, reference)
