@@ -13,7 +13,8 @@ global scope first, so a library loaded here with RTLD_GLOBAL wins. In order:
    brings on Linux x86-64: a DYNAMIC_ARCH build that exports the unprefixed symbols.
    It links `libgfortran.so.5`, which a fresh machine may lack; then the libgfortran
    that MLX's own wheel ships (under a hashed name) is loaded under that name first.
-BENCHMARKS.md has the measured speed of each.
+Where MLX has no backend library at all, nothing is loaded and nothing is said: the CLIs'
+one-line missing-backend error is then the only line. BENCHMARKS.md has the measured speed of each.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.machinery
 import importlib.util
 import os
 import platform
@@ -111,14 +113,29 @@ def _soname_offset(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _libgfortran_copies() -> list[Path]:
-    """The libgfortran copies that wheels ship under hashed names (`<wheel>.libs/`): MLX's own
-    first, then any other package's on sys.path (numpy's), so that a broken or stand-in `mlx`
-    does not leave the pip OpenBLAS without one."""
-    sites = []
-    spec = importlib.util.find_spec("mlx")
-    if spec is not None and spec.submodule_search_locations:
-        sites.append(Path(list(spec.submodule_search_locations)[0]).parent)
+def mlx_library() -> Path | None:
+    """MLX's own library (`mlx/lib/libmlx.so`) as `import mlx` will find it, or None (no MLX,
+    or one without a backend: the plain Linux wheel, a stand-in). Read from sys.path as the
+    import system reads it: a folder named `mlx` without MLX's library (MLX's own kernel cache
+    `mlx/<version>` in the temp folder, any working directory's `mlx/`) is a namespace portion
+    and is passed over, while a regular package or module named mlx hides everything after it."""
+    for entry in sys.path:
+        site = Path(entry or ".")
+        library = site / "mlx" / "lib" / "libmlx.so"
+        if library.is_file():
+            return library
+        if (site / "mlx" / "__init__.py").is_file() or any(
+            (site / f"mlx{suffix}").is_file() for suffix in importlib.machinery.all_suffixes()
+        ):
+            return None
+    return None
+
+
+def _libgfortran_copies(mlx: Path | None) -> list[Path]:
+    """The libgfortran copies that wheels ship under hashed names (`<wheel>.libs/`): those
+    beside MLX's install (`mlx`, its library) first, then any other package's on sys.path
+    (numpy's), so that a stand-in `mlx` does not leave the pip OpenBLAS without one."""
+    sites = [mlx.parents[2]] if mlx is not None else []
     sites += [Path(entry) for entry in sys.path if entry and Path(entry).is_dir()]
     found: list[Path] = []
     for site in sites:
@@ -127,12 +144,27 @@ def _libgfortran_copies() -> list[Path]:
     return found
 
 
+def _write_whole(fd: int, data: bytes) -> bool:
+    """Write all of `data` to `fd`; False when any write falls short for good (a file-size
+    limit, RLIMIT_FSIZE, applies to a memfd too: a short copy must never be mapped)."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                return False
+            view = view[written:]
+        return os.fstat(fd).st_size == len(data)
+    except OSError:
+        return False
+
+
 @functools.cache  # one copy however many libraries ask for it
 def _provide_libgfortran() -> bool:
     """Load a wheel's own libgfortran (shipped under a hashed name, MLX's first) under the
     name `libgfortran.so.5`, which the pip OpenBLAS asks for: a copy in memory with its
     DT_SONAME rewritten (same length or shorter; nothing is written to disk)."""
-    fortran = _libgfortran_copies()
+    fortran = _libgfortran_copies(mlx_library())
     if not fortran or not hasattr(os, "memfd_create"):
         return False
     for quadmath in sorted(fortran[0].parent.glob("libquadmath*.so*")):  # libgfortran needs it
@@ -145,11 +177,7 @@ def _provide_libgfortran() -> bool:
     start, length = where
     data[start : start + length] = name + b"\0" * (length - len(name))
     fd = os.memfd_create("libgfortran.so.5")  # stays open: the loader maps it
-    try:  # a file-size limit (RLIMIT_FSIZE) applies here too: a short copy must not be mapped
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError:
+    if not _write_whole(fd, bytes(data)):
         os.close(fd)
         return False
     ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_NOW | os.RTLD_GLOBAL)
@@ -181,6 +209,8 @@ def prefer_system_blas() -> str | None:
     global _loaded_blas
     if _loaded_blas or sys.platform != "linux" or "mlx.core" in sys.modules:
         return _loaded_blas
+    if mlx_library() is None:  # no MLX backend to speed up: require_mlx says so, in one line
+        return None
     failed = []
     for path in _candidates():
         why = _load(path)

@@ -9,8 +9,10 @@ accuracy needs an 'answer' on each row. With evaluation.judge, a judge model sco
 answers 1-5 per stated preference (personalization rows) and gives the win rate of
 the adapters' answers against the base model's (ties win). The report goes to eval.json,
 eval.md and eval.png in --output (the run folder by default), or to eval-2.*, eval-3.*, ...
-where an earlier report is there: one evaluation never replaces another. This module
-imports no mlx at the top, so `--help` and config errors need no backend.
+where an earlier report is there: one evaluation never replaces another. A run folder's
+config.yaml never lets the model run its own code (model.trust_remote_code): only this
+command line can. The first Ctrl-C (or SIGTERM) stops at the next batch, writing no report.
+This module imports no mlx at the top, so `--help` and config errors need no backend.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import build_parser, parse_args
+from .cli import build_parser, parse_args, run_config
 from .config import resolve, validate
-from .errors import UserError, reports_user_errors
+from .errors import EXIT_INTERRUPTED, Stopped, UserError, reports_user_errors
 
 SHORTCUTS = {
     "model": "model.path",
@@ -47,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             f"--adapters {adapters}: no adapters.safetensors there; give a run folder "
             "written by mipo_mlx.train"
         )
+    run_settings = None  # the run folder's settings fill what the command line leaves out
     if adapters and yaml_path is None and (Path(adapters) / "config.yaml").is_file():
-        yaml_path = str(Path(adapters) / "config.yaml")
-    config = validate(resolve(yaml_path, overrides), "evaluate")
+        run_settings = run_config(adapters, "--model.trust_remote_code true")
+    config = validate(resolve(yaml_path, overrides, run_settings), "evaluate")
     from ._backend import require_mlx
 
     require_mlx()
@@ -60,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(overrides.get("output.dir") or adapters or config.output.dir)
     with folder_lock(out, "--output"):  # not while a run writes there, nor a second evaluate
         stem = free_report_stem(out)  # chosen first: a taken name fails before the slow work
-        results = evaluate(config, adapters)
+        try:
+            results = evaluate(config, adapters)
+        except Stopped as stop:
+            print(f"stopped {stop.where}; no report written", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(write_report(out, results, config.evaluation.plots, stem))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0

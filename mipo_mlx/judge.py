@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import distributed as dist
 from . import model as mdl
 from .config import EvaluationConfig, GenerationConfig, ModelConfig
-from .errors import UserError
+from .errors import Stopped, UserError
 from .generate import decode, generate
 from .prompts import Prompt, render
 
@@ -129,11 +130,17 @@ def judge_config(max_tokens: int, batch_size: int) -> GenerationConfig:
 
 
 def score_response(
-    judge, tokenizer, items: list[JudgeItem], max_tokens: int = 128, batch_size: int = 16
+    judge,
+    tokenizer,
+    items: list[JudgeItem],
+    max_tokens: int = 128,
+    batch_size: int = 16,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[ItemScore]:
     """Judge each item's response against each of its stated preferences, in one batched pass.
 
-    `judge` and `tokenizer` are a loaded mlx-lm model (e.g. from `mlx_lm.load`).
+    `judge` and `tokenizer` are a loaded mlx-lm model (e.g. from `mlx_lm.load`); where
+    `should_stop` says so after a judge answer, `Stopped` ends the pass.
     """
     preferences = [split_preferences(item.context) for item in items]
     for number, prefs in enumerate(preferences):
@@ -147,13 +154,19 @@ def score_response(
         for pref in prefs
     ]
     with dist.progress(len(prompts), "judge") as progress:
+
+        def judged(i: int, response) -> None:
+            progress.update()
+            if should_stop is not None and should_stop():
+                raise Stopped(0, "while the judge scored the answers")
+
         answers = generate(
             judge,
             tokenizer,
             prompts,
             judge_config(max_tokens, batch_size),
             streams=list(range(len(prompts))),
-            on_done=lambda i, response: progress.update(),
+            on_done=judged,
         )
     parsed = iter([parse_score(decode(tokenizer, answer)) for answer in answers])
     results = []
@@ -207,9 +220,12 @@ def add_judge(
     prompts: list[Prompt],
     config: EvaluationConfig,
     trust_remote_code: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """With evaluation.judge: judge every model's answers (and the rows' reference responses);
-    add judge_score, unparsed and per-item scores to each, and the win rates (ties win)."""
+    add judge_score, unparsed and per-item scores to each, and the win rates (ties win). The
+    judge runs code shipped with it only with `trust_remote_code` (model.trust_remote_code,
+    which a run folder's config.yaml never sets); `should_stop` as in `score_response`."""
     if not config.judge:
         return
     judge, tokenizer, _ = mdl.load(
@@ -219,7 +235,7 @@ def add_judge(
     def scores(answers: list[str]) -> list[ItemScore]:
         items = [JudgeItem(p.question, p.context, a) for p, a in zip(prompts, answers)]
         return score_response(
-            judge, tokenizer, items, config.judge_max_tokens, config.judge_batch_size
+            judge, tokenizer, items, config.judge_max_tokens, config.judge_batch_size, should_stop
         )
 
     judged = {name: scores(result["answers"]) for name, result in results.items()}

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import distributed as dist
 from .config import DataConfig, EvaluationConfig, GenerationConfig
-from .errors import UserError
+from .errors import Stopped, UserError
 from .files import write_json, write_text
 from .generate import Response, decode, generate_all
 from .judge import win_rate
@@ -117,11 +117,13 @@ def pmi_scores(
     pad: int,
     plain_ids: list[list[int] | None] | None = None,
     stage: str = "PMI",
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Per-answer PMI under `model` (the base), (n,); with `plain_ids` (each prompt without its
     user context, None for a prompt that has none) also the context PMI of the answers whose
     prompt has a context, (m,); and each answer's log-prob under its own prompt, log p(y|x),
-    (n,). Every log-prob comes from one scoring pass, shown as `stage`."""
+    (n,). Every log-prob comes from one scoring pass, shown as `stage`; `should_stop` is asked
+    after each batch."""
     n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
     plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
     prompts = [p for column in columns for p in column] + [plain_ids[i] for i in plain]
@@ -131,7 +133,7 @@ def pmi_scores(
             prompts,
             list(response_ids) * len(columns) + [response_ids[i] for i in plain],
             pad,
-            on_batch=progress.update,
+            on_batch=stopping(progress.update, should_stop),
         )
     logps = flat[: n * len(columns)].reshape(len(columns), n).T  # (n, 1 + k)
     pmi = logps[:, 0] - logps[:, 1:].mean(axis=1)
@@ -257,6 +259,17 @@ def sampling(config: EvaluationConfig, batch_size: int) -> GenerationConfig:
     )
 
 
+def stopping(on_batch: Callable[[int], None], should_stop: Callable[[], bool] | None):
+    """`on_batch`, then a stop at that batch's end where `should_stop` says so."""
+
+    def update(n: int) -> None:
+        on_batch(n)
+        if should_stop is not None and should_stop():
+            raise Stopped(0)
+
+    return update
+
+
 def answer_and_measure(
     model,
     tokenizer,
@@ -268,14 +281,18 @@ def answer_and_measure(
     label: str,
     lean: bool = False,
     adapters: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """The model's answers to the held-out prompts and their metrics; PMI is scored inside
     `base()` (the model with its adapters off). `label` names the model and the prompts in the
     progress lines; `adapters` says the model holds adapters (then the KL to the base is
     scored too). `lean` skips the scoring (PMI, KL, the objective): what needs only the
-    answers and the labels is kept."""
+    answers and the labels is kept. `should_stop` is asked after each answer and batch: where
+    it says so, `Stopped` ends the evaluation."""
     rendered = held.rendered
-    responses = heldout_answers(model, tokenizer, held, config, data, batch_size, base, label)
+    responses = heldout_answers(
+        model, tokenizer, held, config, data, batch_size, base, label, should_stop
+    )
     texts = [decode(tokenizer, r) for r in responses]
     result = answer_metrics(texts, responses, held.labels, held.tasks)
     result.update(compliance_metrics(rendered.prompts, texts))
@@ -285,7 +302,9 @@ def answer_and_measure(
         result["task_score"] = float(np.mean(scores))
     if not lean:
         result.update(
-            scored_metrics(model, tokenizer, held, responses, config, data, base, label, adapters)
+            scored_metrics(
+                model, tokenizer, held, responses, config, data, base, label, adapters, should_stop
+            )
         )
     result["examples"] = [
         {"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])
@@ -295,21 +314,44 @@ def answer_and_measure(
 
 
 def heldout_answers(
-    model, tokenizer, held: Heldout, config: EvaluationConfig, data, batch_size, base, label
+    model,
+    tokenizer,
+    held: Heldout,
+    config: EvaluationConfig,
+    data,
+    batch_size,
+    base,
+    label,
+    should_stop=None,
 ) -> list[Response]:
     """One answer per held-out prompt; with evaluation.best_of = k > 1, the best of k by the
     base model's PMI (against the prompt without its context, or another prompt)."""
     rendered, how = held.rendered, sampling(config, batch_size)
     if config.best_of == 1:
-        return generate_all(model, tokenizer, rendered.ids, how, f"answer ({label})", 0)
+        return generate_all(
+            model, tokenizer, rendered.ids, how, f"answer ({label})", 0, should_stop=should_stop
+        )
     k, n = config.best_of, len(rendered.ids)
-    samples = sample_answers(model, tokenizer, rendered.ids, k, how, f"answer ({label}, {k} each)")
+    samples = sample_answers(
+        model,
+        tokenizer,
+        rendered.ids,
+        k,
+        how,
+        f"answer ({label}, {k} each)",
+        should_stop=should_stop,
+    )
     plain = context_free_ids(tokenizer, rendered, data) or [None] * n
     other = other_prompts(n, 1, config.seed)[:, 0]
     against = [ids if ids is not None else rendered.ids[j] for ids, j in zip(plain, other)]
     with base(), dist.progress(2 * k * n, f"rank best of {k} ({label})") as progress:
         pmi = pmi_of_samples(
-            model, rendered.ids, against, samples, pad_id(tokenizer), progress.update
+            model,
+            rendered.ids,
+            against,
+            samples,
+            pad_id(tokenizer),
+            stopping(progress.update, should_stop),
         )
     return [answers[j] for answers, j in zip(samples, best_by_pmi(pmi, samples, how))]
 
@@ -324,6 +366,7 @@ def scored_metrics(
     base,
     label,
     adapters: bool,
+    should_stop=None,
 ) -> dict:
     """PMI and context PMI under the base; with `adapters` also the KL to the base,
     log pi(y|x) - log p_base(y|x) on their own answers; and the label-free objective, the mean
@@ -341,11 +384,14 @@ def scored_metrics(
             pad,
             context_free_ids(tokenizer, rendered, data),
             f"PMI ({label})",
+            should_stop,
         )
     kl = np.zeros(len(answers))
     if adapters:
         with dist.progress(len(answers), f"KL to the base ({label})") as progress:
-            policy = response_logps(model, rendered.ids, answers, pad, on_batch=progress.update)
+            policy = response_logps(
+                model, rendered.ids, answers, pad, on_batch=stopping(progress.update, should_stop)
+            )
         kl = policy - own
     rows = pmi.copy()
     if context_pmi is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .cli import build_parser as _build_parser
 from .cli import parse_args as _parse_args
+from .cli import run_config
 from .config import SHORTCUTS, resolve
 from .embedded import default_config_path
 from .errors import Stopped, UserError, reports_user_errors
@@ -87,18 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     yaml_path, overrides = read_command_line(argv, extras)
     resume_dir = extras.get("resume")
     quick_trial(overrides, extras)
+    run_settings = None  # a resumed run's own settings (never those that run model code)
     if resume_dir:
         if not (Path(resume_dir) / "config.yaml").is_file():
             raise UserError(
                 f"{resume_dir}: no config.yaml, so no run to resume; start it without --resume"
             )
-        yaml_path = yaml_path or str(Path(resume_dir) / "config.yaml")
+        if yaml_path is None:
+            run_settings = run_config(resume_dir, "--model.trust_remote_code true")
         overrides["output.dir"] = resume_dir
     elif yaml_path is None and not ({"model.path", "data.prompts"} & set(overrides)):
         yaml_path = str(default_config_path())
         if "output.dir" not in overrides:  # a fresh folder each time, so a rerun never collides
             overrides["output.dir"] = time.strftime("runs/embedded-%Y%m%d-%H%M%S")
-    config = resolve(yaml_path, overrides)
+    config = resolve(yaml_path, overrides, run_settings)
     from ._backend import require_mlx
 
     require_mlx()
@@ -122,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Resume with: mlx.launch ... python -m mipo_mlx.train --resume {out}"
         ) from None
     except Stopped as stop:
-        where = f"after step {stop.step}" if stop.step else "during generation"
         print(
-            f"stopped {where}; finished work is saved. "
+            f"stopped {stop.where}; finished work is saved. "
             f"Resume with: python -m mipo_mlx.train --resume {out}",
             file=sys.stderr,
         )

@@ -93,3 +93,23 @@ def check_report(result: dict, labels: list[str] | None = None, prompts=None) ->
     if "judge_scores" in result:
         kept = [s for s in result["judge_scores"] if s is not None]
         assert result["judge_score"] == (pytest.approx(np.mean(kept)) if kept else None)
+
+
+def remote_code_model(model_dir: Path, folder: Path) -> Path:
+    """A copy of `model_dir` whose tokenizer is a class in the folder's own Python file: it
+    loads only with trust_remote_code, and its code leaves a file `RAN` in the folder."""
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "ShippedTokenizer"
+    config["auto_map"] = {"AutoTokenizer": [None, "shipped.ShippedTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "shipped.py").write_text(
+        "from pathlib import Path\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        f"Path({str(folder / 'RAN')!r}).write_text('the model folder ran code')\n\n\n"
+        "class ShippedTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n"
+    )
+    return folder

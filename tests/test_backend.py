@@ -228,3 +228,115 @@ def test_working_set_without_metal_key(monkeypatch):
 
     monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 1}, raising=False)
     assert working_set_bytes() > 0  # the physical memory, no KeyError
+
+
+def test_a_folder_named_mlx_in_the_working_directory_keeps_the_fast_blas(tmp_path):
+    """MLX keeps its kernel cache in `<temp>/mlx/<version>`: from the temp folder (or any folder
+    holding an `mlx/`), `mlx` is a namespace package whose first portion is that folder. The
+    loader still finds MLX's own install, and the same BLAS loads as from anywhere else."""
+    if sys.platform != "linux" or _backend._loaded_blas is None:
+        pytest.skip("no fast BLAS to load on this machine")
+    (tmp_path / "mlx" / "0.32.4" / "cpu").mkdir(parents=True)
+    code = (
+        "import mipo_mlx\n"
+        "from mipo_mlx import _backend as b\n"
+        "print(b.blas_library())\n"
+        "print(b.mlx_library())\n"
+        "import mlx.core as mx\n"
+        "print(mx.__file__.startswith(str(b.mlx_library().parents[1])))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=environ,
+            timeout=120,
+        )
+        for cwd in (tmp_path, Path(__file__).parent)
+    ]
+    assert all(done.returncode == 0 for done in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stderr == runs[1].stderr
+    blas, library, same = runs[0].stdout.split("\n")[:3]
+    assert blas != _backend.SLOW_BLAS and same == "True"
+    assert Path(library).parts[-3:] == ("mlx", "lib", "libmlx.so")
+
+
+def test_mlx_library_reads_sys_path_as_the_import_system_does(tmp_path, monkeypatch):
+    """A folder named mlx without MLX's library is passed over (a namespace portion); a regular
+    package named mlx hides MLX (a stand-in: no backend, so nothing to load). MLX's own
+    libgfortran comes first even where another wheel's sits earlier on sys.path."""
+    real = _backend.mlx_library()
+    if real is None:
+        pytest.skip("this MLX has no backend library")
+    cache, stand_in, other = (tmp_path / name for name in ("cache", "stand_in", "other"))
+    (cache / "mlx" / "0.32.4").mkdir(parents=True)
+    (stand_in / "mlx").mkdir(parents=True)
+    (stand_in / "mlx" / "__init__.py").write_text("")
+    (other / "numpy.libs").mkdir(parents=True)
+    (other / "numpy.libs" / "libgfortran-0123abcd.so.5.0.0").write_bytes(b"")
+    site = list(sys.path)
+    monkeypatch.setattr(sys, "path", [str(cache), str(other), *site])
+    assert _backend.mlx_library() == real
+    copies = _backend._libgfortran_copies(real)
+    if any(real.parents[2].glob("mlx*.libs/libgfortran*")):
+        assert copies[0].parent.parent == real.parents[2], copies
+    monkeypatch.setattr(sys, "path", [str(stand_in), *site])
+    assert _backend.mlx_library() is None
+
+
+def test_every_write_of_the_libgfortran_copy_is_checked(tmp_path, monkeypatch):
+    """A short write that stops for good (a file-size limit) or a failed write: the copy is
+    not whole, so it is never mapped."""
+    data = bytes(range(256)) * 64
+    real_write = os.write
+
+    def writes(*results):
+        given = iter(results)
+
+        def write(fd, view):
+            result = next(given)
+            if isinstance(result, Exception):
+                raise result
+            return real_write(fd, view[:result])
+
+        return write
+
+    for case, results in {
+        "whole": (len(data),),
+        "in two parts": (1000, len(data) - 1000),
+        "stuck": (1000, 0),
+        "limit reached": (1000, OSError(27, "File too large")),
+    }.items():
+        fd = os.open(tmp_path / case, os.O_RDWR | os.O_CREAT)
+        monkeypatch.setattr(os, "write", writes(*results))
+        whole = _backend._write_whole(fd, data)
+        monkeypatch.setattr(os, "write", real_write)
+        os.close(fd)
+        assert whole == (case in ("whole", "in two parts")), case
+        assert whole == ((tmp_path / case).read_bytes() == data), case
+
+
+def test_help_works_under_a_small_file_size_limit(tmp_path):
+    """With RLIMIT_FSIZE below the libgfortran copy's size, the copy is cut short: it is not
+    mapped (mapping it died of SIGBUS), and the command runs on."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    environ = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+        preexec_fn=limit,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m mipo_mlx.train")
+    assert all(line.startswith("note: could not load") for line in done.stderr.splitlines())

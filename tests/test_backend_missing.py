@@ -45,3 +45,27 @@ def test_help_needs_no_backend(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0 and "--training.learning_rate" in done.stdout
+
+
+def test_missing_backend_is_one_line_whatever_the_blas_loader_would_say(tmp_path):
+    """A setting that makes the BLAS loader speak (MIPO_MLX_BLAS naming no file) on a machine
+    whose mlx has no backend: still the one error line, as there is no backend to speed up."""
+    fake = tmp_path / "fake" / "mlx"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text("raise ImportError('libmlx.so: cannot open shared object')\n")
+    env = {
+        "PYTHONPATH": f"{fake.parent}:{ROOT}",
+        "PATH": "/usr/bin:/bin",
+        "MIPO_MLX_BLAS": str(tmp_path / "libnothing.so"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--model", "m", "--prompts", "p"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: mlx has no compute backend"), lines

@@ -147,6 +147,7 @@ def test_earlier_run_is_refused_and_left_unchanged(tmp_path, model_folder, promp
         "config.yaml": b"model:\n  path: earlier\n",
         "metrics.jsonl": b'{"step": 1, "loss": 0.69}\n',
         "notes.txt": b"keep me\n",
+        "written.jsonl": b'{"name": "config.yaml"}\n{"name": "metrics.jsonl"}\n',
     }
     for name, data in before.items():
         (out / name).write_bytes(data)
@@ -168,3 +169,53 @@ def test_earlier_run_is_refused_and_left_unchanged(tmp_path, model_folder, promp
     )
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before
+
+
+# ---------------------------------------------------------------- the last-resort handler
+
+
+def bug(*args, **kwargs):
+    return 1 / 0
+
+
+@pytest.mark.parametrize(
+    "command, where, argv",
+    [
+        ("train", "quick_trial", ["--model", "m", "--prompts", "p"]),
+        ("evaluate", "resolve", ["--model", "m", "--prompts", "p"]),
+        ("export", "check_export_place", ["--adapters", ".", "--output", "f"]),
+    ],
+)
+def test_an_error_no_check_caught_is_one_line_naming_its_saved_traceback(
+    command, where, argv, tmp_path, monkeypatch, capsys
+):
+    """A bug escaping every check in any command: one line naming the file that keeps the full
+    traceback (in the system temp folder), and exit status 1."""
+    import importlib
+    import tempfile
+
+    module = importlib.import_module(f"mipo_mlx.{command}")
+    monkeypatch.setattr(module, where, bug)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert module.main(argv) == 1
+    err = capsys.readouterr().err
+    (saved,) = tmp_path.glob("mipo_mlx-crash-*.txt")
+    assert err == (
+        f"error: internal error in mipo_mlx.{command} (ZeroDivisionError: division by zero); "
+        f"the full traceback is in {saved}: please report it with that file\n"
+    )
+    text = saved.read_text()
+    assert "Traceback (most recent call last)" in text
+    assert text.rstrip().endswith("ZeroDivisionError: division by zero") and "in bug" in text
+
+
+def test_with_nowhere_to_save_it_the_traceback_is_printed(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from mipo_mlx import train
+
+    monkeypatch.setattr(train, "quick_trial", bug)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    assert train.main(["--model", "m", "--prompts", "p"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().endswith("division by zero")

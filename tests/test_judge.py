@@ -183,7 +183,7 @@ def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
 
     verdicts = {"b1": 3, "b2": 2, "b3": 4, "m1": 4, "m2": 2, "m3": 3, "r1": 3, "r2": 3, "r3": None}
 
-    def score_response(_judge, _tokenizer, items, max_tokens, batch_size):
+    def score_response(_judge, _tokenizer, items, max_tokens, batch_size, should_stop=None):
         return [
             judge.ItemScore(
                 verdicts[i.response], [verdicts[i.response]], verdicts[i.response] is None

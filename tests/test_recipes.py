@@ -409,7 +409,7 @@ def test_judge_scores_reach_the_report(toy_model_dir, tmp_path, hub, monkeypatch
     verdicts = iter([[3, 3, 3, 3, 3, 3], [4, 2, 3, 5, 1, 3]])
     seen = []
 
-    def score_response(model, tokenizer, items, max_tokens, batch_size):
+    def score_response(model, tokenizer, items, max_tokens, batch_size, should_stop=None):
         seen.append([(item.question, item.context) for item in items])
         return [judge.ItemScore(float(s), [s], 0) for s in next(verdicts)]
 
