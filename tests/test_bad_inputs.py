@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+
+from .builders import remote_code_model
 
 GOOD = [
     {"prompt": "Tom has 3 apples. How many?"},
@@ -22,6 +25,7 @@ def jsonl(rows):
 
 
 FAST = ["--generation.max_tokens", "4", "--generation.truncated", "keep"]
+FIFO = "<a FIFO, made with os.mkfifo>"  # a file of CASES that is a named pipe
 
 # name: (files to write {name: text or bytes}, extra CLI args, fragment the message must contain)
 CASES = {
@@ -144,7 +148,7 @@ CASES = {
     "bad template": (
         {"p.jsonl": jsonl(GOOD)},
         ["--data.prompt_template", "Q: {question}"],
-        "data.prompt_template must use exactly {prompt}",
+        "'data.prompt_template' has the field '{question}'; use only {prompt}",
     ),
     "output is another run": (
         {"p.jsonl": jsonl(GOOD)},
@@ -185,7 +189,7 @@ CASES = {
     "prompts path is a folder": (
         {"p.jsonl": jsonl(GOOD)},
         ["--prompts", "{dir}"],
-        "prompts file not found",
+        "is a folder, not a prompts file",
     ),
     "model path is a file": (
         {"p.jsonl": jsonl(GOOD), "m.bin": "x"},
@@ -370,6 +374,81 @@ CASES = {
         "adapters.safetensors: cannot read the adapters",
         "evaluate",
     ),
+    # A run resumes only as it started: held to its record (run.json), not to config.yaml
+    "resume: lora.rank edited in config.yaml": (
+        {},
+        ["--resume", "{run_rank_edited}"],
+        "belongs to another run (lora.rank was 8 when it started, now 4)",
+        "resume",
+    ),
+    "resume: another model of the same shape at model.path": (
+        {},
+        ["--resume", "{run_model_swapped}"],
+        "the model at model.path changed since the run started (model.safetensors differs)",
+        "resume",
+    ),
+    "resume: checkpoint step past the run's total": (
+        {},
+        ["--resume", "{run_step_past}"],
+        "checkpoint/state.json: step 5 is past this run's 1 steps",
+        "resume",
+    ),
+    # Output places where a run's or an export's files would mix with others'
+    "output is the model folder": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--output", "{model}"],
+        "is the model folder",
+    ),
+    "export: output is empty (the working directory)": (
+        {},
+        ["--adapters", "{run}", "--output", ""],
+        "--output is empty (the working directory)",
+        "export",
+    ),
+    # Encodings and text: one reader decides for every file
+    "json escape of a lone surrogate": (
+        {"p.jsonl": jsonl(GOOD) + '{"prompt": "x\\ud800"}\n'},
+        [],
+        "p.jsonl:4: a \\u escape names a lone surrogate",
+    ),
+    "NUL byte in a prompt file": (
+        {"p.jsonl": jsonl(GOOD).encode() + b'{"prompt": "x\x00"}\n'},
+        [],
+        "p.jsonl:4: holds a NUL byte",
+    ),
+    # YAML and settings
+    "duplicate key in the config": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": "training:\n  beta: 0.1\n  beta: 0.2\n"},
+        ["--config", "{dir}/c.yaml"],
+        "c.yaml line 3: duplicate key 'beta' (first at line 2)",
+    ),
+    "seed past numpy's range": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--training.seed", "4294967296"],
+        "'training.seed' must be at most 4294967295",
+    ),
+    "template with a format spec": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--data.prompt_template", "Q: {prompt:>5}"],
+        "'data.prompt_template' has the field '{prompt:>5}'",
+    ),
+    "config is a FIFO": (
+        {"p.jsonl": jsonl(GOOD), "c.yaml": FIFO},
+        ["--config", "{dir}/c.yaml"],
+        "c.yaml: is a FIFO (named pipe), not a config file",
+    ),
+    "held-out label malformed": (
+        {"p.jsonl": jsonl(GOOD), "h.jsonl": jsonl(GOOD + [{"prompt": "x", "answer": [7]}])},
+        ["--evaluation.prompts", "{dir}/h.jsonl"],
+        "h.jsonl:4: 'answer' must be a number or a choice letter A-E",
+    ),
+    # security: a run folder's config.yaml never lets its model run code (a note says so)
+    "security: shared run asks to run its model's code": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--adapters", "{run_remote_code}", "--prompts", "{dir}/p.jsonl"],
+        "contains custom code which must be executed",
+        "evaluate",
+    ),
 }
 
 
@@ -391,6 +470,7 @@ def models(toy_model_dir, tmp_path_factory):
     earlier.mkdir()
     (earlier / "config.yaml").write_text("model:\n  path: x\n")
     (earlier / "pairs.jsonl").write_text("{}\n")
+    (earlier / "written.jsonl").write_text('{"name": "config.yaml"}\n{"name": "pairs.jsonl"}\n')
     runs = root / "runs"  # a finished run, alone in its parent folder
     prompts = root / "prompts.jsonl"
     prompts.write_text(jsonl(GOOD))
@@ -415,6 +495,10 @@ def models(toy_model_dir, tmp_path_factory):
         ("run_bad_adapter_config", "file"),
         ("run_cut_adapters", "file"),
         ("run_other_arch", "base"),
+        ("run_rank_edited", "resume"),
+        ("run_model_swapped", "resume"),
+        ("run_step_past", "resume"),
+        ("run_remote_code", "remote"),
     ):
         copy = root / name / "run"
         shutil.copytree(runs / "run", copy)
@@ -433,6 +517,9 @@ def models(toy_model_dir, tmp_path_factory):
         if damage is None:
             (copy / "config.yaml").write_text("model: [\n")
             continue
+        if damage == "resume":  # edited after the run: a setting, the model, the checkpoint
+            edit_for_resume(name, copy, toy_model_dir)
+            continue
         if damage == "base":  # the base model's config.json names an architecture GGUF lacks
             base = root / name / "base"
             shutil.copytree(toy_model_dir, base)
@@ -440,6 +527,12 @@ def models(toy_model_dir, tmp_path_factory):
             (base / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
             text = (copy / "config.yaml").read_text()
             (copy / "config.yaml").write_text(text.replace(str(toy_model_dir), str(base)))
+            continue
+        if damage == "remote":  # shared: its base model ships code, its config asks to run it
+            base = remote_code_model(toy_model_dir, root / name / "base")
+            text = (copy / "config.yaml").read_text().replace(str(toy_model_dir), str(base))
+            text = text.replace("trust_remote_code: false", "trust_remote_code: true")
+            (copy / "config.yaml").write_text(text)
             continue
         if damage == "state":  # a run killed in training, its checkpoint's state edited
             (copy / "adapters.safetensors").unlink()
@@ -471,6 +564,22 @@ def models(toy_model_dir, tmp_path_factory):
     }
 
 
+def edit_for_resume(name, run, model_dir):
+    config = (run / "config.yaml").read_text()
+    if name == "run_rank_edited":
+        (run / "config.yaml").write_text(config.replace("rank: 8", "rank: 4"))
+    elif name == "run_model_swapped":  # the same names and shapes, other weights
+        other = shutil.copytree(model_dir, run.parent / "base")
+        weights = mx.load(str(other / "model.safetensors"))
+        mx.save_safetensors(str(other / "model.safetensors"), {k: -v for k, v in weights.items()})
+        (run / "config.yaml").write_text(config.replace(str(model_dir), str(other)))
+    else:
+        state = json.loads((run / "checkpoint" / "state.json").read_text())
+        (run / "checkpoint" / "state.json").write_text(
+            json.dumps({**state, "step": 5, "batches_done": 5})
+        )
+
+
 def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -481,6 +590,9 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     command = command[0] if command else "train"
     for file_name, content in files.items():
         target = tmp_path / file_name
+        if content == FIFO:
+            os.mkfifo(target)
+            continue
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "out"
     out.mkdir()
