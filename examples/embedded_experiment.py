@@ -49,9 +49,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mipo_mlx.config import resolve, to_dict
+from mipo_mlx.config import to_dict
 from mipo_mlx.embedded import HERE, default_config_path
 from mipo_mlx.files import write_jsonl
+from mipo_mlx.settings import resolve
 
 REPORT_ONLY = False  # --report: read the runs done, run nothing
 PER_ROUND = 512  # training prompts a round answers

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import reading
 from .config import Config
 
 TAGS = ["mipo", "dpo", "lora", "mlx"]
@@ -31,7 +32,7 @@ def base_card(model_path: str) -> dict:
         except ValueError:  # not a repo id (a local path that has no card)
             return {}
         local = Path(cached) if isinstance(cached, str) else local
-    return front_matter(local.read_text(encoding="utf-8")) if local.is_file() else {}
+    return front_matter(reading.read_text(local, "model card")) if local.is_file() else {}
 
 
 def gguf_section(gguf: dict) -> list[str]:
@@ -77,10 +78,12 @@ def model_card(
         tags=TAGS + (["quantized"] if quantize else []),
         license=base_card(config.model.path).get("license"),
     )
-    pairs = sum(1 for line in (run / "pairs.jsonl").read_text().splitlines() if line.strip())
+    pairs = sum(1 for _ in reading.json_values(run / "pairs.jsonl", "pairs"))
     t, lora = config.training, config.lora
     evaluation = (
-        (run / "eval.md").read_text() if (run / "eval.md").is_file() else "No evaluation was run.\n"
+        reading.read_text(run / "eval.md", "evaluation table")
+        if (run / "eval.md").is_file()
+        else "No evaluation was run.\n"
     )
     weights = (
         f"re-quantized to {quantize} bits"

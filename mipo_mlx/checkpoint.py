@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed as dist
+from . import reading
 from .errors import UserError
 from .files import atomic_folder, newest_folder
 from .model import adapter_weights, write_safetensors
@@ -56,7 +57,7 @@ def load(out: Path, made_from: Callable[[], str | None] | None = None) -> TrainS
     if folder is None or not (folder / "state.json").is_file():
         return None
     try:
-        meta = json.loads((folder / "state.json").read_text())
+        meta = reading.read_json_or_none(folder / "state.json", "checkpoint state")
         tensors = mx.load(str(folder / "state.safetensors"))
         adapters = mx.load(str(folder / "adapters.safetensors"))
     except (ValueError, RuntimeError, OSError, json.JSONDecodeError) as err:

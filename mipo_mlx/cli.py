@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config, all_keys, apply, load_yaml, sections, settings_of
+from .config import Config, all_keys, sections, settings_of
 from .errors import UserError
 from .reading import parse_yaml
+from .settings import apply, load_yaml
 
 
 def _describe(default: Any) -> str:

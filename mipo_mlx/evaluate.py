@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from .cli import build_parser, parse_args, run_config
-from .config import resolve, validate
 from .errors import EXIT_INTERRUPTED, Stopped, UserError, reports_user_errors
+from .settings import resolve, validate
 
 SHORTCUTS = {
     "model": "model.path",

@@ -29,8 +29,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
+from . import reading
 from .card import model_card
 from .errors import UserError, reports_user_errors
 from .files import atomic_folder, check_output_place, folder_lock
@@ -44,9 +43,9 @@ def base_model(run: Path) -> str | None:
     """The run's model.path as its config.yaml says (None where it cannot say: the fuse
     reports a damaged config.yaml in its own words)."""
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-        path = saved["model"]["path"]
-    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+        path = reading.parse_yaml(reading.read_text(run / "config.yaml", "config"), "")
+        path = path["model"]["path"]
+    except (UserError, TypeError, KeyError):
         return None
     return path if isinstance(path, str) else None
 

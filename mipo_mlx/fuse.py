@@ -19,11 +19,12 @@ from mlx_lm.utils import dequantize_model, save_config, save_model
 
 from . import model as mdl
 from .cli import run_config
-from .config import Config, validate
+from .config import Config
 from .errors import UserError
 from .pair_file import read_pairs
 from .progress import Progress
 from .score import pack_rows, token_logps
+from .settings import validate
 
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |logit diff|, by dtype
 MARGIN_TOLERANCE = 0.05  # max |margin diff| in nats for the dequantized fuse

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, apply, load_yaml
+from .config import Config
 from .errors import UserError
 from .gguf_check import TOLERANCE, check_in_llama_cpp
 from .progress import Progress
+from .settings import apply, load_yaml
 
 ARCHITECTURES = ("llama", "qwen2")  # config.json's model_type = gguf's architecture name
 FILE_TYPES = ("f32", "f16", "q8_0")

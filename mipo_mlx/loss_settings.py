@@ -1,6 +1,6 @@
 """Which settings each preference loss honours: the loss registry's contract (`losses.LOSSES`
 holds the functions; tests/test_losses.py checks each one against this table), read without
-mlx so that `config.validate` refuses a setting the chosen loss would ignore before any slow
+mlx so that `settings.validate` refuses a setting the chosen loss would ignore before any slow
 stage.
 """
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import TrainingConfig, resolve
+from .config import TrainingConfig
 from .score import PAD_MULTIPLE
+from .settings import resolve
 
 
 @dataclass

@@ -6,7 +6,6 @@ switched off (`adapters_disabled`): never a second copy in memory.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed as dist
+from . import reading
 from .config import LoraConfig, ModelConfig
 from .errors import UserError
 from .files import atomic_path, write_json
@@ -245,12 +245,12 @@ def save_adapters(
 
 def read_adapter_config(folder: Path) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; point at a folder written by mipo_mlx.train") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+    if not path.exists():
+        raise UserError(f"{path}: not found; point at a folder written by mipo_mlx.train")
+    config = reading.read_json(path, "adapter config")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object; point at a folder written by mipo_mlx.train")
+    return config
 
 
 def load_adapters(model: nn.Module, folder: Path) -> None:

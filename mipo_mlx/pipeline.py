@@ -21,7 +21,7 @@ from . import guard as grd
 from . import model as mdl
 from . import trackers
 from .batching import total_steps
-from .config import Config, to_dict, validate
+from .config import Config, to_dict
 from .errors import StopFlag, Stopped, UserError
 from .judge import add_judge
 from .measure import (
@@ -39,6 +39,7 @@ from .plots import plot_training
 from .prompts import Rendered, block, read_source, render_prompts, user_text
 from .run_folder import RunFolder, fingerprint, portable
 from .score import add_reference_logps, use_shared_prompt
+from .settings import validate
 from .training import train_adapters
 
 

@@ -5,9 +5,10 @@ matplotlib is optional (`pip install 'mipo_mlx[plot]'`); without it, plots are s
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from . import reading
 
 CURVES = [
     ("loss", "loss"),
@@ -46,9 +47,7 @@ def plot_training(metrics_path: Path, target: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    rows = [
-        json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()
-    ]
+    rows = reading.appended_values(metrics_path, "metrics")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], label="train", lw=1)

@@ -222,6 +222,15 @@ def read_json(path: str | Path, what: str) -> Any:
     return parse_json(read_text(path, what, MAX_JSON_BYTES), str(path))
 
 
+def read_json_or_none(path: str | Path, what: str) -> Any:
+    """A JSON file the package wrote, or None where it is not one (damaged by hand or by a
+    disk fault): the caller says what to do in its own words."""
+    try:
+        return read_json(path, what)
+    except UserError:
+        return None
+
+
 class StrictLoader(yaml.SafeLoader):
     """YAML's safe subset, where a key given twice in one mapping is an error."""
 

@@ -17,12 +17,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import model as mdl
-from . import run_record, written
+from . import reading, run_record, written
 from .config import Config, LoraConfig, to_dict, to_yaml
 from .errors import UserError
 from .files import (
@@ -115,7 +113,8 @@ def check_same_run(out: Path, config: Config) -> None:
         raise UserError(f"{out}: no config.yaml, so no run to resume; start it without --resume")
     record = run_record.read(out / run_record.RECORD)
     if record is None:  # started before runs kept a record: config.yaml is all there is
-        record = {"settings": _flat(yaml.safe_load(saved_path.read_text()) or {})}
+        text = reading.read_text(saved_path, "config")
+        record = {"settings": _flat(reading.parse_yaml(text, str(saved_path)) or {})}
     run_record.check(out, record, settings(config))
 
 
@@ -139,11 +138,9 @@ def check_inputs(out: Path, now: dict[str, str]) -> None:
     path = out / INPUTS
     if not path.is_file():
         return
-    try:
-        saved = json.loads(path.read_text())
-        assert isinstance(saved, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
-        raise UserError(f"{path}: damaged; start the run again in a new output.dir") from None
+    saved = reading.read_json_or_none(path, "inputs")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: damaged; start the run again in a new output.dir")
     for key, value in now.items():
         if saved.get(key, value) != value:
             raise UserError(
@@ -327,7 +324,7 @@ class RunFolder:
         """The JSON file `name` if an earlier attempt wrote it, else `compute()` (run on every
         rank: it may hold collectives) written there."""
         path = self.path / name
-        value = dist.decided(lambda: json.loads(path.read_text()) if path.is_file() else None)
+        value = dist.decided(lambda: reading.read_json(path, "stage") if path.is_file() else None)
         if value is None:
             value = compute()
             self._write((name,), write_json, path, value)

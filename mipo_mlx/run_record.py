@@ -13,9 +13,9 @@ The data the run was made from is fingerprinted in inputs.json, the pairs in the
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from . import reading
 from .errors import UserError
 
 RECORD = "run.json"
@@ -113,13 +113,11 @@ def read(path: Path) -> dict | None:
     """The record at `path`, or None when the run was started before runs kept one."""
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-        assert isinstance(record, dict) and isinstance(record.get("settings"), dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
+    record = reading.read_json_or_none(path, "run record")
+    if not (isinstance(record, dict) and isinstance(record.get("settings"), dict)):
         raise UserError(
             f"{path}: damaged, so this run cannot be resumed; start it again in a new output.dir"
-        ) from None
+        )
     return record
 
 

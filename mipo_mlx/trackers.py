@@ -11,7 +11,6 @@ get the null tracker. A resumed run goes on in the same TensorBoard folder and W
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import struct
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import distributed as dist
+from . import reading
 from .config import Config
 from .errors import UserError
 from .files import write_json
@@ -187,12 +187,9 @@ def start(config: Config, folder: Path, resume: bool) -> Tracker:
 
 def _wandb(wandb, config: Config, folder: Path, resume: bool) -> Tracker:
     saved = folder / WANDB_RUN
-    try:
-        earlier = json.loads(saved.read_text()) if resume and saved.is_file() else {}
-    except ValueError:
-        raise UserError(
-            f"{saved}: damaged; delete it, and the run goes on in a new W&B run"
-        ) from None
+    earlier = reading.read_json_or_none(saved, "W&B run") if resume and saved.is_file() else {}
+    if not isinstance(earlier, dict):
+        raise UserError(f"{saved}: damaged; delete it, and the run goes on in a new W&B run")
     try:
         run = wandb.init(
             project=earlier.get("project") or os.environ.get("WANDB_PROJECT", "mipo_mlx"),

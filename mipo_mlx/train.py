@@ -22,9 +22,10 @@ from pathlib import Path
 from .cli import build_parser as _build_parser
 from .cli import parse_args as _parse_args
 from .cli import run_config
-from .config import SHORTCUTS, resolve
+from .config import SHORTCUTS
 from .embedded import default_config_path
 from .errors import Stopped, UserError, reports_user_errors
+from .settings import resolve
 
 DESCRIPTION = (
     "MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "

@@ -9,14 +9,12 @@ a run wrote before this record existed gets only the exact names such a run wrot
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
+from . import reading
 from .errors import UserError
 from .files import append_jsonl, discard_marked, partial_and_old
 
@@ -42,21 +40,12 @@ def recorded(folder: Path) -> set[str]:
     path = folder / RECORD
     if not path.is_file():
         return set()
-    lines = path.read_bytes().split(b"\n")
     names = set()
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            if number == len(lines):  # the last line, cut by a kill: never written whole
-                continue
-            row = None
+    for number, row in enumerate(reading.appended_values(path, "record"), start=1):
         if not (isinstance(row, dict) and _is_name(row.get("name"))):
             raise UserError(
-                f"{path}:{number}: not a name a run wrote; restore the file, or clear the "
-                "folder by hand and start again"
+                f"{path}: entry {number} is not a name a run wrote; restore the file, or clear "
+                "the folder by hand and start again"
             )
         names.add(row["name"])
     return names
@@ -65,8 +54,8 @@ def recorded(folder: Path) -> set[str]:
 def _legacy(folder: Path, run_names: Callable[[int], set[str]]) -> set[str]:
     """The exact names a run that kept no record wrote, if config.yaml is such a run's."""
     try:
-        saved = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        saved = reading.parse_yaml(reading.read_text(folder / CONFIG, "config"), CONFIG)
+    except UserError:
         return set()
     if not (isinstance(saved, dict) and all(isinstance(saved.get(s), dict) for s in SECTIONS)):
         return set()

@@ -13,17 +13,13 @@ from mipo_mlx.config import (
     SHORTCUTS,
     Config,
     all_keys,
-    apply,
-    from_dict,
-    load_yaml,
-    resolve,
     sections,
     settings_of,
     to_dict,
     to_yaml,
-    validate,
 )
 from mipo_mlx.errors import UserError
+from mipo_mlx.settings import apply, from_dict, load_yaml, resolve, validate
 from mipo_mlx.train import parser, read_command_line
 
 
@@ -463,9 +459,9 @@ def test_validate_template_missing_placeholder(key, template, message):
 @pytest.mark.parametrize(
     "template, message",
     [
-        ("{prompt} {name}", "settings: 'data.prompt_template' has the field '{name}'; only"),
-        ("{prompt} {0}", "settings: 'data.prompt_template' has the field '{0}'; only"),
-        ("{prompt} {}", "settings: 'data.prompt_template' has the field '{}'; only"),
+        ("{prompt} {name}", "settings: 'data.prompt_template' has the field '{name}'; use only"),
+        ("{prompt} {0}", "settings: 'data.prompt_template' has the field '{0}'; use only"),
+        ("{prompt} {}", "settings: 'data.prompt_template' has the field '{}'; use only"),
         ("{prompt} {", "settings: 'data.prompt_template': Single '{' encountered"),
     ],
 )

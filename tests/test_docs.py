@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mipo_mlx.config import reference_markdown, resolve, validate
+from mipo_mlx.config import reference_markdown
+from mipo_mlx.settings import resolve, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -28,6 +28,7 @@ LAYERS = [
             "written",
             "embedded",
             "config",
+            "settings",
             "cli",
             "_backend",
             "plots",

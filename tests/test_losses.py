@@ -16,6 +16,7 @@ from mipo_mlx import config
 from mipo_mlx.errors import UserError
 from mipo_mlx.loss_settings import HONOURS
 from mipo_mlx.losses import LOSSES, preference_metrics
+from mipo_mlx.settings import validate
 
 PC, PR, RC, RR = mx.array([-1.0]), mx.array([-3.0]), mx.array([-2.0]), mx.array([-2.0])
 SP_NEG_02, SP_POS_02 = 0.5981388693, 0.7981388693  # softplus(-0.2), softplus(0.2)
@@ -120,6 +121,6 @@ def test_label_smoothing_on_a_loss_that_ignores_it_is_refused_before_any_stage(n
         match=f"training.label_smoothing=0.1 has no effect on "
         f"training.loss={name} \\(only sigmoid, robust use it\\)",
     ):
-        config.validate(settings)
+        validate(settings)
     settings.training.label_smoothing = 0.0
-    config.validate(settings)
+    validate(settings)

@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mipo_mlx import cli, train
-from mipo_mlx.config import Config, all_keys, resolve, sections, settings_of, validate
+from mipo_mlx.config import Config, all_keys, sections, settings_of
 from mipo_mlx.errors import UserError, reports_user_errors
 from mipo_mlx.files import read_jsonl, read_lines
 from mipo_mlx.formats import FORMATS, read_rows
 from mipo_mlx.pair_file import read_pairs
 from mipo_mlx.prompts import read_prompts
+from mipo_mlx.settings import resolve, validate
 
 FAST = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from mipo_mlx import judge
-from mipo_mlx.config import resolve, validate
 from mipo_mlx.formats import GSM8K_8SHOT_PREFIX
+from mipo_mlx.settings import resolve, validate
 from mipo_mlx.train import main
 
 from .builders import check_report

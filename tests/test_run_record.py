@@ -20,13 +20,13 @@ from mipo_mlx.config import (
     LoraConfig,
     ModelConfig,
     all_keys,
-    resolve,
     settings_of,
     to_yaml,
 )
 from mipo_mlx.errors import UserError
 from mipo_mlx.run_folder import RunFolder, check_same_run, portable
 from mipo_mlx.run_record import MAY_CHANGE, RECORD, may_change
+from mipo_mlx.settings import resolve
 
 
 def started(tmp_path, model_dir, **sections) -> tuple[RunFolder, Config]:

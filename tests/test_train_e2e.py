@@ -9,9 +9,9 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from mipo_mlx.config import from_dict
 from mipo_mlx.pair_file import read_pairs
 from mipo_mlx.score import pack_pairs, pair_logps
+from mipo_mlx.settings import from_dict
 
 from .builders import write_prompts
 from .test_score import one_by_one

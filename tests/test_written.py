@@ -96,5 +96,5 @@ def test_the_record_drops_a_torn_last_line_and_refuses_a_name_aimed_elsewhere(tm
     assert written.recorded(tmp_path) == {"pairs.jsonl"}
     for bad in ("../elsewhere", "", "a/b", 3):
         record.write_text(json.dumps({"name": bad}) + "\n" + '{"name": "x"}\n')
-        with pytest.raises(UserError, match=f"{written.RECORD}:1: not a name a run wrote"):
+        with pytest.raises(UserError, match=f"{written.RECORD}: entry 1 is not a name a run wrote"):
             written.recorded(tmp_path)
