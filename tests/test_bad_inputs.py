@@ -437,6 +437,11 @@ CASES = {
         ["--config", "{dir}/c.yaml"],
         "c.yaml: is a FIFO (named pipe), not a config file",
     ),
+    "output where nothing may be written": (
+        {"p.jsonl": jsonl(GOOD)},
+        ["--output", "/sys/mipo-out"],  # sysfs: even root may not make a folder there
+        "/sys/mipo-out: cannot write there (Operation not permitted); choose another output.dir",
+    ),
     "held-out label malformed": (
         {"p.jsonl": jsonl(GOOD), "h.jsonl": jsonl(GOOD + [{"prompt": "x", "answer": [7]}])},
         ["--evaluation.prompts", "{dir}/h.jsonl"],
