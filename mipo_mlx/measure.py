@@ -25,8 +25,9 @@ from .generate import Response, decode, generate_all
 from .judge import win_rate
 from .model import pad_id
 from .plots import plot_comparison
+from .prefix import common_prefix
 from .prompts import Prompt, Rendered, messages_for, read_source, render, render_prompts, user_text
-from .score import response_logps
+from .score import grouped_logps, prefix_reuse_works, response_logps
 from .selection import best_by_pmi, pmi_of_samples, sample_answers
 from .tasks import requirements as req
 from .tasks.extract import is_correct
@@ -92,20 +93,18 @@ def heldout(tokenizer, prompts: list[Prompt], data: DataConfig, source: str) -> 
 
 
 def other_prompts(n: int, k: int, seed: int) -> np.ndarray:
-    """(n, k) indices of other prompts: row i never holds i and has no repeats."""
+    """(n, k) indices of other prompts: row i never holds i and has no repeats, and each
+    column is a permutation, so every prompt is drawn once a column and hosts exactly k + 1
+    answers (its own too), which lets the scorer run each prompt once for all of them. The
+    draw: prompts in a random cyclic order, column c shifted along it by its own random
+    nonzero step."""
     k = min(k, n - 1)
     rng = np.random.default_rng(seed)
-    # (n, k) in [0, n-2]
-    draws = np.stack([rng.choice(n - 1, size=k, replace=False) for _ in range(n)])
-    return draws + (draws >= np.arange(n)[:, None])  # skip i itself
-
-
-def pmi_columns(prompt_ids: list[list[int]], k: int, seed: int) -> list[list[list[int]]]:
-    """The prompts each answer is scored under for its PMI: column 0 its own, then k others."""
-    others = other_prompts(len(prompt_ids), k, seed)
-    return [list(prompt_ids)] + [
-        [prompt_ids[j] for j in others[:, c]] for c in range(others.shape[1])
-    ]
+    order = rng.permutation(n)  # position of each prompt on the cycle
+    steps = rng.choice(n - 1, size=k, replace=False) + 1  # (k,) distinct, nonzero
+    at = np.empty(n, dtype=np.int64)
+    at[order] = np.arange(n)  # prompt at each position
+    return at[(order[:, None] + steps[None, :]) % n]  # (n, k)
 
 
 def pmi_scores(
@@ -124,20 +123,47 @@ def pmi_scores(
     prompt has a context, (m,); and each answer's log-prob under its own prompt, log p(y|x),
     (n,). Every log-prob comes from one scoring pass, shown as `stage`; `should_stop` is asked
     after each batch."""
-    n, columns = len(response_ids), pmi_columns(prompt_ids, k, seed)
+    n, others = len(response_ids), other_prompts(len(prompt_ids), k, seed)
     plain = [i for i, ids in enumerate(plain_ids or []) if ids is not None]
-    prompts = [p for column in columns for p in column] + [plain_ids[i] for i in plain]
-    with dist.progress(len(prompts), stage) as progress:
+    with dist.progress(n * (1 + others.shape[1]) + len(plain), stage) as progress:
+        update = stopping(progress.update, should_stop)
+        logps = answers_under(model, prompt_ids, response_ids, others, pad, update)  # (n, 1+k)
+        if not plain:
+            return logps[:, 0] - logps[:, 1:].mean(axis=1), None, logps[:, 0]
         flat = response_logps(
             model,
-            prompts,
-            list(response_ids) * len(columns) + [response_ids[i] for i in plain],
+            [plain_ids[i] for i in plain],
+            [response_ids[i] for i in plain],
             pad,
-            on_batch=stopping(progress.update, should_stop),
+            on_batch=update,
         )
-    logps = flat[: n * len(columns)].reshape(len(columns), n).T  # (n, 1 + k)
-    pmi = logps[:, 0] - logps[:, 1:].mean(axis=1)
-    return pmi, (logps[plain, 0] - flat[n * len(columns) :]) if plain else None, logps[:, 0]
+    return logps[:, 0] - logps[:, 1:].mean(axis=1), logps[plain, 0] - flat, logps[:, 0]
+
+
+def answers_under(model, prompt_ids, response_ids, others: np.ndarray, pad: int, on_batch):
+    """log p(answer i | its own prompt, then prompt others[i, c]), (n, 1 + k). Each prompt
+    hosts one answer a column (`other_prompts`), so where the model takes a prompt prefix it
+    runs once for all of them; prompts sharing a long prefix (few-shot exemplars) are scored
+    with that prefix run once instead."""
+    n, columns = len(response_ids), [np.arange(len(prompt_ids)), *others.T]
+    if n < 2 or common_prefix(prompt_ids) >= 64 or not prefix_reuse_works(model):
+        flat = response_logps(
+            model,
+            [prompt_ids[j] for column in columns for j in column],
+            list(response_ids) * len(columns),
+            pad,
+            on_batch=on_batch,
+        )
+        return flat.reshape(len(columns), n).T
+    hosted = [np.argsort(column) for column in columns]  # hosted[c][j]: the answer j hosts
+    grid = grouped_logps(
+        model,
+        prompt_ids,
+        [[response_ids[i] for i in answers] for answers in hosted],
+        pad,
+        on_batch=on_batch,
+    )  # (1 + k, n): grid[c, j] = log p(answer hosted[c][j] | prompt j)
+    return np.stack([grid[c, column] for c, column in enumerate(columns)], axis=1)
 
 
 def context_free_ids(

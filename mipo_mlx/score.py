@@ -130,6 +130,27 @@ def pack_rows(
     )
 
 
+def pack_grouped(
+    prompts: Sequence[list[int]],
+    columns: Sequence[Sequence[list[int]]],
+    pad_id: int,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> Rows:
+    """P prompts, each run once as the prefix of G rows: row c * P + i continues prompt i
+    with `columns[c][i]`. The prefix rows are the prompts but their last token; each row
+    holds that last token (whose output predicts the first response token) and the
+    response, which is scored. The same log-probs as each prompt + response whole."""
+    heads = [p[:-1] for p in prompts]
+    prefix = np.full((len(prompts), _width(max(map(len, heads)), pad_multiple)), pad_id, np.int32)
+    for row, head in enumerate(heads):
+        prefix[row, : len(head)] = head
+    responses = [r for column in columns for r in column]
+    rows = pack_rows([p[-1:] for p in prompts] * len(columns), responses, pad_id, pad_multiple)
+    rows.prefix = mx.array(prefix)
+    rows.prefix_lengths = mx.array([len(h) for h in heads], dtype=mx.int32)
+    return rows
+
+
 def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD_MULTIPLE) -> Batch:
     """Pack pairs for one forward; `shared` runs each prompt once for both responses. A pair
     not yet scored gets a NaN reference: a loss on it is never reference-free DPO."""
@@ -149,19 +170,13 @@ def pack_pairs(pairs, pad_id: int, shared: bool = False, pad_multiple: int = PAD
         )
         n_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
         return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
-    heads = [p.prompt_ids[:-1] for p in pairs]
-    prefix = np.full(
-        (len(pairs), _width(max(map(len, heads)), pad_multiple)), pad_id, dtype=np.int32
+    rows = pack_grouped(
+        [p.prompt_ids for p in pairs],
+        [responses[: len(pairs)], responses[len(pairs) :]],
+        pad_id,
+        pad_multiple,
     )
-    for row, head in enumerate(heads):
-        prefix[row, : len(head)] = head
-    # The rows start at the last prompt token, whose output predicts the first response token.
-    rows = pack_rows([p.prompt_ids[-1:] for p in pairs] * 2, responses, pad_id, pad_multiple)
-    rows.prefix, rows.prefix_lengths = (
-        mx.array(prefix),
-        mx.array([len(h) for h in heads], dtype=mx.int32),
-    )
-    n_tokens = sum(map(len, heads)) + sum(len(r) + 1 for r in responses)
+    n_tokens = sum(len(p.prompt_ids) - 1 for p in pairs) + sum(len(r) + 1 for r in responses)
     return Batch(**rows.tree(), **reference, n_tokens=n_tokens)
 
 
@@ -211,6 +226,30 @@ def row_logps(
     """Each row's summed log-prob of its scored tokens, (N,)."""
     logps = token_logps(scored_logits(model, rows, records, head_only), rows["targets"])  # (K,)
     return logps @ rows["owners"]  # (N,): each row's sum; the dummies weigh 0
+
+
+def summed_logps(
+    model, rows: dict[str, mx.array], records: list[RecordKV] | None = None, head_only=False
+) -> np.ndarray:
+    """`row_logps` for scoring without gradients, (N,), with one evaluation (a sync point).
+    On the CPU the log-softmax runs in numpy: MLX's CPU exp is ~20x slower than numpy's, and
+    over a 32k vocabulary it costs as much as the LM head's matmul."""
+    if mx.default_device() != mx.cpu:
+        logps = row_logps(model, rows, records, head_only)
+        mx.eval(logps)
+        return np.array(logps.tolist())
+    logits = scored_logits(model, rows, records, head_only).astype(mx.float32)  # (K, V)
+    picked = mx.take_along_axis(logits, rows["targets"][:, None], axis=-1)[:, 0]  # (K,)
+    mx.eval(logits, picked)
+    z = np.asarray(logits)
+    top = z.max(axis=1)  # (K,)
+    shifted = z - top[:, None]  # (K, V)
+    np.exp(shifted, out=shifted)
+    logsumexp = np.log(shifted.sum(axis=1)) + top  # (K,)
+    token = np.asarray(picked) - logsumexp  # (K,)
+    return (token.astype(np.float64) @ np.asarray(rows["owners"], dtype=np.float64)).astype(
+        np.float32
+    )
 
 
 def pair_logps(model, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
@@ -333,12 +372,53 @@ def response_logps(
             end += 1
         rows = order[first:end]
         packed = pack_rows([prompts[i][start:] for i in rows], [responses[i] for i in rows], pad_id)
-        logps = row_logps(model, packed.tree(), records, head_only)
-        mx.eval(logps)  # one evaluation per batch; a sync point
-        out[rows] = np.array(logps.tolist())
+        out[rows] = summed_logps(model, packed.tree(), records, head_only)
         first = end
         if on_batch is not None:
             on_batch(len(rows))
+    return out
+
+
+def grouped_logps(
+    model,
+    prompts: Sequence[list[int]],
+    columns: Sequence[Sequence[list[int]]],
+    pad_id: int,
+    token_budget: int = 16384,
+    on_batch: Callable[[int], None] | None = None,
+    logits_budget: int = LOGITS_BUDGET,
+) -> np.ndarray:
+    """log p(columns[c][i] | prompts[i]) for every column c and prompt i, (G, P): each prompt
+    runs once through the blocks for its G responses (`pack_grouped`), in batches of whole
+    prompts within both budgets (prompts sorted by length). The model must take a prompt
+    prefix (`prefix_reuse_works`). `on_batch(n)` is called after each batch of n rows."""
+    n_columns = len(columns)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
+    positions = max(1, logits_budget // vocab)
+    size = [
+        (len(prompts[i]), max(len(column[i]) for column in columns)) for i in range(len(prompts))
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: sum(size[i]))
+    out = np.zeros((n_columns, len(prompts)))
+    first = 0
+    while first < len(order):
+        end = first + 1
+        while end < len(order):
+            prompt, response = size[order[end]]
+            width = _width(prompt, PAD_MULTIPLE) + n_columns * _width(response + 1, PAD_MULTIPLE)
+            if (end + 1 - first) * width > token_budget or (
+                (end + 1 - first) * n_columns * response > positions
+            ):
+                break
+            end += 1
+        batch = order[first:end]
+        packed = pack_grouped(
+            [prompts[i] for i in batch], [[column[i] for i in batch] for column in columns], pad_id
+        )
+        out[:, batch] = summed_logps(model, packed.tree(), head_only=True).reshape(n_columns, -1)
+        first = end
+        if on_batch is not None:
+            on_batch(n_columns * len(batch))
     return out
 
 

@@ -205,6 +205,10 @@ def test_other_prompts_never_self_and_distinct():
     for i, row in enumerate(others):
         assert i not in row and len(set(row.tolist())) == 4 and row.max() < 10
     assert other_prompts(3, 5, seed=0).shape == (3, 2)  # k is capped at n - 1
+    # Each column a permutation: every prompt hosts one answer a column (scored once for all)
+    for column in others.T:
+        assert sorted(column.tolist()) == list(range(10))
+    assert not np.array_equal(others, other_prompts(10, 4, seed=4))  # a seeded draw
 
 
 def test_distinct_n():

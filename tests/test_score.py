@@ -258,6 +258,28 @@ def test_response_logps_equal_one_by_one_both_ways(toy_model):
     )
 
 
+def test_grouped_logps_run_each_prompt_once_for_its_answers(toy_model):
+    """PMI's scorer: each prompt is the prefix of its G answers; every (column, prompt) cell is
+    that answer's own log-prob under that prompt, whatever the batching, and a batch holds
+    whole prompts (G rows each)."""
+    from mipo_mlx.score import grouped_logps
+
+    model, _ = toy_model
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(4, 300, size=n).tolist() for n in (3, 40, 1, 17, 64, 9)]
+    columns = [
+        [rng.integers(4, 300, size=int(rng.integers(1, 30))).tolist() for _ in prompts]
+        for _ in range(3)
+    ]
+    expected = [[one_by_one(model, p, a) for p, a in zip(prompts, column)] for column in columns]
+    for budget in (64, 100_000):  # one prompt per batch up to all in one
+        sizes = []
+        got = grouped_logps(model, prompts, columns, 0, token_budget=budget, on_batch=sizes.append)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        assert sum(sizes) == 18 and all(n % 3 == 0 for n in sizes)
+        assert len(sizes) == (6 if budget == 64 else 1)
+
+
 def test_response_logps_reusing_a_common_prefix(toy_model):
     """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
     once and every row's log-prob is still its own; a model whose blocks reject caches falls
