@@ -454,11 +454,9 @@ def score_pairs(
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        chosen, rejected = pair_logps(
-            model, pack_pairs([pairs[i] for i in idx], pad_id, shared).tree()
-        )
-        mx.eval(chosen, rejected)  # one evaluation for the whole batch; a sync point
-        for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
+        batch = pack_pairs([pairs[i] for i in idx], pad_id, shared).tree()
+        logps = summed_logps(model, batch).tolist()  # (2B,): chosen rows, then rejected
+        for i, c, r in zip(idx, logps[: len(idx)], logps[len(idx) :]):
             out[i] = (c, r)
         if on_batch is not None:
             on_batch(len(idx))
