@@ -31,8 +31,9 @@ Step 3, fresh draw: the chosen recipe and today's 2 rounds again on new draws of
 personalization train and held-out items (a seed used nowhere else, items of the shipped
 held-out file left out), run seed 3.
 
-Runs go --workers at a time, each its own process (OPENBLAS_NUM_THREADS=1 each), its log
-beside its folder; a run already done with the same settings is read back, not run again.
+Runs go --workers at a time, each its own process, its log beside its folder; a run already
+done with the same settings is read back, not run again. The workers share this machine: each
+is told so (MIPO_MLX_LOCAL_RUNS=--workers), for a split thread policy (MIPO_MLX_THREADS).
 """
 
 from __future__ import annotations
@@ -222,13 +223,14 @@ def cached(jobs: dict) -> dict:
 
 def run_all(jobs: dict, workers: int) -> dict:
     """The jobs' results by key; `workers` processes at a time, the longest first (a job whose
-    folder another process holds goes last). Each process gets OPENBLAS_NUM_THREADS=1 (unless
-    set) before it loads OpenBLAS: two runs with the default threads on two cores each take
-    several times as long as one alone."""
+    folder another process holds goes last). `workers` processes at once on this machine are
+    that many local runs to the BLAS thread policy (MIPO_MLX_THREADS; the default gives each
+    one thread, a split policy each its share of the cores), unless MIPO_MLX_LOCAL_RUNS is
+    set: two runs with OpenBLAS's own threads on two cores each took 5x as long as one alone."""
     if REPORT_ONLY:
         return cached(jobs)
     order = sorted(jobs, key=lambda k: (held(jobs[k]["out"]), -weight(jobs[k]["settings"])))
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the children inherit it at spawn
+    os.environ.setdefault("MIPO_MLX_LOCAL_RUNS", str(workers))  # inherited at spawn
     context = multiprocessing.get_context("spawn")
     results = {}
     with ProcessPoolExecutor(workers, mp_context=context) as pool:

@@ -15,19 +15,28 @@ global scope first, so a library loaded here with RTLD_GLOBAL wins. In order:
    that MLX's own wheel ships (under a hashed name) is loaded under that name first.
 Where MLX has no backend library at all, nothing is loaded and nothing is said: the CLIs'
 one-line missing-backend error is then the only line. BENCHMARKS.md has the measured speed of each.
+
+OpenBLAS starts its threads when it loads, reading OPENBLAS_NUM_THREADS / OMP_NUM_THREADS and
+OPENBLAS_THREAD_TIMEOUT (how long an idle thread spins: 2^n cycles) then, so the thread policy
+(MIPO_MLX_THREADS, `THREAD_POLICIES`) is applied to the environment around the load and the
+environment is put back after it (child processes choose for themselves). A thread count the
+user sets is never overridden. MLX's CPU backend computes on one thread of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import importlib.machinery
 import importlib.util
+import json
 import os
 import platform
 import struct
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .errors import UserError
@@ -51,6 +60,111 @@ SLOW_BLAS = (
     "bundled reference BLAS (slow; on Linux x86-64 `pip install 'mipo_mlx[cpu]'` brings a "
     "fast one, elsewhere install the system OpenBLAS)"
 )
+
+
+THREADS_SETTING = "MIPO_MLX_THREADS"
+RUNS_SETTING = "MIPO_MLX_LOCAL_RUNS"
+# The thread counts OpenBLAS reads, its own first: where the user set one, it alone decides.
+USER_COUNTS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+QUIET_SPIN = "4"  # OPENBLAS_THREAD_TIMEOUT: an idle thread spins 2^4 cycles, then sleeps
+# Name -> (thread count: every core, one, or the usable cores split among this machine's
+# runs; quiet idle threads). One thread is the default: beside any other busy process, a
+# parallel call waits for its slowest thread, and OpenBLAS's own idle threads spin ~0.1 s
+# after every call; on 2 cores a run beside another training took 8x as long with 2 threads,
+# quiet or not, and 10% longer with 1 thread alone on an idle machine (BENCHMARKS.md).
+THREAD_POLICIES = {
+    "openblas": ("all", False),
+    "one": ("one", False),
+    "split": ("split", False),
+    "split_quiet": ("split", True),
+}
+DEFAULT_THREADS = "one"
+_threads: dict = {}  # what the policy chose when the BLAS loaded: policy, runs, settings
+
+
+def thread_settings(policy: str, cores: int, runs: int) -> dict[str, str]:
+    """The environment OpenBLAS loads with under `policy`, on `cores` usable cores shared by
+    `runs` processes at once."""
+    count, quiet = THREAD_POLICIES[policy]
+    settings = {}
+    if count != "all":
+        settings["OPENBLAS_NUM_THREADS"] = str(1 if count == "one" else max(1, cores // runs))
+    if quiet:
+        settings["OPENBLAS_THREAD_TIMEOUT"] = QUIET_SPIN
+    return settings
+
+
+def _whole(text: str) -> int | None:
+    return int(text) if text.strip().isdigit() and int(text) > 0 else None
+
+
+def _ring_addresses(hostfile: str) -> list[str]:
+    """The address of each rank in mlx.launch's ring hostfile (a JSON list, per rank, of
+    "ip:port"), loopback as one name; [] where there is none (one rank) or it can't be read."""
+    try:
+        ranks = json.loads(Path(hostfile).read_text()) if hostfile else []
+        found = [str(rank[0]).rsplit(":", 1)[0] for rank in ranks]
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return []
+    return ["loopback" if a.startswith("127.") or a in ("::1", "localhost") else a for a in found]
+
+
+def local_runs(environ: Mapping[str, str]) -> int:
+    """How many processes of this kind run on this machine at once: MIPO_MLX_LOCAL_RUNS where
+    set; else the ranks a launcher put on this host (Open MPI and MPICH say so; in mlx.launch's
+    ring hostfile, the ranks with this rank's address; NCCL's MLX_WORLD_SIZE: all); else 1."""
+    for key in (RUNS_SETTING, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if _whole(environ.get(key, "")):
+            return int(environ[key])
+    ring = _ring_addresses(environ.get("MLX_HOSTFILE", ""))
+    rank = environ.get("MLX_RANK", "0")
+    if ring and rank.isdigit() and int(rank) < len(ring):
+        return ring.count(ring[int(rank)])
+    return _whole(environ.get("MLX_WORLD_SIZE", "")) or 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_policy(environ: Mapping[str, str], cores: int) -> tuple[str, dict[str, str], list[str]]:
+    """The policy that applies ("user" where the user set a thread count), the settings to
+    load OpenBLAS with, and the notes to print: a setting not understood is a note and the
+    default applies (a thread count is never a reason to stop a run)."""
+    notes = []
+    policy = environ.get(THREADS_SETTING, "") or DEFAULT_THREADS
+    if policy not in THREAD_POLICIES:
+        notes.append(
+            f"note: {THREADS_SETTING}={policy} is not a thread policy; using {DEFAULT_THREADS} "
+            f"(set it to one of {', '.join(THREAD_POLICIES)})"
+        )
+        policy = DEFAULT_THREADS
+    runs = environ.get(RUNS_SETTING, "")
+    if runs and not _whole(runs):
+        notes.append(f"note: {RUNS_SETTING}={runs} is not a whole number above 0; ignored")
+        environ = {k: v for k, v in environ.items() if k != RUNS_SETTING}
+    if any(environ.get(key) for key in USER_COUNTS):
+        return "user", {}, notes
+    settings = thread_settings(policy, cores, local_runs(environ))
+    return policy, {k: v for k, v in settings.items() if not environ.get(k)}, notes
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]) -> Iterator[None]:
+    """`settings` in the environment for the block, then the environment as it was."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _system_openblas() -> str | None:
@@ -211,11 +325,17 @@ def prefer_system_blas() -> str | None:
         return _loaded_blas
     if mlx_library() is None:  # no MLX backend to speed up: require_mlx says so, in one line
         return None
+    candidates = _candidates()
+    policy, settings, notes = thread_policy(os.environ, usable_cores())
+    for note in notes if candidates else []:
+        print(note, file=sys.stderr)
     failed = []
-    for path in _candidates():
-        why = _load(path)
+    for path in candidates:
+        with _environment(settings):  # read by OpenBLAS as it loads; put back for children
+            why = _load(path)
         if why is None:
             _loaded_blas = path
+            _threads.update(policy=policy, runs=local_runs(os.environ), settings=settings)
             return path
         failed.append(f"{path} ({why})")
     if failed:  # one note, only when no fast library loaded
@@ -234,11 +354,43 @@ def blas_library() -> str:
     return _loaded_blas or SLOW_BLAS
 
 
+def blas_threads() -> int | None:
+    """The threads the loaded OpenBLAS computes with (as it reports), or None: no OpenBLAS."""
+    if not _loaded_blas:
+        return None
+    library = ctypes.CDLL(_loaded_blas, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    count = getattr(library, "openblas_get_num_threads", None)
+    return count() if count else None
+
+
+def threads_note() -> str | None:
+    """One line on the thread count, where the policy split the cores among runs on this
+    machine (said by the first rank only, as every rank's own note would say the same)."""
+    count = _threads.get("settings", {}).get("OPENBLAS_NUM_THREADS")
+    ranks = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    if (
+        _threads.get("runs", 1) < 2
+        or count is None
+        or any(os.environ.get(key, "0") != "0" for key in ranks)
+    ):
+        return None
+    return (
+        f"note: OpenBLAS on {count} thread{'s' * (count != '1')} in each of the "
+        f"{_threads['runs']} runs on this machine's {usable_cores()} cores "
+        f"({THREADS_SETTING}={_threads['policy']}; OPENBLAS_NUM_THREADS sets a count)"
+    )
+
+
+@functools.cache  # one note however many times a command asks
 def require_mlx() -> None:
-    """Import mlx.core, or fail with one line that says which extra to install."""
+    """Import mlx.core, or fail with one line that says which extra to install; then the
+    thread note, where there is one."""
     try:
         import mlx.core as mx
 
         mx.array(1.0) + 1  # a backend-less install fails here, not at import
     except (ImportError, OSError, RuntimeError) as err:
         raise UserError(f"{BACKEND_HINT} ({type(err).__name__}: {err})") from None
+    note = threads_note()
+    if note:
+        print(note, file=sys.stderr)
