@@ -363,6 +363,17 @@ def blas_threads() -> int | None:
     return count() if count else None
 
 
+def blas_line() -> str | None:
+    """One line for the run's log: the OpenBLAS the CPU backend computes with, its threads
+    and the policy that chose them; None where no OpenBLAS was loaded (macOS, or off)."""
+    count = blas_threads()
+    if count is None:
+        return None
+    policy = _threads.get("policy", "user")
+    why = "the count you set" if policy == "user" else f"{THREADS_SETTING}={policy}"
+    return f"CPU BLAS: {_loaded_blas}, {count} thread{'s' * (count != 1)} ({why})"
+
+
 def threads_note() -> str | None:
     """One line on the thread count, where the policy split the cores among runs on this
     machine (said by the first rank only, as every rank's own note would say the same)."""

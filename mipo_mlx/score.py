@@ -241,11 +241,14 @@ def summed_logps(
     logits = scored_logits(model, rows, records, head_only).astype(mx.float32)  # (K, V)
     picked = mx.take_along_axis(logits, rows["targets"][:, None], axis=-1)[:, 0]  # (K,)
     mx.eval(logits, picked)
-    z = np.asarray(logits)
-    top = z.max(axis=1)  # (K,)
-    shifted = z - top[:, None]  # (K, V)
-    np.exp(shifted, out=shifted)
-    logsumexp = np.log(shifted.sum(axis=1)) + top  # (K,)
+    z = np.asarray(logits)  # (K, V), MLX's own buffer (no copy)
+    logsumexp = np.empty(len(z), dtype=np.float32)  # (K,)
+    for start in range(0, len(z), 128):  # 128 rows at a time: a whole copy would double memory
+        part = z[start : start + 128]
+        top = part.max(axis=1)
+        shifted = part - top[:, None]
+        np.exp(shifted, out=shifted)
+        logsumexp[start : start + 128] = np.log(shifted.sum(axis=1)) + top
     token = np.asarray(picked) - logsumexp  # (K,)
     return (token.astype(np.float64) @ np.asarray(rows["owners"], dtype=np.float64)).astype(
         np.float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import distributed as dist
 from . import model as mdl
+from ._backend import blas_line
 from .batching import batch_stream, total_steps
 from .config import LoraConfig, TrainingConfig
 from .errors import UserError
@@ -24,6 +25,9 @@ def announce_memory(model, pairs: list[Pair], config: TrainingConfig) -> None:
         f"adapters + optimizer {need.adapters / 1e9:.3f}, "
         f"activations {need.activations / 1e9:.2f} for the longest batch)"
     )
+    blas = blas_line()
+    if blas:
+        dist.say(blas)
     if limit and need.total > limit:
         dist.say(
             f"warning: that exceeds the recommended working set ({limit / 1e9:.1f} GB); lower "

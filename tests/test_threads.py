@@ -27,7 +27,8 @@ REPORT = (
     "a = mx.random.normal((512, 512))\n"
     "for _ in range(5): mx.eval(a @ a)\n"
     "t = os.times(); time.sleep(0.3); u = os.times()\n"
-    "print(json.dumps({'threads': _backend.blas_threads(), 'env': {k: os.environ.get(k) for k in"
+    "print(json.dumps({'threads': _backend.blas_threads(), 'line': _backend.blas_line(),"
+    "'env': {k: os.environ.get(k) for k in"
     f" {CLEAN!r}}}, 'idle_cpu': u.user + u.system - t.user - t.system}}))\n"
 )
 
@@ -57,6 +58,7 @@ def test_a_thread_count_the_user_sets_is_kept(name):
         pytest.skip("one usable core: OpenBLAS runs one thread whatever is set")
     got, notes = loaded(**{name: "2"}, MIPO_MLX_THREADS="one")
     assert got["threads"] == 2 and not notes
+    assert got["line"].endswith(", 2 threads (the count you set)")  # the run's log says so
     assert got["env"] == {key: ("2" if key == name else None) for key in CLEAN}
 
 
@@ -67,6 +69,7 @@ def test_the_default_is_one_thread_and_quiet_policies_sleep_when_idle():
     for the load only."""
     got, notes = loaded()
     assert got["threads"] == 1 and not notes
+    assert got["line"].endswith(", 1 thread (MIPO_MLX_THREADS=one)")  # the run's log says so
     assert got["env"] == dict.fromkeys(CLEAN)
     got, notes = loaded(MIPO_MLX_THREADS="split_quiet")
     assert got["threads"] == _backend.usable_cores() and not notes
