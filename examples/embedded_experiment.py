@@ -226,7 +226,8 @@ def run_all(jobs: dict, workers: int) -> dict:
     folder another process holds goes last). `workers` processes at once on this machine are
     that many local runs to the BLAS thread policy (MIPO_MLX_THREADS; the default gives each
     one thread, a split policy each its share of the cores), unless MIPO_MLX_LOCAL_RUNS is
-    set: two runs with OpenBLAS's own threads on two cores each took 5x as long as one alone."""
+    set: two runs with OpenBLAS's own threads on two cores each took about 9x as long as one
+    alone (BENCHMARKS.md, "BLAS threads on a machine that is not idle")."""
     if REPORT_ONLY:
         return cached(jobs)
     order = sorted(jobs, key=lambda k: (held(jobs[k]["out"]), -weight(jobs[k]["settings"])))
