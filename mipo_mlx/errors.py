@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 EXIT_INTERNAL = 1
@@ -86,15 +86,8 @@ class StopFlag:
                 flush=True,
             )
 
-        if not in_main_thread():
+        with handling(handler):
             yield self
-            return
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def _interrupt(signum, frame):
@@ -119,17 +112,23 @@ def quiet_start_up() -> None:
 
 
 @contextmanager
-def _interruptible():
-    """SIGINT and SIGTERM raise KeyboardInterrupt (until a stage installs its StopFlag)."""
+def handling(handler: Callable) -> Iterator[None]:
+    """`handler` for SIGINT and SIGTERM while the block runs, then the handlers before; in any
+    thread but the main one (where signal.signal raises) nothing is changed."""
     if not in_main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _interruptible():
+    """SIGINT and SIGTERM raise KeyboardInterrupt (until a stage installs its StopFlag)."""
+    return handling(_interrupt)
 
 
 def save_crash(command: str) -> str | None:

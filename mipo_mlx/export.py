@@ -25,13 +25,12 @@ import importlib.util
 import os
 import signal
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import reading
 from .card import model_card
-from .errors import UserError, reports_user_errors
+from .errors import UserError, handling, reports_user_errors
 from .files import atomic_folder, check_output_place, folder_lock
 from .gguf_file import FILE_TYPES, check_base
 from .hub import check_repo_id, publish, require_token
@@ -98,9 +97,6 @@ class Interrupted(BaseException):
 def stops_at_once():
     """The first SIGINT or SIGTERM raises `Interrupted` wherever export is (a fuse has no step
     worth finishing); later ones are ignored, so that removing the partial folder completes."""
-    if threading.current_thread() is not threading.main_thread():  # no handlers there
-        yield
-        return
     seen: list[int] = []
 
     def handler(signum, frame):
@@ -108,12 +104,8 @@ def stops_at_once():
             seen.append(signum)
             raise Interrupted(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling(handler):  # the main thread's alone: no handlers in any other
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class _Parser(argparse.ArgumentParser):

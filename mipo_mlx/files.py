@@ -25,6 +25,12 @@ MARK = ".mipo_mlx"
 _MARK_TEXT = "a folder mipo_mlx is writing or replacing; mipo_mlx removes it\n"
 
 
+def ours(target: Path) -> str:
+    """The start of every name the package keeps beside `target` (temporary files and folders,
+    backups, a lock): hidden, and marked as its own."""
+    return f".{target.name}{MARK}"
+
+
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` on success.
@@ -33,7 +39,7 @@ def atomic_path(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     temporary name is new (mkstemp), so only the file this call made is ever removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{MARK}.", suffix=suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{ours(target)}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
@@ -49,7 +55,7 @@ def atomic_path(target: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 def partial_and_old(target: Path) -> tuple[Path, Path]:
     """The names `atomic_folder` writes into and moves the previous folder aside to: hidden,
     and marked as the package's (a user's `<target>.old` is another name)."""
-    hidden = f".{target.name}{MARK}"
+    hidden = ours(target)
     return target.with_name(f"{hidden}.partial"), target.with_name(f"{hidden}.old")
 
 
@@ -240,7 +246,7 @@ def folder_lock(folder: str | Path, what: str = "output.dir", replaced: bool = F
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder; choose another {what}")
     home = folder.parent if replaced else folder
-    path = home / (f".{folder.name}{MARK}.lock" if replaced else LOCK_NAME)
+    path = home / (f"{ours(folder)}.lock" if replaced else LOCK_NAME)
     created = _missing(home)
     try:
         home.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.files import partial_and_old
+from mipo_mlx.files import MARK, partial_and_old
 
 from .builders import run_args, write_prompts
 
@@ -241,8 +241,8 @@ def check_the_folder_is_held(first, out, go, model_dir, prompts):
         time.sleep(0.05)
     assert first.poll() is None, first.stderr.read()
 
-    def lasting():  # the holder runs on: its temporary files come and go
-        return {p.name for p in out.iterdir() if not p.name.endswith(".tmp")}
+    def lasting():  # the holder runs on: its temporary files and folders come and go
+        return {p.name for p in out.iterdir() if MARK not in p.name}
 
     before = lasting()
     for extra in ([], ["--output.overwrite", "true"]):
