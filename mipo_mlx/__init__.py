@@ -8,7 +8,7 @@ The modules, layer by layer from the bottom; a module imports only from its own
 layer or the layers below (tests/test_layers.py checks it; an indented line goes on with the
 layer above):
 foundation __init__ errors reading progress files written embedded config settings cli _backend
-           plots hub loss_settings
+           blas_governor plots hub loss_settings
 data       formats tasks prompts
 compute    distributed model generate prefix score selection losses memory checkpoint
            gguf_check gguf_file toy

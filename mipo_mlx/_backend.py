@@ -19,8 +19,10 @@ one-line missing-backend error is then the only line. BENCHMARKS.md has the meas
 OpenBLAS starts its threads when it loads, reading OPENBLAS_NUM_THREADS / OMP_NUM_THREADS and
 OPENBLAS_THREAD_TIMEOUT (how long an idle thread spins: 2^n cycles) then, so the thread policy
 (MIPO_MLX_THREADS, `THREAD_POLICIES`) is applied to the environment around the load and the
-environment is put back after it (child processes choose for themselves). A thread count the
-user sets is never overridden. MLX's CPU backend computes on one thread of its own.
+environment is put back after it (child processes choose for themselves). Under the default
+policy, `adapt`, the commands then start `blas_governor`, which moves the count between one and
+the pool's size with the idle cores. A thread count the user sets is never overridden. MLX's
+CPU backend computes on one thread of its own.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from .blas_governor import Governor, openblas_setter
 from .errors import UserError
 
 # Debian/Ubuntu's multithreaded OpenBLAS, then whatever the loader can find.
@@ -68,17 +71,21 @@ RUNS_SETTING = "MIPO_MLX_LOCAL_RUNS"
 USER_COUNTS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 QUIET_SPIN = "4"  # OPENBLAS_THREAD_TIMEOUT: an idle thread spins 2^4 cycles, then sleeps
 # Name -> (thread count: every core, one, or the usable cores split among this machine's
-# runs; quiet idle threads). One thread is the default: beside any other busy process, a
-# parallel call waits for its slowest thread, and OpenBLAS's own idle threads spin ~0.1 s
-# after every call; on 2 cores a run beside another training took 8x as long with 2 threads,
-# quiet or not, and 10% longer with 1 thread alone on an idle machine (BENCHMARKS.md).
+# runs; quiet idle threads). Beside any other busy process a parallel call waits for its
+# slowest thread, and OpenBLAS's own idle threads spin ~0.1 s after every call: on 2 cores a
+# run beside another training took 8x as long with 2 threads, quiet or not. One thread alone
+# on an idle machine leaves the other cores idle (25% longer end to end on 2 cores). The
+# default, `adapt`, loads a pool of the split size and computes on as many threads as the
+# machine leaves cores idle, one while other processes are busy (`blas_governor`).
 THREAD_POLICIES = {
     "openblas": ("all", False),
     "one": ("one", False),
     "split": ("split", False),
     "split_quiet": ("split", True),
+    "adapt": ("split", False),
 }
-DEFAULT_THREADS = "one"
+ADAPTIVE = {"adapt"}
+DEFAULT_THREADS = "adapt"
 _threads: dict = {}  # what the policy chose when the BLAS loaded: policy, runs, settings
 
 
@@ -336,6 +343,8 @@ def prefer_system_blas() -> str | None:
         if why is None:
             _loaded_blas = path
             _threads.update(policy=policy, runs=local_runs(os.environ), settings=settings)
+            if policy in ADAPTIVE:  # one thread until the governor finds idle cores
+                _set_threads(1)
             return path
         failed.append(f"{path} ({why})")
     if failed:  # one note, only when no fast library loaded
@@ -363,6 +372,31 @@ def blas_threads() -> int | None:
     return count() if count else None
 
 
+def _set_threads(count: int) -> None:
+    setter = openblas_setter(_loaded_blas) if _loaded_blas else None
+    if setter is not None:
+        setter(count)
+
+
+def pool_size() -> int:
+    """The most threads the adaptive policy may compute on (the pool OpenBLAS loaded with);
+    1 under any other policy."""
+    if _threads.get("policy") not in ADAPTIVE:
+        return 1
+    return int(_threads.get("settings", {}).get("OPENBLAS_NUM_THREADS", "1"))
+
+
+@functools.cache  # one governor a process
+def start_governor() -> Governor | None:
+    """Under the adaptive policy with a pool of more than one thread, start the daemon that
+    keeps the count to the idle cores (Linux: it reads /proc/stat); None where there is none."""
+    setter = openblas_setter(_loaded_blas) if _loaded_blas else None
+    if pool_size() < 2 or setter is None or not Path("/proc/stat").is_file():
+        return None
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return Governor(setter, pool_size(), cpus).start() if cpus else None
+
+
 def blas_line() -> str | None:
     """One line for the run's log: the OpenBLAS the CPU backend computes with, its threads
     and the policy that chose them; None where no OpenBLAS was loaded (macOS, or off)."""
@@ -371,6 +405,11 @@ def blas_line() -> str | None:
         return None
     policy = _threads.get("policy", "user")
     why = "the count you set" if policy == "user" else f"{THREADS_SETTING}={policy}"
+    if pool_size() > 1:
+        return (
+            f"CPU BLAS: {_loaded_blas}, 1 to {pool_size()} threads, as many as the machine "
+            f"leaves cores idle, {count} now ({why})"
+        )
     return f"CPU BLAS: {_loaded_blas}, {count} thread{'s' * (count != 1)} ({why})"
 
 
@@ -386,7 +425,8 @@ def threads_note() -> str | None:
     ):
         return None
     return (
-        f"note: OpenBLAS on {count} thread{'s' * (count != '1')} in each of the "
+        f"note: OpenBLAS on {'at most ' * (_threads['policy'] in ADAPTIVE)}{count} "
+        f"thread{'s' * (count != '1')} in each of the "
         f"{_threads['runs']} runs on this machine's {usable_cores()} cores "
         f"({THREADS_SETTING}={_threads['policy']}; OPENBLAS_NUM_THREADS sets a count)"
     )
@@ -395,13 +435,14 @@ def threads_note() -> str | None:
 @functools.cache  # one note however many times a command asks
 def require_mlx() -> None:
     """Import mlx.core, or fail with one line that says which extra to install; then the
-    thread note, where there is one."""
+    thread governor and the thread note, where there are."""
     try:
         import mlx.core as mx
 
         mx.array(1.0) + 1  # a backend-less install fails here, not at import
     except (ImportError, OSError, RuntimeError) as err:
         raise UserError(f"{BACKEND_HINT} ({type(err).__name__}: {err})") from None
+    start_governor()
     note = threads_note()
     if note:
         print(note, file=sys.stderr)

@@ -31,6 +31,7 @@ LAYERS = [
             "settings",
             "cli",
             "_backend",
+            "blas_governor",
             "plots",
             "hub",
             "loss_settings",

@@ -63,16 +63,23 @@ def test_a_thread_count_the_user_sets_is_kept(name):
 
 
 @needs_openblas
-def test_the_default_is_one_thread_and_quiet_policies_sleep_when_idle():
-    """The default: one thread. Under split_quiet, idle threads sleep at once (OpenBLAS's own
-    spin ~0.1 s after each call, on a core another process could use). The settings were there
-    for the load only."""
+def test_the_default_adapts_and_quiet_policies_sleep_when_idle():
+    """The default loads a pool of one thread a core and computes on one until a command's
+    governor finds idle cores (a library user who imports the package gets one). `one` is one.
+    Under split_quiet, idle threads sleep at once (OpenBLAS's own spin ~0.1 s after each call,
+    on a core another process could use). The settings were there for the load only."""
+    cores = _backend.usable_cores()
     got, notes = loaded()
     assert got["threads"] == 1 and not notes
-    assert got["line"].endswith(", 1 thread (MIPO_MLX_THREADS=one)")  # the run's log says so
+    said = f", 1 to {cores} threads, as many as the machine leaves cores idle, 1 now"
+    if cores < 2:
+        said = ", 1 thread"
+    assert got["line"].endswith(f"{said} (MIPO_MLX_THREADS=adapt)")  # the run's log says so
     assert got["env"] == dict.fromkeys(CLEAN)
+    got, notes = loaded(MIPO_MLX_THREADS="one")
+    assert got["threads"] == 1 and got["line"].endswith(", 1 thread (MIPO_MLX_THREADS=one)")
     got, notes = loaded(MIPO_MLX_THREADS="split_quiet")
-    assert got["threads"] == _backend.usable_cores() and not notes
+    assert got["threads"] == cores and not notes
     assert got["idle_cpu"] < 0.03 and got["env"] == dict.fromkeys(CLEAN), got
 
 
@@ -82,10 +89,10 @@ def test_a_policy_not_understood_is_one_note_and_the_default():
     choices, and the default applies."""
     got, notes = loaded(MIPO_MLX_THREADS="fastest")
     assert notes == [
-        "note: MIPO_MLX_THREADS=fastest is not a thread policy; using one "
-        "(set it to one of openblas, one, split, split_quiet)"
+        "note: MIPO_MLX_THREADS=fastest is not a thread policy; using adapt "
+        "(set it to one of openblas, one, split, split_quiet, adapt)"
     ]
-    assert got["threads"] == 1
+    assert got["threads"] == 1 and "MIPO_MLX_THREADS=adapt" in got["line"]
 
 
 def test_policies_on_one_and_on_two_local_runs():
@@ -96,14 +103,16 @@ def test_policies_on_one_and_on_two_local_runs():
     assert thread_settings("split", 16, 2) == {"OPENBLAS_NUM_THREADS": "8"}
     assert thread_settings("one", 16, 1) == {"OPENBLAS_NUM_THREADS": "1"}
     assert thread_settings("openblas", 16, 2) == {}
+    assert thread_settings("adapt", 16, 2) == {"OPENBLAS_NUM_THREADS": "8"}  # the pool
+    assert thread_settings("adapt", 2, 2) == {"OPENBLAS_NUM_THREADS": "1"}  # no governor
     two_runs = {"MIPO_MLX_LOCAL_RUNS": "2", "MIPO_MLX_THREADS": "split_quiet"}
     assert thread_policy(two_runs, 2)[1] == {"OPENBLAS_NUM_THREADS": "1", **quiet}
     assert thread_policy({"OMP_NUM_THREADS": "3"}, 2) == ("user", {}, [])
     quiet_two = {"OPENBLAS_THREAD_TIMEOUT": "20", "MIPO_MLX_THREADS": "split_quiet"}
     assert thread_policy(quiet_two, 2)[1] == {"OPENBLAS_NUM_THREADS": "2"}
     assert thread_policy({"MIPO_MLX_LOCAL_RUNS": "two"}, 2) == (
-        "one",
-        {"OPENBLAS_NUM_THREADS": "1"},
+        "adapt",
+        {"OPENBLAS_NUM_THREADS": "2"},
         ["note: MIPO_MLX_LOCAL_RUNS=two is not a whole number above 0; ignored"],
     )
 
