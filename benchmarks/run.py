@@ -152,6 +152,21 @@ def memory_sample(state: dict) -> None:
     )
 
 
+PEER_GOVERNOR = "MIPO_MLX_BENCH_PEER_GOVERNOR"  # set: the peer's processes get the governor too
+
+
+def start_as_the_command(spec: dict) -> None:
+    """Ours computes as `python -m mipo_mlx.train` does: its start (`require_mlx`) runs the
+    thread governor of the default policy, which computes on the cores the machine leaves
+    idle. The peer's processes keep one BLAS thread, what importing mipo_mlx gives them and
+    their faster setting (BENCHMARKS.md)."""
+    if spec.get("side") == "peer" and not os.environ.get(PEER_GOVERNOR):
+        return
+    from mipo_mlx._backend import require_mlx
+
+    require_mlx()
+
+
 def load_model(spec: dict):
     from mlx_lm import load
 
@@ -208,6 +223,7 @@ def worker_train(spec: dict) -> dict:
     """Time training steps of one side on the same batch; report step times and peak memory."""
     import mlx.core as mx
 
+    start_as_the_command(spec)
     mx.reset_peak_memory()
     memory: dict = {}
     model, _ = load_model(spec)
@@ -370,6 +386,7 @@ def worker_generate(spec: dict) -> dict:
     the sequential baseline (mlx_lm.stream_generate per prompt, a positive and a fresh negative)."""
     import mlx.core as mx
 
+    start_as_the_command(spec)
     mx.reset_peak_memory()
     model, tokenizer = load_model(spec)
     prompts = [r["prompt_ids"] for r in json.loads(Path(spec["pairs"]).read_text())]

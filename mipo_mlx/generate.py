@@ -74,32 +74,72 @@ def stream_seed(seed: int, stream: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+BUCKET_SHIFT = 16  # a probability's bucket: its float32 bits but the low 16 (1/128 octave)
+CHUNK = 256  # tokens a chunk of the inverse CDF's first level
+
+
+def nucleus_floors(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Each row's least kept probability (B, 1) under `top_p`, of probabilities (B, V) float32.
+
+    Most probable first, a token is kept while the mass before it is under `top_p`; tokens
+    tied with the least kept one are kept too. Found without sorting the vocabulary: a
+    positive float32's bits order as its value, so their top 16 bits bucket the
+    probabilities; from each bucket's mass, the lowest bucket with less than `top_p` above it
+    holds the least kept token, and only that bucket's members are sorted."""
+    rows, vocab = probs.shape
+    buckets = probs.view(np.int32) >> BUCKET_SHIFT  # (B, V), ordered as the values
+    n = int(buckets.max()) + 1
+    where = (buckets + n * np.arange(rows, dtype=np.int32)[:, None]).ravel()
+    mass = np.bincount(where, weights=probs.ravel(), minlength=rows * n).reshape(rows, n)
+    above = np.cumsum(mass[:, ::-1], axis=1)[:, ::-1] - mass  # (B, n) float64
+    crossing = ((mass > 0) & (above < top_p)).argmax(axis=1)  # the lowest such bucket
+    floors = np.empty((rows, 1), dtype=probs.dtype)
+    for r in range(rows):
+        members = np.sort(probs[r][buckets[r] == crossing[r]])[::-1]
+        before = above[r, crossing[r]] + np.cumsum(members, dtype=np.float64) - members
+        floors[r, 0] = members[(before < top_p).sum() - 1]  # the first member is kept
+    return floors
+
+
+def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Per row of non-negative weights (B, V), the first token whose cumulative weight passes
+    `uniforms` (B,) in [0, 1) times the row's total: in two levels (chunks of CHUNK tokens,
+    then the tokens of the one chunk), never a token of weight 0."""
+    rows, vocab = weights.shape
+    pad = -vocab % CHUNK
+    chunked = np.pad(weights, ((0, 0), (0, pad))) if pad else weights
+    chunked = chunked.reshape(rows, -1, CHUNK)  # (B, C, CHUNK)
+    ends = np.cumsum(chunked.sum(axis=2, dtype=np.float64), axis=1)  # (B, C)
+    target = uniforms * ends[:, -1]  # (B,)
+    chunk = np.minimum((ends <= target[:, None]).sum(axis=1), ends.shape[1] - 1)
+    index = np.arange(rows)
+    start = np.where(chunk > 0, ends[index, chunk - 1], 0.0)
+    inside = chunked[index, chunk]  # (B, CHUNK): the chunk the target falls in
+    cumulative = start[:, None] + np.cumsum(inside, axis=1, dtype=np.float64)
+    picked = (cumulative <= target[:, None]).sum(axis=1)
+    last = CHUNK - 1 - (inside[:, ::-1] > 0).argmax(axis=1)  # its last token of weight > 0
+    return chunk * CHUNK + np.minimum(picked, last)
+
+
 def sample_rows(
     logprobs: np.ndarray, uniforms: np.ndarray, temperature: float, top_p: float
 ) -> np.ndarray:
     """One token per row of normalized log-probs (B, V), the whole batch at once.
 
     As mlx-lm's apply_top_p then categorical: the nucleus is the smallest set of most
-    probable tokens whose mass (at temperature 1) reaches `top_p`; a token is then drawn from
-    it with weights exp(logprob / temperature), by inverse CDF from the row's own uniform in
-    [0, 1) (B,). Every operation is per row, so a row's token depends only on its log-probs
-    and its uniform. In numpy: one sort of the batch's probabilities (values only) finds each
-    row's nucleus, where MLX's CPU sort and exp run 10-20x slower (BENCHMARKS.md)."""
+    probable tokens whose mass (at temperature 1) reaches `top_p` (`nucleus_floors`); a token
+    is then drawn from it with weights exp(logprob / temperature), by inverse CDF from the
+    row's own uniform in [0, 1) (B,). Every operation is per row, so a row's token depends
+    only on its log-probs and its uniform. In numpy, where MLX's CPU sort and exp run 10-20x
+    slower (BENCHMARKS.md), and without sorting or summing the whole vocabulary in order."""
     if temperature == 0:
         return logprobs.argmax(axis=-1)
     top = logprobs.max(axis=-1, keepdims=True)
     weights = np.exp((logprobs - top) * (1.0 / temperature))  # (B, V)
     if top_p < 1:
-        probs = np.exp(logprobs)  # (B, V), temperature 1
-        ordered = np.sort(probs, axis=-1)[:, ::-1]  # most probable first
-        kept = ((np.cumsum(ordered, axis=-1) - ordered) < top_p).sum(axis=-1)  # (B,) >= 1
-        floor = np.take_along_axis(ordered, kept[:, None] - 1, axis=-1)  # (B, 1) least kept
-        weights = np.where(probs >= floor, weights, 0.0)
-    cumulative = np.cumsum(weights, axis=-1, dtype=np.float64)  # (B, V)
-    target = uniforms * cumulative[:, -1]  # (B,)
-    picked = (cumulative <= target[:, None]).sum(axis=-1)  # the first token past the target
-    last = weights.shape[-1] - 1 - (weights[:, ::-1] > 0).argmax(axis=-1)  # last kept token
-    return np.minimum(picked, last)
+        probs = np.exp(logprobs).astype(np.float32, copy=False)  # (B, V), temperature 1
+        weights = np.where(probs >= nucleus_floors(probs, top_p), weights, 0.0)
+    return inverse_cdf(weights, uniforms)
 
 
 class StreamSampler:

@@ -7,10 +7,21 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from mipo_mlx.batching import batch_stream, total_steps
 from mipo_mlx.config import GenerationConfig, TrainingConfig
-from mipo_mlx.generate import STREAM_STRIDE, Response, decode, generate, sample_rows, stream_seed
+from mipo_mlx.generate import (
+    STREAM_STRIDE,
+    Response,
+    decode,
+    generate,
+    inverse_cdf,
+    nucleus_floors,
+    sample_rows,
+    stream_seed,
+)
 from mipo_mlx.pair_file import Pair
 
 QUESTIONS = [
@@ -240,6 +251,66 @@ def test_sample_rows_frequencies_match_the_nucleus():
     # nucleus {3, 2}: weights 0.5 and 0.3 of 0.8
     assert set(picks.tolist()) == {2, 3}
     assert abs((picks == 3).mean() - 0.625) < 1e-3
+
+
+def reference_floor(row: np.ndarray, top_p: float) -> tuple[float, np.ndarray]:
+    """The nucleus by its definition, with a whole sort and float64 sums: the least kept
+    probability, and the mass before each token most probable first."""
+    ordered = np.sort(row.astype(np.float64))[::-1]
+    before = np.cumsum(ordered) - ordered
+    return ordered[(before < top_p).sum() - 1], before
+
+
+def vocab_rows():
+    """Rows of float32 probabilities: peaked, flat (most of the vocabulary in the nucleus),
+    with ties (logits on a coarse grid) and with underflow to 0."""
+    shape = st.tuples(st.integers(1, 4), st.integers(1, 3000))
+    return st.builds(
+        lambda size, scale, grid, seed: (size, scale, grid, seed),
+        shape,
+        st.sampled_from([0.001, 0.3, 1.0, 4.0, 40.0]),
+        st.sampled_from([0.0, 0.5, 2.0]),
+        st.integers(0, 2**32 - 1),
+    )
+
+
+def make_rows(spec) -> np.ndarray:
+    (rows, vocab), scale, grid, seed = spec
+    logits = np.random.default_rng(seed).normal(size=(rows, vocab)) * scale
+    if grid:
+        logits = np.round(logits / grid) * grid
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return np.exp(logprobs.astype(np.float32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(vocab_rows(), st.floats(0.01, 0.999))
+def test_nucleus_floors_match_the_whole_sort(spec, top_p):
+    """The bucketed nucleus gives the floor a whole sort gives, for peaked, flat and tied rows
+    (a top_p within rounding of a token's mass-before is left out: either side is right)."""
+    probs = make_rows(spec)
+    floors = nucleus_floors(probs, top_p)
+    for r, row in enumerate(probs):
+        floor, before = reference_floor(row, top_p)
+        assume(np.abs(before - top_p).min() > 1e-6)
+        assert floors[r, 0] == floor
+
+
+@settings(max_examples=300, deadline=None)
+@given(vocab_rows(), st.floats(0.0, 0.999999), st.floats(0.0, 0.9))
+def test_inverse_cdf_matches_the_whole_cumulative_sum(spec, u, zeroed):
+    """In two levels, the token a whole float64 cumulative sum picks; never one of weight 0."""
+    weights = make_rows(spec)
+    weights[weights < np.quantile(weights, zeroed, axis=-1, keepdims=True)] = 0.0
+    uniforms = np.full(len(weights), u)
+    picked = inverse_cdf(weights, uniforms)
+    for r, row in enumerate(weights.astype(np.float64)):
+        cumulative = np.cumsum(row)
+        target = u * cumulative[-1]
+        assert row[picked[r]] > 0
+        assume(np.abs(cumulative - target).min() > 1e-9 * cumulative[-1])
+        assert picked[r] == (cumulative <= target).sum()
 
 
 # ---------------------------------------------------------------- decode
