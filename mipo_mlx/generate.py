@@ -74,7 +74,7 @@ def stream_seed(seed: int, stream: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-BUCKET_SHIFT = 16  # a probability's bucket: its float32 bits but the low 16 (1/128 octave)
+BUCKET_SHIFT = 19  # a probability's bucket: its float32 bits but the low 19 (1/16 octave)
 CHUNK = 256  # tokens a chunk of the inverse CDF's first level
 
 
@@ -83,11 +83,12 @@ def nucleus_floors(probs: np.ndarray, top_p: float) -> np.ndarray:
 
     Most probable first, a token is kept while the mass before it is under `top_p`; tokens
     tied with the least kept one are kept too. Found without sorting the vocabulary: a
-    positive float32's bits order as its value, so their top 16 bits bucket the
+    positive float32's bits order as its value, so their top 13 bits bucket the
     probabilities; from each bucket's mass, the lowest bucket with less than `top_p` above it
     holds the least kept token, and only that bucket's members are sorted."""
     rows, vocab = probs.shape
     buckets = probs.view(np.int32) >> BUCKET_SHIFT  # (B, V), ordered as the values
+    buckets -= buckets.min(axis=1, keepdims=True)  # each row's from 0: few, cached bins
     n = int(buckets.max()) + 1
     where = (buckets + n * np.arange(rows, dtype=np.int32)[:, None]).ravel()
     mass = np.bincount(where, weights=probs.ravel(), minlength=rows * n).reshape(rows, n)
@@ -138,7 +139,7 @@ def sample_rows(
     weights = np.exp((logprobs - top) * (1.0 / temperature))  # (B, V)
     if top_p < 1:
         probs = np.exp(logprobs).astype(np.float32, copy=False)  # (B, V), temperature 1
-        weights = np.where(probs >= nucleus_floors(probs, top_p), weights, 0.0)
+        weights *= probs >= nucleus_floors(probs, top_p)
     return inverse_cdf(weights, uniforms)
 
 
