@@ -73,8 +73,10 @@ class Governor:
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
-        return time.monotonic(), busy_seconds(self.read_stat(), self.cpus, self.hertz), (
-            self.own_seconds()
+        return (
+            time.monotonic(),
+            busy_seconds(self.read_stat(), self.cpus, self.hertz),
+            (self.own_seconds()),
         )
 
     def step(self) -> int:
