@@ -21,11 +21,9 @@ is `max_tokens` long and both sides decode the same number of tokens per answer.
   3. `mlx_lm.generate` on the evaluation prompts with the base, then with the adapters
      (`mlx_lm.load(..., adapter_path=...)`), and the accuracy table.
 
-BLAS threads: ours under the default policy (`adapt`: its thread governor computes on the
-cores the machine leaves idle, here both); the peer's processes on one BLAS thread each, what
-importing mipo_mlx's BLAS gives them and their faster setting (196 s a round against 244 s
-with OpenBLAS's own threads, BENCHMARKS.md). MIPO_MLX_BENCH_PEER_GOVERNOR=1 gives the peer's
-processes the governor too.
+BLAS threads: both sides under the default policy (`adapt`): each process starts the thread
+governor, which computes on the cores the machine leaves idle, here both. (With one BLAS
+thread a process, the peer's pipeline took 25% longer.)
 
 The sides run interleaved, ours then peer, for `--rounds` rounds. Wall time is from the first
 process's start to the last one's end; peak memory is the largest peak RSS of a side's
@@ -388,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
     run.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:  # every worker is a peer process: one BLAS thread, unless told otherwise
+    if args.worker:  # every worker is a peer process: the same thread governor as ours
         run.start_as_the_command({"side": "peer"})
     if run.answered_as_worker(args, WORKERS):
         return 0

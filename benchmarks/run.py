@@ -152,16 +152,11 @@ def memory_sample(state: dict) -> None:
     )
 
 
-PEER_GOVERNOR = "MIPO_MLX_BENCH_PEER_GOVERNOR"  # set: the peer's processes get the governor too
-
-
 def start_as_the_command(spec: dict) -> None:
-    """Ours computes as `python -m mipo_mlx.train` does: its start (`require_mlx`) runs the
-    thread governor of the default policy, which computes on the cores the machine leaves
-    idle. The peer's processes keep one BLAS thread, what importing mipo_mlx gives them and
-    their faster setting (BENCHMARKS.md)."""
-    if spec.get("side") == "peer" and not os.environ.get(PEER_GOVERNOR):
-        return
+    """Every side computes as `python -m mipo_mlx.train` does: its start (`require_mlx`) runs
+    the thread governor of the default policy, which computes on the cores the machine leaves
+    idle. The peer gets it too: the same BLAS and threads on both sides (one thread a process
+    made the peer's end-to-end pipeline 25% slower, BENCHMARKS.md)."""
     from mipo_mlx._backend import require_mlx
 
     require_mlx()
@@ -180,9 +175,15 @@ def load_model(spec: dict):
 
 
 def worker_matmul(spec: dict) -> dict:
-    """The machine's float32 matmul peak: best of square sizes, median of repeats."""
+    """The machine's float32 matmul peak: best of square sizes, median of repeats, on every
+    BLAS thread ours may compute on (the governor is given time to find the idle cores)."""
     import mlx.core as mx
 
+    start_as_the_command({"side": "ours"})
+    warm = mx.random.normal((1024, 1024))
+    tic = time.perf_counter()
+    while time.perf_counter() - tic < 1.5:  # the governor's two samples
+        mx.eval(warm @ warm)
     best = 0.0
     for n in (1024, 2048, 3072):
         a, b = mx.random.normal((n, n)), mx.random.normal((n, n))

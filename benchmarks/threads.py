@@ -1,9 +1,9 @@
 """OpenBLAS thread policies (MIPO_MLX_THREADS) on a machine that is not idle: the wall time of
 one training run in four situations, each policy interleaved with the others round by round.
 
-    python benchmarks/threads.py                       # every policy, 3 rounds (~35 min, 2 cores)
-    python benchmarks/threads.py --quick --rounds 1    # a screening run (~10 min)
-    python benchmarks/threads.py --policies openblas,one,split_quiet
+    python benchmarks/threads.py --quick               # openblas, one, adapt; 3 rounds (~20 min)
+    python benchmarks/threads.py --quick --rounds 1    # a screening run (~7 min, 2 cores)
+    python benchmarks/threads.py --policies openblas,one,adapt,split,split_quiet
 
 Situations: alone; beside a CPU hog (a busy-loop process); two runs at once (the time of
 each); two ranks of `mlx.launch -n 2 --backend ring` on this machine. The run is
@@ -103,7 +103,7 @@ def report(times: dict, policies: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policies", default=",".join(THREAD_POLICIES))
+    parser.add_argument("--policies", default="openblas,one,adapt")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smaller run, for screening")
     args = parser.parse_args()

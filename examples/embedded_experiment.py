@@ -33,7 +33,8 @@ held-out file left out), run seed 3.
 
 Runs go --workers at a time, each its own process, its log beside its folder; a run already
 done with the same settings is read back, not run again. The workers share this machine: each
-is told so (MIPO_MLX_LOCAL_RUNS=--workers), for a split thread policy (MIPO_MLX_THREADS).
+is told so (MIPO_MLX_LOCAL_RUNS=--workers): the BLAS thread policy (MIPO_MLX_THREADS) gives each
+at most its share of the cores.
 """
 
 from __future__ import annotations
@@ -224,8 +225,9 @@ def cached(jobs: dict) -> dict:
 def run_all(jobs: dict, workers: int) -> dict:
     """The jobs' results by key; `workers` processes at a time, the longest first (a job whose
     folder another process holds goes last). `workers` processes at once on this machine are
-    that many local runs to the BLAS thread policy (MIPO_MLX_THREADS; the default gives each
-    one thread, a split policy each its share of the cores), unless MIPO_MLX_LOCAL_RUNS is
+    that many local runs to the BLAS thread policy (MIPO_MLX_THREADS; under the default each
+    computes on at most its share of the cores, fewer while other work takes them, one where
+    the share is one core), unless MIPO_MLX_LOCAL_RUNS is
     set: two runs with OpenBLAS's own threads on two cores each took about 9x as long as one
     alone (BENCHMARKS.md, "BLAS threads on a machine that is not idle")."""
     if REPORT_ONLY:

@@ -74,7 +74,7 @@ QUIET_SPIN = "4"  # OPENBLAS_THREAD_TIMEOUT: an idle thread spins 2^4 cycles, th
 # runs; quiet idle threads). Beside any other busy process a parallel call waits for its
 # slowest thread, and OpenBLAS's own idle threads spin ~0.1 s after every call: on 2 cores a
 # run beside another training took 8x as long with 2 threads, quiet or not. One thread alone
-# on an idle machine leaves the other cores idle (25% longer end to end on 2 cores). The
+# on an idle machine leaves the other cores idle (a third longer end to end on 2 cores). The
 # default, `adapt`, loads a pool of the split size and computes on as many threads as the
 # machine leaves cores idle, one while other processes are busy (`blas_governor`).
 THREAD_POLICIES = {

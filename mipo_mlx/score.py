@@ -432,10 +432,10 @@ def sharing_works(model, pairs, pad_id: int, tolerance: float = 1e-3) -> bool:
     what = (
         "this model's attention does not take a shared prompt prefix (training.shared_prompt=off)"
     )
-    try:
-        shared = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=True).tree()))
-        plain = mx.concatenate(pair_logps(model, pack_pairs(pairs, pad_id, shared=False).tree()))
-        return _matches(what, shared, plain, tolerance)
+    try:  # no gradients: the scorer's path (on the CPU its log-softmax runs in numpy)
+        shared = summed_logps(model, pack_pairs(pairs, pad_id, shared=True).tree())
+        plain = summed_logps(model, pack_pairs(pairs, pad_id, shared=False).tree())
+        return _matches(what, mx.array(shared), mx.array(plain), tolerance)
     # An architecture whose attention rejects the caches: the plain packing it is
     except Exception as err:
         return _fell_back(what, f"{type(err).__name__}: {err}")
