@@ -14,7 +14,9 @@ from mipo_mlx.batching import batch_stream, total_steps
 from mipo_mlx.config import GenerationConfig, TrainingConfig
 from mipo_mlx.generate import (
     STREAM_STRIDE,
+    DecodeLogits,
     Response,
+    StreamSampler,
     decode,
     generate,
     inverse_cdf,
@@ -251,6 +253,33 @@ def test_sample_rows_frequencies_match_the_nucleus():
     # nucleus {3, 2}: weights 0.5 and 0.3 of 0.8
     assert set(picks.tolist()) == {2, 3}
     assert abs((picks == 3).mean() - 0.625) < 1e-3
+
+
+class Step:
+    """Stands in for mlx-lm's GenerationBatch: the sampler reads `uids` from its caller."""
+
+    uids = [0, 1]
+
+    def sample(self, sampler, stand_in):
+        return sampler(stand_in)
+
+
+def test_the_sampler_reads_each_decode_step_s_own_logits_once(toy_model):
+    """BatchGenerator gets a one-value stand-in from a decode step and the sampler the real
+    logits (greedy: their argmax); prompt processing passes through; a sampler called again
+    without a new step (a changed mlx-lm) stops with one line."""
+    model, _ = toy_model
+    source = DecodeLogits(model)
+    prefill = source(mx.array([[1, 2, 3]]))
+    assert prefill.shape == model(mx.array([[1, 2, 3]])).shape and source.logits is None
+    inputs = mx.array([[5], [7]])
+    stand_in = source(inputs)
+    assert stand_in.shape == (2, 1, 1)
+    sampler = StreamSampler(0.0, 1.0, source)
+    picked = Step().sample(sampler, stand_in[:, -1, :])
+    assert picked.tolist() == mx.argmax(model(inputs)[:, -1, :], axis=-1).tolist()
+    with pytest.raises(RuntimeError, match="needs updating for this mlx-lm version"):
+        Step().sample(sampler, stand_in[:, -1, :])
 
 
 def reference_floor(row: np.ndarray, top_p: float) -> tuple[float, np.ndarray]:
