@@ -162,6 +162,15 @@ def start_as_the_command(spec: dict) -> None:
     require_mlx()
 
 
+def governed_threads() -> list[int]:
+    """The BLAS thread count the governor chose at each of its samples in this process (to
+    tell a slow round on fewer threads from one slow for another reason); [] without one."""
+    from mipo_mlx._backend import start_governor
+
+    governor = start_governor()
+    return list(governor.counts) if governor is not None else []
+
+
 def load_model(spec: dict):
     from mlx_lm import load
 
@@ -236,6 +245,7 @@ def worker_train(spec: dict) -> dict:
         result = ours_train(spec, model, pairs_rows, memory)
     memory_sample(memory)
     result.update(
+        blas_threads=governed_threads(),
         peak_active_gb=mx.get_peak_memory() / 1e9,
         peak_total_gb=max(memory["peak_total"], mx.get_peak_memory()) / 1e9,
         body_params=body,
