@@ -102,6 +102,21 @@ def test_the_governor_follows_the_machine(monkeypatch):
     assert calls == [4, 3, 1]  # OpenBLAS is told only of a change
 
 
+def cores_to_share() -> int:
+    """The usable cores; the test is skipped where there is one (nothing to adapt)."""
+    cores = _backend.usable_cores()
+    if cores < 2:
+        pytest.skip("one usable core: OpenBLAS runs one thread whatever is set")
+    return cores
+
+
+def reported(code: str, **env: str) -> dict:
+    """What a fresh interpreter running `code` under `env` printed, as JSON."""
+    proc = run_python(code, **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in CLEAN}
     environ = {k: v for k, v in environ.items() if not k.startswith("MIPO_MLX_")}
@@ -135,25 +150,17 @@ finally:
 @needs_openblas
 def test_beside_busy_processes_it_computes_on_one_thread():
     """A busy-loop process on every core: the governor keeps OpenBLAS on one thread."""
-    cores = _backend.usable_cores()
-    if cores < 2:
-        pytest.skip("one usable core: nothing to adapt")
-    proc = run_python(BUSY_MACHINE.format(n=cores))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout)
+    got = reported(BUSY_MACHINE.format(n=cores_to_share()))
     assert got["counts"] and set(got["counts"]) == {1} and got["threads"] == 1, got
 
 
 @needs_openblas
 def test_a_thread_count_the_user_sets_starts_no_governor():
-    cores = _backend.usable_cores()
-    if cores < 2:
-        pytest.skip("one usable core: OpenBLAS runs one thread whatever is set")
-    proc = run_python(BUSY_MACHINE.format(n=cores), OPENBLAS_NUM_THREADS=str(cores))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout) == {"counts": None, "threads": cores}
-    proc = run_python(BUSY_MACHINE.format(n=0), MIPO_MLX_THREADS="one")
-    assert json.loads(proc.stdout) == {"counts": None, "threads": 1}
+    cores = cores_to_share()
+    got = reported(BUSY_MACHINE.format(n=cores), OPENBLAS_NUM_THREADS=str(cores))
+    assert got == {"counts": None, "threads": cores}
+    got = reported(BUSY_MACHINE.format(n=0), MIPO_MLX_THREADS="one")
+    assert got == {"counts": None, "threads": 1}
 
 
 TOGGLED = """
@@ -188,11 +195,7 @@ print(json.dumps({{"worst": worst, "seen": sorted(seen), "after": _backend.blas_
 def test_changing_the_count_while_mlx_computes_keeps_every_product_right():
     """The count changes from another thread thousands of times while MLX multiplies; every
     product matches numpy's, and on an idle stand-in machine two samples give the whole pool."""
-    cores = _backend.usable_cores()
-    if cores < 2:
-        pytest.skip("one usable core: nothing to change")
-    proc = run_python(TOGGLED.format(cores=cores))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout)
+    cores = cores_to_share()
+    got = reported(TOGGLED.format(cores=cores))
     assert got["worst"] < 1e-3 and got["seen"] == list(range(1, cores + 1)), got
     assert got["after"] == cores
