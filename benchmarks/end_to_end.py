@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:  # every worker is a peer process: the same thread governor as ours
-        run.start_as_the_command({"side": "peer"})
+        run.start_as_the_command()
     if run.answered_as_worker(args, WORKERS):
         return 0
 

@@ -152,7 +152,7 @@ def memory_sample(state: dict) -> None:
     )
 
 
-def start_as_the_command(spec: dict) -> None:
+def start_as_the_command() -> None:
     """Every side computes as `python -m mipo_mlx.train` does: its start (`require_mlx`) runs
     the thread governor of the default policy, which computes on the cores the machine leaves
     idle. The peer gets it too: the same BLAS and threads on both sides (one thread a process
@@ -188,7 +188,7 @@ def worker_matmul(spec: dict) -> dict:
     BLAS thread ours may compute on (the governor is given time to find the idle cores)."""
     import mlx.core as mx
 
-    start_as_the_command({"side": "ours"})
+    start_as_the_command()
     warm = mx.random.normal((1024, 1024))
     tic = time.perf_counter()
     while time.perf_counter() - tic < 1.5:  # the governor's two samples
@@ -233,7 +233,7 @@ def worker_train(spec: dict) -> dict:
     """Time training steps of one side on the same batch; report step times and peak memory."""
     import mlx.core as mx
 
-    start_as_the_command(spec)
+    start_as_the_command()
     mx.reset_peak_memory()
     memory: dict = {}
     model, _ = load_model(spec)
@@ -397,7 +397,7 @@ def worker_generate(spec: dict) -> dict:
     the sequential baseline (mlx_lm.stream_generate per prompt, a positive and a fresh negative)."""
     import mlx.core as mx
 
-    start_as_the_command(spec)
+    start_as_the_command()
     mx.reset_peak_memory()
     model, tokenizer = load_model(spec)
     prompts = [r["prompt_ids"] for r in json.loads(Path(spec["pairs"]).read_text())]

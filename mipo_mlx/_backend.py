@@ -38,10 +38,10 @@ import os
 import platform
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .blas_governor import Governor, openblas_setter
+from .blas_governor import Governor
 from .errors import UserError
 
 # Debian/Ubuntu's multithreaded OpenBLAS, then whatever the loader can find.
@@ -343,8 +343,8 @@ def prefer_system_blas() -> str | None:
         if why is None:
             _loaded_blas = path
             _threads.update(policy=policy, runs=local_runs(os.environ), settings=settings)
-            if policy in ADAPTIVE:  # one thread until the governor finds idle cores
-                _set_threads(1)
+            if policy in ADAPTIVE and (setter := openblas_setter()):
+                setter(1)  # one thread until the governor finds idle cores
             return path
         failed.append(f"{path} ({why})")
     if failed:  # one note, only when no fast library loaded
@@ -363,19 +363,26 @@ def blas_library() -> str:
     return _loaded_blas or SLOW_BLAS
 
 
-def blas_threads() -> int | None:
-    """The threads the loaded OpenBLAS computes with (as it reports), or None: no OpenBLAS."""
+def _openblas(name: str):
+    """The loaded OpenBLAS's function `name`, or None: no OpenBLAS loaded, or none by that
+    name."""
     if not _loaded_blas:
         return None
-    library = ctypes.CDLL(_loaded_blas, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-    count = getattr(library, "openblas_get_num_threads", None)
+    return getattr(ctypes.CDLL(_loaded_blas, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL), name, None)
+
+
+def blas_threads() -> int | None:
+    """The threads the loaded OpenBLAS computes with (as it reports), or None: no OpenBLAS."""
+    count = _openblas("openblas_get_num_threads")
     return count() if count else None
 
 
-def _set_threads(count: int) -> None:
-    setter = openblas_setter(_loaded_blas) if _loaded_blas else None
+def openblas_setter() -> Callable[[int], None] | None:
+    """openblas_set_num_threads of the loaded OpenBLAS, or None where there is none."""
+    setter = _openblas("openblas_set_num_threads")
     if setter is not None:
-        setter(count)
+        setter.argtypes, setter.restype = [ctypes.c_int], None
+    return setter
 
 
 def pool_size() -> int:
@@ -390,7 +397,7 @@ def pool_size() -> int:
 def start_governor() -> Governor | None:
     """Under the adaptive policy with a pool of more than one thread, start the daemon that
     keeps the count to the idle cores (Linux: it reads /proc/stat); None where there is none."""
-    setter = openblas_setter(_loaded_blas) if _loaded_blas else None
+    setter = openblas_setter()
     if pool_size() < 2 or setter is None or not Path("/proc/stat").is_file():
         return None
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

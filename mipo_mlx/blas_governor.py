@@ -15,7 +15,6 @@ size it loaded with), read by each BLAS call as it starts.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -76,7 +75,7 @@ class Governor:
         return (
             time.monotonic(),
             busy_seconds(self.read_stat(), self.cpus, self.hertz),
-            (self.own_seconds()),
+            self.own_seconds(),
         )
 
     def step(self) -> int:
@@ -106,13 +105,3 @@ class Governor:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def openblas_setter(library: str) -> Callable[[int], None] | None:
-    """openblas_set_num_threads of the loaded `library`, or None where it has none."""
-    loaded = ctypes.CDLL(library, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-    setter = getattr(loaded, "openblas_set_num_threads", None)
-    if setter is None:
-        return None
-    setter.argtypes, setter.restype = [ctypes.c_int], None
-    return setter

@@ -123,33 +123,36 @@ def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 
 
 def sample_rows(
-    logprobs: np.ndarray, uniforms: np.ndarray, temperature: float, top_p: float
+    logits: np.ndarray, uniforms: np.ndarray, temperature: float, top_p: float
 ) -> np.ndarray:
-    """One token per row of normalized log-probs (B, V), the whole batch at once.
+    """One token per row of logits (B, V), the whole batch at once (a row may be shifted by
+    any constant: log-probs give the same tokens).
 
     As mlx-lm's apply_top_p then categorical: the nucleus is the smallest set of most
     probable tokens whose mass (at temperature 1) reaches `top_p` (`nucleus_floors`); a token
-    is then drawn from it with weights exp(logprob / temperature), by inverse CDF from the
+    is then drawn from it with weights exp(logit / temperature), by inverse CDF from the
     row's own uniform in [0, 1) (B,). Every operation is per row, so a row's token depends
-    only on its log-probs and its uniform. In numpy, where MLX's CPU sort and exp run 10-20x
+    only on its logits and its uniform. In numpy, where MLX's CPU sort and exp run 10-20x
     slower (BENCHMARKS.md), and without sorting or summing the whole vocabulary in order."""
     if temperature == 0:
-        return logprobs.argmax(axis=-1)
-    top = logprobs.max(axis=-1, keepdims=True)
-    weights = np.exp((logprobs - top) * (1.0 / temperature))  # (B, V)
-    if top_p < 1:
-        probs = np.exp(logprobs).astype(np.float32, copy=False)  # (B, V), temperature 1
+        return logits.argmax(axis=-1)
+    probs = logits - logits.max(axis=-1, keepdims=True)  # (B, V), shifted; ours to reuse
+    weights = np.exp(probs * (1.0 / temperature))  # (B, V)
+    if top_p < 1:  # the probabilities at temperature 1, in place (a new array costs faults)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = probs.astype(np.float32, copy=False)  # the floors' own values, compared
         weights *= probs >= nucleus_floors(probs, top_p)
     return inverse_cdf(weights, uniforms)
 
 
 class DecodeLogits:
-    """The model as generation's BatchGenerator calls it, with the log-softmax over the
-    vocabulary left to the sampler. A decode step's logits (B, 1, V) are kept here for
-    `StreamSampler`, and BatchGenerator gets zeros (B, 1, 1) back: its own log-softmax then
-    runs over one value, where over the vocabulary it is MLX's CPU exp (6 ms a step for 16
-    rows at 32k; numpy does it in 0.5). Prompt processing (several tokens a row) passes
-    through untouched: BatchGenerator keeps only its caches."""
+    """The model as generation's BatchGenerator calls it, with no log-softmax over the
+    vocabulary: a decode step's logits (B, 1, V) are kept here for `StreamSampler`, which
+    needs none, and BatchGenerator gets zeros (B, 1, 1) back, so its own log-softmax runs
+    over one value, where over the vocabulary it is MLX's CPU exp (6 ms a step for 16 rows
+    at 32k). Prompt processing (several tokens a row) passes through untouched:
+    BatchGenerator keeps only its caches."""
 
     def __init__(self, model):
         self.model = model
@@ -172,7 +175,7 @@ class StreamSampler:
     vocabulary sort and a dozen small ops per row and step). Each row still draws from its
     own stream, a generator seeded by its prompt's stream seed that gives one uniform per
     token, so a response does not depend on its batch. The step's logits come from
-    `source` (`DecodeLogits`), normalized here in numpy.
+    `source` (`DecodeLogits`); `sample_rows` needs no log-softmax of them.
 
     Which prompt each row holds is read from the batch that calls: BatchGenerator's
     GenerationBatch keeps `uids` in row order."""
@@ -195,11 +198,8 @@ class StreamSampler:
         rows = np.array(logits.astype(mx.float32))  # (B, V): this step's forward runs here
         if self.temperature == 0:
             return mx.array(rows.argmax(axis=-1))
-        top = rows.max(axis=-1, keepdims=True)
-        logprobs = rows - top
-        logprobs -= np.log(np.exp(logprobs).sum(axis=-1, keepdims=True))
         draws = np.array([self._stream(uid).random() for uid in uids])  # (B,) in [0, 1)
-        return mx.array(sample_rows(logprobs, draws, self.temperature, self.top_p))
+        return mx.array(sample_rows(rows, draws, self.temperature, self.top_p))
 
     def _stream(self, uid: int) -> np.random.Generator:
         if uid not in self.streams:

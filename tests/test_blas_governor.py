@@ -171,7 +171,7 @@ from mipo_mlx import _backend
 from mipo_mlx.blas_governor import Governor
 import mlx.core as mx
 idle = lambda: "\\n".join(f"cpu{{i}} 0 0 0 0 0 0 0 0 0 0" for i in range({cores}))
-governor = Governor(_backend.openblas_setter(_backend._loaded_blas), {cores}, list(range({cores})),
+governor = Governor(_backend.openblas_setter(), {cores}, list(range({cores})),
                     idle, lambda: 0.0, period=0.001)
 seen = set()
 def toggle():
