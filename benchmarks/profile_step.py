@@ -14,6 +14,10 @@ given cotangent, so that no extra element-wise pass is added), at the step's own
 - the LM head on the scored positions (BLAS);
 - mipo_mlx's log-softmax of the scored positions (element-wise: logsumexp and the gather).
 Each part is the median of `--repeats` timed runs after two warm-ups.
+
+Two CPU levers are measured against the forms they replaced, in the same run, with ratios:
+the log-softmax with `exp` as a power of 2 (against `mx.logsumexp` and its own gradient),
+and the blocks in chunks of `prefix.CPU_CHUNK` tokens (against one pass).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before mlx)
@@ -44,29 +49,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-@mx.custom_function
-def saved_softmax_logps(logits: mx.array, targets: mx.array):
-    """The lever under test: token_logps whose forward keeps exp(logits - max) for the
-    backward, so that the backward needs no second exp pass over (K, V)."""
-    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    e = mx.exp(logits - m)
-    s = e.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
-    return (picked - m - mx.log(s))[:, 0], e, s
-
-
-@saved_softmax_logps.vjp
-def _saved_softmax_vjp(primals, cotangents, outputs):
-    _, targets = primals
-    cot = cotangents[0]
-    _, e, s = outputs
-    grad = e * (-cot[:, None] / s)
-    return mx.put_along_axis(
-        grad,
-        targets[:, None],
-        mx.take_along_axis(grad, targets[:, None], axis=-1) + cot[:, None],
-        axis=-1,
-    ), mx.zeros_like(targets)
+def plain_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """token_logps as it was on every device: `mx.logsumexp` and MLX's own gradient."""
+    logits = logits.astype(mx.float32)
+    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(
+        logits, axis=-1
+    )
 
 
 def setup(model_dir: Path, pairs_file: Path):
@@ -107,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mipo_mlx.loop import make_loss, make_optimizer, make_step
-    from mipo_mlx.prefix import AfterPrefix, body_and_head, prefix_keys
+    from mipo_mlx.prefix import AfterPrefix, body_and_head, chunked, prefix_keys
     from mipo_mlx.score import token_logps
 
     model, batch, config, shared = setup(model_dir, pairs_file)
     tree = batch.tree()
     r = args.repeats
     parts: dict[str, float] = {}
+    levers: dict[str, float] = {}  # the forms the CPU levers replaced, timed alike
+    gaps: dict[str, float] = {}
     shapes = {
         "shared prompt": shared,
         "prefix rows x width": list(tree["prefix"].shape),
@@ -135,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
 
     names, values = zip(*tree_flatten(params))
 
-    def hidden_of(*arrays):
+    def hidden_of(*arrays, chunk=None):
+        """As scored_logits: in chunks (`chunk` None: the CPU's) or one pass (a large chunk)."""
         model.update(tree_unflatten(list(zip(names, arrays))))
-        records = prefix_keys(model, tree["prefix"]) if shared else None
-        cache = None
-        if records is not None:
+        if not shared:
+            hidden = body(tree["inputs"])
+        else:
+            records = prefix_keys(model, tree["prefix"], chunk)
             n = tree["inputs"].shape[0] // records[0].keys.shape[0]
             cache = [AfterPrefix(x, tree["prefix_lengths"], n) for x in records]
-        hidden = body(tree["inputs"], cache=cache)
+            hidden = chunked(body, tree["inputs"], cache, chunk)
         return hidden.reshape(-1, hidden.shape[-1])[tree["positions"]]
 
     hidden = hidden_of(*values)
@@ -150,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     cot_hidden = mx.random.normal(hidden.shape).astype(hidden.dtype)
     parts["blocks (prompt pass + rows)"] = timed(
         lambda: mx.vjp(hidden_of, list(values), [cot_hidden])[1], r
+    )
+    one_pass = partial(hidden_of, chunk=1 << 30)
+    got = mx.vjp(hidden_of, list(values), [cot_hidden])
+    want = mx.vjp(one_pass, list(values), [cot_hidden])
+    levers["blocks in one pass"] = timed(lambda: mx.vjp(one_pass, list(values), [cot_hidden])[1], r)
+    gaps["blocks in chunks against one pass"] = max(
+        mx.abs(a - b).max().item() for a, b in zip(got[0] + got[1], want[0] + want[1])
     )
     logits = head(hidden)
     mx.eval(logits)
@@ -163,17 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         lambda: mx.vjp(lambda x: token_logps(x, targets), [logits], [cot_k])[1], r
     )
 
-    # The lever: the same log-probs and gradient, one exp pass fewer
-    x = logits.astype(mx.float32)
-    got = mx.vjp(lambda x: saved_softmax_logps(x, targets)[0], [x], [cot_k])
-    want = mx.vjp(lambda x: token_logps(x, targets), [x], [cot_k])
-    gap = max(
+    # The log-softmax as it was: the same log-probs and gradient
+    got = mx.vjp(lambda x: token_logps(x, targets), [logits], [cot_k])
+    want = mx.vjp(lambda x: plain_token_logps(x, targets), [logits], [cot_k])
+    levers["log-softmax with mx.logsumexp"] = timed(
+        lambda: mx.vjp(lambda x: plain_token_logps(x, targets), [logits], [cot_k])[1], r
+    )
+    gaps["log-softmax with exp as a power of 2 against mx.logsumexp"] = max(
         mx.abs(got[0][0] - want[0][0]).max().item(), mx.abs(got[1][0] - want[1][0]).max().item()
     )
-    parts["lever: log-softmax keeping exp for the backward"] = timed(
-        lambda: mx.vjp(lambda x: saved_softmax_logps(x, targets)[0], [x], [cot_k])[1], r
-    )
-    shapes["lever's largest difference (log-probs, gradient)"] = gap
 
     # The blocks' linear layers alone, at the tokens each pass feeds them: BLAS
     tokens = {"prompt pass": tree["prefix"].size if shared else 0, "rows": tree["inputs"].size}
@@ -227,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         - parts["  of which linear layers (BLAS)"]
         - parts["  of which attention"]
     )
-    lever = parts.pop("lever: log-softmax keeping exp for the backward")
     parts["optimizer and the rest of the step"] = parts["whole step (compiled)"] - sum(
         parts[k]
         for k in (
@@ -236,13 +232,30 @@ def main(argv: list[str] | None = None) -> int:
             "log-softmax of the scored positions",
         )
     )
-    parts["lever: log-softmax keeping exp for the backward"] = lever
-    report = {"shapes": shapes, "seconds": parts}
+    ratios = {
+        "blocks_chunked_speedup": levers["blocks in one pass"]
+        / parts["blocks (prompt pass + rows)"],
+        "log_softmax_speedup": levers["log-softmax with mx.logsumexp"]
+        / parts["log-softmax of the scored positions"],
+    }
+    report = {
+        "shapes": shapes,
+        "seconds": parts,
+        "before": levers,
+        "largest_difference": gaps,
+        "ratios": ratios,
+    }
     (out / "profile_step.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(shapes))
     total = parts["whole step (compiled)"]
     for name, s in parts.items():
         print(f"{name:42s} {1000 * s:8.1f} ms  {100 * s / total:5.1f}%")
+    print("as before (same shapes, same run):")
+    for name, s in levers.items():
+        print(f"  {name:40s} {1000 * s:8.1f} ms")
+    for name, gap in gaps.items():
+        print(f"  largest difference, {name}: {gap:.2e}")
+    print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     return 0
 
 

@@ -209,7 +209,12 @@ def _cpu_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """`token_logps` for MLX's CPU backend, where the two passes of `exp` over (K, V) (one
     forward, one in the gradient) are most of the log-softmax's time: both use `_exp`."""
     top = logits.max(axis=-1, keepdims=True)  # (K, 1)
-    logsumexp = mx.log(_exp(logits - top).sum(axis=-1)) + top[:, 0]
+    # 128 rows at a time: the exponentials are a (K, V) array that mx.logsumexp never holds
+    sums = [
+        _exp(logits[s : s + 128] - top[s : s + 128]).sum(axis=-1)
+        for s in range(0, logits.shape[0], 128)
+    ]
+    logsumexp = mx.log(mx.concatenate(sums)) + top[:, 0]
     return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - logsumexp
 
 
@@ -219,9 +224,10 @@ def _cpu_token_logps_vjp(primals, cotangent, output):
     logits, targets = primals
     cot = cotangent[:, None]  # (K, 1)
     logsumexp = mx.take_along_axis(logits, targets[:, None], axis=-1) - output[:, None]
-    grad = -cot * _exp(logits - logsumexp)  # (K, V)
-    at_target = mx.take_along_axis(grad, targets[:, None], axis=-1) + cot
-    return mx.put_along_axis(grad, targets[:, None], at_target, axis=-1), mx.zeros_like(targets)
+    # One element-wise pass (fused when compiled) and one (K, V) array: no scatter copy
+    onehot = mx.arange(logits.shape[-1]) == targets[:, None]
+    grad = cot * (onehot.astype(mx.float32) - _exp(logits - logsumexp))  # (K, V)
+    return grad, mx.zeros_like(targets)
 
 
 def scored_logits(
