@@ -200,7 +200,7 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 
 def _exp(x: mx.array) -> mx.array:
     """e ** x as 2 ** (x log2 e): on MLX's CPU backend `power` runs about twice as fast as
-    `exp` (benchmarks/profile_step.py) and is as exact (both within 4e-6 of float64)."""
+    `exp` (BENCHMARKS.md, "Interleaved quick run") and is as exact (both within 4e-6 of float64)."""
     return mx.power(2.0, x * LOG2E)
 
 
