@@ -21,6 +21,7 @@ from .checkpoint import TrainState, capture, restore
 from .config import TrainingConfig
 from .errors import Stopped
 from .losses import LOSSES, preference_metrics, with_chosen_nll
+from .prefix import CHECKPOINTED
 from .score import Batch, pair_logps
 
 StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, mx.array]]]
@@ -80,7 +81,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
     """
     for layer in model.layers:
         base = type(layer)
-        if getattr(base, "_mipo_checkpointed", False):
+        if getattr(base, CHECKPOINTED, False):
             continue
 
         def call(self, *args, _fn=base.__call__, **kwargs):
@@ -90,9 +91,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-        layer.__class__ = type(
-            base.__name__, (base,), {"__call__": call, "_mipo_checkpointed": True}
-        )
+        layer.__class__ = type(base.__name__, (base,), {"__call__": call, CHECKPOINTED: True})
 
 
 def memory_metrics() -> dict[str, float]:

@@ -14,6 +14,8 @@ import mlx.core as mx
 
 # Tokens a pass through the blocks takes at a time on the CPU (`chunked`)
 CPU_CHUNK = 128
+# The class attribute of a block whose forward reruns in the backward (`loop.checkpoint_blocks`)
+CHECKPOINTED = "_mipo_checkpointed"
 
 
 class RecordKV:
@@ -109,7 +111,7 @@ def chunked(body, inputs: mx.array, cache, chunk: int | None = None) -> mx.array
     width = inputs.shape[1]
     if chunk is None:
         blocks = getattr(body, "layers", ())
-        checkpointed = any(getattr(b, "_mipo_checkpointed", False) for b in blocks)
+        checkpointed = any(getattr(b, CHECKPOINTED, False) for b in blocks)
         chunk = CPU_CHUNK if mx.default_device() == mx.cpu and not checkpointed else width
     if width <= chunk:
         return body(inputs, cache=cache)

@@ -32,6 +32,8 @@ PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompiles of the compiled s
 # scored positions, at 128k 256. The logits, not the tokens, set a scoring batch's peak.
 LOGITS_BUDGET = 1 << 25
 LOG2E = 1.4426950408889634
+# Rows a CPU log-softmax takes at a time: its (rows, V) temporary, not a second (K, V) array
+SOFTMAX_ROWS = 128
 
 
 @dataclass
@@ -209,10 +211,11 @@ def _cpu_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """`token_logps` for MLX's CPU backend, where the two passes of `exp` over (K, V) (one
     forward, one in the gradient) are most of the log-softmax's time: both use `_exp`."""
     top = logits.max(axis=-1, keepdims=True)  # (K, 1)
-    # 128 rows at a time: the exponentials are a (K, V) array that mx.logsumexp never holds
+    # SOFTMAX_ROWS at a time: the exponentials of all rows would be a (K, V) array
+    step = SOFTMAX_ROWS
     sums = [
-        _exp(logits[s : s + 128] - top[s : s + 128]).sum(axis=-1)
-        for s in range(0, logits.shape[0], 128)
+        _exp(logits[s : s + step] - top[s : s + step]).sum(axis=-1)
+        for s in range(0, logits.shape[0], step)
     ]
     logsumexp = mx.log(mx.concatenate(sums)) + top[:, 0]
     return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - logsumexp
@@ -286,12 +289,13 @@ def summed_logps(
     mx.eval(logits, picked)
     z = np.asarray(logits)  # (K, V), MLX's own buffer (no copy)
     logsumexp = np.empty(len(z), dtype=np.float32)  # (K,)
-    for start in range(0, len(z), 128):  # 128 rows at a time: a whole copy would double memory
-        part = z[start : start + 128]
+    step = SOFTMAX_ROWS  # a whole copy would double memory
+    for start in range(0, len(z), step):
+        part = z[start : start + step]
         top = part.max(axis=1)
         shifted = part - top[:, None]
         np.exp(shifted, out=shifted)
-        logsumexp[start : start + 128] = np.log(shifted.sum(axis=1)) + top
+        logsumexp[start : start + step] = np.log(shifted.sum(axis=1)) + top
     token = np.asarray(picked) - logsumexp  # (K,)
     return (token.astype(np.float64) @ np.asarray(rows["owners"], dtype=np.float64)).astype(
         np.float32

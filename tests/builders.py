@@ -113,3 +113,21 @@ def remote_code_model(model_dir: Path, folder: Path) -> Path:
         "    pass\n"
     )
     return folder
+
+
+def lora_model(model_dir: Path):
+    """The model at `model_dir` with LoRA whose B is not 0, so every adapter matrix gets a
+    gradient."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mipo_mlx.config import LoraConfig
+    from mipo_mlx.model import attach_lora
+
+    model, _ = load(str(model_dir))
+    attach_lora(model, LoraConfig(rank=4, dropout=0.0), seed=0)
+    mx.random.seed(3)
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
+    return model

@@ -14,29 +14,19 @@ from mlx.utils import tree_flatten
 from mipo_mlx import prefix
 from mipo_mlx.score import _cpu_token_logps, pack_pairs, pair_logps, response_logps
 
-from .builders import made_up_pairs
+from .builders import lora_model, made_up_pairs
 
 _models: dict = {}
 
 
 def _model(toy_model_dir, checkpointed: bool):
-    """The toy model with LoRA (B != 0, so every adapter gets a gradient), loaded once."""
+    """`lora_model`, loaded once (with its blocks checkpointed, once more)."""
     if checkpointed not in _models:
-        from mlx_lm import load
-
-        from mipo_mlx.config import LoraConfig
         from mipo_mlx.loop import checkpoint_blocks
-        from mipo_mlx.model import attach_lora
 
-        model, _ = load(str(toy_model_dir))
-        attach_lora(model, LoraConfig(rank=4, dropout=0.0), seed=0)
-        mx.random.seed(3)
-        for _, module in model.named_modules():
-            if hasattr(module, "lora_b"):
-                module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
+        _models[checkpointed] = lora_model(toy_model_dir)
         if checkpointed:
-            checkpoint_blocks(model)
-        _models[checkpointed] = model
+            checkpoint_blocks(_models[checkpointed])
     return _models[checkpointed]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from mipo_mlx.score import pack, pack_pairs, pair_logps, score_pairs, sequence_logps
 
-from .builders import made_up_pairs
+from .builders import lora_model, made_up_pairs
 
 
 def test_mask_row_by_row():
@@ -145,21 +145,6 @@ def test_shared_layout_row_by_row():
     assert not plain.shared and plain.n_tokens == 2 * 3 + 2 + 1
 
 
-def _lora_model(toy_model_dir):
-    from mlx_lm import load
-
-    from mipo_mlx.config import LoraConfig
-    from mipo_mlx.model import attach_lora
-
-    model, _ = load(str(toy_model_dir))
-    attach_lora(model, LoraConfig(rank=4, dropout=0.0), seed=0)
-    mx.random.seed(3)
-    for _, module in model.named_modules():  # B != 0, so every adapter matrix gets a gradient
-        if hasattr(module, "lora_b"):
-            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
-    return model
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, seed):
     """Prompts of different lengths (1 to 13 tokens), responses of different lengths: each
@@ -170,7 +155,7 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
 
     from mipo_mlx.pair_file import Pair
 
-    model = _lora_model(toy_model_dir)
+    model = lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)
     # A one-token prompt: empty prefix
     pairs.append(Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6))
