@@ -32,7 +32,7 @@ import json, sys, time
 import mipo_mlx
 import mlx.core as mx
 import numpy as np
-from mipo_mlx._backend import blas_library
+from mipo_mlx.core.backend import blas_library
 out = {"blas": blas_library()}
 for n in (1024, 2048):
     a = mx.array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
@@ -51,7 +51,7 @@ def settings(workdir: Path) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, command prefix, environment) of each BLAS to measure here."""
     from fresh_machine import prefix
 
-    from mipo_mlx._backend import _system_openblas, pip_openblas
+    from mipo_mlx.core.backend import _system_openblas, pip_openblas
 
     env = {k: v for k, v in os.environ.items() if k != "MIPO_MLX_BLAS"}
     found = [("bundled", [], {**env, "MIPO_MLX_BLAS": "off"})]

@@ -54,7 +54,7 @@ def per_row_sampler(temperature: float, top_p: float, seed: int):
 
 def per_row_generate(model, tokenizer, prompts, config) -> list[list[int]]:
     """mipo_mlx's generate() as it was, with one sampler per row (the lever under test)."""
-    from mipo_mlx.generate import batch_generator
+    from mipo_mlx.engine.generation import batch_generator
 
     generator = batch_generator(model, tokenizer, config)
     samplers = [per_row_sampler(config.temperature, config.top_p, s) for s in range(len(prompts))]
@@ -73,7 +73,7 @@ def worker(spec: dict) -> dict:
     """One side's generation in this process: seconds per pair and peak memory."""
     import mlx.core as mx
 
-    from mipo_mlx.config import GenerationConfig
+    from mipo_mlx.core.config import GenerationConfig
 
     if spec["side"] != "per_row":
         return run.worker_generate(spec)

@@ -58,10 +58,10 @@ def plain_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 
 
 def setup(model_dir: Path, pairs_file: Path):
-    from mipo_mlx.config import LoraConfig, TrainingConfig
-    from mipo_mlx.model import attach_lora
-    from mipo_mlx.pair_file import Pair
-    from mipo_mlx.score import pack_pairs, score_pairs, use_shared_prompt
+    from mipo_mlx.core.config import LoraConfig, TrainingConfig
+    from mipo_mlx.data.pair_file import Pair
+    from mipo_mlx.engine.logps import pack_pairs, score_pairs, use_shared_prompt
+    from mipo_mlx.engine.model import attach_lora
 
     model, _ = run.load_model({"model": str(model_dir)})
     rows = json.loads(pairs_file.read_text())
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mipo_mlx.loop import make_loss, make_optimizer, make_step
-    from mipo_mlx.prefix import AfterPrefix, body_and_head, chunked, prefix_keys
-    from mipo_mlx.score import token_logps
+    from mipo_mlx.engine.logps import token_logps
+    from mipo_mlx.engine.prefix import AfterPrefix, body_and_head, chunked, prefix_keys
+    from mipo_mlx.engine.trainer import make_loss, make_optimizer, make_step
 
     model, batch, config, shared = setup(model_dir, pairs_file)
     tree = batch.tree()

@@ -62,7 +62,7 @@ LORA = dict(rank=8, scale=20.0, dropout=0.0, num_layers=-1)
 def build_model(folder: Path, shape: dict) -> Path:
     """A random-init qwen2 model with a 32k byte-level BPE tokenizer (trained on random words,
     so that every id decodes)."""
-    from mipo_mlx.toy import build_model_folder
+    from mipo_mlx.engine.toy import build_model_folder
 
     if (folder / "config.json").exists():
         return folder
@@ -157,7 +157,7 @@ def start_as_the_command() -> None:
     the thread governor of the default policy, which computes on the cores the machine leaves
     idle. The peer gets it too: the same BLAS and threads on both sides (one thread a process
     made the peer's end-to-end pipeline 25% slower, BENCHMARKS.md)."""
-    from mipo_mlx._backend import require_mlx
+    from mipo_mlx.core.backend import require_mlx
 
     require_mlx()
 
@@ -165,7 +165,7 @@ def start_as_the_command() -> None:
 def governed_threads() -> list[int]:
     """The BLAS thread count the governor chose at each of its samples in this process (to
     tell a slow round on fewer threads from one slow for another reason); [] without one."""
-    from mipo_mlx._backend import start_governor
+    from mipo_mlx.core.backend import start_governor
 
     governor = start_governor()
     return list(governor.counts) if governor is not None else []
@@ -174,7 +174,7 @@ def governed_threads() -> list[int]:
 def load_model(spec: dict):
     from mlx_lm import load
 
-    from mipo_mlx.model import quantize
+    from mipo_mlx.engine.model import quantize
 
     model, tokenizer, config = load(spec["model"], return_config=True)
     if spec.get("bits"):
@@ -257,11 +257,11 @@ def worker_train(spec: dict) -> dict:
 def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     import mlx.core as mx
 
-    from mipo_mlx.config import LoraConfig, TrainingConfig
-    from mipo_mlx.loop import make_loss, train
-    from mipo_mlx.model import adapters_disabled, attach_lora
-    from mipo_mlx.pair_file import Pair
-    from mipo_mlx.score import pack_pairs, pair_logps, score_pairs, use_shared_prompt
+    from mipo_mlx.core.config import LoraConfig, TrainingConfig
+    from mipo_mlx.data.pair_file import Pair
+    from mipo_mlx.engine.logps import pack_pairs, pair_logps, score_pairs, use_shared_prompt
+    from mipo_mlx.engine.model import adapters_disabled, attach_lora
+    from mipo_mlx.engine.trainer import make_loss, train
 
     variant = spec["variant"]
     pairs = [
@@ -404,9 +404,9 @@ def worker_generate(spec: dict) -> dict:
     max_tokens, n = spec["max_tokens"], len(prompts)
     tic = time.perf_counter()
     if spec["side"] == "ours":
-        from mipo_mlx.config import GenerationConfig
-        from mipo_mlx.generate import generate
-        from mipo_mlx.pairs import derangement
+        from mipo_mlx.core.config import GenerationConfig
+        from mipo_mlx.engine.generation import generate
+        from mipo_mlx.stages.pairs import derangement
 
         config = GenerationConfig(
             temperature=0.7, top_p=0.9, max_tokens=max_tokens, batch_size=spec["batch_size"]
@@ -441,7 +441,7 @@ def worker_generate(spec: dict) -> dict:
 
 def worker_cli(spec: dict) -> dict:
     """`python -m mipo_mlx.train` end to end on the embedded default (shortened), timed."""
-    from mipo_mlx._backend import blas_library
+    from mipo_mlx.core.backend import blas_library
 
     tic = time.perf_counter()
     proc = subprocess.run(
@@ -659,7 +659,7 @@ def blas_end_to_end(out: Path) -> dict:
 def machine() -> dict:
     import mlx.core as mx
 
-    from mipo_mlx._backend import blas_library
+    from mipo_mlx.core.backend import blas_library
 
     versions = {}
     for package in ("mlx", "mlx-lm", "mlx-lm-lora", "mipo_mlx"):

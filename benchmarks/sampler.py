@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import mipo_mlx  # noqa: F401  (first: the BLAS)
-from mipo_mlx.generate import sample_rows
+from mipo_mlx.engine.generation import sample_rows
 
 SHAPES = [  # rows, vocabulary, logit scale (1: flat, 5: peaked)
     (16, 32000, 1.0),

@@ -28,16 +28,16 @@ STEPS = 20
 
 
 def worker(out: str) -> None:
-    from mipo_mlx import distributed as dist
-    from mipo_mlx import model as mdl
+    from mipo_mlx.core.settings import resolve
+    from mipo_mlx.data.prompts import read_source, render_prompts
     from mipo_mlx.embedded import default_config_path
-    from mipo_mlx.generate import generate_all
-    from mipo_mlx.pairs import random_pairs, split_pairs
-    from mipo_mlx.prompts import read_source, render_prompts
-    from mipo_mlx.run_folder import RunFolder
-    from mipo_mlx.score import add_reference_logps, use_shared_prompt
-    from mipo_mlx.settings import resolve
-    from mipo_mlx.training import train_adapters
+    from mipo_mlx.engine import distributed as dist
+    from mipo_mlx.engine import model as mdl
+    from mipo_mlx.engine.generation import generate_all
+    from mipo_mlx.engine.logps import add_reference_logps, use_shared_prompt
+    from mipo_mlx.stages.pairs import random_pairs, split_pairs
+    from mipo_mlx.stages.run_folder import RunFolder
+    from mipo_mlx.stages.training import train_adapters
 
     config = resolve(
         str(default_config_path()),

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import mipo_mlx  # noqa: F401  (first: the BLAS)
-from mipo_mlx._backend import DEFAULT_THREADS, RUNS_SETTING, THREAD_POLICIES, USER_COUNTS
+from mipo_mlx.core.backend import DEFAULT_THREADS, RUNS_SETTING, THREAD_POLICIES, USER_COUNTS
 
 OLD = "openblas"  # what every process got before the policy: OpenBLAS's own threads
 WORKLOAD = ["--data.limit", "96", "--evaluation.limit", "40", "--training.iters", "6"]

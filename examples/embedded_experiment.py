@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mipo_mlx.config import to_dict
+from mipo_mlx.core.config import to_dict
+from mipo_mlx.core.files import write_jsonl
+from mipo_mlx.core.settings import resolve
 from mipo_mlx.embedded import HERE, default_config_path
-from mipo_mlx.files import write_jsonl
-from mipo_mlx.settings import resolve
 
 REPORT_ONLY = False  # --report: read the runs done, run nothing
 PER_ROUND = 512  # training prompts a round answers
@@ -117,8 +117,8 @@ SFT = {
 
 def family_files(root: Path, data: Path) -> dict[str, dict[str, Path]]:
     """Each family's train (PER_ROUND x ROUNDS prompts), valid and held-out files."""
-    from mipo_mlx.tasks import requirements as req
-    from mipo_mlx.tasks import synthetic as syn
+    from mipo_mlx.data.tasks import requirements as req
+    from mipo_mlx.data.tasks import synthetic as syn
 
     files: dict[str, dict[str, Path]] = {"personalization": {}, "problems": {}}
     for split in ("valid", "heldout"):
@@ -143,7 +143,7 @@ def family_files(root: Path, data: Path) -> dict[str, dict[str, Path]]:
 
 def fresh_files(root: Path, data: Path) -> dict[str, Path]:
     """New draws of personalization train and held-out items, none in the shipped files."""
-    from mipo_mlx.tasks import requirements as req
+    from mipo_mlx.data.tasks import requirements as req
 
     shipped = {
         json.dumps([r["prompt"], r["context"]])

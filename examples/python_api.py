@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mipo_mlx.config import Config
+from mipo_mlx.core.config import Config
 from mipo_mlx.pipeline import run
 
 
@@ -29,7 +29,7 @@ def main() -> None:
 
     config = Config()
     if args.toy:
-        from mipo_mlx.toy import build_model_folder
+        from mipo_mlx.engine.toy import build_model_folder
 
         config.model.path = str(build_model_folder(Path(tempfile.mkdtemp()) / "toy-model"))
         config.generation.max_tokens, config.generation.truncated = 24, "keep"

@@ -18,13 +18,13 @@ pipeline   pipeline
 commands   train evaluate export embedded.build
 """
 
-from .errors import quiet_start_up
+from .core.errors import quiet_start_up
 
 # First, and only in a command's own process (`python -m mipo_mlx.train`): Ctrl-C while it
 # starts ends it with one line, not a traceback. A library user's signal handling is left alone.
 quiet_start_up()
 
-from ._backend import prefer_system_blas  # noqa: E402  (after the line above)
+from .core.backend import prefer_system_blas  # noqa: E402  (after the line above)
 
 __version__ = "0.1.0"
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import build_parser, parse_args, run_config
-from .errors import EXIT_INTERRUPTED, Stopped, UserError, reports_user_errors
-from .settings import resolve, validate
+from .core.cli import build_parser, parse_args, run_config
+from .core.errors import EXIT_INTERRUPTED, Stopped, UserError, reports_user_errors
+from .core.settings import resolve, validate
 
 SHORTCUTS = {
     "model": "model.path",
@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if adapters and yaml_path is None and (Path(adapters) / "config.yaml").is_file():
         run_settings = run_config(adapters, "--model.trust_remote_code true")
     config = validate(resolve(yaml_path, overrides, run_settings), "evaluate")
-    from ._backend import require_mlx
+    from .core.backend import require_mlx
 
     require_mlx()
-    from .files import folder_lock
-    from .measure import free_report_stem, write_report
+    from .core.files import folder_lock
     from .pipeline import evaluate
+    from .stages.evaluation import free_report_stem, write_report
 
     out = Path(overrides.get("output.dir") or adapters or config.output.dir)
     with folder_lock(out, "--output"):  # not while a run writes there, nor a second evaluate

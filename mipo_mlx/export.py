@@ -28,12 +28,12 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import reading
-from .card import model_card
-from .errors import UserError, handling, reports_user_errors
-from .files import atomic_folder, check_output_place, folder_lock
-from .gguf_file import FILE_TYPES, check_base
-from .hub import check_repo_id, publish, require_token
+from .core import reading
+from .core.errors import UserError, handling, reports_user_errors
+from .core.files import atomic_folder, check_output_place, folder_lock
+from .publish.card import model_card
+from .publish.gguf_file import FILE_TYPES, check_base
+from .publish.hub import check_repo_id, publish, require_token
 
 MARKER = ".mipo_mlx_export"  # in every folder export writes; --overwrite replaces only those
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     run, out = Path(args.adapters), Path(args.output)
     pairs_repo = args.upload_pairs_repo
-    from ._backend import require_mlx
+    from .core.backend import require_mlx
 
     if not run.is_dir():
         raise UserError(f"{run}: not found; --adapters must be a folder written by mipo_mlx.train")
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_export(run: Path, out: Path, args: argparse.Namespace) -> None:
     """Fuse and check, then write the folder whole or not at all (a failure or a stop leaves
     an earlier output as it was, and no partial folder)."""
-    from . import gguf_file
-    from .fuse import build, requantize, save_folder
+    from .publish import gguf_file
+    from .publish.fuse import build, requantize, save_folder
 
     fused = build(run, args.force, args.trust_remote_code)
     with atomic_folder(out) as folder:

@@ -16,15 +16,18 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import distributed as dist
-from . import guard as grd
-from . import model as mdl
-from . import trackers
-from .batching import total_steps
-from .config import Config, to_dict
-from .errors import StopFlag, Stopped, UserError
-from .judge import add_judge
-from .measure import (
+from .core.config import Config, to_dict
+from .core.errors import StopFlag, Stopped, UserError
+from .core.settings import validate
+from .data.pair_file import Pair
+from .data.prompts import Rendered, block, read_source, render_prompts, user_text
+from .engine import distributed as dist
+from .engine import model as mdl
+from .engine.batching import total_steps
+from .engine.logps import add_reference_logps, use_shared_prompt
+from .stages import guard as grd
+from .stages import trackers
+from .stages.evaluation import (
     Heldout,
     add_compliance_win_rate,
     answer_and_measure,
@@ -33,14 +36,11 @@ from .measure import (
     markdown_table,
     write_report,
 )
-from .pair_file import Pair
-from .pairs import build_pairs, check_pairs_possible
-from .plots import plot_training
-from .prompts import Rendered, block, read_source, render_prompts, user_text
-from .run_folder import RunFolder, fingerprint, portable
-from .score import add_reference_logps, use_shared_prompt
-from .settings import validate
-from .training import train_adapters
+from .stages.judge import add_judge
+from .stages.pairs import build_pairs, check_pairs_possible
+from .stages.plots import plot_training
+from .stages.run_folder import RunFolder, fingerprint, portable
+from .stages.training import train_adapters
 
 
 @dataclass

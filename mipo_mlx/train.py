@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import build_parser as _build_parser
-from .cli import parse_args as _parse_args
-from .cli import run_config
-from .config import SHORTCUTS
+from .core.cli import build_parser as _build_parser
+from .core.cli import parse_args as _parse_args
+from .core.cli import run_config
+from .core.config import SHORTCUTS
+from .core.errors import Stopped, UserError, reports_user_errors
+from .core.settings import resolve
 from .embedded import default_config_path
-from .errors import Stopped, UserError, reports_user_errors
-from .settings import resolve
 
 DESCRIPTION = (
     "MIPO: train LoRA adapters with DPO on pairs the model makes from your prompts "
@@ -103,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         if "output.dir" not in overrides:  # a fresh folder each time, so a rerun never collides
             overrides["output.dir"] = time.strftime("runs/embedded-%Y%m%d-%H%M%S")
     config = resolve(yaml_path, overrides, run_settings)
-    from ._backend import require_mlx
+    from .core.backend import require_mlx
 
     require_mlx()
-    from . import distributed as dist
+    from .engine import distributed as dist
 
     # Rank 0's folder for every rank (the default one is timestamped)
     output_dir = config.output.dir
     config.output.dir = dist.decided(lambda: output_dir)
-    from .loop import NonFiniteLoss
+    from .engine.trainer import NonFiniteLoss
     from .pipeline import run
 
     out = config.output.dir

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from mipo_mlx.pair_file import Pair
+from mipo_mlx.data.pair_file import Pair
 
 ARITHMETIC = "Tom has {a} apples. He buys {b} more. How many apples does he have?"
 
@@ -64,7 +64,7 @@ def check_report(result: dict, labels: list[str] | None = None, prompts=None) ->
     import numpy as np
     import pytest
 
-    from mipo_mlx.tasks.extract import is_correct
+    from mipo_mlx.data.tasks.extract import is_correct
 
     if labels is not None:
         assert result["labelled"] == len(labels)
@@ -73,7 +73,7 @@ def check_report(result: dict, labels: list[str] | None = None, prompts=None) ->
             abs=1e-12,
         )
     if prompts is not None and "compliance_scores" in result:
-        from mipo_mlx.tasks import requirements as req
+        from mipo_mlx.data.tasks import requirements as req
 
         for prompt, answer, score in zip(prompts, result["answers"], result["compliance_scores"]):
             verdicts = req.compliance(req.requirements_from_row(prompt.extra), answer)
@@ -121,8 +121,8 @@ def lora_model(model_dir: Path):
     import mlx.core as mx
     from mlx_lm import load
 
-    from mipo_mlx.config import LoraConfig
-    from mipo_mlx.model import attach_lora
+    from mipo_mlx.core.config import LoraConfig
+    from mipo_mlx.engine.model import attach_lora
 
     model, _ = load(str(model_dir))
     attach_lora(model, LoraConfig(rank=4, dropout=0.0), seed=0)

@@ -7,7 +7,7 @@ import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before anything 
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
-    from mipo_mlx.toy import build_model_folder
+    from mipo_mlx.engine.toy import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("toy") / "model")
 

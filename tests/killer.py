@@ -22,7 +22,11 @@ import sys
 import time
 
 import mipo_mlx  # noqa: F401  (BLAS first)
-from mipo_mlx import checkpoint, files, loop, run_folder, train
+from mipo_mlx import train
+from mipo_mlx.core import files
+from mipo_mlx.engine import train_state as checkpoint
+from mipo_mlx.engine import trainer as loop
+from mipo_mlx.stages import run_folder
 
 
 def die():
@@ -38,7 +42,7 @@ def main():
         def memory_metrics():  # called once per step, on every rank
             steps[0] += 1
             if steps[0] == value:
-                from mipo_mlx import distributed
+                from mipo_mlx.engine import distributed
 
                 if distributed.rank() == 1:
                     die()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mipo_mlx  # noqa: F401  (loads the system BLAS before mlx.core, as the package does)
-from mipo_mlx import _backend
+from mipo_mlx.core import backend as _backend
 
 SYSTEM_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 needs_openblas = pytest.mark.skipif(
@@ -224,7 +224,7 @@ def test_no_metal_only_device_info_lookup():
 def test_working_set_without_metal_key(monkeypatch):
     import mlx.core as mx
 
-    from mipo_mlx.memory import working_set_bytes
+    from mipo_mlx.engine.memory import working_set_bytes
 
     monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 1}, raising=False)
     assert working_set_bytes() > 0  # the physical memory, no KeyError

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx import _backend
-from mipo_mlx.blas_governor import Governor, busy_seconds, next_count, threads_for
+from mipo_mlx.core import backend as _backend
+from mipo_mlx.core.blas_governor import Governor, busy_seconds, next_count, threads_for
 
 needs_openblas = pytest.mark.skipif(
     sys.platform != "linux" or _backend.blas_threads() is None, reason="no OpenBLAS loaded here"
@@ -90,8 +90,8 @@ class Machine:
 
 def test_the_governor_follows_the_machine(monkeypatch):
     machine = Machine(cpus=4)
-    monkeypatch.setattr("mipo_mlx.blas_governor.time.monotonic", lambda: machine.clock)
-    monkeypatch.setattr("mipo_mlx.blas_governor.os.sysconf", lambda name: 100)
+    monkeypatch.setattr("mipo_mlx.core.blas_governor.time.monotonic", lambda: machine.clock)
+    monkeypatch.setattr("mipo_mlx.core.blas_governor.os.sysconf", lambda name: 100)
     calls = []
     governor = Governor(calls.append, 4, [0, 1, 2, 3], machine.stat, lambda: machine.own)
     seen = []
@@ -132,7 +132,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 BUSY_MACHINE = """
 import json, os, subprocess, sys, time
 import mipo_mlx
-from mipo_mlx import _backend
+from mipo_mlx.core import backend as _backend
 hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range({n})]
 try:
     time.sleep(0.5)
@@ -167,8 +167,8 @@ TOGGLED = """
 import json, threading
 import numpy as np
 import mipo_mlx
-from mipo_mlx import _backend
-from mipo_mlx.blas_governor import Governor
+from mipo_mlx.core import backend as _backend
+from mipo_mlx.core.blas_governor import Governor
 import mlx.core as mx
 idle = lambda: "\\n".join(f"cpu{{i}} 0 0 0 0 0 0 0 0 0 0" for i in range({cores}))
 governor = Governor(_backend.openblas_setter(), {cores}, list(range({cores})),

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
-from mipo_mlx import prefix
-from mipo_mlx.score import _cpu_token_logps, pack_pairs, pair_logps, response_logps
+from mipo_mlx.engine import prefix
+from mipo_mlx.engine.logps import _cpu_token_logps, pack_pairs, pair_logps, response_logps
 
 from .builders import lora_model, made_up_pairs
 
@@ -22,7 +22,7 @@ _models: dict = {}
 def _model(toy_model_dir, checkpointed: bool):
     """`lora_model`, loaded once (with its blocks checkpointed, once more)."""
     if checkpointed not in _models:
-        from mipo_mlx.loop import checkpoint_blocks
+        from mipo_mlx.engine.trainer import checkpoint_blocks
 
         _models[checkpointed] = lora_model(toy_model_dir)
         if checkpointed:
@@ -95,7 +95,7 @@ def test_chunked_rows_after_a_common_prefix_equal_one_pass(toy_model_dir, chunk,
 def test_a_later_chunks_mask_is_mlx_lms_causal_mask_at_its_offset():
     from mlx_lm.models.base import create_causal_mask
 
-    from mipo_mlx.prefix import RecordKV
+    from mipo_mlx.engine.prefix import RecordKV
 
     for done, n in ((0, 3), (4, 1), (5, 6)):
         record = RecordKV()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mipo_mlx.toy import build_model_folder
+from mipo_mlx.engine.toy import build_model_folder
 
 
 def run_train(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -7,8 +7,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx.cli import METAVARS
-from mipo_mlx.config import (
+from mipo_mlx.core.cli import METAVARS
+from mipo_mlx.core.config import (
     NEGATIVE_STRATEGIES,
     SHORTCUTS,
     Config,
@@ -18,8 +18,8 @@ from mipo_mlx.config import (
     to_dict,
     to_yaml,
 )
-from mipo_mlx.errors import UserError
-from mipo_mlx.settings import apply, from_dict, load_yaml, resolve, validate
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.core.settings import apply, from_dict, load_yaml, resolve, validate
 from mipo_mlx.train import parser, read_command_line
 
 
@@ -745,7 +745,7 @@ def test_seed_limits_are_what_numpy_and_mlx_accept():
     import mlx.core as mx
     import numpy as np
 
-    from mipo_mlx.config import SEED_MAX
+    from mipo_mlx.core.config import SEED_MAX
 
     np.random.seed(SEED_MAX)  # the legacy seeding: the narrowest of them
     mx.random.seed(SEED_MAX * 1_000_003 + 10**6)  # the loop's per-step seed

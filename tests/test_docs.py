@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mipo_mlx.config import reference_markdown
-from mipo_mlx.settings import resolve, validate
+from mipo_mlx.core.config import reference_markdown
+from mipo_mlx.core.settings import resolve, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -39,7 +39,7 @@ def test_readme_settings_table_is_generated_from_config():
 
 
 def test_readme_recipe_memory_table_is_computed_from_the_recipes():
-    from mipo_mlx.memory import recipe_memory_markdown
+    from mipo_mlx.engine.memory import recipe_memory_markdown
 
     assert recipe_memory_markdown(ROOT / "configs") in README
     for recipe in ("gsm8k", "svamp", "arc-challenge", "arc-easy", "prism", "community-alignment"):

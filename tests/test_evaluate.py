@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.measure import distinct_n, markdown_table, other_prompts, pmi_scores
-from mipo_mlx.tasks.extract import extract_letter, extract_number, is_correct
+from mipo_mlx.data.tasks.extract import extract_letter, extract_number, is_correct
+from mipo_mlx.stages.evaluation import distinct_n, markdown_table, other_prompts, pmi_scores
 
 from .builders import check_report
 
@@ -162,11 +162,11 @@ def test_answer_and_measure_equals_one_by_one(toy_model):
     log-probs of the same answers under their own, the k other and the context-free prompts."""
     from contextlib import nullcontext
 
-    from mipo_mlx.config import DataConfig, EvaluationConfig
-    from mipo_mlx.generate import generate_all
-    from mipo_mlx.measure import answer_and_measure, context_free_ids, heldout, sampling
-    from mipo_mlx.prompts import Prompt
-    from mipo_mlx.score import response_logps
+    from mipo_mlx.core.config import DataConfig, EvaluationConfig
+    from mipo_mlx.data.prompts import Prompt
+    from mipo_mlx.engine.generation import generate_all
+    from mipo_mlx.engine.logps import response_logps
+    from mipo_mlx.stages.evaluation import answer_and_measure, context_free_ids, heldout, sampling
 
     model, tokenizer = toy_model
     prompts = [
@@ -272,7 +272,7 @@ def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
     assert f"wrote {tmp_path / 'ev' / 'eval-2.json'}" in done.stdout
 
     # While another process holds the folder (a run still training there), evaluate refuses.
-    from mipo_mlx.files import folder_lock
+    from mipo_mlx.core.files import folder_lock
 
     with folder_lock(tmp_path / "ev"):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -285,8 +285,8 @@ def test_evaluate_cli_on_tiny_model(toy_model_dir, tmp_path):
 
 
 def requirement_prompt(where, question, topic, *requirements):
-    from mipo_mlx.prompts import Prompt
-    from mipo_mlx.tasks.requirements import Item, Requirement
+    from mipo_mlx.data.prompts import Prompt
+    from mipo_mlx.data.tasks.requirements import Item, Requirement
 
     item = Item(question, topic, tuple(Requirement(*r) for r in requirements))
     row = item.row()
@@ -298,8 +298,8 @@ def test_compliance_on_written_out_answers():
     """Item 1 (capitals, question): met both. Item 2 (no_commas, max_words 8): met the first
     only (11 words). Item 3 (signoff): the sign-off is there but the text is broken ('aaaa'),
     so it meets none. A math row has no requirements and no score."""
-    from mipo_mlx.measure import add_compliance_win_rate, compliance_metrics
-    from mipo_mlx.prompts import Prompt
+    from mipo_mlx.data.prompts import Prompt
+    from mipo_mlx.stages.evaluation import add_compliance_win_rate, compliance_metrics
 
     prompts = [
         requirement_prompt(
@@ -354,9 +354,9 @@ def test_answer_and_measure_scores_compliance_of_its_answers(toy_model):
     """On requirement rows the stage's compliance equals the checkers run on its own answers."""
     from contextlib import nullcontext
 
-    from mipo_mlx.config import DataConfig, EvaluationConfig
-    from mipo_mlx.measure import answer_and_measure, heldout
-    from mipo_mlx.tasks.requirements import items
+    from mipo_mlx.core.config import DataConfig, EvaluationConfig
+    from mipo_mlx.data.tasks.requirements import items
+    from mipo_mlx.stages.evaluation import answer_and_measure, heldout
 
     model, tokenizer = toy_model
     prompts = [
@@ -380,12 +380,12 @@ def test_best_of_k_at_inference_keeps_the_answer_with_the_highest_base_context_p
     context PMI of the answers kept."""
     from contextlib import nullcontext
 
-    from mipo_mlx.config import DataConfig, EvaluationConfig
-    from mipo_mlx.generate import decode
-    from mipo_mlx.measure import answer_and_measure, context_free_ids, heldout, sampling
-    from mipo_mlx.prompts import Prompt
-    from mipo_mlx.score import response_logps
-    from mipo_mlx.selection import sample_answers
+    from mipo_mlx.core.config import DataConfig, EvaluationConfig
+    from mipo_mlx.data.prompts import Prompt
+    from mipo_mlx.engine.generation import decode
+    from mipo_mlx.engine.logps import response_logps
+    from mipo_mlx.engine.selection import sample_answers
+    from mipo_mlx.stages.evaluation import answer_and_measure, context_free_ids, heldout, sampling
 
     model, tokenizer = toy_model
     prompts = [

@@ -11,11 +11,12 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mipo_mlx import export, hub
-from mipo_mlx.card import front_matter
-from mipo_mlx.errors import UserError
-from mipo_mlx.pair_file import read_pairs
-from mipo_mlx.score import pack_pairs
+from mipo_mlx import export
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.data.pair_file import read_pairs
+from mipo_mlx.engine.logps import pack_pairs
+from mipo_mlx.publish import hub
+from mipo_mlx.publish.card import front_matter
 
 from .builders import write_prompts
 
@@ -75,8 +76,8 @@ def logits_of(model, run):
 def test_fused_equals_base_plus_adapters(which, request, tmp_path, capsys):
     from mlx_lm import load
 
-    from mipo_mlx import model as mdl
-    from mipo_mlx.config import ModelConfig
+    from mipo_mlx.core.config import ModelConfig
+    from mipo_mlx.engine import model as mdl
 
     run = request.getfixturevalue(which)
     assert export.main(["--adapters", str(run), "--output", str(tmp_path / "fused")]) == 0
@@ -221,7 +222,7 @@ def test_errors(plain_run, toy_model_dir, tmp_path):
     )
     other = tmp_path / "other"
     shutil.copytree(plain_run, other)
-    from mipo_mlx.toy import build_model_folder
+    from mipo_mlx.engine.toy import build_model_folder
 
     wider = build_model_folder(tmp_path / "wider", hidden_size=128, intermediate_size=256)
     cfg = (other / "config.yaml").read_text().replace(str(toy_model_dir), str(wider))
@@ -386,7 +387,7 @@ def test_export_refuses_a_link_nothing_and_the_working_directory(
 
 
 def test_a_second_export_to_the_same_folder_is_refused_naming_the_first(plain_run, tmp_path):
-    from mipo_mlx.files import folder_lock
+    from mipo_mlx.core.files import folder_lock
 
     out = tmp_path / "f"
     with folder_lock(out, "--output", replaced=True):  # the first export, holding it
@@ -401,7 +402,7 @@ class Terminated(Exception):
 
 def test_sigterm_during_export_stops_it_and_leaves_nothing(plain_run, tmp_path, monkeypatch):
     """The first SIGTERM, mid-save: one line, exit 130, no partial folder, no lock file."""
-    from mipo_mlx import fuse
+    from mipo_mlx.publish import fuse
 
     real_save = fuse.save_folder
 

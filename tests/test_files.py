@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mipo_mlx import files
-from mipo_mlx.errors import UserError
-from mipo_mlx.files import (
+from mipo_mlx.core import files
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.core.files import (
     append_jsonl,
     atomic_folder,
     atomic_path,

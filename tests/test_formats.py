@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from mipo_mlx import files
-from mipo_mlx.errors import UserError
-from mipo_mlx.formats import (
+from mipo_mlx.core import files
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.data.formats import (
     GSM8K_EXEMPLARS,
     gsm8k_answer,
     number_text,
     read_rows,
     render_prompt,
 )
-from mipo_mlx.prompts import prompt_row, read_prompts, read_source
+from mipo_mlx.data.prompts import prompt_row, read_prompts, read_source
 
 
 def write_jsonl(path: Path, *objs) -> str:

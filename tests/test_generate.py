@@ -10,9 +10,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx.batching import batch_stream, total_steps
-from mipo_mlx.config import GenerationConfig, TrainingConfig
-from mipo_mlx.generate import (
+from mipo_mlx.core.config import GenerationConfig, TrainingConfig
+from mipo_mlx.data.pair_file import Pair
+from mipo_mlx.engine.batching import batch_stream, total_steps
+from mipo_mlx.engine.generation import (
     STREAM_STRIDE,
     DecodeLogits,
     Response,
@@ -24,7 +25,6 @@ from mipo_mlx.generate import (
     sample_rows,
     stream_seed,
 )
-from mipo_mlx.pair_file import Pair
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -477,7 +477,7 @@ def _lengths_pairs(n, seed=0):
 
 @pytest.mark.parametrize("n,batch_size,buckets", [(40, 4, 4), (37, 4, 16), (10, 3, 2)])
 def test_bucketed_epoch_visits_every_pair_once(n, batch_size, buckets):
-    from mipo_mlx.batching import epoch_order
+    from mipo_mlx.engine.batching import epoch_order
 
     pairs = _lengths_pairs(n)
     for epoch in range(3):
@@ -487,7 +487,7 @@ def test_bucketed_epoch_visits_every_pair_once(n, batch_size, buckets):
 
 def test_buckets_cut_padding():
     """Sorted groups put similar lengths together: the padded area of an epoch shrinks."""
-    from mipo_mlx.batching import batch_stream
+    from mipo_mlx.engine.batching import batch_stream
 
     pairs = _lengths_pairs(64, seed=3)
 
@@ -497,7 +497,7 @@ def test_buckets_cut_padding():
         return sum(b.inputs.size for b in batches)
 
     def padded_exact(buckets):  # with pad_multiple 1, to see the effect on a small model
-        from mipo_mlx.batching import epoch_order
+        from mipo_mlx.engine.batching import epoch_order
 
         order = epoch_order(pairs, 4, seed=0, epoch=0, buckets=buckets)
         total = 0
@@ -515,9 +515,9 @@ def test_buckets_cut_padding():
 def test_bucketed_and_unbucketed_batches_give_the_same_loss(toy_model):
     """The same epoch of pairs, batched at random or by length (shared prefix or not):
     the pair-weighted mean loss over the epoch is the same to 1e-5."""
-    from mipo_mlx.batching import batch_stream
-    from mipo_mlx.config import TrainingConfig
-    from mipo_mlx.loop import make_loss
+    from mipo_mlx.core.config import TrainingConfig
+    from mipo_mlx.engine.batching import batch_stream
+    from mipo_mlx.engine.trainer import make_loss
 
     from .builders import made_up_pairs
 

@@ -16,9 +16,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx import export, gguf_check, gguf_file
-from mipo_mlx.errors import UserError
-from mipo_mlx.toy import DEFAULT_CORPUS, build_model_folder
+from mipo_mlx import export
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.engine.toy import DEFAULT_CORPUS, build_model_folder
+from mipo_mlx.publish import gguf_check, gguf_file
 
 from .builders import write_prompts
 
@@ -332,7 +333,7 @@ def test_llama_cpp_tokenizes_like_hugging_face(name, request, tmp_path, capsys):
 
 
 def test_upload_sends_the_gguf_file_and_modelfile(runs, tmp_path, monkeypatch, capsys):
-    from mipo_mlx import hub
+    from mipo_mlx.publish import hub
 
     from .test_export import FakeHub
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mipo_mlx.errors import UserError
-from mipo_mlx.judge import (
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.stages.judge import (
     ItemScore,
     JudgeItem,
     judge_prompt,
@@ -177,9 +177,10 @@ def test_score_response_rejects_an_item_without_preferences(toy_model):
 
 def test_add_judge_win_rates_against_base_and_reference(monkeypatch):
     """Rows with a `reference` response: each model also gets its win rate against it (ties win)."""
-    from mipo_mlx import judge, model
-    from mipo_mlx.config import Config
-    from mipo_mlx.prompts import Prompt
+    from mipo_mlx.core.config import Config
+    from mipo_mlx.data.prompts import Prompt
+    from mipo_mlx.engine import model
+    from mipo_mlx.stages import judge
 
     verdicts = {"b1": 3, "b2": 2, "b3": 4, "m1": 4, "m2": 2, "m3": 3, "r1": 3, "r2": 3, "r3": None}
 

@@ -13,13 +13,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mipo_mlx.generate as gen
-from mipo_mlx import guard as grd
-from mipo_mlx.config import Config
-from mipo_mlx.generate import STREAM_STRIDE, Response
-from mipo_mlx.pair_file import read_pairs
-from mipo_mlx.pairs import drop_identical, pmi_against
-from mipo_mlx.selection import SAMPLE_STRIDE
+import mipo_mlx.engine.generation as gen
+from mipo_mlx.core.config import Config
+from mipo_mlx.data.pair_file import read_pairs
+from mipo_mlx.engine.generation import STREAM_STRIDE, Response
+from mipo_mlx.engine.selection import SAMPLE_STRIDE
+from mipo_mlx.stages import guard as grd
+from mipo_mlx.stages.pairs import drop_identical, pmi_against
 
 from .builders import made_up_pairs, run_args, write_prompts
 from .test_pipeline_pairs import ROWS, build, build_pairs_of, make_config, write_rows
@@ -241,7 +241,7 @@ def test_fresh_prompts_give_each_round_its_own_block(toy_model_dir, tmp_path):
 
 
 def test_fresh_prompts_need_enough_rows(toy_model_dir, tmp_path):
-    from mipo_mlx.errors import UserError
+    from mipo_mlx.core.errors import UserError
     from mipo_mlx.pipeline import run
 
     config = Config()

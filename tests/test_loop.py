@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mipo_mlx import model as mdl
-from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
-from mipo_mlx.loop import checkpoint_blocks, make_loss, schedule, train
-from mipo_mlx.score import pack_pairs, score_pairs
+from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
+from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine.logps import pack_pairs, score_pairs
+from mipo_mlx.engine.trainer import checkpoint_blocks, make_loss, schedule, train
 
 from .builders import made_up_pairs
 
@@ -65,7 +65,7 @@ def test_step_zero_loss_with_the_nll_term_is_log2_plus_the_weighted_chosen_nll(t
 def test_the_nll_term_by_hand():
     """Two pairs, their DPO losses log 2, chosen log-probs -2 and -6 over 2 and 3 tokens, weight
     0.5: 0.5 * 2/2 = 0.5 and 0.5 * 6/3 = 1.0 are added."""
-    from mipo_mlx.losses import with_chosen_nll
+    from mipo_mlx.engine.losses import with_chosen_nll
 
     got = with_chosen_nll(
         mx.array([math.log(2)] * 2), mx.array([-2.0, -6.0]), mx.array([2.0, 3.0]), 0.5

@@ -12,11 +12,11 @@ import math
 import mlx.core as mx
 import pytest
 
-from mipo_mlx import config
-from mipo_mlx.errors import UserError
-from mipo_mlx.loss_settings import HONOURS
-from mipo_mlx.losses import LOSSES, preference_metrics
-from mipo_mlx.settings import validate
+from mipo_mlx.core import config
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.core.loss_settings import HONOURS
+from mipo_mlx.core.settings import validate
+from mipo_mlx.engine.losses import LOSSES, preference_metrics
 
 PC, PR, RC, RR = mx.array([-1.0]), mx.array([-3.0]), mx.array([-2.0]), mx.array([-2.0])
 SP_NEG_02, SP_POS_02 = 0.5981388693, 0.7981388693  # softplus(-0.2), softplus(0.2)
@@ -83,7 +83,7 @@ def test_accuracy_is_per_pair_not_per_batch():
 
 
 def test_registry_matches_config_choices():
-    from mipo_mlx.config import LOSSES as CONFIG_LOSSES
+    from mipo_mlx.core.config import LOSSES as CONFIG_LOSSES
 
     assert set(CONFIG_LOSSES) == set(LOSSES)
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from mipo_mlx import model as mdl
-from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
-from mipo_mlx.memory import estimate, working_set_bytes
+from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
+from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine.memory import estimate, working_set_bytes
 
 from .builders import made_up_pairs
 
@@ -27,7 +27,7 @@ def test_working_set_is_known_here():
 
 def test_paper_model_shapes_give_their_published_sizes():
     """Parameter counts from the config.json values against the model cards' totals."""
-    from mipo_mlx.memory import PAPER_MODELS
+    from mipo_mlx.engine.memory import PAPER_MODELS
 
     published = {
         "Llama-3.2-1B-Instruct": 1.24e9,
@@ -42,7 +42,7 @@ def test_paper_model_shapes_give_their_published_sizes():
 
 def test_plan_by_hand_and_its_levers():
     """A two-layer shape worked by hand; checkpointing and a smaller batch cost less."""
-    from mipo_mlx.memory import Shape, Workload, plan
+    from mipo_mlx.engine.memory import Shape, Workload, plan
 
     shape = Shape(
         "tiny", hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, vocab=10, tied=True

@@ -7,10 +7,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mipo_mlx import model as mdl
-from mipo_mlx.config import LoraConfig, ModelConfig
-from mipo_mlx.errors import UserError
-from mipo_mlx.toy import parameter_count
+from mipo_mlx.core.config import LoraConfig, ModelConfig
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine.toy import parameter_count
 
 TOKENS = mx.array([[1, 5, 9, 40, 41, 42, 7, 8]])
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mipo_mlx import checkpoint as ckpt
-from mipo_mlx import model as mdl
-from mipo_mlx.config import LoraConfig, ModelConfig, TrainingConfig
-from mipo_mlx.loop import NonFiniteLoss, make_loss, train
-from mipo_mlx.score import pack_pairs, score_pairs
+from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
+from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine import train_state as ckpt
+from mipo_mlx.engine.logps import pack_pairs, score_pairs
+from mipo_mlx.engine.trainer import NonFiniteLoss, make_loss, train
 
 from .builders import made_up_pairs
 
@@ -90,7 +90,7 @@ def test_too_many_skips_stop(toy_model_dir):
 
 def test_cli_reports_nan_in_one_line(toy_model_dir, tmp_path, monkeypatch, capsys):
     from mipo_mlx import train as train_cli
-    from mipo_mlx import training
+    from mipo_mlx.stages import training
 
     from .builders import write_prompts
 

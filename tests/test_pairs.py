@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mipo_mlx.config import DataConfig
-from mipo_mlx.errors import UserError
-from mipo_mlx.pair_file import Pair, pair_from_row, read_pairs, write_pairs
-from mipo_mlx.pairs import _repair, altered_prompts, derangement, split_pairs
-from mipo_mlx.prompts import Prompt, split_sentences
+from mipo_mlx.core.config import DataConfig
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.data.pair_file import Pair, pair_from_row, read_pairs, write_pairs
+from mipo_mlx.data.prompts import Prompt, split_sentences
+from mipo_mlx.stages.pairs import _repair, altered_prompts, derangement, split_pairs
 
 # ---------------------------------------------------------------- derangement
 
@@ -104,7 +104,7 @@ def test_repair_fixes_the_identity():
 
 def test_repair_path_is_taken_and_valid(monkeypatch):
     # Force every random draw to be the identity: the result must come from the repair pass.
-    import mipo_mlx.pairs as pairs_mod
+    import mipo_mlx.stages.pairs as pairs_mod
 
     real_rng = np.random.default_rng
 

@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-import mipo_mlx.generate as gen
-from mipo_mlx.config import Config
-from mipo_mlx.errors import UserError
-from mipo_mlx.generate import Response, decode, usable
-from mipo_mlx.pairs import altered_prompts, build_pairs
-from mipo_mlx.prompts import (
+import mipo_mlx.engine.generation as gen
+from mipo_mlx.core.config import Config
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.data.prompts import (
     read_prompts,
     read_source,
     render,
@@ -20,6 +18,8 @@ from mipo_mlx.prompts import (
     split_sentences,
     user_text,
 )
+from mipo_mlx.engine.generation import Response, decode, usable
+from mipo_mlx.stages.pairs import altered_prompts, build_pairs
 
 ROWS = [
     {
@@ -417,7 +417,7 @@ def test_mixed_on_one_family_is_that_familys_strategy(toy_model, tmp_path, promp
 
 
 def test_mixed_needs_two_rows_without_context(toy_model, tmp_path):
-    from mipo_mlx.pairs import check_pairs_possible
+    from mipo_mlx.stages.pairs import check_pairs_possible
 
     _, tokenizer = toy_model
     config = make_config(write_rows(tmp_path / "one.jsonl", MIXED[:3]), "mixed")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mipo_mlx.progress import Progress
+from mipo_mlx.core.progress import Progress
 
 HERE = Path(__file__).resolve().parent
 

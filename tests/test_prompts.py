@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mipo_mlx.config import DataConfig
-from mipo_mlx.errors import UserError
-from mipo_mlx.prompts import (
+from mipo_mlx.core.config import DataConfig
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.data.prompts import (
     Prompt,
     drop_one_sentence,
     fit_length,
@@ -20,7 +20,7 @@ from mipo_mlx.prompts import (
     split_sentences,
     user_text,
 )
-from mipo_mlx.toy import build_model_folder
+from mipo_mlx.engine.toy import build_model_folder
 
 
 def write_lines(path, lines: list[str]) -> str:

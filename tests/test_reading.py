@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from mipo_mlx import reading
-from mipo_mlx.config import DataConfig
-from mipo_mlx.errors import UserError
-from mipo_mlx.files import read_jsonl, read_lines
-from mipo_mlx.formats import read_rows
-from mipo_mlx.pair_file import read_pairs
-from mipo_mlx.prompts import Prompt, read_prompts, render_prompts
-from mipo_mlx.settings import load_yaml
+from mipo_mlx.core import reading
+from mipo_mlx.core.config import DataConfig
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.core.files import read_jsonl, read_lines
+from mipo_mlx.core.settings import load_yaml
+from mipo_mlx.data.formats import read_rows
+from mipo_mlx.data.pair_file import read_pairs
+from mipo_mlx.data.prompts import Prompt, read_prompts, render_prompts
 
 
 def one_line_error(call, *args) -> str:

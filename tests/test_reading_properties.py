@@ -11,14 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx import cli, train
-from mipo_mlx.config import Config, all_keys, sections, settings_of
-from mipo_mlx.errors import UserError, reports_user_errors
-from mipo_mlx.files import read_jsonl, read_lines
-from mipo_mlx.formats import FORMATS, read_rows
-from mipo_mlx.pair_file import read_pairs
-from mipo_mlx.prompts import read_prompts
-from mipo_mlx.settings import resolve, validate
+from mipo_mlx import train
+from mipo_mlx.core import cli
+from mipo_mlx.core.config import Config, all_keys, sections, settings_of
+from mipo_mlx.core.errors import UserError, reports_user_errors
+from mipo_mlx.core.files import read_jsonl, read_lines
+from mipo_mlx.core.settings import resolve, validate
+from mipo_mlx.data.formats import FORMATS, read_rows
+from mipo_mlx.data.pair_file import read_pairs
+from mipo_mlx.data.prompts import read_prompts
 
 FAST = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mipo_mlx import judge
-from mipo_mlx.formats import GSM8K_8SHOT_PREFIX
-from mipo_mlx.settings import resolve, validate
+from mipo_mlx.core.settings import resolve, validate
+from mipo_mlx.data.formats import GSM8K_8SHOT_PREFIX
+from mipo_mlx.stages import judge
 from mipo_mlx.train import main
 
 from .builders import check_report
@@ -404,7 +404,7 @@ def test_judge_scores_reach_the_report(toy_model_dir, tmp_path, hub, monkeypatch
 
     The tiny judge writes no score, so the judge's verdicts are set here: base items all 3,
     the adapters' items 4, 2, 3, 5, 1, 3 -> win rate 4/6; judge_score means 3 and 3."""
-    from mipo_mlx import judge
+    from mipo_mlx.stages import judge
 
     verdicts = iter([[3, 3, 3, 3, 3, 3], [4, 2, 3, 5, 1, 3]])
     seen = []
@@ -431,7 +431,7 @@ def test_judge_scores_reach_the_report(toy_model_dir, tmp_path, hub, monkeypatch
 def test_limit_and_subset_options():
     """--limit caps the training and the evaluation prompts, --subset draws training prompts;
     an explicit --section.key wins over either."""
-    from mipo_mlx.cli import parse_args
+    from mipo_mlx.core.cli import parse_args
     from mipo_mlx.train import parser, quick_trial
 
     def settings(*argv):

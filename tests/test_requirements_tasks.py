@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from mipo_mlx.formats import PRISM_WITH_CONTEXT
-from mipo_mlx.tasks.requirements import (
+from mipo_mlx.data.formats import PRISM_WITH_CONTEXT
+from mipo_mlx.data.tasks.requirements import (
     ADDS_SENTENCE,
     INCOMPATIBLE,
     KINDS,
@@ -33,7 +33,7 @@ from mipo_mlx.tasks.requirements import (
     words,
     write_answer,
 )
-from mipo_mlx.tasks.synthetic import SPLITS, split_of
+from mipo_mlx.data.tasks.synthetic import SPLITS, split_of
 
 # kind, value, answers that comply, answers that do not
 CASES = [

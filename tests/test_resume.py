@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.files import MARK, partial_and_old
+from mipo_mlx.core.files import MARK, partial_and_old
 
 from .builders import run_args, write_prompts
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.pair_file import read_pairs
+from mipo_mlx.data.pair_file import read_pairs
 
 from .builders import run_args, write_prompts
 from .test_score import one_by_one
@@ -67,8 +67,8 @@ def round_one_model(toy_model_dir, out):
     """The base with round 1's final adapters (its last checkpoint)."""
     from mlx_lm import load
 
-    from mipo_mlx.config import LoraConfig
-    from mipo_mlx.model import attach_lora
+    from mipo_mlx.core.config import LoraConfig
+    from mipo_mlx.engine.model import attach_lora
 
     model, tokenizer = load(str(toy_model_dir))
     attach_lora(model, LoraConfig(rank=4), seed=0)
@@ -81,8 +81,8 @@ def round_one_model(toy_model_dir, out):
 def test_round_two_answers_with_round_one_adapters_and_scores_under_them(run, toy_model_dir):
     """Round 2's chosen answers are what round 1's model samples with the next seed; their
     reference log-probs are that model's; so round 2 starts at loss log 2, margin 0."""
-    from mipo_mlx.config import GenerationConfig
-    from mipo_mlx.generate import generate
+    from mipo_mlx.core.config import GenerationConfig
+    from mipo_mlx.engine.generation import generate
 
     root, _, _ = run
     out = root / "whole"

@@ -13,9 +13,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from mipo_mlx import checkpoint as ckpt
-from mipo_mlx import model as mdl
-from mipo_mlx.config import (
+from mipo_mlx.core.config import (
     Config,
     LoraConfig,
     ModelConfig,
@@ -23,10 +21,12 @@ from mipo_mlx.config import (
     settings_of,
     to_yaml,
 )
-from mipo_mlx.errors import UserError
-from mipo_mlx.run_folder import RunFolder, check_same_run, portable
-from mipo_mlx.run_record import MAY_CHANGE, RECORD, may_change
-from mipo_mlx.settings import resolve
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.core.settings import resolve
+from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine import train_state as ckpt
+from mipo_mlx.stages.run_folder import RunFolder, check_same_run, portable
+from mipo_mlx.stages.run_record import MAY_CHANGE, RECORD, may_change
 
 
 def started(tmp_path, model_dir, **sections) -> tuple[RunFolder, Config]:

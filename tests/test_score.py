@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.score import pack, pack_pairs, pair_logps, score_pairs, sequence_logps
+from mipo_mlx.engine.logps import pack, pack_pairs, pair_logps, score_pairs, sequence_logps
 
 from .builders import lora_model, made_up_pairs
 
@@ -128,7 +128,7 @@ def test_score_pairs_restores_order(toy_model):
 def test_shared_layout_row_by_row():
     """Prompt [5, 6, 7], chosen [8, 9], rejected [4]: the prefix holds [5, 6] once; the rows
     start at the last prompt token 7, which predicts the first response token."""
-    from mipo_mlx.pair_file import Pair
+    from mipo_mlx.data.pair_file import Pair
 
     pair = Pair([], "c", "r", [5, 6, 7], [8, 9], [4], "random", 0)
     batch = pack_pairs([pair], pad_id=0, shared=True, pad_multiple=4)
@@ -153,7 +153,7 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mipo_mlx.pair_file import Pair
+    from mipo_mlx.data.pair_file import Pair
 
     model = lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)
@@ -190,7 +190,7 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
     than that (here: scales its logits, as some architectures do) gives other log-probs
     that way; one whose blocks reject the caches raises. The check says no to both, and
     the pipeline falls back to the plain packing."""
-    from mipo_mlx.score import sharing_works
+    from mipo_mlx.engine.logps import sharing_works
 
     model, _ = toy_model
     pairs = made_up_pairs(2, seed=5)
@@ -202,7 +202,7 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
 def test_a_fallback_says_why_once(toy_model, capsys):
     """A fast path that is not taken says why, in one line, once per process: a bug there must
     not hide as slowness."""
-    from mipo_mlx import score
+    from mipo_mlx.engine import logps as score
 
     model, _ = toy_model
     pairs = made_up_pairs(2, seed=5)
@@ -221,7 +221,7 @@ def test_a_fallback_says_why_once(toy_model, capsys):
 def test_response_logps_equal_one_by_one_both_ways(toy_model):
     """Evaluation's scorer: the head on response positions only (this model) and full logits
     (a model that scales its logits) both give each row's own log-prob, whatever the batching."""
-    from mipo_mlx.score import head_only_works, response_logps
+    from mipo_mlx.engine.logps import head_only_works, response_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(7)
@@ -247,7 +247,7 @@ def test_grouped_logps_run_each_prompt_once_for_its_answers(toy_model):
     """PMI's scorer: each prompt is the prefix of its G answers; every (column, prompt) cell is
     that answer's own log-prob under that prompt, whatever the batching, and a batch holds
     whole prompts (G rows each)."""
-    from mipo_mlx.score import grouped_logps
+    from mipo_mlx.engine.logps import grouped_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(11)
@@ -269,8 +269,8 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
     once and every row's log-prob is still its own; a model whose blocks reject caches falls
     back."""
-    from mipo_mlx.prefix import common_prefix
-    from mipo_mlx.score import prefix_reuse_works, response_logps
+    from mipo_mlx.engine.logps import prefix_reuse_works, response_logps
+    from mipo_mlx.engine.prefix import common_prefix
 
     model, _ = toy_model
     rng = np.random.default_rng(11)
@@ -307,7 +307,7 @@ def test_prefix_pass_mask_is_mlx_lms_causal_mask():
     loads, so bad input fails fast); it must equal mlx-lm's."""
     from mlx_lm.models.base import create_causal_mask
 
-    from mipo_mlx.prefix import RecordKV
+    from mipo_mlx.engine.prefix import RecordKV
 
     for n in (1, 2, 9):
         assert RecordKV().make_mask(n) == "causal"
@@ -320,7 +320,7 @@ def test_response_logps_batches_hold_the_logits_budget(toy_model):
     """A scoring batch holds at most logits_budget logits (scored positions x vocabulary): the
     logits, not the tokens, set its peak memory (PMI scores 5 rows per answer). The log-probs
     do not depend on it, and a row longer than the budget still gets a batch of its own."""
-    from mipo_mlx.score import response_logps
+    from mipo_mlx.engine.logps import response_logps
 
     model, _ = toy_model
     vocab = model.args.vocab_size

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx.config import GenerationConfig
-from mipo_mlx.generate import STREAM_STRIDE, Response
-from mipo_mlx.selection import (
+from mipo_mlx.core.config import GenerationConfig
+from mipo_mlx.engine.generation import STREAM_STRIDE, Response
+from mipo_mlx.engine.selection import (
     SAMPLE_STRIDE,
     best_by_pmi,
     extract_result,

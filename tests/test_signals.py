@@ -15,8 +15,9 @@ import threading
 import pytest
 
 from mipo_mlx import evaluate as evaluate_cli
-from mipo_mlx import measure, pipeline, train
-from mipo_mlx.config import Config
+from mipo_mlx import pipeline, train
+from mipo_mlx.core.config import Config
+from mipo_mlx.stages import evaluation as measure
 
 from .builders import run_args, write_prompts
 
@@ -100,7 +101,7 @@ def test_first_sigterm_stops_evaluate_and_writes_no_report(
 def test_a_signal_while_the_model_loads_stops_before_any_answer(
     toy_model_dir, tmp_path, heldout, monkeypatch, capsys, guarded
 ):
-    from mipo_mlx import model as mdl
+    from mipo_mlx.engine import model as mdl
 
     answered = []
     monkeypatch.setattr(measure, "generate_all", lambda *a, **k: answered.append(1))
@@ -115,7 +116,7 @@ def test_a_signal_while_the_model_loads_stops_before_any_answer(
 def test_a_signal_while_train_loads_the_model_stops_before_the_first_stage(
     toy_model_dir, tmp_path, monkeypatch, capsys, guarded
 ):
-    from mipo_mlx import model as mdl
+    from mipo_mlx.engine import model as mdl
 
     out = tmp_path / "run"
     signal_at(monkeypatch, mdl, "load", signal.SIGTERM)

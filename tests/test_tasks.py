@@ -4,10 +4,10 @@ reproducible."""
 import json
 from pathlib import Path
 
+from mipo_mlx.data.tasks.extract import is_correct
+from mipo_mlx.data.tasks.synthetic import MAKERS, SPLITS, problems, split_of
 from mipo_mlx.embedded import HERE, resolve_path
 from mipo_mlx.embedded.build import write_prompt_files
-from mipo_mlx.tasks.extract import is_correct
-from mipo_mlx.tasks.synthetic import MAKERS, SPLITS, problems, split_of
 
 
 def test_each_split_holds_only_its_own_problems():
@@ -72,10 +72,10 @@ def test_personalization_corpus_honours_each_kind_at_its_rate():
     """The build's personalization answers follow each requirement kind about as often as
     tasks.requirements.RATES says (seeded, so these measured rates are fixed), and the user
     turn is the one a run renders with the default context template."""
-    from mipo_mlx.config import DataConfig
+    from mipo_mlx.core.config import DataConfig
+    from mipo_mlx.data.prompts import user_text
+    from mipo_mlx.data.tasks import requirements as req
     from mipo_mlx.embedded.build import requirement_examples
-    from mipo_mlx.prompts import user_text
-    from mipo_mlx.tasks import requirements as req
 
     examples = requirement_examples(3000, 0, req.RATES)
     items = req.items("train", 3000, 0)
@@ -144,8 +144,8 @@ def test_build_batches_cover_the_epoch_once_each_padded_to_its_own_length():
 def test_build_corpus_also_asks_the_questions_with_no_requirements():
     """A `no_context` negative is the answer to the bare question: the corpus holds such
     questions with fluent, generic answers, so the base answers them as it would anyway."""
+    from mipo_mlx.data.tasks import requirements as req
     from mipo_mlx.embedded.build import plain_examples
-    from mipo_mlx.tasks import requirements as req
 
     examples = plain_examples(200, 0)
     items = req.items("train", 200, 1)

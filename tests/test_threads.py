@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipo_mlx import _backend
-from mipo_mlx._backend import local_runs, thread_policy, thread_settings
+from mipo_mlx.core import backend as _backend
+from mipo_mlx.core.backend import local_runs, thread_policy, thread_settings
 
 CLEAN = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")
 needs_openblas = pytest.mark.skipif(

@@ -17,7 +17,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto.wandb_internal_pb2 import Record
 
-from mipo_mlx import trackers
+from mipo_mlx.stages import trackers
 from mipo_mlx.train import main
 
 from .builders import run_args, write_prompts
@@ -278,7 +278,7 @@ def no_slow_stage(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("mipo_mlx.model.load", load)
+    monkeypatch.setattr("mipo_mlx.engine.model.load", load)
 
 
 def test_a_tracker_library_missing_stops_the_run_before_the_model_loads(

@@ -9,9 +9,9 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from mipo_mlx.pair_file import read_pairs
-from mipo_mlx.score import pack_pairs, pair_logps
-from mipo_mlx.settings import from_dict
+from mipo_mlx.core.settings import from_dict
+from mipo_mlx.data.pair_file import read_pairs
+from mipo_mlx.engine.logps import pack_pairs, pair_logps
 
 from .builders import write_prompts
 from .test_score import one_by_one
@@ -102,8 +102,8 @@ def test_margin_rises_from_zero(run_dir):
         assert r["memory/peak_gb"] >= r["memory/active_gb"]
     # 27 steps (6 epochs of 18 pairs, batch 4); step k's rate is the schedule's at k - 1: the warmup
     # step at peak / 2, then the cosine from the peak 2e-3 to 0.1 x peak at step 28
-    from mipo_mlx.config import TrainingConfig
-    from mipo_mlx.loop import schedule
+    from mipo_mlx.core.config import TrainingConfig
+    from mipo_mlx.engine.trainer import schedule
 
     rate = schedule(TrainingConfig(learning_rate=2e-3), 27)
     assert len(rows) == 27 and rows[0]["learning_rate"] == pytest.approx(1e-3, rel=1e-5)
@@ -119,8 +119,8 @@ def test_validation_metrics_are_the_final_adapters_on_the_valid_pairs(run_dir, t
     """The last line's valid/ metrics equal the loss of the saved adapters on the valid pairs."""
     from mlx_lm import load
 
-    from mipo_mlx.config import TrainingConfig
-    from mipo_mlx.loop import make_loss
+    from mipo_mlx.core.config import TrainingConfig
+    from mipo_mlx.engine.trainer import make_loss
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tuned, _ = load(str(toy_model_dir), adapter_path=str(run_dir))

@@ -11,8 +11,8 @@ import yaml
 
 from mipo_mlx import evaluate as evaluate_cli
 from mipo_mlx import export, pipeline, train
-from mipo_mlx.cli import run_config
-from mipo_mlx.errors import UserError
+from mipo_mlx.core.cli import run_config
+from mipo_mlx.core.errors import UserError
 
 from .builders import remote_code_model, run_args
 
@@ -68,7 +68,7 @@ def test_export_does_not_run_the_code_a_shared_run_asks_for(shared_run, tmp_path
 @pytest.fixture
 def trust_seen(monkeypatch):
     """The model.trust_remote_code each model load is given (the load itself stops there)."""
-    from mipo_mlx import model as mdl
+    from mipo_mlx.engine import model as mdl
 
     seen: list[bool] = []
 

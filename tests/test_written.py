@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from mipo_mlx import written
-from mipo_mlx.config import Config, to_dict
-from mipo_mlx.errors import UserError
-from mipo_mlx.run_folder import RunFolder, check_run_folder
+from mipo_mlx.core import written
+from mipo_mlx.core.config import Config, to_dict
+from mipo_mlx.core.errors import UserError
+from mipo_mlx.stages.run_folder import RunFolder, check_run_folder
 
 
 def config_for(out, model, overwrite=True, rounds=1):

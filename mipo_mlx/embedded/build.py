@@ -31,13 +31,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import DataConfig
-from ..files import write_jsonl
-from ..prompts import user_text
-from ..score import pack
-from ..tasks import requirements as req
-from ..tasks.synthetic import problems
-from ..toy import build_tokenizer, model_config
+from ..core.config import DataConfig
+from ..core.files import write_jsonl
+from ..data.prompts import user_text
+from ..data.tasks import requirements as req
+from ..data.tasks.synthetic import problems
+from ..engine.logps import pack
+from ..engine.toy import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent
 SHAPE = {"hidden_size": 256, "layers": 4, "intermediate_size": 704, "heads": 4, "kv_heads": 4}

@@ -17,14 +17,14 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, save_config, save_model
 
-from . import model as mdl
-from .cli import run_config
-from .config import Config
-from .errors import UserError
-from .pair_file import read_pairs
-from .progress import Progress
-from .score import pack_rows, token_logps
-from .settings import validate
+from ..core.cli import run_config
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.progress import Progress
+from ..core.settings import validate
+from ..data.pair_file import read_pairs
+from ..engine import model as mdl
+from ..engine.logps import pack_rows, token_logps
 
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |logit diff|, by dtype
 MARGIN_TOLERANCE = 0.05  # max |margin diff| in nats for the dequantized fuse

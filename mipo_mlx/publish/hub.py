@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import UserError
-from .progress import Progress
+from ..core.errors import UserError
+from ..core.progress import Progress
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

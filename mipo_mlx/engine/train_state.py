@@ -19,10 +19,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..core import reading
+from ..core.errors import UserError
+from ..core.files import atomic_folder, newest_folder
 from . import distributed as dist
-from . import reading
-from .errors import UserError
-from .files import atomic_folder, newest_folder
 from .model import adapter_weights, write_safetensors
 
 NAME = "checkpoint"

@@ -9,9 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import TrainingConfig
-from .score import PAD_MULTIPLE
-from .settings import resolve
+from ..core.config import TrainingConfig
+from ..core.settings import resolve
+from .logps import PAD_MULTIPLE
 
 
 @dataclass

@@ -15,9 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..embedded import resolve_path
 from . import reading
 from .config import INT_MAX, Config, DataConfig, all_keys, sections, settings_of
-from .embedded import resolve_path
 from .errors import UserError
 from .loss_settings import check_loss_settings
 

@@ -17,20 +17,28 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed as dist
-from .config import DataConfig, EvaluationConfig, GenerationConfig
-from .errors import Stopped, UserError
-from .files import write_json, write_text
-from .generate import Response, decode, generate_all
+from ..core.config import DataConfig, EvaluationConfig, GenerationConfig
+from ..core.errors import Stopped, UserError
+from ..core.files import write_json, write_text
+from ..data.prompts import (
+    Prompt,
+    Rendered,
+    messages_for,
+    read_source,
+    render,
+    render_prompts,
+    user_text,
+)
+from ..data.tasks import requirements as req
+from ..data.tasks.extract import is_correct
+from ..engine import distributed as dist
+from ..engine.generation import Response, decode, generate_all
+from ..engine.logps import grouped_logps, prefix_reuse_works, response_logps
+from ..engine.model import pad_id
+from ..engine.prefix import common_prefix
+from ..engine.selection import best_by_pmi, pmi_of_samples, sample_answers
 from .judge import win_rate
-from .model import pad_id
 from .plots import plot_comparison
-from .prefix import common_prefix
-from .prompts import Prompt, Rendered, messages_for, read_source, render, render_prompts, user_text
-from .score import grouped_logps, prefix_reuse_works, response_logps
-from .selection import best_by_pmi, pmi_of_samples, sample_answers
-from .tasks import requirements as req
-from .tasks.extract import is_correct
 
 METRICS = [
     ("accuracy", "accuracy", "{:.3f}"),

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from . import reading
-from .errors import UserError
+from ..core import reading
+from ..core.errors import UserError
 
 RECORD = "run.json"
 # Settings that may differ between an interrupted run and its resumption, as they change

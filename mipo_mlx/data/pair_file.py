@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import read_jsonl, write_jsonl
+from ..core.errors import UserError
+from ..core.files import read_jsonl, write_jsonl
 
 
 @dataclass

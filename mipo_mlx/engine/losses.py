@@ -17,7 +17,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .loss_settings import HONOURS
+from ..core.loss_settings import HONOURS
 
 LossFn = Callable[..., tuple[mx.array, mx.array, mx.array]]
 LOSSES: dict[str, LossFn] = {}

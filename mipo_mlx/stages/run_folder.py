@@ -17,13 +17,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from . import distributed as dist
-from . import model as mdl
-from . import reading, run_record, written
-from .config import Config, LoraConfig, to_dict, to_yaml
-from .errors import UserError
-from .files import (
+from ..core import reading, written
+from ..core.config import Config, LoraConfig, to_dict, to_yaml
+from ..core.errors import UserError
+from ..core.files import (
     append_jsonl,
     check_output_place,
     folder_lock,
@@ -33,9 +30,13 @@ from .files import (
     write_jsonl,
     write_text,
 )
-from .generate import Response
-from .pair_file import Pair, are_token_ids, pair_from_row, write_pairs
-from .prompts import Prompt, prompt_row
+from ..data.pair_file import Pair, are_token_ids, pair_from_row, write_pairs
+from ..data.prompts import Prompt, prompt_row
+from ..engine import distributed as dist
+from ..engine import model as mdl
+from ..engine import train_state as ckpt
+from ..engine.generation import Response
+from . import run_record
 from .trackers import TRACKER_FILES
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.config import DataConfig
+from ..core.errors import UserError
+from ..core.files import read_jsonl
 from . import formats
-from .config import DataConfig
-from .errors import UserError
-from .files import read_jsonl
 from .tasks import requirements
 from .tasks.extract import label_problem
 

@@ -21,12 +21,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import distributed as dist
-from . import model as mdl
-from .config import EvaluationConfig, GenerationConfig, ModelConfig
-from .errors import Stopped, UserError
-from .generate import decode, generate
-from .prompts import Prompt, render
+from ..core.config import EvaluationConfig, GenerationConfig, ModelConfig
+from ..core.errors import Stopped, UserError
+from ..data.prompts import Prompt, render
+from ..engine import distributed as dist
+from ..engine import model as mdl
+from ..engine.generation import decode, generate
 
 SCALE = (1, 5)
 

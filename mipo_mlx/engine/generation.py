@@ -17,9 +17,9 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from ..core.config import GenerationConfig
+from ..core.errors import Stopped, UserError
 from . import distributed as dist
-from .config import GenerationConfig
-from .errors import Stopped, UserError
 
 STREAM_STRIDE = 1_000_003  # stream ids of the negative pass start here (positives use 0..N-1)
 

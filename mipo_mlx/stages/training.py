@@ -3,17 +3,17 @@ run folder keeps of it (metrics, adapters, resumable checkpoints)."""
 
 from __future__ import annotations
 
-from . import distributed as dist
-from . import model as mdl
-from ._backend import blas_line
-from .batching import batch_stream, total_steps
-from .config import LoraConfig, TrainingConfig
-from .errors import UserError
-from .loop import make_loss, train, validation_metrics
-from .memory import estimate, working_set_bytes
-from .pair_file import Pair
+from ..core.backend import blas_line
+from ..core.config import LoraConfig, TrainingConfig
+from ..core.errors import UserError
+from ..data.pair_file import Pair
+from ..engine import distributed as dist
+from ..engine import model as mdl
+from ..engine.batching import batch_stream, total_steps
+from ..engine.logps import pack_pairs
+from ..engine.memory import estimate, working_set_bytes
+from ..engine.trainer import make_loss, train, validation_metrics
 from .run_folder import RunFolder
-from .score import pack_pairs
 from .trackers import Tracker
 
 

@@ -15,11 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..core import reading
+from ..core.config import LoraConfig, ModelConfig
+from ..core.errors import UserError
+from ..core.files import atomic_path, write_json
 from . import distributed as dist
-from . import reading
-from .config import LoraConfig, ModelConfig
-from .errors import UserError
-from .files import atomic_path, write_json
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

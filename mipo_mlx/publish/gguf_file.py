@@ -20,21 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .errors import UserError
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.progress import Progress
+from ..core.settings import apply, load_yaml
+from ..engine.toy import LLAMA3_SPLIT
 from .gguf_check import TOLERANCE, check_in_llama_cpp
-from .progress import Progress
-from .settings import apply, load_yaml
 
 ARCHITECTURES = ("llama", "qwen2")  # config.json's model_type = gguf's architecture name
 FILE_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block: 32 int8 and one float16 scale (34 bytes)
 
 # The Split regexes of the byte-level BPE pre-tokenizers llama.cpp knows by name
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {  # the tokenizer.json pre-tokenizer, reduced by `_steps` -> llama.cpp's name
     (("ByteLevel", True),): "gpt-2",

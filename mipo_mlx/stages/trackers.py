@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from . import distributed as dist
-from . import reading
-from .config import Config
-from .errors import UserError
-from .files import write_json
+from ..core import reading
+from ..core.config import Config
+from ..core.errors import UserError
+from ..core.files import write_json
+from ..engine import distributed as dist
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN = "wandb_run.json"  # the W&B run's id and project: --resume continues that run

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import reading
-from .config import Config
+from ..core import reading
+from ..core.config import Config
 
 TAGS = ["mipo", "dpo", "lora", "mlx"]
 

@@ -13,10 +13,12 @@ from collections import Counter
 
 import numpy as np
 
-from . import distributed as dist
-from .config import DataConfig, GenerationConfig, PairsConfig
-from .errors import UserError
-from .generate import (
+from ..core.config import DataConfig, GenerationConfig, PairsConfig
+from ..core.errors import UserError
+from ..data.pair_file import Pair
+from ..data.prompts import Prompt, Rendered, drop_one_sentence, messages_for, render, user_text
+from ..engine import distributed as dist
+from ..engine.generation import (
     STREAM_STRIDE,
     Response,
     ResponseCache,
@@ -25,10 +27,8 @@ from .generate import (
     usable,
     usable_indices,
 )
-from .model import pad_id
-from .pair_file import Pair
-from .prompts import Prompt, Rendered, drop_one_sentence, messages_for, render, user_text
-from .selection import (
+from ..engine.model import pad_id
+from ..engine.selection import (
     best_by_pmi,
     extract_result,
     majority_pair,

@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import GenerationConfig
-from .generate import STREAM_STRIDE, Response, ResponseCache, generate_all, usable
-from .score import response_logps
-from .tasks.extract import extract_letter, extract_number
+from ..core.config import GenerationConfig
+from ..data.tasks.extract import extract_letter, extract_number
+from .generation import STREAM_STRIDE, Response, ResponseCache, generate_all, usable
+from .logps import response_logps
 
 SAMPLE_STRIDE = 2 * STREAM_STRIDE
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import reading
+from ..core import reading
 
 CURVES = [
     ("loss", "loss"),

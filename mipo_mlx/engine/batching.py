@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .config import TrainingConfig
-from .pair_file import Pair
-from .score import Batch, pack_pairs
+from ..core.config import TrainingConfig
+from ..data.pair_file import Pair
+from .logps import Batch, pack_pairs
 
 
 def epoch_order(

@@ -16,13 +16,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from ..core.config import TrainingConfig
+from ..core.errors import Stopped
 from . import distributed as dist
-from .checkpoint import TrainState, capture, restore
-from .config import TrainingConfig
-from .errors import Stopped
+from .logps import Batch, pair_logps
 from .losses import LOSSES, preference_metrics, with_chosen_nll
 from .prefix import CHECKPOINTED
-from .score import Batch, pair_logps
+from .train_state import TrainState, capture, restore
 
 StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, mx.array]]]
 

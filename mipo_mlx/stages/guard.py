@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from . import distributed as dist
-from . import model as mdl
-from .config import EvaluationConfig, GuardConfig
-from .errors import UserError
-from .files import write_json
-from .measure import Heldout
-from .prompts import Prompt, read_source
+from ..core.config import EvaluationConfig, GuardConfig
+from ..core.errors import UserError
+from ..core.files import write_json
+from ..data.prompts import Prompt, read_source
+from ..engine import distributed as dist
+from ..engine import model as mdl
+from .evaluation import Heldout
 from .run_folder import RunFolder
 
 

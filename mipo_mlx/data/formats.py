@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import reading
-from .errors import UserError
-from .files import read_jsonl
+from ..core import reading
+from ..core.errors import UserError
+from ..core.files import read_jsonl
 
 Row = dict[str, Any]
 Fields = tuple[str, str | None, str | None]  # prompt, context, answer

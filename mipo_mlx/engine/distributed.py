@@ -24,8 +24,8 @@ from typing import TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
-from .progress import Progress
+from ..core.errors import UserError
+from ..core.progress import Progress
 
 T = TypeVar("T")
 

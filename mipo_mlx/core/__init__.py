@@ -1,0 +1,1 @@
+"""The foundation: errors, files, settings and the command line; no mlx."""

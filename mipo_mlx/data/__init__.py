@@ -1,0 +1,1 @@
+"""Prompt sources, row formats, templates, tasks and the pair-file schema."""

@@ -1,0 +1,1 @@
+"""The compute: models and LoRA, generation, batching, log-probs, losses, the trainer."""

@@ -1,0 +1,1 @@
+"""What leaves a run: the fused model, its card, GGUF files and the Hub upload."""
