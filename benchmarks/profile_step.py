@@ -60,8 +60,10 @@ def plain_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 def setup(model_dir: Path, pairs_file: Path):
     from mipo_mlx.core.config import LoraConfig, TrainingConfig
     from mipo_mlx.data.pair_file import Pair
-    from mipo_mlx.engine.logps import pack_pairs, score_pairs, use_shared_prompt
-    from mipo_mlx.engine.model import attach_lora
+    from mipo_mlx.engine.batching import pack_pairs
+    from mipo_mlx.engine.lora import attach_lora
+    from mipo_mlx.engine.probes import use_shared_prompt
+    from mipo_mlx.engine.scoring import score_pairs
 
     model, _ = run.load_model({"model": str(model_dir)})
     rows = json.loads(pairs_file.read_text())

@@ -259,8 +259,11 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     from mipo_mlx.core.config import LoraConfig, TrainingConfig
     from mipo_mlx.data.pair_file import Pair
-    from mipo_mlx.engine.logps import pack_pairs, pair_logps, score_pairs, use_shared_prompt
-    from mipo_mlx.engine.model import adapters_disabled, attach_lora
+    from mipo_mlx.engine.batching import pack_pairs
+    from mipo_mlx.engine.logps import pair_logps
+    from mipo_mlx.engine.lora import adapters_disabled, attach_lora
+    from mipo_mlx.engine.probes import use_shared_prompt
+    from mipo_mlx.engine.scoring import score_pairs
     from mipo_mlx.engine.trainer import make_loss, train
 
     variant = spec["variant"]

@@ -34,8 +34,9 @@ def worker(out: str) -> None:
     from mipo_mlx.engine import distributed as dist
     from mipo_mlx.engine import model as mdl
     from mipo_mlx.engine.generation import generate_all
-    from mipo_mlx.engine.logps import add_reference_logps, use_shared_prompt
+    from mipo_mlx.engine.probes import use_shared_prompt
     from mipo_mlx.stages.pairs import random_pairs, split_pairs
+    from mipo_mlx.stages.reference import add_reference_logps
     from mipo_mlx.stages.run_folder import RunFolder
     from mipo_mlx.stages.training import train_adapters
 

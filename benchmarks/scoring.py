@@ -26,8 +26,10 @@ import numpy as np
 from mlx_lm.models import qwen2
 
 import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before mlx)
-from mipo_mlx.engine.logps import pack, response_logps, sequence_logps
-from mipo_mlx.stages.evaluation import other_prompts
+from mipo_mlx.engine.batching import pack
+from mipo_mlx.engine.logps import sequence_logps
+from mipo_mlx.engine.scoring import response_logps
+from mipo_mlx.stages.metrics import other_prompts
 
 
 def full_logits(model, prompts, responses, pad: int, batch_rows: int = 32) -> np.ndarray:

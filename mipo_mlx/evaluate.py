@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     require_mlx()
     from .core.files import folder_lock
     from .pipeline import evaluate
-    from .stages.evaluation import free_report_stem, write_report
+    from .stages.report import free_report_stem, write_report
 
     out = Path(overrides.get("output.dir") or adapters or config.output.dir)
     with folder_lock(out, "--output"):  # not while a run writes there, nor a second evaluate

@@ -24,21 +24,17 @@ from .data.prompts import Rendered, block, read_source, render_prompts, user_tex
 from .engine import distributed as dist
 from .engine import model as mdl
 from .engine.batching import total_steps
-from .engine.logps import add_reference_logps, use_shared_prompt
+from .engine.lora import ADAPTER_WEIGHTS, adapters_disabled, check_lora_keys, load_adapters
+from .engine.probes import use_shared_prompt
 from .stages import guard as grd
 from .stages import trackers
-from .stages.evaluation import (
-    Heldout,
-    add_compliance_win_rate,
-    answer_and_measure,
-    heldout,
-    heldout_prompts,
-    markdown_table,
-    write_report,
-)
+from .stages.evaluation import Heldout, answer_and_measure, heldout, heldout_prompts
 from .stages.judge import add_judge
+from .stages.metrics import add_compliance_win_rate
 from .stages.pairs import build_pairs, check_pairs_possible
 from .stages.plots import plot_training
+from .stages.reference import add_reference_logps
+from .stages.report import markdown_table, write_report
 from .stages.run_folder import RunFolder, fingerprint, portable
 from .stages.training import train_adapters
 
@@ -82,7 +78,7 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             # run starts now; TensorBoard writes nothing until these checks have passed)
             tracker = resources.enter_context(trackers.start(config, folder.path, resume_run))
             model, tokenizer, _ = mdl.load(config.model)
-            mdl.check_lora_keys(model, config.lora)
+            check_lora_keys(model, config.lora)
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
             for k in range(1, config.training.rounds + 1):
                 check_pairs_possible(round_prompts(config, rendered, k), config.pairs, d)
@@ -203,7 +199,7 @@ def stages(
     for name, score in zip(results, guard.scores):
         results[name]["guard_score"] = score
     dist.say(
-        f"adapters: {folder.path / mdl.ADAPTER_WEIGHTS}  "
+        f"adapters: {folder.path / ADAPTER_WEIGHTS}  "
         f"(mlx_lm.load(model, adapter_path='{folder.path}'))"
     )
     table = None
@@ -302,8 +298,8 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
         stop.check("while the model loaded")
         held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
         if adapters:  # read before any answer: a bad folder stops here, not after the base
-            mdl.load_adapters(model, Path(adapters))
-        with mdl.adapters_disabled(model) if adapters else nullcontext():
+            load_adapters(model, Path(adapters))
+        with adapters_disabled(model) if adapters else nullcontext():
             results = {"base": answers(config, model, tokenizer, held, stop=stop)}
         if adapters:
             results["mipo"] = answers(config, model, tokenizer, held, adapters=True, stop=stop)
@@ -327,7 +323,7 @@ def answers(
     scored by the base, with the adapters off); `lean` skips the scoring, `where` names the
     prompt set in the progress lines; a `stop` request ends it after the answer or batch in
     hand."""
-    base = (lambda: mdl.adapters_disabled(model)) if adapters else nullcontext
+    base = (lambda: adapters_disabled(model)) if adapters else nullcontext
     label = ("mipo" if adapters else "base") + (f", {where}" if where else "")
     try:
         return answer_and_measure(

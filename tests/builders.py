@@ -122,7 +122,7 @@ def lora_model(model_dir: Path):
     from mlx_lm import load
 
     from mipo_mlx.core.config import LoraConfig
-    from mipo_mlx.engine.model import attach_lora
+    from mipo_mlx.engine.lora import attach_lora
 
     model, _ = load(str(model_dir))
     attach_lora(model, LoraConfig(rank=4, dropout=0.0), seed=0)

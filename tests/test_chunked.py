@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 from mipo_mlx.engine import prefix
-from mipo_mlx.engine.logps import _cpu_token_logps, pack_pairs, pair_logps, response_logps
+from mipo_mlx.engine.batching import pack_pairs
+from mipo_mlx.engine.logps import _cpu_token_logps, pair_logps
+from mipo_mlx.engine.scoring import response_logps
 
 from .builders import lora_model, made_up_pairs
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mipo_mlx.data.tasks.extract import extract_letter, extract_number, is_correct
-from mipo_mlx.stages.evaluation import distinct_n, markdown_table, other_prompts, pmi_scores
+from mipo_mlx.stages.metrics import distinct_n, other_prompts, pmi_scores
+from mipo_mlx.stages.report import markdown_table
 
 from .builders import check_report
 
@@ -165,8 +166,9 @@ def test_answer_and_measure_equals_one_by_one(toy_model):
     from mipo_mlx.core.config import DataConfig, EvaluationConfig
     from mipo_mlx.data.prompts import Prompt
     from mipo_mlx.engine.generation import generate_all
-    from mipo_mlx.engine.logps import response_logps
-    from mipo_mlx.stages.evaluation import answer_and_measure, context_free_ids, heldout, sampling
+    from mipo_mlx.engine.scoring import response_logps
+    from mipo_mlx.stages.evaluation import answer_and_measure, heldout, sampling
+    from mipo_mlx.stages.metrics import context_free_ids
 
     model, tokenizer = toy_model
     prompts = [
@@ -299,7 +301,7 @@ def test_compliance_on_written_out_answers():
     only (11 words). Item 3 (signoff): the sign-off is there but the text is broken ('aaaa'),
     so it meets none. A math row has no requirements and no score."""
     from mipo_mlx.data.prompts import Prompt
-    from mipo_mlx.stages.evaluation import add_compliance_win_rate, compliance_metrics
+    from mipo_mlx.stages.metrics import add_compliance_win_rate, compliance_metrics
 
     prompts = [
         requirement_prompt(
@@ -383,9 +385,10 @@ def test_best_of_k_at_inference_keeps_the_answer_with_the_highest_base_context_p
     from mipo_mlx.core.config import DataConfig, EvaluationConfig
     from mipo_mlx.data.prompts import Prompt
     from mipo_mlx.engine.generation import decode
-    from mipo_mlx.engine.logps import response_logps
+    from mipo_mlx.engine.scoring import response_logps
     from mipo_mlx.engine.selection import sample_answers
-    from mipo_mlx.stages.evaluation import answer_and_measure, context_free_ids, heldout, sampling
+    from mipo_mlx.stages.evaluation import answer_and_measure, heldout, sampling
+    from mipo_mlx.stages.metrics import context_free_ids
 
     model, tokenizer = toy_model
     prompts = [

@@ -14,7 +14,7 @@ import pytest
 from mipo_mlx import export
 from mipo_mlx.core.errors import UserError
 from mipo_mlx.data.pair_file import read_pairs
-from mipo_mlx.engine.logps import pack_pairs
+from mipo_mlx.engine.batching import pack_pairs
 from mipo_mlx.publish import hub
 from mipo_mlx.publish.card import front_matter
 
@@ -78,6 +78,7 @@ def test_fused_equals_base_plus_adapters(which, request, tmp_path, capsys):
 
     from mipo_mlx.core.config import ModelConfig
     from mipo_mlx.engine import model as mdl
+    from mipo_mlx.engine.lora import load_adapters
 
     run = request.getfixturevalue(which)
     assert export.main(["--adapters", str(run), "--output", str(tmp_path / "fused")]) == 0
@@ -94,7 +95,7 @@ def test_fused_equals_base_plus_adapters(which, request, tmp_path, capsys):
             quantize_on_cpu=quantized,
         )
     )
-    mdl.load_adapters(base, run)
+    load_adapters(base, run)
     diff = mx.abs(logits_of(fused, run) - logits_of(base, run)).max().item()
     assert diff < 1e-3
     text = tokenizer.apply_chat_template(

@@ -10,14 +10,10 @@ import pytest
 
 from mipo_mlx.core import files
 from mipo_mlx.core.errors import UserError
-from mipo_mlx.data.formats import (
-    GSM8K_EXEMPLARS,
-    gsm8k_answer,
-    number_text,
-    read_rows,
-    render_prompt,
-)
+from mipo_mlx.data.formats import gsm8k_answer, number_text
 from mipo_mlx.data.prompts import prompt_row, read_prompts, read_source
+from mipo_mlx.data.sources import read_rows
+from mipo_mlx.data.templates import GSM8K_EXEMPLARS, render_prompt
 
 
 def write_jsonl(path: Path, *objs) -> str:

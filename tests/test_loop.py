@@ -12,7 +12,9 @@ from mlx.utils import tree_flatten
 
 from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.engine import model as mdl
-from mipo_mlx.engine.logps import pack_pairs, score_pairs
+from mipo_mlx.engine.batching import pack_pairs
+from mipo_mlx.engine.lora import attach_lora
+from mipo_mlx.engine.scoring import score_pairs
 from mipo_mlx.engine.trainer import checkpoint_blocks, make_loss, schedule, train
 
 from .builders import made_up_pairs
@@ -23,7 +25,7 @@ def setup(model_dir, n=8, seed=0):
     pairs = made_up_pairs(n, seed=seed)
     for p, (c, r) in zip(pairs, score_pairs(model, pairs, 0, 4)):
         p.reference_logps = {"chosen": c, "rejected": r}
-    mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
+    attach_lora(model, LoraConfig(rank=4), seed=0)
     return model, pairs
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine.lora import attach_lora
 from mipo_mlx.engine.memory import estimate, working_set_bytes
 
 from .builders import made_up_pairs
@@ -11,7 +12,7 @@ from .builders import made_up_pairs
 
 def test_estimate_parts_and_checkpointing(toy_model_dir):
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
-    trainable = mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
+    trainable = attach_lora(model, LoraConfig(rank=4), seed=0)
     pairs = made_up_pairs(4)
     plain = estimate(model, pairs, TrainingConfig(batch_size=4))
     assert plain.adapters == 16 * trainable  # weights, gradients, two Adam moments, fp32

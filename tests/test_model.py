@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 from mipo_mlx.core.config import LoraConfig, ModelConfig
 from mipo_mlx.core.errors import UserError
 from mipo_mlx.engine import model as mdl
+from mipo_mlx.engine.lora import adapters_disabled, attach_lora, lora_modules, save_adapters
 from mipo_mlx.engine.toy import parameter_count
 
 TOKENS = mx.array([[1, 5, 9, 40, 41, 42, 7, 8]])
@@ -18,7 +19,7 @@ TOKENS = mx.array([[1, 5, 9, 40, 41, 42, 7, 8]])
 def perturb_adapters(model, seed=0):
     """Give every lora_b random values, as training would, so adapters change the output."""
     mx.random.seed(seed)
-    for _, m in mdl.lora_modules(model):
+    for _, m in lora_modules(model):
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.5
 
 
@@ -33,11 +34,11 @@ def test_adapters_off_equals_base_exactly(toy_model_dir, bits):
         )
     )
     base = model(TOKENS)
-    mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
+    attach_lora(model, LoraConfig(rank=4), seed=0)
     assert mx.array_equal(model(TOKENS), base).item()  # B = 0 at init
     perturb_adapters(model)
     assert not mx.allclose(model(TOKENS), base, atol=1e-3).item()
-    with mdl.adapters_disabled(model):
+    with adapters_disabled(model):
         assert mx.array_equal(model(TOKENS), base).item()
     assert not mx.allclose(model(TOKENS), base, atol=1e-3).item()  # adapters are back on
 
@@ -70,12 +71,12 @@ def test_trainable_count_from_formula(toy_model_dir):
     assert sum(v.size for _, v in tree_flatten(model.parameters())) == parameter_count(
         64, 2, 128, 4, 2, 384, True
     )
-    assert mdl.attach_lora(model, LoraConfig(rank=8), seed=0) == 16384
+    assert attach_lora(model, LoraConfig(rank=8), seed=0) == 16384
 
 
 def test_lora_keys_and_num_layers(toy_model_dir):
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
-    n = mdl.attach_lora(model, LoraConfig(rank=2, num_layers=1, keys=["self_attn.q_proj"]), seed=0)
+    n = attach_lora(model, LoraConfig(rank=2, num_layers=1, keys=["self_attn.q_proj"]), seed=0)
     assert n == 2 * (64 + 64)  # one q_proj in the last block only
     assert hasattr(model.layers[1].self_attn.q_proj, "lora_a")
     assert not hasattr(model.layers[0].self_attn.q_proj, "lora_a")
@@ -84,7 +85,7 @@ def test_lora_keys_and_num_layers(toy_model_dir):
 def test_keys_matching_nothing_is_a_user_error(toy_model_dir):
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
     with pytest.raises(UserError, match="matched no layer"):
-        mdl.attach_lora(model, LoraConfig(keys=["no_such.proj"]), seed=0)
+        attach_lora(model, LoraConfig(keys=["no_such.proj"]), seed=0)
 
 
 def test_saved_adapters_load_with_mlx_lm(toy_model_dir, tmp_path):
@@ -92,10 +93,10 @@ def test_saved_adapters_load_with_mlx_lm(toy_model_dir, tmp_path):
 
     model, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
     lora = LoraConfig(rank=4, scale=10.0)
-    mdl.attach_lora(model, lora, seed=0)
+    attach_lora(model, lora, seed=0)
     perturb_adapters(model)
     expected = model(TOKENS)
-    mdl.save_adapters(tmp_path, model, lora, str(toy_model_dir))
+    save_adapters(tmp_path, model, lora, str(toy_model_dir))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
     assert config["lora_parameters"] == {"rank": 4, "scale": 10.0, "dropout": 0.0}

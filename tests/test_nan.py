@@ -12,7 +12,9 @@ from mlx.utils import tree_flatten
 from mipo_mlx.core.config import LoraConfig, ModelConfig, TrainingConfig
 from mipo_mlx.engine import model as mdl
 from mipo_mlx.engine import train_state as ckpt
-from mipo_mlx.engine.logps import pack_pairs, score_pairs
+from mipo_mlx.engine.batching import pack_pairs
+from mipo_mlx.engine.lora import adapter_weights, attach_lora
+from mipo_mlx.engine.scoring import score_pairs
 from mipo_mlx.engine.trainer import NonFiniteLoss, make_loss, train
 
 from .builders import made_up_pairs
@@ -25,7 +27,7 @@ def setup(model_dir):
     pairs = made_up_pairs(8, seed=5)
     for p, (c, r) in zip(pairs, score_pairs(model, pairs, 0, 4)):
         p.reference_logps = {"chosen": c, "rejected": r}
-    mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
+    attach_lora(model, LoraConfig(rank=4), seed=0)
     return model, pairs
 
 
@@ -40,7 +42,7 @@ def poisoned(pairs):
 
 
 def adapters_now(model):
-    return {k: np.array(v) for k, v in mdl.adapter_weights(model).items()}
+    return {k: np.array(v) for k, v in adapter_weights(model).items()}
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(toy_model_dir, tmp_path):

@@ -14,9 +14,9 @@ from mipo_mlx.core.config import DataConfig
 from mipo_mlx.core.errors import UserError
 from mipo_mlx.core.files import read_jsonl, read_lines
 from mipo_mlx.core.settings import load_yaml
-from mipo_mlx.data.formats import read_rows
 from mipo_mlx.data.pair_file import read_pairs
 from mipo_mlx.data.prompts import Prompt, read_prompts, render_prompts
+from mipo_mlx.data.sources import read_rows
 
 
 def one_line_error(call, *args) -> str:

@@ -17,9 +17,10 @@ from mipo_mlx.core.config import Config, all_keys, sections, settings_of
 from mipo_mlx.core.errors import UserError, reports_user_errors
 from mipo_mlx.core.files import read_jsonl, read_lines
 from mipo_mlx.core.settings import resolve, validate
-from mipo_mlx.data.formats import FORMATS, read_rows
+from mipo_mlx.data.formats import FORMATS
 from mipo_mlx.data.pair_file import read_pairs
 from mipo_mlx.data.prompts import read_prompts
+from mipo_mlx.data.sources import read_rows
 
 FAST = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mipo_mlx.core.settings import resolve, validate
-from mipo_mlx.data.formats import GSM8K_8SHOT_PREFIX
+from mipo_mlx.data.templates import GSM8K_8SHOT_PREFIX
 from mipo_mlx.stages import judge
 from mipo_mlx.train import main
 

@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from mipo_mlx.data.formats import PRISM_WITH_CONTEXT
 from mipo_mlx.data.tasks.requirements import (
     ADDS_SENTENCE,
     INCOMPATIBLE,
@@ -34,6 +33,7 @@ from mipo_mlx.data.tasks.requirements import (
     write_answer,
 )
 from mipo_mlx.data.tasks.synthetic import SPLITS, split_of
+from mipo_mlx.data.templates import PRISM_WITH_CONTEXT
 
 # kind, value, answers that comply, answers that do not
 CASES = [

@@ -68,7 +68,7 @@ def round_one_model(toy_model_dir, out):
     from mlx_lm import load
 
     from mipo_mlx.core.config import LoraConfig
-    from mipo_mlx.engine.model import attach_lora
+    from mipo_mlx.engine.lora import attach_lora
 
     model, tokenizer = load(str(toy_model_dir))
     attach_lora(model, LoraConfig(rank=4), seed=0)

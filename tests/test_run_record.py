@@ -23,8 +23,8 @@ from mipo_mlx.core.config import (
 )
 from mipo_mlx.core.errors import UserError
 from mipo_mlx.core.settings import resolve
-from mipo_mlx.engine import model as mdl
 from mipo_mlx.engine import train_state as ckpt
+from mipo_mlx.engine.lora import adapter_weights, attach_lora
 from mipo_mlx.stages.run_folder import RunFolder, check_same_run, portable
 from mipo_mlx.stages.run_record import MAY_CHANGE, RECORD, may_change
 
@@ -177,7 +177,7 @@ def test_changed_evaluation_drops_the_cached_evaluation_once(tmp_path, toy_model
 @pytest.fixture
 def lora_model(toy_model):
     model = copy.deepcopy(toy_model[0])
-    mdl.attach_lora(model, LoraConfig(rank=4), seed=0)
+    attach_lora(model, LoraConfig(rank=4), seed=0)
     return model
 
 
@@ -203,17 +203,17 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(lora_model, damag
     """A key missing, one more, or a shape cut: refused, and nothing is loaded."""
     state = state_of(lora_model)
     damage(state)
-    before = mdl.adapter_weights(lora_model)
+    before = adapter_weights(lora_model)
     with pytest.raises(UserError, match="the checkpoint: its ") as err:
         ckpt.restore(lora_model, optim.AdamW(learning_rate=1e-3), state)
     assert fragment in str(err.value) and "\n" not in str(err.value)
-    assert all(mx.array_equal(before[k], v) for k, v in mdl.adapter_weights(lora_model).items())
+    assert all(mx.array_equal(before[k], v) for k, v in adapter_weights(lora_model).items())
 
 
 def test_a_checkpoint_of_another_rank_is_refused(toy_model, lora_model):
     """Rank 8 adapters into a rank 4 model: once loaded with strict=False, now refused."""
     other = copy.deepcopy(toy_model[0])
-    mdl.attach_lora(other, LoraConfig(rank=8), seed=0)
+    attach_lora(other, LoraConfig(rank=8), seed=0)
     with pytest.raises(UserError, match=r"lora_a: saved \(128, 8\), needed \(128, 4\)"):
         ckpt.restore(lora_model, optim.AdamW(learning_rate=1e-3), state_of(other))
 

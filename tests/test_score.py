@@ -4,7 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mipo_mlx.engine.logps import pack, pack_pairs, pair_logps, score_pairs, sequence_logps
+from mipo_mlx.engine.batching import pack, pack_pairs
+from mipo_mlx.engine.logps import pair_logps, sequence_logps
+from mipo_mlx.engine.scoring import score_pairs
 
 from .builders import lora_model, made_up_pairs
 
@@ -190,7 +192,7 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
     than that (here: scales its logits, as some architectures do) gives other log-probs
     that way; one whose blocks reject the caches raises. The check says no to both, and
     the pipeline falls back to the plain packing."""
-    from mipo_mlx.engine.logps import sharing_works
+    from mipo_mlx.engine.probes import sharing_works
 
     model, _ = toy_model
     pairs = made_up_pairs(2, seed=5)
@@ -202,15 +204,15 @@ def test_sharing_check_refuses_models_it_does_not_fit(toy_model):
 def test_a_fallback_says_why_once(toy_model, capsys):
     """A fast path that is not taken says why, in one line, once per process: a bug there must
     not hide as slowness."""
-    from mipo_mlx.engine import logps as score
+    from mipo_mlx.engine import probes
 
     model, _ = toy_model
     pairs = made_up_pairs(2, seed=5)
-    score._said.clear()
-    assert not score.sharing_works(ScalesLogits(model), pairs, 0)
-    assert not score.sharing_works(ScalesLogits(model), pairs, 0)
-    assert not score.sharing_works(RejectsCaches(model), pairs, 0)
-    assert score.sharing_works(model, pairs, 0)
+    probes._said.clear()
+    assert not probes.sharing_works(ScalesLogits(model), pairs, 0)
+    assert not probes.sharing_works(ScalesLogits(model), pairs, 0)
+    assert not probes.sharing_works(RejectsCaches(model), pairs, 0)
+    assert probes.sharing_works(model, pairs, 0)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("note: this model's attention does not take a shared prompt prefix")
@@ -221,7 +223,8 @@ def test_a_fallback_says_why_once(toy_model, capsys):
 def test_response_logps_equal_one_by_one_both_ways(toy_model):
     """Evaluation's scorer: the head on response positions only (this model) and full logits
     (a model that scales its logits) both give each row's own log-prob, whatever the batching."""
-    from mipo_mlx.engine.logps import head_only_works, response_logps
+    from mipo_mlx.engine.probes import head_only_works
+    from mipo_mlx.engine.scoring import response_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(7)
@@ -247,7 +250,7 @@ def test_grouped_logps_run_each_prompt_once_for_its_answers(toy_model):
     """PMI's scorer: each prompt is the prefix of its G answers; every (column, prompt) cell is
     that answer's own log-prob under that prompt, whatever the batching, and a batch holds
     whole prompts (G rows each)."""
-    from mipo_mlx.engine.logps import grouped_logps
+    from mipo_mlx.engine.scoring import grouped_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(11)
@@ -269,8 +272,9 @@ def test_response_logps_reusing_a_common_prefix(toy_model):
     """Few-shot-shaped rows (70 shared tokens, then their own question): the shared prefix runs
     once and every row's log-prob is still its own; a model whose blocks reject caches falls
     back."""
-    from mipo_mlx.engine.logps import prefix_reuse_works, response_logps
     from mipo_mlx.engine.prefix import common_prefix
+    from mipo_mlx.engine.probes import prefix_reuse_works
+    from mipo_mlx.engine.scoring import response_logps
 
     model, _ = toy_model
     rng = np.random.default_rng(11)
@@ -320,7 +324,7 @@ def test_response_logps_batches_hold_the_logits_budget(toy_model):
     """A scoring batch holds at most logits_budget logits (scored positions x vocabulary): the
     logits, not the tokens, set its peak memory (PMI scores 5 rows per answer). The log-probs
     do not depend on it, and a row longer than the budget still gets a batch of its own."""
-    from mipo_mlx.engine.logps import response_logps
+    from mipo_mlx.engine.scoring import response_logps
 
     model, _ = toy_model
     vocab = model.args.vocab_size

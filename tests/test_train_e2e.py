@@ -11,7 +11,8 @@ import yaml
 
 from mipo_mlx.core.settings import from_dict
 from mipo_mlx.data.pair_file import read_pairs
-from mipo_mlx.engine.logps import pack_pairs, pair_logps
+from mipo_mlx.engine.batching import pack_pairs
+from mipo_mlx.engine.logps import pair_logps
 
 from .builders import write_prompts
 from .test_score import one_by_one

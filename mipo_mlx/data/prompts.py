@@ -22,7 +22,7 @@ from typing import Any
 from ..core.config import DataConfig
 from ..core.errors import UserError
 from ..core.files import read_jsonl
-from . import formats
+from . import sources, templates
 from .tasks import requirements
 from .tasks.extract import label_problem
 
@@ -127,10 +127,10 @@ def read_source(
             rows.append(parse_row(row, f"{source}:{n}"))
             if subset is None and limit is not None and len(rows) >= skip + limit:
                 break  # lines after the last one used are not read
-        prompts = formats.select(rows, str(source), skip, subset, seed, limit) if rows else []
+        prompts = sources.select(rows, str(source), skip, subset, seed, limit) if rows else []
     else:
-        located = formats.select(
-            formats.read_located(str(source), format, split), str(source), skip, subset, seed, limit
+        located = sources.select(
+            sources.read_located(str(source), format, split), str(source), skip, subset, seed, limit
         )
         prompts = [
             Prompt(
@@ -169,7 +169,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
 def user_text(question: str, context: str | None, config: DataConfig) -> str:
     """The final user turn: the question with the user's context, if any, filled in."""
     if config.template is not None:
-        return formats.render_prompt({"prompt": question, "context": context}, config.template)
+        return templates.render_prompt({"prompt": question, "context": context}, config.template)
     if context is None:
         return config.prompt_template.format(prompt=question)
     return config.context_template.format(prompt=question, context=context)

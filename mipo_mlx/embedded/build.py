@@ -36,7 +36,7 @@ from ..core.files import write_jsonl
 from ..data.prompts import user_text
 from ..data.tasks import requirements as req
 from ..data.tasks.synthetic import problems
-from ..engine.logps import pack
+from ..engine.batching import pack
 from ..engine.toy import build_tokenizer, model_config
 
 HERE = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from ..core.config import TrainingConfig
 from ..core.settings import resolve
-from .logps import PAD_MULTIPLE
+from .batching import PAD_MULTIPLE
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 from ..core.config import GenerationConfig
 from ..data.tasks.extract import extract_letter, extract_number
 from .generation import STREAM_STRIDE, Response, ResponseCache, generate_all, usable
-from .logps import response_logps
+from .scoring import response_logps
 
 SAMPLE_STRIDE = 2 * STREAM_STRIDE
 

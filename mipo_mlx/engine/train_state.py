@@ -23,7 +23,7 @@ from ..core import reading
 from ..core.errors import UserError
 from ..core.files import atomic_folder, newest_folder
 from . import distributed as dist
-from .model import adapter_weights, write_safetensors
+from .lora import adapter_weights, write_safetensors
 
 NAME = "checkpoint"
 

@@ -19,7 +19,8 @@ from mlx.utils import tree_map
 from ..core.config import TrainingConfig
 from ..core.errors import Stopped
 from . import distributed as dist
-from .logps import Batch, pair_logps
+from .batching import Batch
+from .logps import pair_logps
 from .losses import LOSSES, preference_metrics, with_chosen_nll
 from .prefix import CHECKPOINTED
 from .train_state import TrainState, capture, restore

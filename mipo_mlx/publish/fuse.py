@@ -24,7 +24,9 @@ from ..core.progress import Progress
 from ..core.settings import validate
 from ..data.pair_file import read_pairs
 from ..engine import model as mdl
-from ..engine.logps import pack_rows, token_logps
+from ..engine.batching import pack_rows
+from ..engine.logps import token_logps
+from ..engine.lora import load_adapters, lora_modules
 
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}  # max |logit diff|, by dtype
 MARGIN_TOLERANCE = 0.05  # max |margin diff| in nats for the dequantized fuse
@@ -94,7 +96,7 @@ def compare(reference, candidate, base_margins) -> Check:
 
 def fuse(model, dequantize: bool = True):
     """Replace every LoRA layer by one linear holding W + scale * B^T A^T (mlx-lm's fuse)."""
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in mdl.lora_modules(model)]
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in lora_modules(model)]
     model.update_modules(tree_unflatten(fused))
     if dequantize:
         dequantize_model(model)  # embeddings and layers without adapters too
@@ -140,7 +142,7 @@ def build(run: Path, force: bool, trust_remote_code: bool = False) -> Fused:
     with Progress(4, "fuse and check") as progress:  # each step a pass over the whole model
         base_margins = margins_and_logits(model, pairs, pad)[0]
         progress.update()
-        mdl.load_adapters(model, run)
+        load_adapters(model, run)
         reference = margins_and_logits(model, pairs, pad)
         progress.update()
         fuse(model, dequantize=True)

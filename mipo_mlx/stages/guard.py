@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..core.files import write_json
 from ..data.prompts import Prompt, read_source
 from ..engine import distributed as dist
-from ..engine import model as mdl
+from ..engine.lora import adapter_weights
 from .evaluation import Heldout
 from .run_folder import RunFolder
 
@@ -79,11 +79,11 @@ class Keeper:
 
     def offer(self, model, is_best: bool) -> None:
         if is_best:
-            self.best = dict(mdl.adapter_weights(model))
+            self.best = dict(adapter_weights(model))
 
     def restore(self, model) -> None:
         """Put the kept adapters in the model: zero ones for the base (B = 0 adds nothing)."""
-        weights = self.best or {k: mx.zeros_like(v) for k, v in mdl.adapter_weights(model).items()}
+        weights = self.best or {k: mx.zeros_like(v) for k, v in adapter_weights(model).items()}
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(model.parameters())
 

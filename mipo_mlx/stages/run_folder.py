@@ -33,9 +33,9 @@ from ..core.files import (
 from ..data.pair_file import Pair, are_token_ids, pair_from_row, write_pairs
 from ..data.prompts import Prompt, prompt_row
 from ..engine import distributed as dist
-from ..engine import model as mdl
 from ..engine import train_state as ckpt
 from ..engine.generation import Response
+from ..engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
 from . import run_record
 from .trackers import TRACKER_FILES
 
@@ -57,7 +57,7 @@ STAGE_FILES = (
 RUN_FILES = ("config.yaml", "adapters.safetensors", "eval.json", *STAGE_FILES, ckpt.NAME)
 # What else a run may write at the top of its folder (`run_names` adds the rounds')
 OUTPUT_FILES = (
-    mdl.ADAPTER_CONFIG,
+    ADAPTER_CONFIG,
     "eval.md",
     "eval.png",
     "training.png",
@@ -352,18 +352,18 @@ class RunFolder:
         self, model, lora: LoraConfig, base_model: str, step: int | None = None
     ) -> None:
         """The adapters (mlx-lm's format); with `step`, also a copy named after it."""
-        names = (mdl.ADAPTER_WEIGHTS, mdl.ADAPTER_CONFIG)
-        self._write(names, mdl.save_adapters, self.path, model, lora, base_model)
+        names = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+        self._write(names, save_adapters, self.path, model, lora, base_model)
         if step is not None:
             copy = f"{step:07d}_adapters.safetensors"
-            self._write((copy,), mdl.save_adapters, self.path, model, lora, base_model, name=copy)
+            self._write((copy,), save_adapters, self.path, model, lora, base_model, name=copy)
 
     def round_adapters(self, k: int, model, lora: LoraConfig, base_model: str) -> None:
         """Round k's adapters of a run of several rounds, kept in `round-<k>/` (round 1's too):
         `mlx_lm.load(model, adapter_path=<run>/round-<k>)` loads any round."""
         folder = self.path / f"round-{k}"
         self._write((folder.name,), folder.mkdir, parents=True, exist_ok=True)
-        dist.main_only(mdl.save_adapters, folder, model, lora, base_model)
+        dist.main_only(save_adapters, folder, model, lora, base_model)
 
     def pairs_fingerprint(self) -> str | None:
         """A hash of pairs.jsonl as it is now: a checkpoint records what it trained on."""

@@ -8,9 +8,8 @@ from ..core.config import LoraConfig, TrainingConfig
 from ..core.errors import UserError
 from ..data.pair_file import Pair
 from ..engine import distributed as dist
-from ..engine import model as mdl
-from ..engine.batching import batch_stream, total_steps
-from ..engine.logps import pack_pairs
+from ..engine.batching import batch_stream, pack_pairs, total_steps
+from ..engine.lora import adapter_weights, attach_lora
 from ..engine.memory import estimate, working_set_bytes
 from ..engine.trainer import make_loss, train, validation_metrics
 from .run_folder import RunFolder
@@ -57,9 +56,9 @@ def train_adapters(
     train_set = [p for p in pairs if p.split == "train"]
     valid_set = [p for p in pairs if p.split == "valid"]
     if attach:
-        trainable = mdl.attach_lora(model, lora, config.seed)
+        trainable = attach_lora(model, lora, config.seed)
     else:
-        trainable = sum(v.size for v in mdl.adapter_weights(model).values())
+        trainable = sum(v.size for v in adapter_weights(model).values())
     steps = total_steps(config, len(train_set), dist.size())
     dist.say(
         f"training {trainable:,} adapter parameters for {steps} steps on {len(train_set)} pairs "
