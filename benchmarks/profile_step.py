@@ -68,7 +68,16 @@ def setup(model_dir: Path, pairs_file: Path):
     model, _ = run.load_model({"model": str(model_dir)})
     rows = json.loads(pairs_file.read_text())
     pairs = [
-        Pair([], "", "", r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], "random", i)
+        Pair(
+            messages=[],
+            chosen="",
+            rejected="",
+            prompt_ids=r["prompt_ids"],
+            chosen_ids=r["chosen_ids"],
+            rejected_ids=r["rejected_ids"],
+            negatives="random",
+            source=i,
+        )
         for i, r in enumerate(rows)
     ]
     config = TrainingConfig(batch_size=len(pairs), warmup_fraction=0.0)

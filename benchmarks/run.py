@@ -264,11 +264,20 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     from mipo_mlx.engine.lora import adapters_disabled, attach_lora
     from mipo_mlx.engine.probes import use_shared_prompt
     from mipo_mlx.engine.scoring import score_pairs
-    from mipo_mlx.engine.trainer import make_loss, train
+    from mipo_mlx.engine.trainer import Hooks, fit, make_loss
 
     variant = spec["variant"]
     pairs = [
-        Pair([], "", "", r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], "random", i)
+        Pair(
+            messages=[],
+            chosen="",
+            rejected="",
+            prompt_ids=r["prompt_ids"],
+            chosen_ids=r["chosen_ids"],
+            rejected_ids=r["rejected_ids"],
+            negatives="random",
+            source=i,
+        )
         for i, r in enumerate(rows)
     ]
     config = TrainingConfig(
@@ -299,12 +308,13 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
 
     times: list[float] = []
 
-    def log(metrics):
-        times.append(metrics["step_seconds"])
-        memory_sample(memory)
+    class Timed(Hooks):
+        def on_step(self, metrics):
+            times.append(metrics["step_seconds"])
+            memory_sample(memory)
 
     steps = spec["warmup"] + spec["steps"]
-    train(model, make_loss(config), batches(), steps, config, log=log)
+    fit(model, make_loss(config), batches(), steps, config, Timed())
     # Response positions: the only ones through the head when shared
     scored = int(batch.owners.sum().item())
     return {

@@ -32,50 +32,37 @@ def worker(out: str) -> None:
     from mipo_mlx.data.prompts import read_source, render_prompts
     from mipo_mlx.embedded import default_config_path
     from mipo_mlx.engine import distributed as dist
-    from mipo_mlx.engine import model as mdl
-    from mipo_mlx.engine.generation import generate_all
-    from mipo_mlx.engine.probes import use_shared_prompt
-    from mipo_mlx.stages.pairs import random_pairs, split_pairs
-    from mipo_mlx.stages.reference import add_reference_logps
-    from mipo_mlx.stages.run_folder import RunFolder
-    from mipo_mlx.stages.training import train_adapters
+    from mipo_mlx.stages.pairs import make_pairs
+    from mipo_mlx.stages.reference import score_reference, shared_prompt
+    from mipo_mlx.stages.run import Run
+    from mipo_mlx.stages.training import train
 
     config = resolve(
         str(default_config_path()),
         {
             "output.dir": out,
             "evaluation.prompts": None,
+            "pairs.negatives": "random",  # one generation pass: the generation figure is its own
+            "pairs.samples": 1,
+            "pairs.drop_identical": False,
             "training.iters": STEPS,
             "training.batch_size": GLOBAL_BATCH // dist.size(),
             "training.valid_every": 0,
         },
     )
-    model, tokenizer, _ = mdl.load(config.model)
-    pad = mdl.pad_id(tokenizer)
-    rendered = render_prompts(
-        read_source(config.data.prompts), tokenizer, config.data, config.data.prompts
-    )
-    tic = time.perf_counter()
-    positives = generate_all(model, tokenizer, rendered.ids, config.generation, "generate", 0)
-    generate_s = time.perf_counter() - tic
-    pairs = split_pairs(
-        random_pairs(rendered, positives, tokenizer, config.generation, config.pairs.seed), 0.05, 0
-    )
-    shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
-    tic = time.perf_counter()
-    add_reference_logps(model, pairs, pad, config.training.score_batch_size, shared)
-    score_s = time.perf_counter() - tic
     Path(out).mkdir(parents=True, exist_ok=True)
-    train_adapters(
-        model,
-        pad,
-        pairs,
-        config.training,
-        config.lora,
-        config.model.path,
-        RunFolder(out),
-        shared=shared,
+    run = Run.load(config)
+    rendered = render_prompts(
+        read_source(config.data.prompts), run.tokenizer, config.data, config.data.prompts
     )
+    tic = time.perf_counter()
+    pairs = make_pairs(run, rendered)
+    generate_s = time.perf_counter() - tic
+    shared = shared_prompt(run, pairs)
+    tic = time.perf_counter()
+    score_reference(run, pairs, shared)
+    score_s = time.perf_counter() - tic
+    train(run, pairs, shared)
     if dist.is_main():
         steps = [
             json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
@@ -87,7 +74,7 @@ def worker(out: str) -> None:
                     "ranks": dist.size(),
                     "generate_s": generate_s,
                     "score_s": score_s,
-                    "generated_tokens": sum(len(p.token_ids) for p in positives),
+                    "generated_tokens": sum(len(p.chosen_ids) for p in pairs),
                     "pairs": len(pairs),
                     "step_s": statistics.median(s["step_seconds"] for s in steps[2:]),
                 }

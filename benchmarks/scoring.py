@@ -10,7 +10,7 @@ Prompts look like the GSM8K 8-shot recipe's: a shared 1,500-token prefix plus a
 
 'full logits' is the scorer as it was: rows packed 32 at a time, logits (rows, T, V)
 for every position, then the response positions summed. 'no shared prefix' is
-`mipo_mlx.score.response_logps` with the prefix reuse off: rows sorted by length in
+`mipo_mlx.engine.scoring.response_logps` with the prefix reuse off: rows sorted by length in
 batches of ~16k tokens, the blocks on every token, the LM head and log-softmax on the
 response positions only. 'response_logps' is the same with the prefix all prompts share
 (the exemplars) run once through the blocks, the rows attending to its keys and values.

@@ -4,17 +4,15 @@ The model answers each training prompt (chosen); the rejected side is its answer
 to a different, random prompt, scored under the right prompt; training is DPO
 against the frozen base with LoRA adapters. See README.md.
 
-The modules, layer by layer from the bottom; a module imports only from its own
+The package's folders are its layers, from the bottom; a module imports only from its own
 layer or the layers below (tests/test_layers.py checks it; an indented line goes on with the
 layer above):
-foundation __init__ errors reading progress files written embedded config settings cli _backend
-           blas_governor plots hub loss_settings
-data       formats tasks prompts
-compute    distributed model generate prefix score selection losses memory checkpoint
-           gguf_check gguf_file toy
-stages     pair_file pairs batching loop run_record run_folder trackers training measure
-           guard judge fuse card
-pipeline   pipeline
+core       __init__ core embedded
+data       data
+engine     engine
+stages     stages
+publish    publish
+jobs       pipeline
 commands   train evaluate export embedded.build
 """
 

@@ -3,17 +3,16 @@
   python -m mipo_mlx.evaluate --adapters <run-dir>   # the run's model and held-out prompts
   python -m mipo_mlx.evaluate --model <repo-or-folder> --prompts <heldout.jsonl> [--adapters <dir>]
 
-No fusing: adapters are attached to the base in memory. The metrics are the
-evaluation stage's (`measure.py`): PMI, MIPO's own success measure, needs no labels;
-accuracy needs an 'answer' on each row. With evaluation.judge, a judge model scores
-answers 1-5 per stated preference (personalization rows) and gives the win rate of
-the adapters' answers against the base model's (ties win). The report goes to eval.json,
+No fusing: adapters are attached to the base in memory. The metrics are the evaluation
+stage's (`stages/evaluation.py`, `stages/metrics.py`): PMI, MIPO's own success measure,
+needs no labels; accuracy needs an 'answer' on each row. With evaluation.judge, a judge
+model scores answers 1-5 per stated preference (personalization rows) and gives the win rate
+of the adapters' answers against the base model's (ties win). The report goes to eval.json,
 eval.md and eval.png in --output (the run folder by default), or to eval-2.*, eval-3.*, ...
 where an earlier report is there: one evaluation never replaces another. A run folder's
 config.yaml never lets the model run its own code (model.trust_remote_code): only this
 command line can. The first Ctrl-C (or SIGTERM) stops at the next batch, writing no report.
-This module imports no mlx at the top, so `--help` and config errors need no backend.
-"""
+This module imports no mlx at the top, so `--help` and config errors need no backend. """
 
 from __future__ import annotations
 

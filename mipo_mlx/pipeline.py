@@ -1,19 +1,20 @@
-"""The MIPO jobs, as sequences of stages:
+"""The MIPO jobs, as sequences of stages over one `Run` (stages/run.py):
 
-  run:      prompts -> (evaluate the base) -> generate + pairs -> reference scores -> train
+  run:      prompts -> (evaluate the base) -> make pairs -> score the reference -> train
             -> (evaluate base + adapters)
   evaluate: prompts -> the base (and base + adapters) answer and are measured
 
-Each stage is a module of its own (prompts, pairs, score, training, measure, judge);
-this module only calls them in order. Each stage's result is written to the run
-folder (responses, pairs.jsonl, metrics.jsonl, checkpoints, adapters, eval.json), so
-it can be inspected, and a rerun with --resume picks up what is finished there.
+Each stage is a public function in stages/ (pairs.make_pairs, reference.score_reference,
+training.train, evaluation.evaluate, judge.add_judge); this module checks the inputs, makes
+the run and calls the stages in order. Each stage's result is written to the run folder
+(responses, pairs.jsonl, metrics.jsonl, checkpoints, adapters, eval.json), so it can be
+inspected, and a rerun with --resume picks up what is finished there.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .core.config import Config, to_dict
@@ -24,19 +25,19 @@ from .data.prompts import Rendered, block, read_source, render_prompts, user_tex
 from .engine import distributed as dist
 from .engine import model as mdl
 from .engine.batching import total_steps
-from .engine.lora import ADAPTER_WEIGHTS, adapters_disabled, check_lora_keys, load_adapters
-from .engine.probes import use_shared_prompt
+from .engine.lora import ADAPTER_WEIGHTS, adapters_disabled, load_adapters
+from .stages import evaluation, trackers
 from .stages import guard as grd
-from .stages import trackers
-from .stages.evaluation import Heldout, answer_and_measure, heldout, heldout_prompts
+from .stages.evaluation import Heldout, heldout, heldout_prompts
 from .stages.judge import add_judge
 from .stages.metrics import add_compliance_win_rate
-from .stages.pairs import build_pairs, check_pairs_possible
+from .stages.pairs import check_pairs_possible, make_pairs
 from .stages.plots import plot_training
-from .stages.reference import add_reference_logps
+from .stages.reference import score_reference, shared_prompt
 from .stages.report import markdown_table, write_report
+from .stages.run import Run
 from .stages.run_folder import RunFolder, fingerprint, portable
-from .stages.training import train_adapters
+from .stages.training import train
 
 
 @dataclass
@@ -77,8 +78,8 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
             # Before the first slow stage: a tracker that cannot start stops the run here (W&B's
             # run starts now; TensorBoard writes nothing until these checks have passed)
             tracker = resources.enter_context(trackers.start(config, folder.path, resume_run))
-            model, tokenizer, _ = mdl.load(config.model)
-            check_lora_keys(model, config.lora)
+            job = Run.load(config, folder, stop, tracker)
+            tokenizer = job.tokenizer
             rendered = render_prompts(prompts, tokenizer, d, d.prompts)
             for k in range(1, config.training.rounds + 1):
                 check_pairs_possible(round_prompts(config, rendered, k), config.pairs, d)
@@ -120,7 +121,7 @@ def run(config: Config, resume_run: bool = False) -> RunResult:
         if dist.any_rank(stop()):  # a stop while the model loaded: before the first stage
             raise Stopped(0, "before the first stage")
         tracker.log_config(to_dict(portable(config)))  # config.yaml's settings
-        result = stages(config, folder, stop, model, tokenizer, rendered, held, valid, tracker)
+        result = stages(job, rendered, held, valid)
         first = (held.rendered if held is not None else rendered).prompts[0]
         result.example = user_text(first.question, first.context, d)
         return result
@@ -150,52 +151,39 @@ def round_prompts(config: Config, rendered: Rendered, k: int) -> Rendered:
     return block(rendered, (k - 1) * size, k * size)
 
 
-def stages(
-    config: Config,
-    folder: RunFolder,
-    stop: StopFlag,
-    model,
-    tokenizer,
-    rendered: Rendered,
-    held: Heldout | None,
-    valid: Heldout | None,
-    tracker: trackers.Tracker,
-) -> RunResult:
+def stages(run: Run, rendered: Rendered, held: Heldout | None, valid: Heldout | None) -> RunResult:
+    """The stages in order: the base evaluated, then each round's pairs, reference scores,
+    training and evaluation, the guard's choice of adapters, and the report."""
+    config, folder = run.config, run.folder
     results: dict[str, dict] = {}
     if held is not None:
         results["base"] = folder.cached_json(
-            "eval_base.json", lambda: answers(config, model, tokenizer, held, stop=stop)
+            "eval_base.json", lambda: evaluation.evaluate(run, held)
         )
     guard = grd.Guard(
         config.guard,
         folder,
-        model,
+        run.model,
         valid,
-        lambda adapters, lean: answers(
-            config, model, tokenizer, valid, adapters, lean, "valid", stop
-        ),
+        lambda adapters, lean: evaluation.evaluate(run, valid, adapters, lean, "valid"),
     )
     rounds = config.training.rounds
     steps = 0  # of the rounds so far: the tracker's steps run on from round to round
     for k in range(1, rounds + 1):
-        mine = round_prompts(config, rendered, k)
-        pairs, metrics = one_round(
-            config, folder.round(k), stop, model, tokenizer, mine, k, tracker, steps
-        )
+        pairs, metrics = one_round(run.round(k), round_prompts(config, rendered, k), k, steps)
         steps += total_steps(config.training, sum(p.split == "train" for p in pairs), dist.size())
         if rounds > 1:
-            folder.round_adapters(k, model, config.lora, config.model.path)
+            folder.round_adapters(k, run.model, config.lora, config.model.path)
         guard.score_round(k)
         if held is not None and rounds == 1:
-            results["mipo"] = answers(config, model, tokenizer, held, adapters=True, stop=stop)
+            results["mipo"] = evaluation.evaluate(run, held, adapters=True)
         elif held is not None:  # kept, so that a resumed run does not answer again
             results[f"round {k}"] = folder.cached_json(
-                f"eval_round-{k}.json",
-                lambda: answers(config, model, tokenizer, held, adapters=True, stop=stop),
+                f"eval_round-{k}.json", lambda: evaluation.evaluate(run, held, adapters=True)
             )
     verdict = guard.finish()
     if rounds > 1 or valid is not None:  # the last round's, or the one the guard kept
-        folder.save_adapters(model, config.lora, config.model.path)
+        folder.save_adapters(run.model, config.lora, config.model.path)
     for name, score in zip(results, guard.scores):
         results[name]["guard_score"] = score
     dist.say(
@@ -206,7 +194,11 @@ def stages(
     if held is not None:
         add_compliance_win_rate(results)
         add_judge(
-            results, held.rendered.prompts, config.evaluation, config.model.trust_remote_code, stop
+            results,
+            held.rendered.prompts,
+            config.evaluation,
+            config.model.trust_remote_code,
+            run.stop,
         )
         table = markdown_table(results)
         dist.main_only(write_report, folder.path, results, config.evaluation.plots)
@@ -214,73 +206,23 @@ def stages(
             dist.main_only(
                 plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
             )
-        tracker.log_table("evaluation", table, steps)
+        run.tracker.log_table("evaluation", table, steps)
         for name in ("eval", "training"):
-            tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
+            run.tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
     return RunResult(folder.path, pairs, metrics, table, guard=verdict)
 
 
 def one_round(
-    config: Config,
-    folder: RunFolder,
-    stop: StopFlag,
-    model,
-    tokenizer,
-    rendered: Rendered,
-    k: int,
-    tracker: trackers.Tracker,
-    steps_before: int,
+    run: Run, rendered: Rendered, k: int, steps_before: int
 ) -> tuple[list[Pair], dict[str, float]]:
-    """Round k: answers, pairs and reference scores (reused from `folder` when there), then
-    training. From round 2 on the model answers with the adapters it has (the previous
-    round's), draws from other seeds, and is the reference its pairs are scored under: each
-    round is a DPO step away from the model that made its pairs."""
-    pad = mdl.pad_id(tokenizer)
-    pairs = folder.pairs(mdl.vocab_size(model))
-    fresh = pairs is None
-    if not fresh:
-        dist.say(f"reusing {len(pairs)} pairs from {folder.path / 'pairs.jsonl'}")
-    else:
-        if rendered.skipped and k == 1:
-            dist.say(
-                f"skipped {rendered.skipped} prompt(s) longer than data.max_prompt_tokens="
-                f"{config.data.max_prompt_tokens}"
-            )
-        generation = replace(config.generation, seed=config.generation.seed + k - 1)
-        vocab = mdl.vocab_size(model)
-        caches = {name: folder.responses(name, vocab) for name in ("chosen", "rejected")}
-        pairs = build_pairs(
-            model, tokenizer, rendered, config.pairs, generation, config.data, caches, stop
-        )
-    shared = use_shared_prompt(model, pairs, config.training.shared_prompt, pad)
-    unscored = [p for p in pairs if p.reference_logps is None]
-    if unscored:  # scored once, with the packing training uses, and stored with the pairs
-        add_reference_logps(model, unscored, pad, config.training.score_batch_size, shared)
-        folder.write_pairs(pairs)
-        if not fresh:  # never trained against a zero reference (reference-free DPO)
-            dist.say(
-                f"scored the reference log-probs of {len(unscored)} pair(s) of "
-                f"{folder.path / 'pairs.jsonl'} that had none"
-            )
-    if fresh:
-        dist.say(
-            f"wrote {len(pairs)} pairs ({config.pairs.negatives} negatives) "
-            f"to {folder.path / 'pairs.jsonl'}"
-        )
-    metrics = train_adapters(
-        model,
-        pad,
-        pairs,
-        config.training,
-        config.lora,
-        config.model.path,
-        folder,
-        stop,
-        shared,
-        attach=k == 1,
-        tracker=tracker,
-        steps_before=steps_before,
-    )
+    """Round k: pairs, reference scores and training, each reused from the round's folder
+    where there. From round 2 on the model answers with the adapters it has (the previous
+    round's), and is the reference its pairs are scored under: each round is a DPO step away
+    from the model that made its pairs."""
+    pairs = make_pairs(run, rendered, k)
+    shared = shared_prompt(run, pairs)
+    score_reference(run, pairs, shared)
+    metrics = train(run, pairs, shared, attach=k == 1, steps_before=steps_before)
     return pairs, metrics
 
 
@@ -294,50 +236,16 @@ def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
         mdl.check_source(config.evaluation.judge, "evaluation.judge")
     stop = StopFlag()
     with stop.installed():
-        model, tokenizer, _ = mdl.load(config.model)
+        job = Run.load(config, stop=stop)
         stop.check("while the model loaded")
-        held = heldout(tokenizer, prompts, config.data, config.evaluation.prompts)
+        held = heldout(job.tokenizer, prompts, config.data, config.evaluation.prompts)
         if adapters:  # read before any answer: a bad folder stops here, not after the base
-            load_adapters(model, Path(adapters))
-        with adapters_disabled(model) if adapters else nullcontext():
-            results = {"base": answers(config, model, tokenizer, held, stop=stop)}
+            load_adapters(job.model, Path(adapters))
+        with adapters_disabled(job.model) if adapters else nullcontext():
+            results = {"base": evaluation.evaluate(job, held)}
         if adapters:
-            results["mipo"] = answers(config, model, tokenizer, held, adapters=True, stop=stop)
+            results["mipo"] = evaluation.evaluate(job, held, adapters=True)
             add_compliance_win_rate(results)
         trust = config.model.trust_remote_code
         add_judge(results, held.rendered.prompts, config.evaluation, trust, stop)
     return results
-
-
-def answers(
-    config: Config,
-    model,
-    tokenizer,
-    held: Heldout,
-    adapters: bool = False,
-    lean: bool = False,
-    where: str = "",
-    stop: StopFlag | None = None,
-) -> dict:
-    """The evaluation stage for the base model, or for base + adapters ('mipo'; PMI is always
-    scored by the base, with the adapters off); `lean` skips the scoring, `where` names the
-    prompt set in the progress lines; a `stop` request ends it after the answer or batch in
-    hand."""
-    base = (lambda: adapters_disabled(model)) if adapters else nullcontext
-    label = ("mipo" if adapters else "base") + (f", {where}" if where else "")
-    try:
-        return answer_and_measure(
-            model,
-            tokenizer,
-            held,
-            config.evaluation,
-            config.data,
-            config.generation.batch_size,
-            base,
-            label,
-            lean,
-            adapters,
-            stop,
-        )
-    except Stopped:
-        raise Stopped(0, f"during the evaluation ({label})") from None

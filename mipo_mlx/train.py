@@ -6,7 +6,7 @@
   python -m mipo_mlx.train --model <repo-or-folder> --prompts <file.jsonl> --output <dir>
                            [--iters N] [--section.key value ...]
 
-Options are derived from the settings in `config.py`; an option given on the
+Options are derived from the settings in `core/config.py`; an option given on the
 command line beats the YAML file, which beats the defaults. This module imports
 no mlx at the top, so `--help` and config errors work without a backend.
 """

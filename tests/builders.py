@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from mipo_mlx.data.pair_file import Pair
+from mipo_mlx.engine.trainer import Hooks
 
 ARITHMETIC = "Tom has {a} apples. He buys {b} more. How many apples does he have?"
 
@@ -43,14 +44,14 @@ def made_up_pairs(n: int, vocab: int = 300, seed: int = 0, eos: int | None = Non
 
     return [
         Pair(
-            [{"role": "user", "content": f"p{i}"}],
-            "c",
-            "r",
-            ids(5, 14),
-            ids(2, 10),
-            ids(2, 10),
-            "random",
-            i,
+            messages=[{"role": "user", "content": f"p{i}"}],
+            chosen="c",
+            rejected="r",
+            prompt_ids=ids(5, 14),
+            chosen_ids=ids(2, 10),
+            rejected_ids=ids(2, 10),
+            negatives="random",
+            source=i,
             rejected_source=(i + 1) % n,
         )
         for i in range(n)
@@ -131,3 +132,13 @@ def lora_model(model_dir: Path):
         if hasattr(module, "lora_b"):
             module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
     return model
+
+
+def hooks(**calls) -> Hooks:
+    """The trainer's hooks with these methods replaced by callables (on_step=rows.append)."""
+    made = Hooks()
+    for name, call in calls.items():
+        if not callable(getattr(Hooks, name, None)):
+            raise AttributeError(f"Hooks has no method {name}")
+        setattr(made, name, call)
+    return made

@@ -49,7 +49,7 @@ def test_backend_hint_names_the_extras():
 def test_import_loads_system_openblas():
     code = (
         "import mipo_mlx\n"
-        "from mipo_mlx._backend import blas_library\n"
+        "from mipo_mlx.core.backend import blas_library\n"
         "import os\n"
         "maps = open('/proc/self/maps').read()\n"
         "print(blas_library())\n"
@@ -61,7 +61,7 @@ def test_import_loads_system_openblas():
 @needs_openblas
 def test_blas_can_be_switched_off():
     out = python(
-        "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+        "import mipo_mlx\nfrom mipo_mlx.core.backend import blas_library\nprint(blas_library())",
         MIPO_MLX_BLAS="off",
     )
     assert out == _backend.SLOW_BLAS
@@ -73,7 +73,9 @@ def blas_with(setting: Path) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-c",
-            "import mipo_mlx\nfrom mipo_mlx._backend import blas_library\nprint(blas_library())",
+            "import mipo_mlx\n"
+            "from mipo_mlx.core.backend import blas_library\n"
+            "print(blas_library())",
         ],
         capture_output=True,
         text=True,
@@ -132,12 +134,13 @@ def on_fresh_machine(prefix: list[str], code: str, **env: str) -> subprocess.Com
     return proc
 
 
+@pytest.mark.integration  # the fresh-machine simulation
 def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
     """No system OpenBLAS and no libgfortran: `pip install mipo_mlx[cpu]` alone gives MLX a
     fast BLAS. MLX's cblas_sgemm and LAPACK calls bind to it, and the results are right."""
     code = (
         "import mipo_mlx, numpy as np, mlx.core as mx\n"
-        "from mipo_mlx._backend import blas_library\n"
+        "from mipo_mlx.core.backend import blas_library\n"
         "print(blas_library())\n"
         "a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)\n"
         "want = a.astype(np.float64) @ a\n"
@@ -155,12 +158,13 @@ def test_fresh_machine_gets_the_pip_openblas(fresh_machine):
     assert not any(line.startswith("note:") for line in lines)
 
 
+@pytest.mark.integration  # the fresh-machine simulation
 def test_fresh_machine_without_a_libgfortran_falls_back_with_one_note(fresh_machine):
     """Where no libgfortran can be had either, the pip OpenBLAS cannot load: one note, and MLX
     works on with its own BLAS (the import never fails for it)."""
     code = (
         "import os\n"
-        "import mipo_mlx._backend as b\n"  # with MIPO_MLX_BLAS=off, the import loaded nothing
+        "import mipo_mlx.core.backend as b\n"  # with MIPO_MLX_BLAS=off, the import loaded nothing
         "del os.environ['MIPO_MLX_BLAS']\n"
         "b._provide_libgfortran = lambda: False\n"
         "print(b.prefer_system_blas())\n"
@@ -176,7 +180,7 @@ def test_fresh_machine_without_a_libgfortran_falls_back_with_one_note(fresh_mach
 
 def test_too_late_after_mlx_is_imported():
     out = python(
-        "import mlx.core\nimport mipo_mlx\nfrom mipo_mlx._backend import blas_library\n"
+        "import mlx.core\nimport mipo_mlx\nfrom mipo_mlx.core.backend import blas_library\n"
         "print(blas_library())"
     )
     assert out == _backend.SLOW_BLAS
@@ -239,7 +243,7 @@ def test_a_folder_named_mlx_in_the_working_directory_keeps_the_fast_blas(tmp_pat
     (tmp_path / "mlx" / "0.32.4" / "cpu").mkdir(parents=True)
     code = (
         "import mipo_mlx\n"
-        "from mipo_mlx import _backend as b\n"
+        "from mipo_mlx.core import backend as b\n"
         "print(b.blas_library())\n"
         "print(b.mlx_library())\n"
         "import mlx.core as mx\n"

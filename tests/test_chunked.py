@@ -24,11 +24,11 @@ _models: dict = {}
 def _model(toy_model_dir, checkpointed: bool):
     """`lora_model`, loaded once (with its blocks checkpointed, once more)."""
     if checkpointed not in _models:
-        from mipo_mlx.engine.trainer import checkpoint_blocks
+        from mipo_mlx.engine.trainer import recompute_blocks
 
         _models[checkpointed] = lora_model(toy_model_dir)
         if checkpointed:
-            checkpoint_blocks(_models[checkpointed])
+            recompute_blocks(_models[checkpointed])
     return _models[checkpointed]
 
 

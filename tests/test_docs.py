@@ -86,7 +86,9 @@ def test_recipe_resolves_and_runs(recipe, toy_model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "adapters.safetensors").is_file()
 
 
-def test_python_api_example_runs(tmp_path):
+@pytest.mark.parametrize("how", [[], ["--stages"]], ids=["pipeline", "stages"])
+def test_python_api_example_runs(tmp_path, how):
+    """The example runs the job whole, and stage by stage over one Run."""
     cmd = [
         sys.executable,
         str(ROOT / "examples" / "python_api.py"),
@@ -95,6 +97,7 @@ def test_python_api_example_runs(tmp_path):
         "2",
         "--output",
         str(tmp_path / "api"),
+        *how,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -102,6 +105,7 @@ def test_python_api_example_runs(tmp_path):
     assert (tmp_path / "api" / "adapter_config.json").is_file()
 
 
+@pytest.mark.integration  # the experiment, end to end in processes of its own
 def test_embedded_experiment_runs_small(tmp_path):
     """The experiment end to end on a few prompts: the levers and the choices on valid, every
     arm on held-out with the guard where the design says, the fresh draw, and the tables."""

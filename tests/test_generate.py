@@ -363,14 +363,14 @@ def test_decode_drops_eos_only_when_finished(toy_model):
 def numbered_pairs(n: int) -> list[Pair]:
     return [
         Pair(
-            [{"role": "user", "content": f"p{i}"}],
-            "c",
-            "r",
-            [20 + i],
-            [100 + i, 2],
-            [200 + i],
-            "random",
-            i,
+            messages=[{"role": "user", "content": f"p{i}"}],
+            chosen="c",
+            rejected="r",
+            prompt_ids=[20 + i],
+            chosen_ids=[100 + i, 2],
+            rejected_ids=[200 + i],
+            negatives="random",
+            source=i,
             rejected_source=(i + 1) % n,
         )
         for i in range(n)

@@ -19,7 +19,8 @@ from mipo_mlx.data.pair_file import read_pairs
 from mipo_mlx.engine.generation import STREAM_STRIDE, Response
 from mipo_mlx.engine.selection import SAMPLE_STRIDE
 from mipo_mlx.stages import guard as grd
-from mipo_mlx.stages.pairs import drop_identical, pmi_against
+from mipo_mlx.stages.answers import pmi_against
+from mipo_mlx.stages.pairs import drop_identical
 
 from .builders import made_up_pairs, run_args, write_prompts
 from .test_pipeline_pairs import ROWS, build, build_pairs_of, make_config, write_rows
@@ -181,6 +182,7 @@ def test_best_round_prefers_the_earlier_on_a_tie():
     assert grd.best_round([0.1, 0.2, 0.3]) == 2
 
 
+@pytest.mark.integration  # a run killed in a process of its own, then resumed
 def test_a_run_killed_inside_a_best_of_k_round_resumes_to_the_uninterrupted_result(
     toy_model_dir, tmp_path
 ):

@@ -15,9 +15,9 @@ from mipo_mlx.engine import model as mdl
 from mipo_mlx.engine.batching import pack_pairs
 from mipo_mlx.engine.lora import attach_lora
 from mipo_mlx.engine.scoring import score_pairs
-from mipo_mlx.engine.trainer import checkpoint_blocks, make_loss, schedule, train
+from mipo_mlx.engine.trainer import fit, make_loss, recompute_blocks, schedule
 
-from .builders import made_up_pairs
+from .builders import hooks, made_up_pairs
 
 
 def setup(model_dir, n=8, seed=0):
@@ -43,7 +43,14 @@ def test_step_zero_loss_is_log2_and_margins_zero(toy_model_dir):
     """Adapters start at B = 0, so policy == reference: every pair has h = 0 and loss log 2."""
     model, pairs = setup(toy_model_dir)
     logs = []
-    train(model, make_loss(TrainingConfig()), cycle(pairs, 4), 1, TrainingConfig(), log=logs.append)
+    fit(
+        model,
+        make_loss(TrainingConfig()),
+        cycle(pairs, 4),
+        1,
+        TrainingConfig(),
+        hooks(on_step=logs.append),
+    )
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
@@ -57,7 +64,7 @@ def test_step_zero_loss_with_the_nll_term_is_log2_plus_the_weighted_chosen_nll(t
     alpha = 0.7
     config = TrainingConfig(nll_weight=alpha)
     logs = []
-    train(model, make_loss(config), cycle(pairs, 4), 1, config, log=logs.append)
+    fit(model, make_loss(config), cycle(pairs, 4), 1, config, hooks(on_step=logs.append))
     nll = [-p.reference_logps["chosen"] / len(p.chosen_ids) for p in pairs[:4]]
     assert logs[0]["loss"] == pytest.approx(math.log(2) + alpha * np.mean(nll), abs=1e-5)
     assert logs[0]["nll/chosen"] == pytest.approx(np.mean(nll), abs=1e-5)
@@ -85,7 +92,7 @@ def test_only_adapters_change_and_their_gradients_are_nonzero(toy_model_dir):
     # At B = 0, d loss / d A = x^T (dy B^T) = 0 exactly, while d loss / d B is not zero.
     assert all(np.abs(np.array(g)).sum() > 0 for k, g in grads.items() if k.endswith("lora_b"))
     assert all(np.abs(np.array(g)).sum() == 0 for k, g in grads.items() if k.endswith("lora_a"))
-    train(model, loss, cycle(pairs, 4), 2, TrainingConfig(learning_rate=1e-3))
+    fit(model, loss, cycle(pairs, 4), 2, TrainingConfig(learning_rate=1e-3))
     after = params(model)
     for k in before:
         changed = not np.array_equal(before[k], after[k])
@@ -96,14 +103,14 @@ def test_margin_rises_on_training_pairs(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     logs = []
     config = TrainingConfig(learning_rate=2e-3, warmup_fraction=0)
-    train(model, make_loss(config), cycle(pairs, 4), 30, config, log=logs.append)
+    fit(model, make_loss(config), cycle(pairs, 4), 30, config, hooks(on_step=logs.append))
     assert np.mean([m["rewards/margins"] for m in logs[-4:]]) > 0.5
     assert np.mean([m["loss"] for m in logs[-4:]]) < math.log(2) - 0.1
 
 
 def run_steps(model_dir, config, batch):
     model, pairs = setup(model_dir)
-    train(model, make_loss(config), cycle(pairs, batch), 3, config)
+    fit(model, make_loss(config), cycle(pairs, batch), 3, config)
     return params(model)
 
 
@@ -127,9 +134,9 @@ def test_gradient_checkpointing_same_result_and_local(toy_model_dir):
     for k in plain:
         np.testing.assert_allclose(plain[k], checked[k], atol=1e-5, err_msg=k)
     other, _, _ = mdl.load(ModelConfig(path=str(toy_model_dir)))
-    assert not getattr(type(other.layers[0]), "_mipo_checkpointed", False)  # no process-wide patch
-    checkpoint_blocks(other)
-    assert getattr(type(other.layers[0]), "_mipo_checkpointed", False)
+    assert not getattr(type(other.layers[0]), "_mipo_recomputed", False)  # no process-wide patch
+    recompute_blocks(other)
+    assert getattr(type(other.layers[0]), "_mipo_recomputed", False)
 
 
 def test_gradient_clipping_bounds_the_update(toy_model_dir):
@@ -138,13 +145,13 @@ def test_gradient_clipping_bounds_the_update(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     before, logs = params(model), []
     config = TrainingConfig(grad_clip=0.01)
-    train(
+    fit(
         model,
         make_loss(config),
         cycle(pairs, 4),
         1,
         config,
-        log=logs.append,
+        hooks(on_step=logs.append),
         optimizer=optim.SGD(learning_rate=1.0),
     )
     after = params(model)

@@ -14,17 +14,17 @@ import pytest
 
 from mipo_mlx.core import config
 from mipo_mlx.core.errors import UserError
-from mipo_mlx.core.loss_settings import HONOURS
+from mipo_mlx.core.loss_settings import HONOURS, LossSettings
 from mipo_mlx.core.settings import validate
-from mipo_mlx.engine.losses import LOSSES, preference_metrics
+from mipo_mlx.engine.losses import LOSSES, Logps, preference_loss, preference_metrics
 
 PC, PR, RC, RR = mx.array([-1.0]), mx.array([-3.0]), mx.array([-2.0]), mx.array([-2.0])
 SP_NEG_02, SP_POS_02 = 0.5981388693, 0.7981388693  # softplus(-0.2), softplus(0.2)
 SP_NEG_01, SP_POS_01 = 0.6443966600, 0.7443966600
 
 
-def value(name, **kw):
-    losses, rc, rr = LOSSES[name](PC, PR, RC, RR, beta=0.1, **kw)
+def value(name, beta=0.1, **kw):
+    losses, rc, rr = preference_loss(name, Logps(PC, PR, RC, RR), LossSettings(beta, **kw))
     return losses.item(), rc.item(), rr.item()
 
 
@@ -68,7 +68,7 @@ def test_robust_label_smoothing():
 def test_policy_equal_to_reference_gives_log_2():
     logps = mx.array([-5.0, -7.5, -1.25])
     other = mx.array([-3.0, -9.0, -4.0])
-    losses, rc, rr = LOSSES["sigmoid"](logps, other, logps, other, beta=0.1)
+    losses, rc, rr = preference_loss("sigmoid", Logps(logps, other, logps, other), LossSettings())
     assert mx.allclose(losses, mx.full((3,), math.log(2.0)), atol=1e-7).item()
     assert mx.all(rc == 0).item() and mx.all(rr == 0).item()
 
@@ -90,7 +90,7 @@ def test_registry_matches_config_choices():
 
 def test_gradient_sign_pushes_chosen_up():
     """d/d(pi_c) of sigmoid DPO = -beta * sigmoid(-beta h) < 0: descent raises pi_c."""
-    grad = mx.grad(lambda pc: LOSSES["sigmoid"](pc, PR, RC, RR, beta=0.1)[0].sum())(PC)
+    grad = mx.grad(lambda pc: LOSSES["sigmoid"](Logps(pc, PR, RC, RR), LossSettings()).sum())(PC)
     expected = -0.1 * (1 / (1 + math.exp(0.2)))
     assert grad.item() == pytest.approx(expected, abs=1e-7)
 
@@ -102,13 +102,8 @@ def test_a_loss_honours_exactly_the_settings_its_registry_entry_names(name, sett
     loss_settings.HONOURS says the loss honours it: the table the configuration checks is
     the functions' own behaviour."""
     assert set(LOSSES) == set(HONOURS) == set(config.LOSSES)
-    changed = value(name, **{setting: other}) if setting != "beta" else beta_value(name, other)
+    changed = value(name, **{setting: other})
     assert (changed != value(name)) == (setting in HONOURS[name])
-
-
-def beta_value(name, beta):
-    losses, rc, rr = LOSSES[name](PC, PR, RC, RR, beta=beta)
-    return losses.item(), rc.item(), rr.item()
 
 
 @pytest.mark.parametrize("name", ["hinge", "ipo", "sppo_hard", "nca_pair", "sft"])

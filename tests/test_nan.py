@@ -15,9 +15,9 @@ from mipo_mlx.engine import train_state as ckpt
 from mipo_mlx.engine.batching import pack_pairs
 from mipo_mlx.engine.lora import adapter_weights, attach_lora
 from mipo_mlx.engine.scoring import score_pairs
-from mipo_mlx.engine.trainer import NonFiniteLoss, make_loss, train
+from mipo_mlx.engine.trainer import NonFiniteLoss, fit, make_loss
 
-from .builders import made_up_pairs
+from .builders import hooks, made_up_pairs
 
 POISONED_STEP = 3
 
@@ -49,13 +49,13 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(toy_model_dir, tmp_path):
     model, pairs = setup(toy_model_dir)
     config = TrainingConfig(learning_rate=1e-3, checkpoint_every=1)
     with pytest.raises(NonFiniteLoss, match=f"step {POISONED_STEP}"):
-        train(
+        fit(
             model,
             make_loss(config),
             poisoned(pairs),
             6,
             config,
-            checkpoint=lambda s: ckpt.save(tmp_path, s),
+            hooks(on_checkpoint=lambda s: ckpt.save(tmp_path, s)),
         )
     state = ckpt.load(tmp_path)
     assert state.step == POISONED_STEP - 1
@@ -72,7 +72,7 @@ def test_nan_step_is_skipped_and_undone(toy_model_dir):
         logs.append(metrics)
         snapshots[metrics["step"]] = adapters_now(model)
 
-    train(model, make_loss(config), poisoned(pairs), 5, config, log=log)
+    fit(model, make_loss(config), poisoned(pairs), 5, config, hooks(on_step=log))
     assert (
         math.isnan(logs[POISONED_STEP - 1]["loss"])
         and logs[POISONED_STEP - 1]["skipped_non_finite"] == 1.0
@@ -87,7 +87,7 @@ def test_too_many_skips_stop(toy_model_dir):
     model, pairs = setup(toy_model_dir)
     config = TrainingConfig(on_nan="skip", max_skipped_steps=0)
     with pytest.raises(NonFiniteLoss):
-        train(model, make_loss(config), poisoned(pairs), 5, config)
+        fit(model, make_loss(config), poisoned(pairs), 5, config)
 
 
 def test_cli_reports_nan_in_one_line(toy_model_dir, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,15 @@ from mipo_mlx.core.config import DataConfig
 from mipo_mlx.core.errors import UserError
 from mipo_mlx.data.pair_file import Pair, pair_from_row, read_pairs, write_pairs
 from mipo_mlx.data.prompts import Prompt, split_sentences
-from mipo_mlx.stages.pairs import _repair, altered_prompts, derangement, split_pairs
+from mipo_mlx.stages.answers import _repair, derangement
+from mipo_mlx.stages.negatives import NEGATIVES, Generated
+from mipo_mlx.stages.pairs import split_pairs
+
+
+def altered_turns(prompts, strategy, data, seed):
+    """The user turns a generating strategy answers instead of the prompts."""
+    return NEGATIVES[strategy].altered(prompts, data, seed)
+
 
 # ---------------------------------------------------------------- derangement
 
@@ -150,7 +158,7 @@ QUESTIONS = [
 def test_incomplete_drops_exactly_one_non_final_sentence():
     prompts = [prompt(i + 1, q) for i, q in enumerate(QUESTIONS)]
     for seed in range(30):
-        altered = altered_prompts(prompts, "incomplete", PLAIN, seed)
+        altered = altered_turns(prompts, "incomplete", PLAIN, seed)
         assert len(altered) == len(prompts)
         for p, text in zip(prompts, altered):
             original = split_sentences(p.question)
@@ -169,19 +177,19 @@ def test_incomplete_drops_exactly_one_non_final_sentence():
 
 def test_incomplete_single_sentence_is_none():
     prompts = [prompt(1, "What is 2 + 2?"), prompt(2, "How many legs does a spider have?")]
-    assert altered_prompts(prompts, "incomplete", PLAIN, 0) == [None, None]
+    assert altered_turns(prompts, "incomplete", PLAIN, 0) == [None, None]
 
 
 def test_incomplete_drops_each_non_final_sentence_for_some_seed():
     prompts = [prompt(1, "One. Two. Three. Four?")]
-    seen = {altered_prompts(prompts, "incomplete", PLAIN, seed)[0] for seed in range(100)}
+    seen = {altered_turns(prompts, "incomplete", PLAIN, seed)[0] for seed in range(100)}
     assert seen == {"Two. Three. Four?", "One. Three. Four?", "One. Two. Four?"}
 
 
 def test_incomplete_is_deterministic_and_keeps_context():
     prompts = [prompt(i + 1, q, f"ctx{i}") for i, q in enumerate(QUESTIONS)]
-    a = altered_prompts(prompts, "incomplete", PLAIN, 5)
-    assert a == altered_prompts(prompts, "incomplete", PLAIN, 5)
+    a = altered_turns(prompts, "incomplete", PLAIN, 5)
+    assert a == altered_turns(prompts, "incomplete", PLAIN, 5)
     for i, text in enumerate(a):
         if text is not None:
             assert text.endswith(f" || ctx{i}")
@@ -190,9 +198,9 @@ def test_incomplete_is_deterministic_and_keeps_context():
 
 def test_no_context_removes_the_context():
     prompts = [prompt(1, "Q one. Really?", "likes cats"), prompt(2, "Q two?", "hates noise")]
-    assert altered_prompts(prompts, "no_context", PLAIN, 0) == ["Q one. Really?", "Q two?"]
+    assert altered_turns(prompts, "no_context", PLAIN, 0) == ["Q one. Really?", "Q two?"]
     default = DataConfig()
-    assert altered_prompts(prompts, "no_context", default, 0) == ["Q one. Really?", "Q two?"]
+    assert altered_turns(prompts, "no_context", default, 0) == ["Q one. Really?", "Q two?"]
 
 
 @pytest.mark.parametrize("strategy", ["no_context", "random_context"])
@@ -201,14 +209,14 @@ def test_context_strategies_need_a_context_on_every_row(strategy):
     with pytest.raises(
         UserError, match=rf"p.jsonl:7: pairs.negatives={strategy} .*this one has none"
     ):
-        altered_prompts(prompts, strategy, PLAIN, 0)
+        altered_turns(prompts, strategy, PLAIN, 0)
 
 
 def test_random_context_uses_another_users_context():
     contexts = [f"context number {i}" for i in range(12)]
     prompts = [prompt(i + 1, f"Question {i}?", c) for i, c in enumerate(contexts)]
     for seed in range(20):
-        altered = altered_prompts(prompts, "random_context", PLAIN, seed)
+        altered = altered_turns(prompts, "random_context", PLAIN, seed)
         used = []
         for i, text in enumerate(altered):
             question, _, ctx = text.partition(" || ")
@@ -224,21 +232,22 @@ def test_random_context_never_gives_an_identical_context():
     contexts = ["short", "short", "polite", "numbers", "polite", "verbose"]
     prompts = [prompt(i + 1, f"Q{i}?", c) for i, c in enumerate(contexts)]
     for seed in range(30):
-        altered = altered_prompts(prompts, "random_context", PLAIN, seed)
+        altered = altered_turns(prompts, "random_context", PLAIN, seed)
         for i, text in enumerate(altered):
             assert text.split(" || ")[1] != contexts[i]
 
 
 def test_random_context_is_deterministic():
     prompts = [prompt(i + 1, f"Q{i}?", f"c{i}") for i in range(8)]
-    assert altered_prompts(prompts, "random_context", PLAIN, 3) == altered_prompts(
+    assert altered_turns(prompts, "random_context", PLAIN, 3) == altered_turns(
         prompts, "random_context", PLAIN, 3
     )
 
 
 def test_random_strategy_generates_nothing():
-    with pytest.raises(ValueError):
-        altered_prompts([prompt(1, "a?", "c1"), prompt(2, "b?", "c2")], "random", PLAIN, 0)
+    """`random` pairs answers the model already gave: it alters no prompt to answer again."""
+    assert not isinstance(NEGATIVES["random"], Generated)
+    assert not hasattr(NEGATIVES["random"], "altered")
 
 
 # ---------------------------------------------------------------- pair rows

@@ -1,9 +1,10 @@
-"""Every negative strategy end to end through the pairs stage (`pairs.build_pairs`), on the toy
+"""Every negative strategy end to end through the pairs stage (`pairs.make_pairs`), on the toy
 model."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 
@@ -19,7 +20,10 @@ from mipo_mlx.data.prompts import (
     user_text,
 )
 from mipo_mlx.engine.generation import Response, decode, usable
-from mipo_mlx.stages.pairs import altered_prompts, build_pairs
+from mipo_mlx.stages.negatives import NEGATIVES
+from mipo_mlx.stages.pairs import make_pairs
+from mipo_mlx.stages.run import Run as StageRun
+from mipo_mlx.stages.run_folder import RunFolder
 
 ROWS = [
     {
@@ -86,9 +90,8 @@ def build_pairs_of(model, tokenizer, config: Config):
     rendered = render_prompts(
         read_source(config.data.prompts), tokenizer, config.data, config.data.prompts
     )
-    return build_pairs(
-        model, tokenizer, rendered, config.pairs, config.generation, config.data
-    ), rendered
+    run = StageRun(config, RunFolder(tempfile.mkdtemp()), model, tokenizer)
+    return make_pairs(run, rendered), rendered
 
 
 class Run:
@@ -97,7 +100,7 @@ class Run:
 
 
 def build(model, tokenizer, config: Config) -> Run:
-    """build_pairs with every call to generate recorded (prompts, streams, responses)."""
+    """make_pairs with every call to generate recorded (prompts, streams, responses)."""
     real = gen.generate
     calls = []
 
@@ -204,7 +207,9 @@ def test_generated_strategies(runs, toy_model, prompts_file, strategy):
         r.token_ids for r in runs["random"].calls[0]["responses"]
     ]
 
-    expected = altered_prompts(read_prompts(prompts_file), strategy, config.data, config.pairs.seed)
+    expected = NEGATIVES[strategy].altered(
+        read_prompts(prompts_file), config.data, config.pairs.seed
+    )
     todo = [i for i, text in enumerate(expected) if text is not None]
     assert [p.source for p in run.pairs] == todo
     assert len(run.calls[1]["prompts"]) == len(todo)

@@ -18,6 +18,9 @@ from mipo_mlx.core.files import MARK, partial_and_old
 
 from .builders import run_args, write_prompts
 
+# Whole runs killed (SIGKILL, SIGTERM) in processes of their own, then resumed
+pytestmark = pytest.mark.integration
+
 KILLER = str(Path(__file__).with_name("killer.py"))
 ARGS = (
     "--generation.max_tokens 10 --generation.truncated keep --generation.temperature 1.0 "
@@ -191,7 +194,8 @@ def test_sigterm_finishes_the_step_and_checkpoints(setup):
             "-c",
             "import os, signal, sys\n"
             "import mipo_mlx\n"
-            "from mipo_mlx import run_folder, train\n"
+            "from mipo_mlx import train\n"
+            "from mipo_mlx.stages import run_folder\n"
             "real = run_folder.append_jsonl\n"
             "def log(p, row):\n"
             "    real(p, row)\n"

@@ -132,7 +132,16 @@ def test_shared_layout_row_by_row():
     start at the last prompt token 7, which predicts the first response token."""
     from mipo_mlx.data.pair_file import Pair
 
-    pair = Pair([], "c", "r", [5, 6, 7], [8, 9], [4], "random", 0)
+    pair = Pair(
+        messages=[],
+        chosen="c",
+        rejected="r",
+        prompt_ids=[5, 6, 7],
+        chosen_ids=[8, 9],
+        rejected_ids=[4],
+        negatives="random",
+        source=0,
+    )
     batch = pack_pairs([pair], pad_id=0, shared=True, pad_multiple=4)
     assert batch.shared
     assert batch.prefix.tolist() == [[5, 6, 0, 0]]
@@ -160,7 +169,18 @@ def test_shared_prefix_equals_unshared_in_logps_and_gradients(toy_model_dir, see
     model = lora_model(toy_model_dir)
     pairs = made_up_pairs(6, seed=seed)
     # A one-token prompt: empty prefix
-    pairs.append(Pair([], "c", "r", [9], [10, 11, 12], [13], "random", 6))
+    pairs.append(
+        Pair(
+            messages=[],
+            chosen="c",
+            rejected="r",
+            prompt_ids=[9],
+            chosen_ids=[10, 11, 12],
+            rejected_ids=[13],
+            negatives="random",
+            source=6,
+        )
+    )
 
     def objective(model, shared):
         chosen, rejected = pair_logps(model, pack_pairs(pairs, 0, shared=shared).tree())

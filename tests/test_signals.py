@@ -72,7 +72,7 @@ def test_first_sigint_in_the_final_evaluation_stops_train(
     prompts = write_prompts(tmp_path / "p.jsonl", n=4)
     out = tmp_path / "run"
     signal_at(
-        monkeypatch, pipeline, "answer_and_measure", signal.SIGINT, lambda *a, **k: a[7] == "mipo"
+        monkeypatch, measure, "answer_and_measure", signal.SIGINT, lambda *a, **k: a[7] == "mipo"
     )
     args = run_args(toy_model_dir, prompts, out, *FAST, "--evaluation.prompts", heldout)
     assert train.main([*args, *EVAL_FAST, *QUIET]) == 130

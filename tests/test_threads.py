@@ -22,7 +22,7 @@ needs_openblas = pytest.mark.skipif(
 REPORT = (
     "import os, time, json\n"
     "import mipo_mlx\n"
-    "from mipo_mlx import _backend\n"
+    "from mipo_mlx.core import backend as _backend\n"
     "import mlx.core as mx\n"
     "a = mx.random.normal((512, 512))\n"
     "for _ in range(5): mx.eval(a @ a)\n"

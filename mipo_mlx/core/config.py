@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from .loss_settings import HONOURS
+
+# The negative strategies' names (stages/negatives.py registers a class for each)
 NEGATIVE_STRATEGIES = (
     "random",
     "incomplete",
@@ -26,9 +29,10 @@ NEGATIVE_STRATEGIES = (
 )
 # Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
-# The names data.template takes: the paper's prompt templates (formats.PAPER_TEMPLATES holds them).
+# The names data.template takes: the paper's prompt templates (templates.PAPER_TEMPLATES holds them)
 TEMPLATE_NAMES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
-LOSSES = ("sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "sft")
+# The preference losses (engine/losses.py registers each; loss_settings.HONOURS names them)
+LOSSES = tuple(HONOURS)
 # Where a run's metrics also go (trackers.py): nowhere but the run folder, or a tracker.
 REPORT_TO = ("none", "tensorboard", "wandb")
 

@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..core.files import read_jsonl, write_jsonl
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Pair:
     messages: list[dict[str, str]]  # the prompt's chat turns (ending with the user turn x)
     chosen: str

@@ -8,8 +8,8 @@ Other keys (answers, ids) are kept for evaluation and never read by training, ex
 `incomplete`: when given, the `incomplete` negative strategy uses it as the prompt with
 information removed (SVAMP: the Question without its Body) instead of dropping a sentence.
 
-`read_source` also reads the public dataset formats of `formats.py`; `render_prompts`
-turns prompts into token ids through the model's chat template.
+`read_source` also reads the public dataset formats of `formats.py`, from `sources.py`;
+`render_prompts` turns prompts into token ids through the model's chat template.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ class StreamSampler:
         if uids is None or logits is None or not len(uids) == logits.shape[0] == len(ignored):
             raise RuntimeError(
                 "mlx-lm's BatchGenerator no longer samples from a batch holding `uids` in row "
-                "order right after its decode step; mipo_mlx.generate.StreamSampler needs "
+                "order right after its decode step; mipo_mlx.engine.generation.StreamSampler needs "
                 "updating for this mlx-lm version"
             )
         rows = np.array(logits.astype(mx.float32))  # (B, V): this step's forward runs here

@@ -2,7 +2,7 @@
 
 Training runs each prompt once for its chosen and its rejected response; evaluation runs
 a prefix every prompt shares (few-shot exemplars) once for all rows. Both give the
-log-probs of whole rows (checked per model by the probes in score.py) and let gradients
+log-probs of whole rows (checked per model by probes.py) and let gradients
 flow back through the prefix.
 """
 
@@ -14,14 +14,14 @@ import mlx.core as mx
 
 # Tokens a pass through the blocks takes at a time on the CPU (`chunked`)
 CPU_CHUNK = 128
-# The class attribute of a block whose forward reruns in the backward (`loop.checkpoint_blocks`)
-CHECKPOINTED = "_mipo_checkpointed"
+# The class attribute of a block whose forward reruns in the backward (`trainer.recompute_blocks`)
+RECOMPUTED = "_mipo_recomputed"
 
 
 class RecordKV:
     """A cache for the prefix pass: keeps each layer's keys and values, differentiably. A pass
     may come in chunks of tokens (`chunked`): each chunk's keys extend the ones before it.
-    Within a chunk an update is idempotent (a checkpointed block reruns it in the backward)."""
+    Within a chunk an update is idempotent (a recomputed block reruns it in the backward)."""
 
     def __init__(self):
         self.offset = 0  # tokens before this chunk: its RoPE offset
@@ -53,7 +53,7 @@ class AfterPrefix:
     """A cache for the rows: the prefix rows' keys and values, each repeated for the `copies`
     rows that continue it; row r sits at positions lengths[r], lengths[r]+1, ... The rows
     may come in chunks of tokens (`chunked`): each chunk's keys extend the ones before it.
-    Within a chunk an update is idempotent (a checkpointed block reruns it in the backward)."""
+    Within a chunk an update is idempotent (a recomputed block reruns it in the backward)."""
 
     def __init__(self, record: RecordKV, lengths: mx.array, copies: int):
         self.before = (
@@ -106,13 +106,13 @@ def chunked(body, inputs: mx.array, cache, chunk: int | None = None) -> mx.array
     against the keys up to its own end only, so attention skips most of the causal mask's
     hidden half. On MLX's CPU backend the softmax over the scores (an `exp` each) is most
     of attention's time; a GPU's fused attention kernel skips masked blocks itself.
-    Checkpointed blocks (training.grad_checkpoint) take one pass: their backward reruns each
+    Recomputed blocks (training.grad_checkpoint) take one pass: their backward reruns each
     block's forward, and by then the caches hold the later chunks' keys too."""
     width = inputs.shape[1]
     if chunk is None:
         blocks = getattr(body, "layers", ())
-        checkpointed = any(getattr(b, CHECKPOINTED, False) for b in blocks)
-        chunk = CPU_CHUNK if mx.default_device() == mx.cpu and not checkpointed else width
+        recomputed = any(getattr(b, RECOMPUTED, False) for b in blocks)
+        chunk = CPU_CHUNK if mx.default_device() == mx.cpu and not recomputed else width
     if width <= chunk:
         return body(inputs, cache=cache)
     hidden = []

@@ -1,7 +1,9 @@
-"""The training loop: one function, given the loss and the batches.
+"""The trainer: `fit` runs optimizer steps, given the loss, the batches and a `Hooks` object.
 
 AdamW with linear warmup and cosine decay, global gradient-norm clipping,
-gradient accumulation, an `mx.compile`d step and one `mx.eval` per step.
+gradient accumulation, an `mx.compile`d step and one `mx.eval` per step. What the steps
+report and keep (metrics, validation, saved adapters, resumable state, a stop) goes through
+the hooks: the trainer knows nothing of run folders or trackers.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from mlx.utils import tree_map
 
 from ..core.config import TrainingConfig
 from ..core.errors import Stopped
+from ..core.loss_settings import LossSettings
 from . import distributed as dist
 from .batching import Batch
 from .logps import pair_logps
-from .losses import LOSSES, preference_metrics, with_chosen_nll
-from .prefix import CHECKPOINTED
+from .losses import Logps, preference_loss, preference_metrics, with_chosen_nll
+from .prefix import RECOMPUTED
 from .train_state import TrainState, capture, restore
 
 StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, mx.array]]]
@@ -31,18 +34,12 @@ StepLoss = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, dict[str, 
 def make_loss(config: TrainingConfig) -> StepLoss:
     """loss(model, batch.tree()) -> (mean loss, metrics); with training.nll_weight, the
     preference loss plus the chosen answers' length-normalised NLL ('nll/chosen' reports it)."""
-    loss_fn = LOSSES[config.loss]
+    settings = LossSettings.of(config)
 
     def loss(model, batch: dict[str, mx.array]):
         chosen, rejected = pair_logps(model, batch)
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            chosen,
-            rejected,
-            batch["reference_chosen"],
-            batch["reference_rejected"],
-            beta=config.beta,
-            label_smoothing=config.label_smoothing,
-        )
+        logps = Logps(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"])
+        losses, chosen_rewards, rejected_rewards = preference_loss(config.loss, logps, settings)
         nll = {}
         if config.nll_weight > 0:
             lengths = batch["owners"].sum(axis=0)[: chosen.shape[0]]  # (B,) tokens of each y+
@@ -74,15 +71,16 @@ def make_optimizer(config: TrainingConfig, steps: int) -> optim.Optimizer:
     )
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass.
+def recompute_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass (training.grad_checkpoint):
+    activations are not kept between the forward and the backward.
 
     Only these block instances change class (to a subclass made here): unlike
     patching the block class itself, other models in the process are untouched.
     """
     for layer in model.layers:
         base = type(layer)
-        if getattr(base, CHECKPOINTED, False):
+        if getattr(base, RECOMPUTED, False):
             continue
 
         def call(self, *args, _fn=base.__call__, **kwargs):
@@ -92,7 +90,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-        layer.__class__ = type(base.__name__, (base,), {"__call__": call, CHECKPOINTED: True})
+        layer.__class__ = type(base.__name__, (base,), {"__call__": call, RECOMPUTED: True})
 
 
 def memory_metrics() -> dict[str, float]:
@@ -156,6 +154,32 @@ def validation_metrics(
     return {f"valid/{k}": sum(r[k] * w for r, w in zip(rows, weights)) / total for k in rows[0]}
 
 
+class Hooks:
+    """What `fit` calls out to, each a no-op here: subclass and override what you need (as
+    mlx-lm's `TrainingCallback`). `fit` calls, after each optimizer step and in this order:
+    `valid_metrics` (on the last step and every training.valid_every steps), `on_step` with
+    the step's metrics, `on_save` (the last step and every training.save_every steps),
+    `should_stop`, and `on_checkpoint` with the resumable state (the last step, every
+    training.checkpoint_every steps, and a step after which it stops)."""
+
+    def valid_metrics(self) -> dict[str, float]:
+        """Metrics on held-out batches, merged into the step's ('valid/...')."""
+        return {}
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        """The metrics of one optimizer step: loss, rewards, grad_norm, speed, memory."""
+
+    def on_save(self, step: int) -> None:
+        """Keep the adapters as they are after `step`."""
+
+    def should_stop(self) -> bool:
+        """Whether to stop after this step (its state is checkpointed first)."""
+        return False
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        """Keep the resumable state (adapters, optimizer, step, data position)."""
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, step: int):
         super().__init__(f"non-finite loss or gradient at step {step}")
@@ -166,28 +190,25 @@ def _finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def train(
+def fit(
     model: nn.Module,
     loss: StepLoss,
     batches: Iterator[Batch],
     steps: int,
     config: TrainingConfig,
+    hooks: Hooks | None = None,
     *,
-    validate: Callable[[], dict[str, float]] | None = None,
-    save: Callable[[int], None] | None = None,
-    log: Callable[[dict[str, float]], None] | None = None,
     optimizer: optim.Optimizer | None = None,
     resume: TrainState | None = None,
-    checkpoint: Callable[[TrainState], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Run optimizer steps up to `steps` (from `resume.step` when given); each takes
-    `grad_accumulation` batches. Returns the last metrics."""
+    `grad_accumulation` batches, and `hooks` hear of each. Returns the last metrics."""
+    hooks = hooks or Hooks()
     optimizer = optimizer or make_optimizer(config, steps)
     if resume is not None:
         restore(model, optimizer, resume)
     if config.grad_checkpoint:
-        checkpoint_blocks(model)
+        recompute_blocks(model)
     model.train()
     step_fn = make_step(model, optimizer, loss, config)
     state = [model.state, optimizer.state]
@@ -228,21 +249,14 @@ def train(
             optimizer.state.update(before[1])
             skipped += 1
             last["skipped_non_finite"] = 1.0
-        if validate is not None and (
-            step == steps or (config.valid_every and step % config.valid_every == 0)
-        ):
-            last.update(validate())
-        if log is not None:
-            log(last)
-        if save is not None and (
-            step == steps or (config.save_every and step % config.save_every == 0)
-        ):
-            save(step)
-        stop = should_stop is not None and should_stop()
-        if checkpoint is not None and (
-            stop or step == steps or step % config.checkpoint_every == 0
-        ):
-            checkpoint(capture(model, optimizer, step, batches_done))
+        if step == steps or (config.valid_every and step % config.valid_every == 0):
+            last.update(hooks.valid_metrics())
+        hooks.on_step(last)
+        if step == steps or (config.save_every and step % config.save_every == 0):
+            hooks.on_save(step)
+        stop = hooks.should_stop()
+        if stop or step == steps or step % config.checkpoint_every == 0:
+            hooks.on_checkpoint(capture(model, optimizer, step, batches_done))
         if stop and step < steps:
             raise Stopped(step)
     return last

@@ -24,7 +24,7 @@ from ..core.config import Config
 from ..core.errors import UserError
 from ..core.progress import Progress
 from ..core.settings import apply, load_yaml
-from ..engine.toy import LLAMA3_SPLIT
+from ..data.pretokenizers import LLAMA3_SPLIT, QWEN2_SPLIT
 from .gguf_check import TOLERANCE, check_in_llama_cpp
 
 ARCHITECTURES = ("llama", "qwen2")  # config.json's model_type = gguf's architecture name
@@ -32,7 +32,6 @@ FILE_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per q8_0 block: 32 int8 and one float16 scale (34 bytes)
 
 # The Split regexes of the byte-level BPE pre-tokenizers llama.cpp knows by name
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {  # the tokenizer.json pre-tokenizer, reduced by `_steps` -> llama.cpp's name
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",  # digits one by one, then GPT-2's regex

@@ -10,13 +10,13 @@ user context c (personalization), also the context PMI
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..core.config import DataConfig, EvaluationConfig, GenerationConfig
-from ..core.errors import UserError
+from ..core.errors import Stopped, UserError
 from ..data.prompts import (
     Prompt,
     Rendered,
@@ -25,6 +25,7 @@ from ..data.prompts import (
 )
 from ..engine import distributed as dist
 from ..engine.generation import Response, decode, generate_all
+from ..engine.lora import adapters_disabled
 from ..engine.model import pad_id
 from ..engine.scoring import response_logps
 from ..engine.selection import best_by_pmi, pmi_of_samples, sample_answers
@@ -38,6 +39,7 @@ from .metrics import (
     stopping,
     task_scores,
 )
+from .run import Run
 
 
 @dataclass
@@ -227,3 +229,34 @@ def scored_metrics(
         )
     result.update(kl_mean=float(kl.mean()), objective=float(np.mean(rows - kl)))
     return result
+
+
+def evaluate(
+    run: Run, held: Heldout, adapters: bool = False, lean: bool = False, where: str = ""
+) -> dict:
+    """The evaluation stage: the run's model answers the held-out prompts and is measured, as
+    the base or with its adapters ('mipo'; PMI is always scored by the base, with the adapters
+    off). `lean` skips the scoring; `where` names the prompt set in the progress lines. A stop
+    request ends it after the answer or batch in hand (`Stopped`)."""
+    if not held.rendered.prompts:
+        raise ValueError("no held-out prompts to evaluate on: read them with heldout()")
+    model = run.model
+    base = (lambda: adapters_disabled(model)) if adapters else nullcontext
+    label = ("mipo" if adapters else "base") + (f", {where}" if where else "")
+    c = run.config
+    try:
+        return answer_and_measure(
+            model,
+            run.tokenizer,
+            held,
+            c.evaluation,
+            c.data,
+            c.generation.batch_size,
+            base,
+            label,
+            lean,
+            adapters,
+            run.stop,
+        )
+    except Stopped:
+        raise Stopped(0, f"during the evaluation ({label})") from None

@@ -37,7 +37,7 @@ from ..engine import train_state as ckpt
 from ..engine.generation import Response
 from ..engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
 from . import run_record
-from .trackers import TRACKER_FILES
+from .trackers import TRACKERS, tracker_files
 
 # Files of the stages a rerun reuses; an overwrite clears them. With the final outputs, they mark
 # a run.
@@ -62,7 +62,7 @@ OUTPUT_FILES = (
     "eval.png",
     "training.png",
     written.RECORD,
-    *(name for names in TRACKER_FILES.values() for name in names),
+    *(name for tracker in TRACKERS.values() for name in tracker.files),
 )
 # Settings naming local files or folders, kept absolute in config.yaml so that resume,
 # evaluate and export read the same ones from any working directory.
@@ -260,7 +260,7 @@ class RunFolder:
         later = ["guard.json"] if config.guard.prompts else []
         later += ["eval.json", "eval.md"] if e.prompts else []
         later += ["eval.png", "training.png"] if e.prompts and e.plots else []
-        later += TRACKER_FILES.get(config.training.report_to, ())  # an earlier run's curves go
+        later += tracker_files(config.training.report_to)  # an earlier run's curves go
         self.written.add(written.CONFIG, run_record.RECORD, *later)
         write_text(self.path / written.CONFIG, to_yaml(portable(config)))
 

@@ -26,17 +26,24 @@ from ..engine import distributed as dist
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN = "wandb_run.json"  # the W&B run's id and project: --resume continues that run
-# What each tracker writes at the top of the run folder (recorded, so an overwrite clears it)
-TRACKER_FILES = {"tensorboard": (TENSORBOARD_DIR,), "wandb": ("wandb", WANDB_RUN)}
-MODULES = {"tensorboard": "tensorboardX", "wandb": "wandb"}
 
 
 class Tracker:
-    """The null tracker (report_to: none, and every rank but 0). A backend overrides the
-    underscored methods; the public ones turn its first failure into one note."""
+    """The null tracker (report_to: none, and every rank but 0). A backend is a subclass
+    registered by its `name` (the training.report_to value; core.config.REPORT_TO lists the
+    names): it says which `library` it imports and which `files` it writes at the top of the
+    run folder (the first, a folder), starts in `open`, and overrides the underscored
+    methods; the public ones turn its first failure into one note."""
 
     name = "none"
+    library = ""
+    files: tuple[str, ...] = ()
     on = True
+
+    @classmethod
+    def open(cls, library, config: Config, folder: Path, resume: bool) -> Tracker:
+        """The started tracker; raise UserError when it cannot start."""
+        raise NotImplementedError
 
     def log(self, metrics: dict, step: int) -> None:
         """The numbers of one metrics.jsonl row, under the row's own names."""
@@ -81,6 +88,15 @@ class Tracker:
     def _finish(self, ok: bool) -> None: ...
 
 
+TRACKERS: dict[str, type[Tracker]] = {}
+
+
+def register(cls: type[Tracker]) -> type[Tracker]:
+    TRACKERS[cls.name] = cls
+    return cls
+
+
+@register
 class TensorBoard(Tracker):
     """Event files in <output>/tensorboard, one per attempt, each event written through at
     once (tensorboardX's SummaryWriter queues them: a killed run would lose the last). An
@@ -88,6 +104,12 @@ class TensorBoard(Tracker):
     earlier ones: a resumed run sends metrics.jsonl's rows up to its checkpoint again."""
 
     name = "tensorboard"
+    library = "tensorboardX"
+    files = (TENSORBOARD_DIR,)
+
+    @classmethod
+    def open(cls, library, config: Config, folder: Path, resume: bool) -> Tracker:
+        return cls(library, folder / TENSORBOARD_DIR, resume)
 
     def __init__(self, tensorboardx, logdir: Path, resume: bool):
         self.tbx, self.logdir, self.resume, self.file = tensorboardx, logdir, resume, None
@@ -127,8 +149,15 @@ class TensorBoard(Tracker):
             self.file.close()
 
 
+@register
 class WandB(Tracker):
     name = "wandb"
+    library = "wandb"
+    files = ("wandb", WANDB_RUN)
+
+    @classmethod
+    def open(cls, library, config: Config, folder: Path, resume: bool) -> Tracker:
+        return _wandb(library, config, folder, resume)
 
     def __init__(self, wandb, run):
         self.wandb, self.run = wandb, run
@@ -166,23 +195,28 @@ def start(config: Config, folder: Path, resume: bool) -> Tracker:
     kind = config.training.report_to
     if kind == "none" or not dist.is_main():
         return Tracker()
+    backend = TRACKERS[kind]
     try:
-        library = importlib.import_module(MODULES[kind])
+        library = importlib.import_module(backend.library)
     except Exception as err:  # not installed, or built for other versions (protobuf's, say)
         raise UserError(
-            f"training.report_to={kind} needs {MODULES[kind]}, which did not import "
+            f"training.report_to={kind} needs {backend.library}, which did not import "
             f"({_first_line(err)}): pip install -U 'mipo_mlx[{kind}]', or set "
             "training.report_to: none"
         ) from None
-    files = folder / TRACKER_FILES[kind][0]
+    files = folder / backend.files[0]
     if files.exists() and not files.is_dir():  # W&B would quietly write to a temporary folder
         raise UserError(
             f"training.report_to={kind}: {files} is not a folder; move it away or choose "
             "another output.dir"
         )
-    if kind == "tensorboard":
-        return TensorBoard(library, files, resume)
-    return _wandb(library, config, folder, resume)
+    return backend.open(library, config, folder, resume)
+
+
+def tracker_files(kind: str) -> tuple[str, ...]:
+    """What the tracker `kind` writes at the top of the run folder (recorded, so that an
+    overwrite clears it); none for report_to: none."""
+    return TRACKERS[kind].files if kind in TRACKERS else ()
 
 
 def _wandb(wandb, config: Config, folder: Path, resume: bool) -> Tracker:
