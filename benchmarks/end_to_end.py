@@ -47,9 +47,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (the benchmark model, the peer's shim, say())
+import harness  # noqa: E402  (what the benchmark scripts share)
 
-DATA = run.ROOT / "mipo_mlx" / "embedded" / "data"
+DATA = harness.ROOT / "mipo_mlx" / "embedded" / "data"
 # Prompts (= pairs), evaluation prompts, answer length, pairs per step; steps = one epoch.
 WORKLOADS = {
     "quick": dict(prompts=32, evaluate=16, max_tokens=64, batch=2),
@@ -104,7 +104,12 @@ def measured(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> 
         tic = time.perf_counter()
         started = time.time()
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})}, cwd=run.ROOT
+            cmd,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=harness.ROOT,
         )
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
@@ -123,7 +128,7 @@ def measured(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> 
         "seconds": seconds,
         "started": started,
         "peak_rss_gb": usage.ru_maxrss * scale / 1e9,
-        "result": run.worker_result(stdout) or {},
+        "result": harness.worker_result(stdout) or {},
         "stdout": stdout,
         "stderr": stderr,
     }
@@ -280,7 +285,7 @@ def worker_peer_dpo(spec: dict) -> dict:
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm_lora import train as cli
 
-    run.peer_device_info_shim()
+    harness.peer_device_info_shim()
     w = spec["workload"]
     settings = {
         "model": spec["model"],
@@ -383,22 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick model and workload")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ours, peer)")
-    parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
-    run.add_worker_arguments(parser)
+    parser.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "out"))
+    harness.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:  # every worker is a peer process: the same thread governor as ours
-        run.start_as_the_command()
-    if run.answered_as_worker(args, WORKERS):
+        harness.start_as_the_command()
+    if harness.answered_as_worker(args, WORKERS):
         return 0
 
-    if not run.peer_installed("benchmarks/end_to_end.py"):
+    if not harness.peer_installed("benchmarks/end_to_end.py"):
         return 2
     mode = "quick" if args.quick else "full"
     out = Path(args.out)
     folder = out / f"end_to_end-{mode}"
     workload = WORKLOADS[mode]
     started = time.perf_counter()
-    model = run.build_model(out / f"model-{mode}", run.MODELS[mode])
+    model = harness.build_model(out / f"model-{mode}", harness.MODELS[mode])
     prompts, heldout = write_prompts(folder, workload)
     spec = {
         "model": str(model),
@@ -412,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         for side, go in sides.items():
             result = go({**spec, "output": str(folder / side)})
             rounds[side].append(result)
-            run.say(
+            harness.say(
                 f"round {r + 1}/{args.rounds}: {side:4s} {result['seconds']:7.1f} s, "
                 f"peak {result['peak_rss_gb']:.2f} GB, {result['pairs']} pairs, "
                 f"{result['steps']} steps"
@@ -420,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     report = summarize(mode, workload, rounds)
     (folder / "results.json").write_text(json.dumps(report, indent=1))
     (folder / "results.md").write_text(report["markdown"])
-    run.say(report["markdown"])
-    run.say(f"benchmark took {time.perf_counter() - started:.0f} s; results in {folder}")
+    harness.say(report["markdown"])
+    harness.say(f"benchmark took {time.perf_counter() - started:.0f} s; results in {folder}")
     print(report["last_line"])
     return 0
 
@@ -431,7 +436,7 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
     memory = {
         side: statistics.median(r["peak_rss_gb"] for r in found) for side, found in rounds.items()
     }
-    speedup = run.summary(ratios)
+    speedup = harness.summary(ratios)
     lines = [
         f"End to end, {mode} workload ({workload['prompts']} prompts = pairs, "
         f"{workload['prompts'] // workload['batch']} steps at batch {workload['batch']}, "
@@ -443,17 +448,17 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
     ]
     for side, found in rounds.items():
         for stage in found[0]["stages"]:
-            s = run.summary([r["stages"][stage] for r in found])
+            s = harness.summary([r["stages"][stage] for r in found])
             lines.append(
                 f"| {side} | {stage} | {s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}] |"
             )
         for bar in found[0].get("progress", {}):  # ours' progress bars, in whole seconds
-            s = run.summary([r["progress"].get(bar, 0) for r in found])
+            s = harness.summary([r["progress"].get(bar, 0) for r in found])
             lines.append(
                 f"| {side} | (progress bar: {bar}) | {s['median']:.0f} [{s['min']:.0f}, "
                 f"{s['max']:.0f}] |"
             )
-        s = run.summary([r["seconds"] for r in found])
+        s = harness.summary([r["seconds"] for r in found])
         lines.append(
             f"| {side} | **total** | **{s['median']:.1f}** [{s['min']:.1f}, {s['max']:.1f}] |"
         )
@@ -479,7 +484,7 @@ def summarize(mode: str, workload: dict, rounds: dict[str, list[dict]]) -> dict:
     return {
         "mode": mode,
         "workload": workload,
-        "machine": run.machine(),
+        "machine": harness.machine(),
         "rounds": rounds,
         "end_to_end_speedup": speedup,
         "ratios": ratios,

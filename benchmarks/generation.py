@@ -32,7 +32,7 @@ from pathlib import Path
 import mipo_mlx  # noqa: F401  (first: it loads the fast BLAS before mlx)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (the model builder, pair maker and worker runner of benchmarks/run.py)
+import harness  # noqa: E402  (what the benchmark scripts share)
 
 VOCABS = {"32k": 32000, "128k": 128256}
 SIDES = ("sequential", "per_row", "ours")
@@ -76,8 +76,8 @@ def worker(spec: dict) -> dict:
     from mipo_mlx.core.config import GenerationConfig
 
     if spec["side"] != "per_row":
-        return run.worker_generate(spec)
-    model, tokenizer = run.load_model(spec)
+        return harness.worker_generate(spec)
+    model, tokenizer = harness.load_model(spec)
     prompts = [r["prompt_ids"] for r in json.loads(Path(spec["pairs"]).read_text())]
     config = GenerationConfig(
         temperature=0.7, top_p=0.9, max_tokens=spec["max_tokens"], batch_size=spec["batch_size"]
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SIDES),
         help="comma-separated sides (sequential, per_row, ours); ours is always run",
     )
-    parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
-    run.add_worker_arguments(parser)
+    parser.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "out"))
+    harness.add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if run.answered_as_worker(args, {"generate": worker}):
+    if harness.answered_as_worker(args, {"generate": worker}):
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
     sides = [x for x in SIDES if x in args.sides.split(",") or x == "ours"]
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         for label, vocab in VOCABS.items():
             if args.vocab and label != args.vocab:
                 continue
-            shape = {**run.MODELS[mode], "vocab": vocab}
-            model_dir = run.build_model(out / f"model-{mode}-{label}", shape)
+            shape = {**harness.MODELS[mode], "vocab": vocab}
+            model_dir = harness.build_model(out / f"model-{mode}-{label}", shape)
             pairs = out / f"pairs-generate-{mode}-{label}.json"
-            pairs.write_text(json.dumps(run.make_pairs(n_prompts, (200, 400), (1, 2), vocab, 3)))
+            pairs.write_text(json.dumps(harness.pair_rows(n_prompts, (200, 400), (1, 2), vocab, 3)))
             spec = {"model": str(model_dir), "pairs": str(pairs), "max_tokens": max_tokens}
             spec["batch_size"] = n_prompts
             times = {side: [] for side in sides}
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in sides:
                     result = run_side({**spec, "side": side})
                     times[side].append(result["seconds_per_pair"])
-                    run.say(
+                    harness.say(
                         f"{mode} {label} round {r + 1}: {side:10s} {times[side][-1]:.2f} s/pair"
                     )
             entry = report[f"{mode}/{label}"] = {"seconds_per_pair": times}
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     prefix = "generation_speedup" if name == "speedup" else name
                     suffix = label if mode == "quick" else f"{mode}_{label}"
                     last.append(f"{prefix}_{suffix}={statistics.median(entry[name]):.2f}")
-            run.say(line)
+            harness.say(line)
     (out / f"generation-{'-'.join(models)}.json").write_text(json.dumps(report, indent=1))
     print(" ".join(sorted(last)))
     return 0
@@ -167,7 +167,7 @@ def run_side(spec: dict) -> dict:
         text=True,
         timeout=3600,
     )
-    result = run.worker_result(proc.stdout)
+    result = harness.worker_result(proc.stdout)
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"worker {spec['side']} failed:\n{proc.stderr[-2000:]}")
     return result

@@ -33,8 +33,8 @@ from pathlib import Path
 import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before mlx)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (what the benchmark scripts share)
 import mlx.core as mx  # noqa: E402
-import run  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -65,7 +65,7 @@ def setup(model_dir: Path, pairs_file: Path):
     from mipo_mlx.engine.probes import use_shared_prompt
     from mipo_mlx.engine.scoring import score_pairs
 
-    model, _ = run.load_model({"model": str(model_dir)})
+    model, _ = harness.load_model({"model": str(model_dir)})
     rows = json.loads(pairs_file.read_text())
     pairs = [
         Pair(
@@ -84,13 +84,13 @@ def setup(model_dir: Path, pairs_file: Path):
     shared = use_shared_prompt(model, pairs, config.shared_prompt, 0)
     for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
         pair.reference_logps = {"chosen": c, "rejected": r}
-    attach_lora(model, LoraConfig(**run.LORA), seed=0)
+    attach_lora(model, LoraConfig(**harness.LORA), seed=0)
     return model, pack_pairs(pairs, 0, shared), config, shared
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(run.ROOT / "benchmarks" / "out"))
+    parser.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "out"))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -16,7 +16,7 @@ with its min-max. The last line printed is
 
 mlx-lm-lora (pip install mlx-lm-lora; 5.10.2 measured) reads the Metal-only key
 `max_recommended_working_set_size` from `mx.device_info()` and stops with a
-KeyError on other backends. The shim below (`peer_device_info_shim`) adds that key
+KeyError on other backends. The shim in harness.py (`peer_device_info_shim`) adds that key
 (the physical memory) for the peer's process only; nothing else of it is changed.
 """
 
@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -35,17 +32,30 @@ from pathlib import Path
 
 import mipo_mlx  # noqa: F401  (first: it loads the system BLAS before mlx)
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    LORA,
+    MODELS,
+    ROOT,
+    add_worker_arguments,
+    answered_as_worker,
+    build_model,
+    governed_threads,
+    interleaved,
+    load_model,
+    machine,
+    memory_sample,
+    pair_rows,
+    peer_device_info_shim,
+    peer_installed,
+    ratio,
+    run_worker,
+    say,
+    start_as_the_command,
+    summary,
+    worker_generate,
+)
 
-# Model shapes: qwen2 blocks (GQA, q/k/v biases), untied head, 32k vocabulary.
-MODELS = {
-    "quick": dict(
-        hidden_size=512, layers=6, intermediate_size=1408, heads=8, kv_heads=2, vocab=32000
-    ),
-    "full": dict(
-        hidden_size=768, layers=8, intermediate_size=2048, heads=12, kv_heads=4, vocab=32000
-    ),
-}
 # Workloads: pairs per batch, prompt and response length ranges (tokens).
 WORKLOADS = {
     "quick": {"chat": (2, (200, 400), (100, 200)), "personalization": (2, (500, 600), (100, 200))},
@@ -53,134 +63,12 @@ WORKLOADS = {
 }
 # 4-bit runs: MLX's CPU quantized matmul is ~40x slower
 QUANT_WORKLOAD = (1, (200, 300), (100, 150))
-LORA = dict(rank=8, scale=20.0, dropout=0.0, num_layers=-1)
 
 
 # ---------------------------------------------------------------- setup (parent process)
 
 
-def build_model(folder: Path, shape: dict) -> Path:
-    """A random-init qwen2 model with a 32k byte-level BPE tokenizer (trained on random words,
-    so that every id decodes)."""
-    from mipo_mlx.engine.toy import build_model_folder
-
-    if (folder / "config.json").exists():
-        return folder
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    corpus = [
-        " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(50))
-        for _ in range(8000)
-    ]
-    return build_model_folder(
-        folder,
-        architecture="qwen2",
-        hidden_size=shape["hidden_size"],
-        layers=shape["layers"],
-        intermediate_size=shape["intermediate_size"],
-        heads=shape["heads"],
-        kv_heads=shape["kv_heads"],
-        vocab_size=shape["vocab"],
-        tie_word_embeddings=False,
-        corpus=corpus,
-    )
-
-
-def make_pairs(n: int, prompt_range, response_range, vocab: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-
-    def ids(lo, hi):
-        return [rng.randrange(10, vocab) for _ in range(rng.randint(lo, hi))]
-
-    return [
-        {
-            "prompt_ids": ids(*prompt_range),
-            "chosen_ids": ids(*response_range),
-            "rejected_ids": ids(*response_range),
-        }
-        for _ in range(n)
-    ]
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """The hidden arguments a benchmark script's worker processes are started with."""
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-
-
-def answered_as_worker(args: argparse.Namespace, workers: dict) -> bool:
-    """In a worker process: run the named worker on its spec, print its RESULT line, True."""
-    if not args.worker:
-        return False
-    print("RESULT " + json.dumps(workers[args.worker](json.loads(args.spec))), flush=True)
-    return True
-
-
-def worker_result(stdout: str) -> dict | None:
-    """The last RESULT line a worker printed, parsed; None if it printed none."""
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
-
-
-def run_worker(kind: str, spec: dict, env: dict | None = None, timeout: int = 3600) -> dict:
-    """Run one measurement in a fresh Python process; its last stdout line is JSON."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        kind,
-        "--spec",
-        json.dumps(spec),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-    result = worker_result(proc.stdout)
-    if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"worker {kind} {spec.get('side', '')} failed:\n{proc.stderr[-3000:]}")
-    return result
-
-
 # ---------------------------------------------------------------- workers (one per subprocess)
-
-
-def memory_sample(state: dict) -> None:
-    import mlx.core as mx
-
-    state["peak_total"] = max(
-        state.get("peak_total", 0), mx.get_active_memory() + mx.get_cache_memory()
-    )
-
-
-def start_as_the_command() -> None:
-    """Every side computes as `python -m mipo_mlx.train` does: its start (`require_mlx`) runs
-    the thread governor of the default policy, which computes on the cores the machine leaves
-    idle. The peer gets it too: the same BLAS and threads on both sides (one thread a process
-    made the peer's end-to-end pipeline 25% slower, BENCHMARKS.md)."""
-    from mipo_mlx.core.backend import require_mlx
-
-    require_mlx()
-
-
-def governed_threads() -> list[int]:
-    """The BLAS thread count the governor chose at each of its samples in this process (to
-    tell a slow round on fewer threads from one slow for another reason); [] without one."""
-    from mipo_mlx.core.backend import start_governor
-
-    governor = start_governor()
-    return list(governor.counts) if governor is not None else []
-
-
-def load_model(spec: dict):
-    from mlx_lm import load
-
-    from mipo_mlx.engine.model import quantize
-
-    model, tokenizer, config = load(spec["model"], return_config=True)
-    if spec.get("bits"):
-        quantize(model, config, spec["bits"], 64)
-    model.freeze()
-    return model, tokenizer
 
 
 def worker_matmul(spec: dict) -> dict:
@@ -326,24 +214,6 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     }
 
 
-def peer_device_info_shim() -> None:
-    """mlx-lm-lora reads mx.device_info()['max_recommended_working_set_size'], a key only Metal
-    has. Add it (physical memory) so its trainer runs on other backends."""
-    import mlx.core as mx
-
-    original = mx.device_info
-
-    def device_info():
-        info = dict(original())
-        info.setdefault(
-            "max_recommended_working_set_size",
-            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        )
-        return info
-
-    mx.device_info = device_info
-
-
 def peer_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     """mlx-lm-lora's own DPO trainer (`train_dpo`), as its CLI sets it up: the reference is a
     second full model, loaded separately; LoRA with the same rank, scale and layers."""
@@ -405,53 +275,6 @@ def peer_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     return {"step_seconds": times[spec["warmup"] :], "tokens": tokens, "head_tokens": tokens}
 
 
-def worker_generate(spec: dict) -> dict:
-    """Pair generation: ours batched (positives reused as `random` negatives: N generations), or
-    the sequential baseline (mlx_lm.stream_generate per prompt, a positive and a fresh negative)."""
-    import mlx.core as mx
-
-    start_as_the_command()
-    mx.reset_peak_memory()
-    model, tokenizer = load_model(spec)
-    prompts = [r["prompt_ids"] for r in json.loads(Path(spec["pairs"]).read_text())]
-    max_tokens, n = spec["max_tokens"], len(prompts)
-    tic = time.perf_counter()
-    if spec["side"] == "ours":
-        from mipo_mlx.core.config import GenerationConfig
-        from mipo_mlx.engine.generation import generate
-        from mipo_mlx.stages.pairs import derangement
-
-        config = GenerationConfig(
-            temperature=0.7, top_p=0.9, max_tokens=max_tokens, batch_size=spec["batch_size"]
-        )
-        responses = generate(model, tokenizer, prompts, config, streams=list(range(n)))
-        derangement(list(range(n)), seed=0)  # the negatives: other prompts' answers, no generation
-        generated = sum(len(r.token_ids) for r in responses)
-    else:
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
-        sampler = make_sampler(temp=0.7, top_p=0.9)
-        generated = 0
-        for i, prompt in enumerate(prompts):
-            # The positive, then a negative from another prompt
-            for source in (prompt, prompts[(i + 1) % n]):
-                for response in stream_generate(
-                    model, tokenizer, source, max_tokens=max_tokens, sampler=sampler
-                ):
-                    last = response
-                generated += last.generation_tokens
-    seconds = time.perf_counter() - tic
-    return {
-        "seconds": seconds,
-        "pairs": n,
-        "generated_tokens": generated,
-        "seconds_per_pair": seconds / n,
-        "tokens_per_second": generated / seconds,
-        "peak_active_gb": mx.get_peak_memory() / 1e9,
-    }
-
-
 def worker_cli(spec: dict) -> dict:
     """`python -m mipo_mlx.train` end to end on the embedded default (shortened), timed."""
     from mipo_mlx.core.backend import blas_library
@@ -480,54 +303,6 @@ WORKERS = {
 
 
 HEADLINE = ("peer-default", "ours-default")  # the sides whose ratio is the headline
-
-
-def interleaved(specs: dict, rounds: int, label: str, seconds, unit: str, worker="train") -> dict:
-    """Each side of `specs` once per round, in turn (A B A B ...), each in its own process, so
-    that a slow spell of the machine lands on both sides and not on one: a ratio of two
-    single passes was seen to move from 3.51x to 1.99x an hour apart. Returns each side's
-    first result with `rounds` (every round's result) and `round_seconds` added."""
-    results: dict = {key: [] for key in specs}
-    for r in range(rounds):
-        for key, spec in specs.items():
-            results[key].append(run_worker(worker, spec))
-            say(f"{label} round {r + 1}/{rounds}: {key:14s} {seconds(results[key][-1]):.2f} {unit}")
-    return {
-        key: {**found[0], "rounds": found, "round_seconds": [seconds(x) for x in found]}
-        for key, found in results.items()
-    }
-
-
-def ratio(slow: dict, fast: dict) -> dict:
-    """The median over rounds of slow/fast, paired by round, with its spread."""
-    values = [a / b for a, b in zip(slow["round_seconds"], fast["round_seconds"])]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def summary(values: list[float]) -> dict:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def peer_installed(script: str) -> bool:
-    """Whether mlx-lm-lora (the peer side) is installed; if not, one line saying how."""
-    import importlib.util
-
-    if importlib.util.find_spec("mlx_lm_lora") is not None:
-        return True
-    print(
-        f"{script}: the peer side needs mlx-lm-lora; install it with `pip install mlx-lm-lora`",
-        file=sys.stderr,
-    )
-    return False
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def train_flops(result: dict) -> float:
@@ -576,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (batch, prompt_range, response_range) in workloads.items():
         pairs_file = out / f"pairs-{name}-{mode}.json"
         pairs_file.write_text(
-            json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=1))
+            json.dumps(pair_rows(batch, prompt_range, response_range, shape["vocab"], seed=1))
         )
         base = {"model": str(model_dir), "pairs": str(pairs_file), "steps": steps, "warmup": warmup}
         runs = interleaved(
@@ -599,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         batch, prompt_range, response_range = QUANT_WORKLOAD
         pairs_file = out / f"pairs-q4-{mode}.json"
         pairs_file.write_text(
-            json.dumps(make_pairs(batch, prompt_range, response_range, shape["vocab"], seed=2))
+            json.dumps(pair_rows(batch, prompt_range, response_range, shape["vocab"], seed=2))
         )
         base = {
             "model": str(model_dir),
@@ -623,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     n_prompts, max_tokens = (8, 128) if args.quick else (16, 160)
     pairs_file = out / f"pairs-generate-{mode}.json"
     pairs_file.write_text(
-        json.dumps(make_pairs(n_prompts, (200, 400), (1, 2), shape["vocab"], seed=3))
+        json.dumps(pair_rows(n_prompts, (200, 400), (1, 2), shape["vocab"], seed=3))
     )
     spec = {"model": str(model_dir), "pairs": str(pairs_file), "max_tokens": max_tokens}
     gen = interleaved(
@@ -667,30 +442,6 @@ def blas_end_to_end(out: Path) -> dict:
             f"{run['seconds']:.1f} s"
         )
     return result
-
-
-def machine() -> dict:
-    import mlx.core as mx
-
-    from mipo_mlx.core.backend import blas_library
-
-    versions = {}
-    for package in ("mlx", "mlx-lm", "mlx-lm-lora", "mipo_mlx"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package)
-        except Exception:
-            versions[package] = "not installed"
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": str(mx.default_device()),
-        "blas": blas_library(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
 
 
 def finish(report: dict, out: Path) -> None:
