@@ -18,15 +18,24 @@ import yaml
 
 from .loss_settings import HONOURS
 
-# The negative strategies' names (stages/negatives.py registers a class for each)
-NEGATIVE_STRATEGIES = (
-    "random",
-    "incomplete",
-    "no_context",
-    "random_context",
-    "mixed",
-    "majority_vote",
-)
+
+@dataclass(frozen=True)
+class NegativeNeeds:
+    """What a negative strategy needs of the settings, checked before any model loads."""
+
+    context: bool = False  # a prompt template that shows the user's context
+    samples: int = 1  # at least this many pairs.samples
+
+
+# The negative strategies (stages/negatives.py registers a class for each) and their needs
+NEGATIVE_STRATEGIES = {
+    "random": NegativeNeeds(),
+    "incomplete": NegativeNeeds(),
+    "no_context": NegativeNeeds(context=True),
+    "random_context": NegativeNeeds(context=True),
+    "mixed": NegativeNeeds(context=True),
+    "majority_vote": NegativeNeeds(samples=3),
+}
 # Row formats a prompt source can be in: the project's own JSONL, or a public dataset's.
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
 # The names data.template takes: the paper's prompt templates (templates.PAPER_TEMPLATES holds them)
@@ -170,7 +179,7 @@ class GenerationConfig:
 @dataclass
 class PairsConfig:
     negatives: str = setting(
-        "random", "How rejected responses are made.", choices=NEGATIVE_STRATEGIES
+        "random", "How rejected responses are made.", choices=tuple(NEGATIVE_STRATEGIES)
     )
     seed: int = setting(42, "Seed for the derangement and sentence dropping.", min=0, max=SEED_MAX)
     samples: int = setting(

@@ -17,7 +17,15 @@ from typing import Any
 
 from ..embedded import resolve_path
 from . import reading
-from .config import INT_MAX, Config, DataConfig, all_keys, sections, settings_of
+from .config import (
+    INT_MAX,
+    NEGATIVE_STRATEGIES,
+    Config,
+    DataConfig,
+    all_keys,
+    sections,
+    settings_of,
+)
 from .errors import UserError
 from .loss_settings import check_loss_settings
 
@@ -204,20 +212,17 @@ def validate(config: Config, command: str = "train") -> Config:
             raise UserError(
                 f"data.template={data.template} replaces data.{changed[0]}; set one of the two"
             )
-        if data.template != "prism" and config.pairs.negatives in (
-            "no_context",
-            "random_context",
-            "mixed",
-        ):
+        if data.template != "prism" and NEGATIVE_STRATEGIES[config.pairs.negatives].context:
             raise UserError(
                 f"pairs.negatives={config.pairs.negatives} needs a template "
                 "with the user's context; "
                 f"data.template={data.template} has none (use prism or your own context_template)"
             )
-    if config.pairs.negatives == "majority_vote" and config.pairs.samples < 3:
+    needs = NEGATIVE_STRATEGIES[config.pairs.negatives].samples
+    if config.pairs.samples < needs:
         raise UserError(
-            "pairs.negatives=majority_vote votes among pairs.samples answers per prompt; "
-            f"set pairs.samples to at least 3 (got {config.pairs.samples})"
+            f"pairs.negatives={config.pairs.negatives} needs at least {needs} answers per prompt "
+            f"(pairs.samples); set pairs.samples to at least {needs} (got {config.pairs.samples})"
         )
     check_loss_settings(config.training)
     if config.training.fresh_prompts and config.training.rounds > 1 and not data.limit:

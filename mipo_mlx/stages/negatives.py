@@ -5,7 +5,7 @@ information (another prompt's answer, or an answer to x with a sentence or the u
 removed), always scored under x. Each strategy is a class registered by name in `NEGATIVES`,
 as the losses are in `engine.losses.LOSSES`: `check` finds what its input lacks before anything
 is generated, and `pairs` makes the pairs. A new strategy is a class here and its name in
-`core.config.NEGATIVE_STRATEGIES` (the settings refuse unknown names without loading mlx).
+`core.config.NEGATIVE_STRATEGIES` with what it needs of the settings (checked without mlx).
 """
 
 from __future__ import annotations
