@@ -12,7 +12,7 @@ eval.md and eval.png in --output (the run folder by default), or to eval-2.*, ev
 where an earlier report is there: one evaluation never replaces another. A run folder's
 config.yaml never lets the model run its own code (model.trust_remote_code): only this
 command line can. The first Ctrl-C (or SIGTERM) stops at the next batch, writing no report.
-This module imports no mlx at the top, so `--help` and config errors need no backend. """
+This module imports no mlx at the top, so `--help` and config errors need no backend."""
 
 from __future__ import annotations
 

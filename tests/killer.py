@@ -25,7 +25,7 @@ import mipo_mlx  # noqa: F401  (BLAS first)
 from mipo_mlx import train
 from mipo_mlx.core import files
 from mipo_mlx.engine import train_state as checkpoint
-from mipo_mlx.engine import trainer as loop
+from mipo_mlx.engine import trainer
 from mipo_mlx.stages import run_folder
 
 
@@ -37,7 +37,7 @@ def main():
     point, value = sys.argv[1], int(sys.argv[2])
     args = sys.argv[sys.argv.index("--") + 1 :]
     if point == "rank-1-after-step":
-        real_memory, steps = loop.memory_metrics, [0]
+        real_memory, steps = trainer.memory_metrics, [0]
 
         def memory_metrics():  # called once per step, on every rank
             steps[0] += 1
@@ -48,7 +48,7 @@ def main():
                     die()
             return real_memory()
 
-        loop.memory_metrics = memory_metrics
+        trainer.memory_metrics = memory_metrics
     elif point in ("after-step", "round-2-after-step", "wait-after-step"):
         real = run_folder.append_jsonl
         folder = "round-2" if point.startswith("round-2") else None

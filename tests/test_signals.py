@@ -17,7 +17,7 @@ import pytest
 from mipo_mlx import evaluate as evaluate_cli
 from mipo_mlx import pipeline, train
 from mipo_mlx.core.config import Config
-from mipo_mlx.stages import evaluation as measure
+from mipo_mlx.stages import evaluation
 
 from .builders import run_args, write_prompts
 
@@ -72,7 +72,7 @@ def test_first_sigint_in_the_final_evaluation_stops_train(
     prompts = write_prompts(tmp_path / "p.jsonl", n=4)
     out = tmp_path / "run"
     signal_at(
-        monkeypatch, measure, "answer_and_measure", signal.SIGINT, lambda *a, **k: a[7] == "mipo"
+        monkeypatch, evaluation, "answer_and_measure", signal.SIGINT, lambda *a, **k: a[7] == "mipo"
     )
     args = run_args(toy_model_dir, prompts, out, *FAST, "--evaluation.prompts", heldout)
     assert train.main([*args, *EVAL_FAST, *QUIET]) == 130
@@ -89,7 +89,7 @@ def test_first_sigterm_stops_evaluate_and_writes_no_report(
     toy_model_dir, tmp_path, heldout, monkeypatch, capsys, guarded
 ):
     out = tmp_path / "ev"
-    signal_at(monkeypatch, measure, "generate_all", signal.SIGTERM)
+    signal_at(monkeypatch, evaluation, "generate_all", signal.SIGTERM)
     args = ["--model", str(toy_model_dir), "--prompts", str(heldout), "--output", str(out)]
     assert evaluate_cli.main([*args, *EVAL_FAST, *QUIET]) == 130
     said = capsys.readouterr().err.strip().splitlines()
@@ -104,7 +104,7 @@ def test_a_signal_while_the_model_loads_stops_before_any_answer(
     from mipo_mlx.engine import model as mdl
 
     answered = []
-    monkeypatch.setattr(measure, "generate_all", lambda *a, **k: answered.append(1))
+    monkeypatch.setattr(evaluation, "generate_all", lambda *a, **k: answered.append(1))
     signal_at(monkeypatch, mdl, "load", signal.SIGINT)
     args = ["--model", str(toy_model_dir), "--prompts", str(heldout), "--output", str(tmp_path)]
     assert evaluate_cli.main(args) == 130
