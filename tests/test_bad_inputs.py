@@ -1,6 +1,12 @@
 """Bad input: one line naming the input and what to do, exit 2, no traceback, the output folder
-untouched."""
+untouched.
 
+Each case runs the command's `main(argv)` in this process (tests/in_process.py), as fast as
+a unit test; a few run `python -m mipo_mlx.<command>` in a process of their own, to prove the
+same of the real command end to end."""
+
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +18,7 @@ import mlx.core as mx
 import pytest
 
 from .builders import remote_code_model
+from .in_process import run_main
 
 GOOD = [
     {"prompt": "Tom has 3 apples. How many?"},
@@ -480,13 +487,11 @@ def models(toy_model_dir, tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text(jsonl(GOOD))
     args = ["--model", str(toy_model_dir), "--prompts", str(prompts), "--output", str(runs / "run")]
-    done = subprocess.run(
-        [sys.executable, "-m", "mipo_mlx.train", *args, "--iters", "1", *FAST],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    from mipo_mlx import train
+
+    said = io.StringIO()  # in this process, as the cases run (quiet unless it fails)
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        assert train.main([*args, "--iters", "1", *FAST]) == 0, said.getvalue()
     damaged = {}
     for name, damage in (
         ("run_bad_id", lambda rows: rows[1]["chosen_ids"].append(10**6)),
@@ -589,8 +594,9 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, models, toy_model_dir, tmp_path):
+def prepare(name, models, toy_model_dir, tmp_path):
+    """Write the case's files: (command module, its arguments, the fragment the message must
+    hold, the case's command, the folders that must stay as they are, their contents now)."""
     files, extra, fragment, *command = CASES[name]
     command = command[0] if command else "train"
     for file_name, content in files.items():
@@ -631,14 +637,52 @@ def test_bad_input(name, models, toy_model_dir, tmp_path):
     watched += [
         Path(fill[k]).parent for k in models if k.startswith("run_") and f"{{{k}}}" in named
     ]
-    before = [snapshot(w) for w in watched]
+    return module, args, fragment, command, watched, [snapshot(w) for w in watched]
+
+
+def no_hub_login(tmp_path) -> dict[str, str]:
+    """The environment of a machine with no Hugging Face token and an empty HF home."""
+    return {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "no-hf-home")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, models, toy_model_dir, tmp_path, monkeypatch, capfd):
+    module, args, fragment, command, watched, before = prepare(
+        name, models, toy_model_dir, tmp_path
+    )
+    import huggingface_hub.constants  # its token file's path was read from HF_HOME at import
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", f"{tmp_path}/no-hf-home/token")
+    done = run_main(module, args, capfd, cwd=tmp_path, env=no_hub_login(tmp_path))
+    check(done, command, fragment, watched, before)
+
+
+# End to end, one case of each command in `python -m mipo_mlx.<command>`'s own process: the
+# exit status and stderr of the real command (what the package prints as it imports included)
+IN_ITS_OWN_PROCESS = [
+    "malformed json line",
+    "evaluate: adapters folder missing",
+    "export: malformed repo id",
+]
+
+
+@pytest.mark.parametrize("name", IN_ITS_OWN_PROCESS)
+def test_bad_input_in_its_own_process(name, models, toy_model_dir, tmp_path):
+    module, args, fragment, command, watched, before = prepare(
+        name, models, toy_model_dir, tmp_path
+    )
     done = subprocess.run(
         [sys.executable, "-m", f"mipo_mlx.{module}", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HF_TOKEN": "", "HF_HOME": str(tmp_path / "no-hf-home")},
+        env={**os.environ, **no_hub_login(tmp_path)},
     )
+    check(done, command, fragment, watched, before)
+
+
+def check(done, command, fragment, watched, before):
+    """Exit status 2, one line naming the input, no traceback, nothing written or lost."""
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-1500:]
     assert "Traceback" not in done.stderr

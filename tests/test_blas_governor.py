@@ -147,6 +147,7 @@ finally:
 """
 
 
+@pytest.mark.integration  # busy-loop processes on every core, 3 s
 @needs_openblas
 def test_beside_busy_processes_it_computes_on_one_thread():
     """A busy-loop process on every core: the governor keeps OpenBLAS on one thread."""
@@ -154,6 +155,7 @@ def test_beside_busy_processes_it_computes_on_one_thread():
     assert got["counts"] and set(got["counts"]) == {1} and got["threads"] == 1, got
 
 
+@pytest.mark.integration  # two interpreters beside busy loops, 3 s each
 @needs_openblas
 def test_a_thread_count_the_user_sets_starts_no_governor():
     cores = cores_to_share()

@@ -1,4 +1,7 @@
-"""`python -m mipo_mlx.train` with bad input: exit status 2 and one line on stderr."""
+"""`python -m mipo_mlx.train` with bad input: exit status 2 and one line on stderr.
+
+The commands' `main(argv)` run in this process (tests/in_process.py); `--help` is also run
+once as `python -m mipo_mlx.train` in a process of its own."""
 
 from __future__ import annotations
 
@@ -10,15 +13,17 @@ import pytest
 
 from mipo_mlx.engine.toy import build_model_folder
 
+from .in_process import run_main
 
-def run_train(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mipo_mlx.train", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+@pytest.fixture
+def run_train(capfd):
+    """`python -m mipo_mlx.train ARGS` in `cwd`, run in this process: its main(argv)."""
+
+    def run(*args, cwd) -> subprocess.CompletedProcess:
+        return run_main("train", args, capfd, cwd=cwd)
+
+    return run
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -49,7 +54,16 @@ def prompts_file(tmp_path):
 
 
 def test_help_exits_zero(tmp_path):
-    proc = run_train("--help", cwd=tmp_path)
+    # In a process of its own: a fresh interpreter proves `python -m mipo_mlx.train` itself
+    # exits 0 with nothing on stderr, nothing printed while the package imports included
+    # (in this process it was imported long before)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mipo_mlx.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m mipo_mlx.train")
     assert "--training.learning_rate" in proc.stdout
@@ -57,30 +71,25 @@ def test_help_exits_zero(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "export"])
-def test_help_reads_at_a_glance(command, tmp_path):
+def test_help_reads_at_a_glance(command, tmp_path, capfd):
     """One short usage line, then the description, then the options grouped by section."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mipo_mlx.{command}", "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"COLUMNS": "100", "PATH": ""},
-    )
-    assert proc.returncode == 0, proc.stderr
-    usage, blank, description = proc.stdout.splitlines()[:3]
+    with pytest.raises(SystemExit) as exited:  # argparse's exit, status 0 under python -m
+        run_main(command, ["--help"], capfd, cwd=tmp_path, env={"COLUMNS": "100"})
+    stdout, stderr = capfd.readouterr()
+    assert exited.value.code == 0, stderr
+    usage, blank, description = stdout.splitlines()[:3]
     assert usage.startswith(f"usage: python -m mipo_mlx.{command} ") and len(usage) <= 160
     assert blank == "" and description.startswith(("MIPO", "`python -m"))
     if command != "export":
         assert usage.endswith("[--section.key VALUE ...]") and "--output DIR" in usage
         assert "--training.learning_rate" not in usage
-        headings = [line for line in proc.stdout.splitlines() if line.endswith(" settings:")]
+        headings = [line for line in stdout.splitlines() if line.endswith(" settings:")]
         assert headings[:3] == ["model settings:", "lora settings:", "data settings:"]
     else:
         assert "--adapters RUN_DIR --output DIR" in usage
 
 
-def test_unknown_cli_key(tmp_path):
+def test_unknown_cli_key(tmp_path, run_train):
     # BUG: argparse reports it: the full usage (about 50 lines) and then
     # "python -m mipo_mlx.train: error: unrecognized arguments: ...", with no
     # did-you-mean hint, unlike an unknown key in the YAML file.
@@ -92,7 +101,7 @@ def test_unknown_cli_key(tmp_path):
     assert "training.learning_rate" in message  # the did-you-mean hint
 
 
-def test_bad_yaml_file_names_the_line(tmp_path):
+def test_bad_yaml_file_names_the_line(tmp_path, run_train):
     config = tmp_path / "bad.yaml"
     config.write_text(
         "model:\n  path: m\ntraining:\n  beta: [0.1\n  loss: sigmoid\n", encoding="utf-8"
@@ -101,7 +110,7 @@ def test_bad_yaml_file_names_the_line(tmp_path):
     assert message.startswith(f"{config} line 5: not valid YAML (")
 
 
-def test_unknown_key_in_yaml_file(tmp_path):
+def test_unknown_key_in_yaml_file(tmp_path, run_train):
     config = tmp_path / "typo.yaml"
     config.write_text("training:\n  learning_rat: 0.001\n", encoding="utf-8")
     message = one_error_line(run_train("--config", config, cwd=tmp_path))
@@ -111,36 +120,36 @@ def test_unknown_key_in_yaml_file(tmp_path):
     )
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_config_file(tmp_path, run_train):
     message = one_error_line(run_train("--config", tmp_path / "nope.yaml", cwd=tmp_path))
     assert message == f"{tmp_path / 'nope.yaml'}: config file not found"
 
 
-def test_config_is_a_folder(tmp_path):
+def test_config_is_a_folder(tmp_path, run_train):
     # BUG: IsADirectoryError from load_yaml escapes as a traceback (exit 1).
     (tmp_path / "configs").mkdir()
     message = one_error_line(run_train("--config", tmp_path / "configs", cwd=tmp_path))
     assert "configs" in message
 
 
-def test_missing_model(tmp_path):
+def test_missing_model(tmp_path, run_train):
     message = one_error_line(run_train("--prompts", "p.jsonl", cwd=tmp_path))
     assert message == "model.path is not set: pass --model <repo-or-folder> or set it in the config"
 
 
-def test_missing_prompts(tmp_path):
+def test_missing_prompts(tmp_path, run_train):
     message = one_error_line(run_train("--model", "org/model", cwd=tmp_path))
     assert message == "data.prompts is not set: pass --prompts <file.jsonl> or set it in the config"
 
 
-def test_bad_value_on_cli(tmp_path):
+def test_bad_value_on_cli(tmp_path, run_train):
     message = one_error_line(
         run_train("--model", "m", "--prompts", "p", "--lora.rank", "0", cwd=tmp_path)
     )
     assert message == "command line: 'lora.rank' must be at least 1, got 0"
 
 
-def test_earlier_run_is_refused_and_left_unchanged(tmp_path, model_folder, prompts_file):
+def test_earlier_run_is_refused_and_left_unchanged(tmp_path, model_folder, prompts_file, run_train):
     out = tmp_path / "run"
     out.mkdir()
     before = {

@@ -23,7 +23,10 @@ ARGS = (
     "--training.valid_every 4 --training.length_buckets 2 --training.rounds 2"
 ).split()
 
-pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
+pytestmark = [  # two ranks under mlx.launch, each a process of its own
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH"),
+]
 
 
 def launch(n, *args, killer=None, timeout=300):

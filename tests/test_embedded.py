@@ -42,6 +42,7 @@ def test_digits_are_single_tokens(embedded):
     assert [tokenizer.decode([i]) for i in ids] == ["1", "2", "3", "4"]
 
 
+@pytest.mark.integration  # a whole run of the embedded default in a process of its own
 def test_default_run_short_mode(tmp_path):
     """`python -m mipo_mlx.train` with only size limits: the embedded model, prompts and held-out
     set."""

@@ -209,6 +209,7 @@ def assert_user_error(done, fragment):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.integration  # five exports, each in a process of its own
 def test_errors(plain_run, toy_model_dir, tmp_path):
     assert_user_error(
         run_export("--adapters", str(tmp_path / "none"), "--output", str(tmp_path / "o")),
@@ -248,6 +249,7 @@ def test_errors(plain_run, toy_model_dir, tmp_path):
     assert not (tmp_path / "o3").exists()
 
 
+@pytest.mark.integration  # eleven exports, each in a process of its own
 def test_export_never_replaces_the_run_or_what_it_did_not_write(plain_run, tmp_path):
     """The adapters folder, a folder that holds it and one inside it are refused, --overwrite
     or not; --overwrite replaces only a folder an earlier export wrote."""

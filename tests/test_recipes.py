@@ -239,6 +239,7 @@ def test_recipe_settings_are_the_papers(recipe):
         assert config.data.split != ev.split
 
 
+@pytest.mark.integration  # a whole run on 8-shot prompts
 def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
     out = tmp_path / "out"
     assert run_recipe("gsm8k", toy_model_dir, out) == 0
@@ -278,6 +279,7 @@ def test_gsm8k_recipe(toy_model_dir, tmp_path, hub):
     assert "| accuracy |" in (out / "eval.md").read_text()
 
 
+@pytest.mark.integration  # a whole run on 8-shot prompts
 def test_gsm8k_evaluation_subset_is_the_seeded_draw(toy_model_dir, tmp_path, hub):
     """evaluation.subset draws with random.Random(42).sample from the test rows; --limit keeps its
     first N."""
@@ -292,6 +294,7 @@ def test_gsm8k_evaluation_subset_is_the_seeded_draw(toy_model_dir, tmp_path, hub
     assert held == expected
 
 
+@pytest.mark.integration  # two whole runs on 8-shot prompts
 def test_svamp_recipe_and_its_incomplete_negative(toy_model_dir, tmp_path, hub):
     out = tmp_path / "out"
     assert run_recipe("svamp", toy_model_dir, out) == 0

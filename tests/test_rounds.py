@@ -105,6 +105,7 @@ def test_round_two_answers_with_round_one_adapters_and_scores_under_them(run, to
     ] == pytest.approx(0, abs=1e-5)
 
 
+@pytest.mark.integration  # a run killed in a process of its own, then resumed
 def test_a_run_killed_inside_round_two_resumes_to_the_uninterrupted_result(run):
     root, args, _ = run
     out = root / "killed"

@@ -132,6 +132,7 @@ def test_tensorboard_holds_metrics_config_table_and_plots(inputs, toy_model_dir,
         assert (image.width, image.height) == struct.unpack(">II", png[16:24])
 
 
+@pytest.mark.integration  # a run killed in a process of its own, then resumed
 def test_tensorboard_after_a_kill_and_resume_shows_the_resumed_steps(
     inputs, toy_model_dir, tmp_path
 ):
@@ -221,6 +222,7 @@ def wandb_config(records: list[Record]) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+@pytest.mark.integration  # a run killed in a process of its own, then resumed
 def test_wandb_offline_through_a_kill_and_resume(inputs, toy_model_dir, tmp_path):
     """Offline W&B, HOME and the working directory inside tmp_path: killed after step 5, then
     resumed. Both attempts are one W&B run (its id kept in wandb_run.json) in <output>/wandb;
