@@ -1,5 +1,5 @@
 """The CPU's cheaper forms of the same numbers: passes through the blocks in chunks of tokens
-(`prefix.chunked`) and the log-softmax with `exp` as a power of 2 (`score._cpu_token_logps`)
+(`prefix.chunked`) and the log-softmax with `exp` as a power of 2 (`logps._cpu_token_logps`)
 give the log-probs and gradients of the plain forms."""
 
 from contextlib import contextmanager

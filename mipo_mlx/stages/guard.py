@@ -4,8 +4,8 @@ best of them, the base included, so that it never hands back a model that valid 
 An intrinsic reward keeps rising after the task has peaked (context PMI rose every round
 while compliance and well-formedness fell), so the objective alone cannot rank rounds. The
 score is the task's own measure where the valid rows carry labels (an answer, or stated
-requirements: `measure.task_scores`), else the label-free objective PMI - KL to the base
-(`measure.scored_metrics`), which charges a round for drifting off the base's distribution.
+requirements: `metrics.task_scores`), else the label-free objective PMI - KL to the base
+(`evaluation.scored_metrics`), which charges a round for drifting off the base's distribution.
 """
 
 from __future__ import annotations
