@@ -38,6 +38,19 @@ def test_readme_settings_table_is_generated_from_config():
     assert reference_markdown() in README
 
 
+@pytest.mark.parametrize("module", ["mipo_mlx.core.config", "mipo_mlx.engine.memory"])
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules")  # runpy of an imported module
+def test_the_modules_the_readme_runs_print_its_tables(module, capsys):
+    """`python -m mipo_mlx.core.config` and `python -m mipo_mlx.engine.memory`, as the README
+    says to run them, print the tables it holds (from wherever the modules live)."""
+    import runpy
+
+    assert f"`python -m {module}`" in README
+    runpy.run_module(module, run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.strip() and printed.strip() in README
+
+
 def test_readme_recipe_memory_table_is_computed_from_the_recipes():
     from mipo_mlx.engine.memory import recipe_memory_markdown
 

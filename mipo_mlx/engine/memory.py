@@ -218,4 +218,4 @@ def recipe_memory_markdown(configs: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(recipe_memory_markdown(Path(__file__).resolve().parent.parent / "configs"), end="")
+    print(recipe_memory_markdown(Path(__file__).resolve().parents[2] / "configs"), end="")
