@@ -40,6 +40,8 @@ NEGATIVE_STRATEGIES = {
 DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_alignment")
 # The names data.template takes: the paper's prompt templates (templates.PAPER_TEMPLATES holds them)
 TEMPLATE_NAMES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
+# lora.type: what trains (engine/lora.py), named as mlx-lm's fine_tune_type
+FINE_TUNE_TYPES = ("lora", "dora")
 # The preference losses (engine/losses.py registers each; loss_settings.HONOURS names them)
 LOSSES = tuple(HONOURS)
 # Where a run's metrics also go (trackers.py): nowhere but the run folder, or a tracker.
@@ -87,6 +89,12 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    type: str = setting(
+        "lora",
+        "Fine-tuning type, as mlx-lm names it: lora (low-rank adapters) or dora (LoRA's "
+        "direction and a learned magnitude for each output, Liu et al. 2024).",
+        choices=FINE_TUNE_TYPES,
+    )
     rank: int = setting(8, "LoRA rank.", min=1)
     scale: float = setting(20.0, "LoRA scale (mlx-lm's `scale`, not `alpha`).", gt=0)
     dropout: float = setting(0.0, "Dropout on the LoRA input.", min=0, max=0.99)

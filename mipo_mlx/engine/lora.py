@@ -1,8 +1,10 @@
-"""LoRA adapters: attached to a model's linears, switched off to give the reference model, saved
-and loaded in mlx-lm's format.
+"""LoRA and DoRA adapters (lora.type): attached to a model's linears, switched off to give the
+reference model, saved and loaded in mlx-lm's format (adapter_config.json's fine_tune_type).
 
 The reference model of DPO is the very same model object with its adapters switched off
-(`adapters_disabled`): never a second copy in memory."""
+(`adapters_disabled`): never a second copy in memory. A DoRA layer (mlx-lm's DoRALinear) adds a
+magnitude `m` per output to LoRA's A and B; with B = 0 and m the base weight's row norms it is
+the base layer."""
 
 from __future__ import annotations
 
@@ -20,12 +22,8 @@ from ..core.errors import UserError
 from ..core.files import atomic_path, write_json
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
-
-
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-ADAPTER_LEAVES = ("lora_a", "lora_b")
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")  # m: DoRA's magnitudes (mlx-lm's names)
 
 
 def lora_parameters(config: LoraConfig) -> dict:
@@ -69,7 +67,12 @@ def attach_lora(model: nn.Module, config: LoraConfig, seed: int) -> int:
     model.freeze()
     mx.random.seed(seed)  # lora_a's initialisation
     try:
-        linear_to_lora_layers(model, num_adapted_layers(model, config), lora_parameters(config))
+        linear_to_lora_layers(
+            model,
+            num_adapted_layers(model, config),
+            lora_parameters(config),
+            use_dora=config.type == "dora",
+        )
     except (KeyError, ValueError) as err:
         raise UserError(f"lora.keys: {err}") from None
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -104,9 +107,28 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    adapted = {name for name, _ in lora_modules(model)}
     return {
-        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES and k.rsplit(".", 1)[0] in adapted
     }
+
+
+def base_adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """Adapter weights that make the model its base: A and B zero, and for DoRA each magnitude
+    the base weight's row norms (what mlx-lm's DoRALinear starts from)."""
+    base = {k: mx.zeros_like(v) for k, v in adapter_weights(model).items()}
+    for name, module in lora_modules(model):
+        if "m" in module:
+            weight = module._dequantized_weight().astype(mx.float32)
+            base[f"{name}.m"] = mx.linalg.norm(weight, axis=1)
+    return base
+
+
+def fine_tune_type(model: nn.Module) -> str:
+    """'dora' where the model's adapter layers are DoRA layers, else 'lora'."""
+    return "dora" if any("m" in module for _, module in lora_modules(model)) else "lora"
 
 
 def write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
@@ -132,7 +154,7 @@ def save_adapters(
     write_json(
         folder / ADAPTER_CONFIG,
         {
-            "fine_tune_type": "lora",
+            "fine_tune_type": fine_tune_type(model),
             "num_layers": num_adapted_layers(model, lora),
             "lora_parameters": lora_parameters(lora),
             "base_model": base_model,
@@ -165,17 +187,21 @@ def load_adapters(model: nn.Module, folder: Path) -> None:
         weights = mx.load(str(weights_path))
     except (RuntimeError, ValueError, OSError) as err:
         raise UserError(f"{weights_path}: cannot read the adapters ({err})") from None
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise UserError(
+            f"{Path(folder) / ADAPTER_CONFIG}: fine_tune_type {kind!r}; this version reads lora "
+            "and dora adapters"
+        )
     try:
-        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+        linear_to_lora_layers(
+            model, config["num_layers"], config["lora_parameters"], use_dora=kind == "dora"
+        )
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(
             f"{Path(folder) / ADAPTER_CONFIG}: unusable LoRA settings ({err})"
         ) from None
-    expected = {
-        k: v.shape
-        for k, v in tree_flatten(model.parameters())
-        if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
-    }
+    expected = {k: v.shape for k, v in adapter_weights(model).items()}
     wrong = sorted(set(weights) ^ set(expected)) or [
         k for k in weights if weights[k].shape != expected[k]
     ]

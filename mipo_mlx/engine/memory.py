@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from ..core.config import TrainingConfig
 from ..core.settings import resolve
 from .batching import PAD_MULTIPLE
+from .lora import lora_modules
 
 
 @dataclass
@@ -71,7 +72,18 @@ def estimate(model, pairs, config: TrainingConfig) -> Estimate:
         config.grad_checkpoint,
     )
     adapters = 4 * 4 * trainable
+    activations += dora_dense_bytes(model)
     return Estimate(weights, adapters, activations, weights + adapters + activations)
+
+
+def dora_dense_bytes(model) -> int:
+    """What DoRA layers add to a step: each forward makes its adapted weight W + s B^T A^T
+    dense, in fp32, for the row norms, and the backward keeps it (mlx-lm's DoRALinear)."""
+    return sum(
+        4 * module.lora_a.shape[0] * module.lora_b.shape[1]
+        for _, module in lora_modules(model)
+        if "m" in module
+    )
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class Workload:
     grad_checkpoint: bool
     generation_batch: int
     lora_rank: int = 8
+    fine_tune_type: str = "lora"  # lora.type
 
 
 def plan(
@@ -138,10 +151,14 @@ def plan(
 ) -> dict:
     """Estimated peak bytes of a run on `shape`: weights quantized to `bits` (plus a 16-bit
     scale and bias per group), then the larger of training (adapters with gradients and
-    Adam moments in fp32, activations of the longest batch) and generation (KV cache of a
-    full generation batch, 16-bit)."""
+    Adam moments in fp32, activations of the longest batch; for DoRA each adapted weight
+    dense in fp32 as well) and generation (KV cache of a full generation batch, 16-bit)."""
     weights = shape.params * (bits + 32 / group_size) / 8
     trainable = shape.layers * sum(work.lora_rank * (i + o) for i, o in shape.linears())
+    dora_dense = 0
+    if work.fine_tune_type == "dora":  # a magnitude per output, and each adapted weight dense
+        trainable += shape.layers * sum(o for _, o in shape.linears())
+        dora_dense = 4 * shape.layers * sum(i * o for i, o in shape.linears())
     tokens = work.prompt_tokens + work.response_tokens
     activations = compute_bytes * activation_values(
         shape.hidden,
@@ -157,7 +174,7 @@ def plan(
     kv_cache = (
         2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * work.generation_batch * 2
     )
-    training = 16 * trainable + activations
+    training = 16 * trainable + activations + dora_dense
     return {
         "weights": weights,
         "training": training,
@@ -195,6 +212,7 @@ def recipe_workload(config) -> Workload:
         t.grad_checkpoint,
         config.generation.batch_size,
         config.lora.rank,
+        config.lora.type,
     )
 
 

@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..core.files import write_json
 from ..data.prompts import Prompt, read_source
 from ..engine import distributed as dist
-from ..engine.lora import adapter_weights
+from ..engine.lora import adapter_weights, base_adapter_weights
 from .evaluation import Heldout
 from .run_folder import RunFolder
 
@@ -75,7 +75,7 @@ class Keeper:
     a copy): every rank keeps its own, and no rank reads another's disk."""
 
     def __init__(self):
-        self.best: dict[str, mx.array] | None = None  # None: the base (zero adapters)
+        self.best: dict[str, mx.array] | None = None  # None: the base (B = 0)
 
     def offer(self, model, is_best: bool) -> None:
         if is_best:
@@ -83,7 +83,7 @@ class Keeper:
 
     def restore(self, model) -> None:
         """Put the kept adapters in the model: zero ones for the base (B = 0 adds nothing)."""
-        weights = self.best or {k: mx.zeros_like(v) for k, v in adapter_weights(model).items()}
+        weights = self.best or base_adapter_weights(model)
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(model.parameters())
 
