@@ -46,6 +46,10 @@ def fresh(toy_model_dir, kind: str):
     return model
 
 
+def lr(kind: str) -> float:
+    return 5e-4 if kind == "full" else 5e-3
+
+
 def scored(n: int):
     pairs = made_up_pairs(n, 200)
     for p in pairs:
@@ -75,7 +79,7 @@ def test_a_new_adapter_is_the_base_and_switching_it_off_gives_the_base(toy_model
     want = logits(base, pairs)
     model = fresh(toy_model_dir, kind)
     assert mx.abs(logits(model, pairs) - want).max().item() < 1e-4
-    config = TrainingConfig(learning_rate=5e-3, compile=False)
+    config = TrainingConfig(learning_rate=lr(kind), compile=False)
     fit(model, make_loss(config), stream(pairs), 3, config)
     assert mx.abs(logits(model, pairs) - want).max().item() > 1e-3  # it trained
     with adapters_disabled(model):
@@ -96,7 +100,7 @@ def test_each_type_trains_its_own_weights_from_log_2(toy_model_dir, kind):
     pairs = made_up_pairs(8, 200)
     for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, 8)):
         pair.reference_logps = {"chosen": c, "rejected": r}
-    config = TrainingConfig(learning_rate=5e-3, compile=False)
+    config = TrainingConfig(learning_rate=lr(kind), compile=False)
     rows = []
     fit(model, make_loss(config), stream(pairs), 4, config, hooks(on_step=rows.append))
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -105,7 +109,7 @@ def test_each_type_trains_its_own_weights_from_log_2(toy_model_dir, kind):
 
 @pytest.mark.parametrize("kind", FINE_TUNE_TYPES)
 def test_each_type_resumes_to_the_uninterrupted_result(toy_model_dir, tmp_path, kind):
-    config = TrainingConfig(learning_rate=5e-3, compile=False, checkpoint_every=2)
+    config = TrainingConfig(learning_rate=lr(kind), compile=False, checkpoint_every=2)
     pairs = scored(8)
     whole = fresh(toy_model_dir, kind)
     fit(whole, make_loss(config), stream(pairs), 5, config)
@@ -134,6 +138,7 @@ def runs(toy_model_dir, tmp_path_factory):
     for kind in FINE_TUNE_TYPES:
         out = root / kind
         args = run_args(toy_model_dir, prompts, out, *TRAIN, "--lora.type", kind)
+        args += ["--training.learning_rate", str(lr(kind))]
         done = subprocess.run(
             [sys.executable, "-m", "mipo_mlx.train", *args], capture_output=True, text=True
         )
@@ -190,9 +195,11 @@ def test_each_type_exports_to_gguf(runs, tmp_path, kind, capsys):
 
 @pytest.mark.integration  # two ranks under mlx.launch, each a process of its own
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
-def test_two_ranks_train_the_dora_adapters_of_one(toy_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["dora", "full"])  # lora: tests/test_distributed.py
+def test_two_ranks_train_the_weights_of_one(toy_model_dir, tmp_path, kind):
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)
-    extra = [*TRAIN, "--lora.type", "dora", "--training.batch_size"]
+    extra = [*TRAIN, "--lora.type", kind, "--training.learning_rate", str(lr(kind))]
+    extra += ["--training.batch_size"]
     outs = []
     for n, batch in ((1, "4"), (2, "2")):
         out = tmp_path / f"ranks-{n}"
@@ -204,7 +211,7 @@ def test_two_ranks_train_the_dora_adapters_of_one(toy_model_dir, tmp_path):
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
         outs.append({k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()})
     one, two = outs
-    assert one.keys() == two.keys() and any(k.endswith(".m") for k in one)
+    assert one.keys() == two.keys() and any(k.endswith(".m") for k in one) == (kind == "dora")
     scale = max(np.abs(v).max() for v in one.values())
     assert max(np.abs(one[k] - two[k]).max() for k in one) <= 1e-3 * scale
     assert Path(tmp_path / "ranks-2" / "adapter_config.json").is_file()
@@ -226,3 +233,33 @@ def test_the_memory_estimates_count_doras_dense_weights(toy_model_dir):
         work = [Workload(300, 256, 4, False, 32, 8, kind) for kind in ("lora", "dora")]
         linears = shape.layers * sum(i * o for i, o in shape.linears())
         assert plan(shape, work[1])["training"] - plan(shape, work[0])["training"] >= 4 * linears
+
+
+def test_full_fine_tuning_of_a_quantized_base_stops_before_any_stage(
+    toy_model_dir, tmp_path, capfd
+):
+    """The run stops in one line, exit status 2, before the model answers anything."""
+    from .in_process import run_main
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    out = tmp_path / "run"
+    args = run_args(toy_model_dir, prompts, out, *TRAIN, "--lora.type", "full")
+    args += ["--model.quantize_bits", "4", "--model.quantize_group_size", "32"]
+    done = run_main("train", [*args, "--model.quantize_on_cpu", "true"], capfd)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "lora.type=full" in lines[0] and "quantized" in lines[0]
+    assert "Traceback" not in done.stderr and not (out / "pairs.jsonl").exists()
+
+
+def test_lora_keys_with_full_fine_tuning_are_refused_in_one_line():
+    from mipo_mlx.core.config import Config
+    from mipo_mlx.core.errors import UserError
+    from mipo_mlx.core.settings import validate
+
+    config = Config()
+    config.model.path, config.data.prompts = "m", "p.jsonl"
+    config.lora.type, config.lora.keys = "full", ["self_attn.q_proj"]
+    with pytest.raises(UserError, match="lora.keys") as err:
+        validate(config)
+    assert "\n" not in str(err.value)

@@ -41,7 +41,7 @@ DATA_FORMATS = ("prompts", "gsm8k", "svamp", "arc", "mmlu", "prism", "community_
 # The names data.template takes: the paper's prompt templates (templates.PAPER_TEMPLATES holds them)
 TEMPLATE_NAMES = (None, "gsm8k_8shot", "arc_zero_shot", "prism")
 # lora.type: what trains (engine/lora.py), named as mlx-lm's fine_tune_type
-FINE_TUNE_TYPES = ("lora", "dora")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 # The preference losses (engine/losses.py registers each; loss_settings.HONOURS names them)
 LOSSES = tuple(HONOURS)
 # Where a run's metrics also go (trackers.py): nowhere but the run folder, or a tracker.
@@ -91,8 +91,9 @@ class ModelConfig:
 class LoraConfig:
     type: str = setting(
         "lora",
-        "Fine-tuning type, as mlx-lm names it: lora (low-rank adapters) or dora (LoRA's "
-        "direction and a learned magnitude for each output, Liu et al. 2024).",
+        "Fine-tuning type, as mlx-lm names it: lora (low-rank adapters), dora (LoRA's "
+        "direction and a learned magnitude for each output, Liu et al. 2024), or full (the "
+        "last lora.num_layers blocks' own weights, the paper's setting; a full-precision base).",
         choices=FINE_TUNE_TYPES,
     )
     rank: int = setting(8, "LoRA rank.", min=1)

@@ -225,6 +225,11 @@ def validate(config: Config, command: str = "train") -> Config:
             f"(pairs.samples); set pairs.samples to at least {needs} (got {config.pairs.samples})"
         )
     check_loss_settings(config.training)
+    if config.lora.type == "full" and config.lora.keys:
+        raise UserError(
+            "lora.keys chooses the linears adapters go on; lora.type=full trains every weight of "
+            "the last lora.num_layers blocks; leave lora.keys null, or choose lora or dora"
+        )
     if config.training.fresh_prompts and config.training.rounds > 1 and not data.limit:
         raise UserError(
             "training.fresh_prompts needs data.limit: each round takes the next data.limit "

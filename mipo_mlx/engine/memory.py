@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from ..core.config import TrainingConfig
 from ..core.settings import resolve
 from .batching import PAD_MULTIPLE
-from .lora import lora_modules
+from .lora import full_base, lora_modules
 
 
 @dataclass
@@ -71,7 +71,10 @@ def estimate(model, pairs, config: TrainingConfig) -> Estimate:
         2 * config.batch_size,
         config.grad_checkpoint,
     )
-    adapters = 4 * 4 * trainable
+    if full_base(model) is not None:  # the weights are counted: their gradients and 2 moments
+        adapters = 3 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    else:  # fp32 adapters, their gradients and Adam's two moments
+        adapters = 4 * 4 * trainable
     activations += dora_dense_bytes(model)
     return Estimate(weights, adapters, activations, weights + adapters + activations)
 
@@ -150,11 +153,18 @@ def plan(
     shape: Shape, work: Workload, bits: int = 4, group_size: int = 64, compute_bytes: int = 2
 ) -> dict:
     """Estimated peak bytes of a run on `shape`: weights quantized to `bits` (plus a 16-bit
-    scale and bias per group), then the larger of training (adapters with gradients and
-    Adam moments in fp32, activations of the longest batch; for DoRA each adapted weight
-    dense in fp32 as well) and generation (KV cache of a full generation batch, 16-bit)."""
+    scale and bias per group; full fine-tuning keeps them in `compute_bytes`), then the
+    larger of training (adapters with gradients and Adam moments in fp32, or for full
+    fine-tuning the blocks' gradients and moments; activations of the longest batch; for DoRA
+    each adapted weight dense in fp32 as well) and generation (KV cache of a full generation
+    batch, 16-bit)."""
     weights = shape.params * (bits + 32 / group_size) / 8
     trainable = shape.layers * sum(work.lora_rank * (i + o) for i, o in shape.linears())
+    adapter_bytes = 16 * trainable  # fp32 adapters, gradients and Adam's two moments
+    if work.fine_tune_type == "full":  # unquantized weights; the blocks' gradients and moments
+        weights = shape.params * compute_bytes
+        block = shape.layers * sum(i * o for i, o in shape.linears())
+        adapter_bytes = 3 * compute_bytes * block
     dora_dense = 0
     if work.fine_tune_type == "dora":  # a magnitude per output, and each adapted weight dense
         trainable += shape.layers * sum(o for _, o in shape.linears())
@@ -174,7 +184,7 @@ def plan(
     kv_cache = (
         2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * work.generation_batch * 2
     )
-    training = 16 * trainable + activations + dora_dense
+    training = adapter_bytes + activations + dora_dense
     return {
         "weights": weights,
         "training": training,

@@ -21,7 +21,7 @@ from ..core.config import Config
 from ..core.errors import StopFlag
 from ..engine import distributed as dist
 from ..engine import model as mdl
-from ..engine.lora import check_lora_keys
+from ..engine.lora import check_fine_tune, check_lora_keys
 from ..engine.model import pad_id, vocab_size
 from .run_folder import RunFolder
 from .trackers import Tracker
@@ -51,10 +51,12 @@ class Run:
         stop: StopFlag | None = None,
         tracker: Tracker | None = None,
     ) -> Run:
-        """Load config.model (and check that lora.keys name layers it has); the run folder is
+        """Load config.model (and check that lora.keys name layers it has, and that lora.type
+        can train it); the run folder is
         `folder`, else output.dir (made if missing, when given as a path)."""
         model, tokenizer, _ = mdl.load(config.model)
         check_lora_keys(model, config.lora)
+        check_fine_tune(model, config.lora)
         if not isinstance(folder, RunFolder):
             path = Path(folder if folder is not None else config.output.dir)
             dist.main_only(path.mkdir, parents=True, exist_ok=True)
