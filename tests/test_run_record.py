@@ -55,6 +55,8 @@ def other_value(dotted: str, value):
         return not value
     if "list" in str(hint):
         return ["self_attn.q_proj"]
+    if isinstance(value, dict):
+        return {"eps": 1e-6}
     if isinstance(value, str) or "str" in str(hint):
         return f"{value or 'x'}-edited"
     lo, hi = meta.get("min", meta.get("gt", 0)), meta.get("max", math.inf)

@@ -46,6 +46,46 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 LOSSES = tuple(HONOURS)
 # Where a run's metrics also go (trackers.py): nowhere but the run folder, or a tracker.
 REPORT_TO = ("none", "tensorboard", "wandb")
+# The optimizers (engine/trainer.py builds the mlx.optimizers class of each name, as mlx-lm's
+# tuner does) and the keyword arguments training.optimizer_config may give each: its kind of
+# value ("bool", "int", "float", "float or null", "2 floats") and the least and most it may be
+# (None: no limit). settings.py checks them without mlx; tests/test_optimizers.py holds these
+# names to the classes' signatures. learning_rate is none of them: the schedule sets it.
+OPTIMIZERS: dict[str, dict[str, tuple[str, float | None, float | None]]] = {
+    "adam": {
+        "betas": ("2 floats", 0, 0.99999),
+        "eps": ("float", 0, None),
+        "bias_correction": ("bool", None, None),
+    },
+    "adamw": {
+        "betas": ("2 floats", 0, 0.99999),
+        "eps": ("float", 0, None),
+        "weight_decay": ("float", 0, None),
+        "bias_correction": ("bool", None, None),
+    },
+    "muon": {
+        "momentum": ("float", 0, 0.99999),
+        "weight_decay": ("float", 0, None),
+        "nesterov": ("bool", None, None),
+        "ns_steps": ("int", 1, None),
+    },
+    "sgd": {
+        "momentum": ("float", 0, None),
+        "weight_decay": ("float", 0, None),
+        "dampening": ("float", 0, 1),
+        "nesterov": ("bool", None, None),
+    },
+    "adafactor": {
+        "eps": ("2 floats", 0, None),
+        "clip_threshold": ("float", 0, None),
+        "decay_rate": ("float", None, 0),
+        "beta_1": ("float or null", 0, 0.99999),
+        "weight_decay": ("float", 0, None),
+        "scale_parameter": ("bool", None, None),
+        "relative_step": ("bool", None, None),
+        "warmup_init": ("bool", None, None),
+    },
+}
 
 
 # The largest whole number a count may be (MLX takes shapes and sizes as 32-bit ints), and
@@ -62,6 +102,8 @@ def setting(default: Any, help: str, **limits: Any) -> Any:
     say), template (the {fields} a template must use, and nothing else)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
 
 
@@ -227,9 +269,26 @@ class TrainingConfig:
     learning_rate: float = setting(1e-5, "Peak learning rate.", gt=0)
     warmup_fraction: float = setting(0.03, "Share of steps with linear warmup.", min=0, max=1)
     min_lr_ratio: float = setting(0.1, "Cosine decays to this fraction of the peak.", min=0, max=1)
-    weight_decay: float = setting(0.0, "AdamW weight decay.", min=0)
-    adam_beta1: float = setting(0.9, "Adam beta1.", min=0, max=0.9999)
-    adam_beta2: float = setting(0.95, "Adam beta2.", min=0, max=0.99999)
+    optimizer: str = setting(
+        "adamw",
+        "Optimizer: the mlx.optimizers class of that name, as mlx-lm's tuner offers them; its "
+        "learning rate is the warmup and cosine schedule above.",
+        choices=tuple(OPTIMIZERS),
+    )
+    optimizer_config: dict[str, Any] = setting(
+        {},
+        "Keyword arguments of the training.optimizer class, as mlx-lm names them (e.g. "
+        "{momentum: 0.9} for sgd; JSON on the command line), but learning_rate. A key given "
+        "here replaces the value of training.adam_beta1 and adam_beta2 (betas) or "
+        "training.weight_decay (weight_decay); giving both, that training key off its "
+        "default, is refused. adafactor defaults to relative_step: false and "
+        "scale_parameter: false, so that the schedule sets its step.",
+    )
+    weight_decay: float = setting(
+        0.0, "Weight decay of adamw, muon, sgd and adafactor (adam has none).", min=0
+    )
+    adam_beta1: float = setting(0.9, "Adam beta1 (adam and adamw).", min=0, max=0.9999)
+    adam_beta2: float = setting(0.95, "Adam beta2 (adam and adamw).", min=0, max=0.99999)
     grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0 turns it off.", min=0)
     batch_size: int = setting(4, "Pairs per optimizer step (before accumulation).", min=1)
     grad_accumulation: int = setting(1, "Micro-batches summed into one optimizer step.", min=1)

@@ -20,8 +20,10 @@ from . import reading
 from .config import (
     INT_MAX,
     NEGATIVE_STRATEGIES,
+    OPTIMIZERS,
     Config,
     DataConfig,
+    TrainingConfig,
     all_keys,
     sections,
     settings_of,
@@ -48,6 +50,18 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{where}: '{key}' must be a list, got {_shown(value)}")
         return [coerce(v, args[0], key, where) for v in value]
+    if origin is dict:
+        if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+            raise UserError(
+                f"{where}: '{key}' must be a mapping of names to values, e.g. {{momentum: 0.9}} "
+                f"(JSON on the command line), got {_shown(value)}"
+            )
+        return {
+            _text(k, repr(f"{key}.{k}")[1:-1], where): v
+            if args[1] is Any
+            else coerce(v, args[1], f"{key}.{k}", where)
+            for k, v in value.items()
+        }
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -101,7 +115,7 @@ def check_limits(value: Any, f: dataclasses.Field, key: str, where: str) -> None
             raise UserError(f"{where}: '{key}' = {json.dumps(value)} {why}")
     if "template" in meta:
         check_template(key, value, set(meta["template"]), where)
-    if value is None or isinstance(value, (bool, str, list)):
+    if value is None or isinstance(value, (bool, str, list, dict)):
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
@@ -196,6 +210,112 @@ def check_settings(config: Config, where: str = "settings") -> None:
             setattr(section, name, value)
 
 
+# The training.<key>s that give an optimizer keyword: adam_beta1 and adam_beta2 are the betas of
+# adam and adamw, weight_decay the weight decay of every optimizer that has one.
+FROM_TRAINING = {"betas": ("adam_beta1", "adam_beta2"), "weight_decay": ("weight_decay",)}
+# Where mipo_mlx's default is not the class's: adafactor's relative steps would ignore the
+# schedule, and its parameter scaling would shrink the step of LoRA's B (zeros at first) to
+# 1e-3 of the schedule's.
+OWN_DEFAULTS = {"adafactor": {"relative_step": False, "scale_parameter": False}}
+
+
+def _option_value(value: Any, kind: tuple, key: str, where: str) -> Any:
+    """One training.optimizer_config value held to its kind and limits (config.OPTIMIZERS)."""
+    form, least, most = kind
+    if form == "2 floats":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise UserError(f"{where}: '{key}' must be a list of two numbers, got {_shown(value)}")
+        return [_option_value(v, ("float", least, most), key, where) for v in value]
+    if form == "float or null" and value is None:
+        return None
+    value = coerce(value, {"bool": bool, "int": int}.get(form, float), key, where)
+    if form == "bool":
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
+    most = INT_MAX if most is None and form == "int" else most
+    if least is not None and value < least:
+        raise UserError(f"{where}: '{key}' must be at least {least}, got {_shown(value)}")
+    if most is not None and value > most:
+        raise UserError(f"{where}: '{key}' must be at most {most}, got {_shown(value)}")
+    return value
+
+
+def checked_optimizer_config(training: TrainingConfig, where: str = "settings") -> dict[str, Any]:
+    """training.optimizer_config held to what training.optimizer takes (config.OPTIMIZERS):
+    each key a keyword of its class but learning_rate, each value of its kind and within its
+    limits. Returned with its values plain: a number written '1e-8' read as one, a tuple a list."""
+    name, takes = training.optimizer, OPTIMIZERS[training.optimizer]
+    checked = {}
+    for key, value in training.optimizer_config.items():
+        dotted = f"training.optimizer_config.{key}"
+        if key == "learning_rate":
+            raise UserError(
+                f"{where}: '{dotted}' is not taken: the schedule sets the learning rate; set "
+                "training.learning_rate (its peak), training.warmup_fraction and "
+                "training.min_lr_ratio"
+            )
+        if key not in takes:
+            elsewhere = [other for other, keys in OPTIMIZERS.items() if key in keys]
+            close = difflib.get_close_matches(str(key), list(takes), n=1, cutoff=0.5)
+            hint = (
+                " (it holds the keywords of training.optimizer itself, not one mapping per "
+                "optimizer as mlx-lm's config file)"
+                if key in OPTIMIZERS
+                else f" (taken by {' and '.join(elsewhere)}, not {name})"
+                if elsewhere
+                else f" (did you mean '{close[0]}'?)"
+                if close
+                else ""
+            )
+            raise UserError(
+                f"{where}: unknown key {_shown(dotted)} for training.optimizer={name}{hint}; "
+                f"{name} takes {', '.join(takes)}"
+            )
+        checked[key] = _option_value(value, takes[key], dotted, where)
+    return checked
+
+
+def optimizer_kwargs(training: TrainingConfig, where: str = "settings") -> dict[str, Any]:
+    """The keyword arguments training.optimizer is built with, but its learning rate (the
+    schedule): training.optimizer_config's; for a keyword it does not give, what the training
+    keys give (FROM_TRAINING) or mipo_mlx's own default (OWN_DEFAULTS); the class's default
+    for the rest. A training key off its default that optimizer_config also gives, or that the
+    optimizer has no use for, is refused."""
+    name = training.optimizer
+    kwargs = checked_optimizer_config(training, where)
+    defaults = type(training)()
+    for keyword, keys in FROM_TRAINING.items():
+        changed = [k for k in keys if getattr(training, k) != getattr(defaults, k)]
+        if keyword not in OPTIMIZERS[name]:
+            if changed:
+                users = ", ".join(n for n, takes in OPTIMIZERS.items() if keyword in takes)
+                raise UserError(
+                    f"{where}: training.{changed[0]}={getattr(training, changed[0])} has no "
+                    f"effect on training.optimizer={name} (only {users} use it); leave it at "
+                    f"{getattr(defaults, changed[0])} or choose one of those optimizers"
+                )
+        elif keyword in kwargs:
+            if changed:
+                raise UserError(
+                    f"{where}: training.optimizer_config.{keyword} replaces "
+                    f"training.{changed[0]}; set one of the two"
+                )
+        else:
+            values = [getattr(training, k) for k in keys]
+            kwargs[keyword] = values if len(values) > 1 else values[0]
+    for keyword, value in OWN_DEFAULTS.get(name, {}).items():
+        kwargs.setdefault(keyword, value)
+    if name == "sgd" and kwargs.get("nesterov"):
+        if kwargs.get("momentum", 0) <= 0 or kwargs.get("dampening", 0) != 0:
+            raise UserError(
+                f"{where}: training.optimizer_config.nesterov needs a momentum above 0 and no "
+                "dampening (sgd); set training.optimizer_config.momentum (e.g. 0.9), or "
+                "nesterov: false"
+            )
+    return kwargs
+
+
 def validate(config: Config, command: str = "train") -> Config:
     """Rules across keys that one field's limits cannot state, and the keys `command`
     ('train' or 'evaluate') needs: every check that spans sections is here."""
@@ -230,6 +350,8 @@ def validate(config: Config, command: str = "train") -> Config:
             "lora.keys chooses the linears adapters go on; lora.type=full trains every weight of "
             "the last lora.num_layers blocks; leave lora.keys null, or choose lora or dora"
         )
+    config.training.optimizer_config = checked_optimizer_config(config.training)
+    optimizer_kwargs(config.training)
     if config.training.fresh_prompts and config.training.rounds > 1 and not data.limit:
         raise UserError(
             "training.fresh_prompts needs data.limit: each round takes the next data.limit "

@@ -1,9 +1,10 @@
 """The trainer: `fit` runs optimizer steps, given the loss, the batches and a `Hooks` object.
 
-AdamW with linear warmup and cosine decay, global gradient-norm clipping,
-gradient accumulation, an `mx.compile`d step and one `mx.eval` per step. What the steps
-report and keep (metrics, validation, saved adapters, resumable state, a stop) goes through
-the hooks: the trainer knows nothing of run folders or trackers.
+The optimizer training.optimizer names (AdamW by default; adam, muon, sgd or adafactor) with
+linear warmup and cosine decay, global gradient-norm clipping, gradient accumulation, an
+`mx.compile`d step and one `mx.eval` per step. What the steps report and keep (metrics,
+validation, saved adapters, resumable state, a stop) goes through the hooks: the trainer knows
+nothing of run folders or trackers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlx.utils import tree_map
 from ..core.config import TrainingConfig
 from ..core.errors import Stopped
 from ..core.loss_settings import LossSettings
+from ..core.settings import optimizer_kwargs
 from . import distributed as dist
 from .batching import Batch
 from .logps import pair_logps
@@ -63,11 +65,21 @@ def schedule(config: TrainingConfig, steps: int) -> Callable[[mx.array], mx.arra
     return optim.join_schedules([ramp, decay], [warmup])
 
 
+# The class of each training.optimizer (config.OPTIMIZERS lists their keywords), as mlx-lm's tuner
+OPTIMIZER_CLASSES: dict[str, type[optim.Optimizer]] = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "muon": optim.Muon,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
+
+
 def make_optimizer(config: TrainingConfig, steps: int) -> optim.Optimizer:
-    return optim.AdamW(
-        learning_rate=schedule(config, steps),
-        betas=[config.adam_beta1, config.adam_beta2],
-        weight_decay=config.weight_decay,
+    """training.optimizer, its learning rate the schedule, its other keywords those of
+    `settings.optimizer_kwargs` (training.optimizer_config, then adam_beta1/2 and weight_decay)."""
+    return OPTIMIZER_CLASSES[config.optimizer](
+        learning_rate=schedule(config, steps), **optimizer_kwargs(config)
     )
 
 
