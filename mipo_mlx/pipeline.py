@@ -34,7 +34,7 @@ from .stages.metrics import add_compliance_win_rate
 from .stages.pairs import check_pairs_possible, make_pairs
 from .stages.plots import plot_training
 from .stages.reference import score_reference, shared_prompt
-from .stages.report import markdown_table, write_report
+from .stages.report import report_markdown, write_report
 from .stages.run import Run
 from .stages.run_folder import RunFolder, fingerprint, portable
 from .stages.training import train
@@ -45,7 +45,7 @@ class RunResult:
     output: Path
     pairs: list[Pair]
     metrics: dict[str, float]
-    evaluation: str | None = None  # the before/after table, when evaluation.prompts is set
+    evaluation: str | None = None  # eval.md (the table, answers side by side), with evaluation
     example: str | None = None  # a held-out (else a training) prompt's user turn, to try it on
     guard: str | None = None  # what the guard kept, when guard.prompts is set
 
@@ -190,7 +190,7 @@ def stages(run: Run, rendered: Rendered, held: Heldout | None, valid: Heldout | 
         f"adapters: {folder.path / ADAPTER_WEIGHTS}  "
         f"(mlx_lm.load(model, adapter_path='{folder.path}'))"
     )
-    table = None
+    report = None
     if held is not None:
         add_compliance_win_rate(results)
         add_judge(
@@ -200,16 +200,16 @@ def stages(run: Run, rendered: Rendered, held: Heldout | None, valid: Heldout | 
             config.model.trust_remote_code,
             run.stop,
         )
-        table = markdown_table(results)
+        report = report_markdown(results)  # eval.md's text: the table, answers side by side
         dist.main_only(write_report, folder.path, results, config.evaluation.plots)
         if config.evaluation.plots:
             dist.main_only(
                 plot_training, folder.path / "metrics.jsonl", folder.path / "training.png"
             )
-        run.tracker.log_table("evaluation", table, steps)
+        run.tracker.log_table("evaluation", report, steps)
         for name in ("eval", "training"):
             run.tracker.log_image(f"plots/{name}", folder.path / f"{name}.png", steps)
-    return RunResult(folder.path, pairs, metrics, table, guard=verdict)
+    return RunResult(folder.path, pairs, metrics, report, guard=verdict)
 
 
 def one_round(
@@ -226,18 +226,24 @@ def one_round(
     return pairs, metrics
 
 
-def evaluate(config: Config, adapters: str | None) -> dict[str, dict]:
+def evaluate(config: Config, adapters: str | None, ask: str | None = None) -> dict[str, dict]:
     """Base (and, given a run folder's adapters, base + adapters) on the held-out prompts.
     The settings are checked before the model loads; SIGINT/SIGTERM stop at the next batch
-    (`Stopped`), as in `run`."""
-    validate(config, "evaluate")
-    prompts = heldout_prompts(config.evaluation)
-    if config.evaluation.judge:
+    (`Stopped`), as in `run`. With `ask`, no held-out prompt is read: the base (and the
+    adapters) answer that one question with the evaluation's sampling (`evaluation.ask`), and
+    nothing is measured or written."""
+    validate(config, "evaluate" if ask is None else "ask")
+    prompts = heldout_prompts(config.evaluation) if ask is None else []
+    if config.evaluation.judge and ask is None:
         mdl.check_source(config.evaluation.judge, "evaluation.judge")
     stop = StopFlag()
     with stop.installed():
-        job = Run.load(config, stop=stop)
+        job = Run.load(config, adapters if ask is not None else None, stop=stop)
         stop.check("while the model loaded")
+        if ask is not None:
+            if adapters:
+                load_adapters(job.model, Path(adapters))
+            return evaluation.ask(job, ask, adapters=bool(adapters))
         held = heldout(job.tokenizer, prompts, config.data, config.evaluation.prompts)
         if adapters:  # read before any answer: a bad folder stops here, not after the base
             load_adapters(job.model, Path(adapters))

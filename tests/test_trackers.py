@@ -257,7 +257,11 @@ def test_wandb_offline_through_a_kill_and_resume(inputs, toy_model_dir, tmp_path
             {k: v for k, v in row.items() if k != "step"}, rel=1e-12
         )
     table = json.loads((runs[1] / "files" / history[6]["evaluation.path"]).read_text())
-    eval_md = [line.split("|")[1:-1] for line in (out / "eval.md").read_text().splitlines()]
+    eval_md = [  # the table's lines (the answers side by side follow it)
+        line.split("|")[1:-1]
+        for line in (out / "eval.md").read_text().splitlines()
+        if line.startswith("|")
+    ]
     assert [table["columns"], *table["data"]] == [
         [cell.strip() for cell in line] for line in eval_md if "---" not in line[0]
     ]

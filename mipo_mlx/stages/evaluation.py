@@ -20,9 +20,13 @@ from ..core.errors import Stopped, UserError
 from ..data.prompts import (
     Prompt,
     Rendered,
+    fit_length,
+    messages_for,
     read_source,
     render_prompts,
+    user_text,
 )
+from ..data.prompts import tokens as prompt_tokens
 from ..engine import distributed as dist
 from ..engine.generation import Response, decode, generate_all
 from ..engine.lora import adapters_disabled
@@ -30,9 +34,11 @@ from ..engine.model import pad_id
 from ..engine.scoring import response_logps
 from ..engine.selection import best_by_pmi, pmi_of_samples, sample_answers
 from .metrics import (
+    answer_checks,
     answer_metrics,
     compliance_metrics,
     context_free_ids,
+    example_rows,
     interval,
     other_prompts,
     pmi_scores,
@@ -126,17 +132,36 @@ def answer_and_measure(
     scores = [s for s in per_row if s is not None]
     if scores:
         result["task_score"] = float(np.mean(scores))
+    scored: dict[str, list] = {}  # per-row PMI (and KL), for the answers shown side by side
     if not lean:
-        result.update(
-            scored_metrics(
-                model, tokenizer, held, responses, config, data, base, label, adapters, should_stop
-            )
+        means, scored = scored_metrics(
+            model, tokenizer, held, responses, config, data, base, label, adapters, should_stop
         )
+        result.update(means)
     result["examples"] = [
         {"prompt": p.question, "answer": t} for p, t in zip(rendered.prompts[:3], texts[:3])
     ]
     result["answers"] = texts
+    result["side_by_side"] = side_by_side(held, texts, responses, scored, config.seed)
     return result
+
+
+def side_by_side(
+    held: Heldout, texts: list[str], responses: list[Response], scored: dict, seed: int
+) -> dict:
+    """The answers the report shows beside the other models': those to `example_rows(n,
+    seed)` (drawn by the seed alone, so the same prompts for every model), each with its
+    checks (`answer_checks`) and its PMI, context PMI and KL where they were scored."""
+    rows, prompts = example_rows(len(texts), seed), held.rendered.prompts
+    shown = []
+    for i in rows:
+        p = prompts[i]
+        entry = {"row": i, "prompt": p.question, "context": p.context, "answer": texts[i]}
+        entry.update(finished=responses[i].finished, tokens=len(responses[i].token_ids))
+        entry["checks"] = answer_checks(p, texts[i], held.labels[i])
+        entry.update({key: values[i] for key, values in scored.items()})
+        shown.append(entry)
+    return {"seed": seed, "of": len(texts), "examples": shown}
 
 
 def heldout_answers(
@@ -193,11 +218,13 @@ def scored_metrics(
     label,
     adapters: bool,
     should_stop=None,
-) -> dict:
+) -> tuple[dict, dict[str, list]]:
     """PMI and context PMI under the base; with `adapters` also the KL to the base,
     log pi(y|x) - log p_base(y|x) on their own answers; and the label-free objective, the mean
     over answers of their MIPO PMI (context PMI where the prompt has a context) minus that KL:
-    the KL-regularised quantity MIPO maximises, with the regulariser at full weight."""
+    the KL-regularised quantity MIPO maximises, with the regulariser at full weight. Returns
+    those means, and each row's values ('pmi'; 'pmi_context', None for a row without a
+    context; 'kl' with `adapters`)."""
     rendered, pad = held.rendered, pad_id(tokenizer)
     answers = [r.token_ids for r in responses]
     with base():
@@ -228,7 +255,14 @@ def scored_metrics(
             pmi_context_mean=float(context_pmi.mean()), pmi_context_ci95=interval(context_pmi)
         )
     result.update(kl_mean=float(kl.mean()), objective=float(np.mean(rows - kl)))
-    return result
+    per_row: dict[str, list] = {"pmi": [float(v) for v in pmi]}
+    if context_pmi is not None:
+        has = [p.context is not None for p in rendered.prompts]
+        values = iter(context_pmi.tolist())
+        per_row["pmi_context"] = [next(values) if h else None for h in has]
+    if adapters:
+        per_row["kl"] = [float(v) for v in kl]
+    return result, per_row
 
 
 def evaluate(
@@ -260,3 +294,39 @@ def evaluate(
         )
     except Stopped:
         raise Stopped(0, f"during the evaluation ({label})") from None
+
+
+def ask(run: Run, question: str, adapters: bool = True) -> dict[str, dict]:
+    """One question of the user's, through the run's templates and chat template as a held-out
+    prompt, answered by the base and (with `adapters`, which run.model then holds) by the
+    adapters, each with the evaluation's sampling and the same seeded stream, so only the model
+    differs: {'base': ..., 'mipo': ...}, each {'answer', 'finished', 'tokens'}. Nothing is
+    measured or written; a stop request ends it after the answer in hand (`Stopped`)."""
+    c, where = run.config, "--ask"
+    messages = messages_for(Prompt(where, question), user_text(question, None, c.data), c.data)
+    ids = fit_length(prompt_tokens(run.tokenizer, messages, c.data, where), c.data, where)
+    if ids is None:
+        raise UserError(
+            f"{where}: the question is longer than data.max_prompt_tokens="
+            f"{c.data.max_prompt_tokens} tokens; shorten it or raise that setting"
+        )
+    how = sampling(c.evaluation, 1)
+    models = {"base": adapters_disabled(run.model) if adapters else nullcontext()}
+    if adapters:
+        models["mipo"] = nullcontext()
+    answers = {}
+    for name, state in models.items():
+        stage = f"answer ({name}, {where})"
+        try:
+            with state:
+                (response,) = generate_all(
+                    run.model, run.tokenizer, [ids], how, stage, 0, None, run.stop
+                )
+        except Stopped:
+            raise Stopped(0, f"while the {name} answered --ask") from None
+        answers[name] = {
+            "answer": decode(run.tokenizer, response),
+            "finished": response.finished,
+            "tokens": len(response.token_ids),
+        }
+    return answers

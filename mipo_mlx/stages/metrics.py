@@ -158,6 +158,36 @@ def compliance_metrics(prompts: list[Prompt], texts: list[str]) -> dict:
     }
 
 
+SIDE_BY_SIDE = 3  # held-out prompts a report shows answered by every model
+
+
+def example_rows(n: int, seed: int, k: int = SIDE_BY_SIDE) -> list[int]:
+    """k of n held-out rows (all of them when n <= k), in file order: the prompts the report
+    shows answered side by side. The draw reads the seed (evaluation.seed) and n only, never
+    an answer, so every model compared shows the same prompts and none is picked for how its
+    answers changed."""
+    rng = np.random.default_rng([seed, 3])  # a stream of its own: not the PMI's other_prompts
+    return sorted(rng.choice(n, size=min(k, n), replace=False).tolist())
+
+
+def answer_checks(prompt: Prompt, text: str, label) -> dict:
+    """What the report shows beside one answer: for a row that states requirements, each
+    requirement met or not as compliance counts it (an answer that is not well formed meets
+    none) and whether the answer is well formed; for a row with a label, the label and whether
+    the answer is correct (accuracy's rule). {} where the row has neither."""
+    checks: dict = {}
+    if "requirements" in prompt.extra:
+        good = req.well_formed(text, prompt.extra.get("topic", ""))
+        checks["well_formed"] = good
+        checks["requirements"] = [
+            {"kind": r.kind, "value": r.value, "met": bool(good and r.complies(text))}
+            for r in req.requirements_from_row(prompt.extra)
+        ]
+    if label is not None:
+        checks.update(label=str(label), correct=is_correct(text, str(label)))
+    return checks
+
+
 def task_scores(texts: list[str], labels, compliance_scores) -> list[float | None]:
     """Each row's score on its own task: 1/0 for a correct answer where the row has a label,
     its compliance item score (compliance_metrics') where it states requirements, None where

@@ -1,10 +1,12 @@
-"""The evaluation report: the before/after table (eval.md), the results (eval.json) and the plot
-(eval.png), under a name no earlier report holds."""
+"""The evaluation report: the before/after table and, after it, a few held-out prompts with
+every model's answer side by side (eval.md), the results (eval.json) and the plot (eval.png),
+under a name no earlier report holds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.config import EvaluationConfig
 from ..core.files import write_json, write_text
 from ..data.tasks import requirements as req
 from .plots import plot_comparison
@@ -78,14 +80,114 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quoted(text: str) -> list[str]:
+    return [f"> {line}" if line.strip() else ">" for line in (text.splitlines() or ["(empty)"])]
+
+
+def _checks(entry: dict, result: dict) -> str:
+    """One answer's checks in a line: requirements met, well formed, correct, cut, PMI, KL and
+    the judge's score, each where the row and the evaluation have it."""
+    checks, parts = entry.get("checks", {}), []
+    if "requirements" in checks:
+        met = [r["met"] for r in checks["requirements"]]
+        each = ", ".join(
+            f"{r['kind']}{'' if r['value'] is None else ' ' + str(r['value'])}: "
+            + ("yes" if r["met"] else "no")
+            for r in checks["requirements"]
+        )
+        parts.append(f"requirements met {sum(met)}/{len(met)} ({each})")
+    if "well_formed" in checks:
+        parts.append("well formed" if checks["well_formed"] else "not well formed")
+    if "correct" in checks:
+        parts.append("correct" if checks["correct"] else "not correct")
+    if entry.get("finished") is False:
+        parts.append(f"cut at {entry['tokens']} tokens")
+    for key, name in (("pmi", "PMI"), ("pmi_context", "context PMI"), ("kl", "KL to the base")):
+        if entry.get(key) is not None:
+            parts.append(f"{name} {entry[key]:.2f}")
+    judged = result.get("judge_scores")
+    if judged is not None and entry["row"] < len(judged):
+        score = judged[entry["row"]]
+        parts.append("judge " + ("n/a" if score is None else f"{score:.2f}"))
+    return "; ".join(parts) or "no checks for this row"
+
+
+def side_by_side_markdown(results: dict[str, dict]) -> str:
+    """The held-out prompts the evaluation drew by its seed (`metrics.example_rows`), each
+    with every model's answer and its checks, models in the results' order; "" when no
+    result holds them (an evaluation kept from before they were)."""
+    drawn = [r["side_by_side"] for r in results.values() if r.get("side_by_side")]
+    if not drawn:
+        return ""
+    first = drawn[0]
+    by_model = {
+        name: {e["row"]: e for e in r.get("side_by_side", {}).get("examples", [])}
+        for name, r in results.items()
+    }
+    shown = first["examples"]
+    lines = [
+        "## Answers side by side",
+        "",
+        f"{len(shown)} of the {first['of']} held-out prompts, drawn from evaluation.seed "
+        f"({first['seed']}) alone: the same prompts for every model, never chosen for how "
+        "the answers changed.",
+        (
+            "Requirements count as in the table (an answer that is not well formed meets none); "
+            if any("requirements" in e.get("checks", {}) for e in shown)
+            else ""
+        )
+        + "PMI and KL in nats, under the base.",
+    ]
+    for prompt in shown:
+        row = prompt["row"]
+        lines += ["", f"### Held-out prompt {row + 1} of {first['of']}", ""]
+        lines += _quoted(prompt["prompt"])
+        if prompt.get("context") is not None:
+            lines += ["", f"context: {prompt['context']}"]
+        if "label" in prompt.get("checks", {}):
+            lines += ["", f"expected answer: {prompt['checks']['label']}"]
+        for name, entries in by_model.items():
+            entry = entries.get(row)
+            if entry is None:
+                lines += ["", f"**{name}**: this answer was not kept (an older evaluation)"]
+                continue
+            lines += ["", f"**{name}**: {_checks(entry, results[name])}", ""]
+            lines += _quoted(entry["answer"])
+    return "\n".join(lines) + "\n"
+
+
+def asked_text(question: str, answers: dict[str, dict], config: EvaluationConfig, names) -> str:
+    """`evaluation.ask`'s answers to one question, each under its model's name in `names`
+    ({'base': 'base', 'mipo': 'adapters (<run>)'}), with the sampling they share."""
+    lines = [
+        "question:",
+        *_quoted(question),
+        "",
+        f"sampling: the evaluation's (temperature {config.temperature}, top-p {config.top_p}, "
+        f"at most {config.max_tokens} tokens, seed {config.seed}), one answer each, from the "
+        "same random stream",
+    ]
+    for key, answer in answers.items():
+        cut = "" if answer["finished"] else f", cut at {answer['tokens']} tokens"
+        lines += ["", f"{names.get(key, key)}{cut}:", *_quoted(answer["answer"])]
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict[str, dict]) -> str:
+    """eval.md: the table, then the answers side by side (where the results hold them)."""
+    table, section = markdown_table(results), side_by_side_markdown(results)
+    return table + ("\n" + section if section else "")
+
+
 def write_report(out: Path, results: dict[str, dict], plots: bool, stem: str = "eval") -> str:
-    """<stem>.json, <stem>.md (and <stem>.png) in `out`; returns the table."""
-    table = markdown_table(results)
+    """<stem>.json, <stem>.md (and <stem>.png) in `out`; returns <stem>.md's text (the table,
+    then the answers side by side)."""
+    report = report_markdown(results)
     write_json(out / f"{stem}.json", results)
-    write_text(out / f"{stem}.md", table)
+    write_text(out / f"{stem}.md", report)
     if plots:
         plot_comparison(results, out / f"{stem}.png")
-    return table
+    return report
 
 
 def free_report_stem(out: Path) -> str:
