@@ -210,7 +210,15 @@ def working_set_bytes() -> int | None:
 # the GSM8K 8-shot prefix is 439 words (~600 tokens) plus a question of up to ~200 tokens;
 # an ARC question with its choices stays under ~250; a PRISM prompt with its requirements ~300.
 PROMPT_TOKENS = {"gsm8k_8shot": 850, "arc_zero_shot": 250, "prism": 300}
-RECIPES = ("gsm8k", "svamp", "arc-challenge", "arc-easy", "prism", "community-alignment")
+RECIPES = (
+    "gsm8k",
+    "svamp",
+    "arc-challenge",
+    "arc-easy",
+    "prism",
+    "community-alignment",
+    "paper-full-gsm8k",
+)
 
 
 def recipe_workload(config) -> Workload:
