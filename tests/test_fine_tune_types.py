@@ -263,3 +263,25 @@ def test_lora_keys_with_full_fine_tuning_are_refused_in_one_line():
     with pytest.raises(UserError, match="lora.keys") as err:
         validate(config)
     assert "\n" not in str(err.value)
+
+
+def test_dora_on_a_quantized_base_starts_at_it_and_fuses_to_what_it_trained(toy_model_dir):
+    """mlx-lm's DoRA takes quantized linears (its magnitudes from the dequantized weights): the
+    run starts at the quantized base and the de-quantized fuse gives the trained logits."""
+    from mlx_lm import load
+
+    from mipo_mlx.engine.model import quantize
+    from mipo_mlx.publish.fuse import fuse
+
+    model, _, config = load(str(toy_model_dir), return_config=True)
+    quantize(model, config, 4, 32)
+    pairs = scored(4)
+    want = logits(model, pairs)
+    attach_lora(model, LoraConfig(type="dora", rank=4), seed=0)
+    assert mx.abs(logits(model, pairs) - want).max().item() < 1e-4
+    train = TrainingConfig(learning_rate=5e-3, compile=False)
+    fit(model, make_loss(train), stream(pairs), 3, train)
+    trained = logits(model, pairs)
+    assert mx.abs(trained - want).max().item() > 1e-3
+    fuse(model, dequantize=True)
+    assert mx.abs(logits(model, pairs) - trained).max().item() < 1e-3
