@@ -285,3 +285,24 @@ def test_dora_on_a_quantized_base_starts_at_it_and_fuses_to_what_it_trained(toy_
     assert mx.abs(trained - want).max().item() > 1e-3
     fuse(model, dequantize=True)
     assert mx.abs(logits(model, pairs) - trained).max().item() < 1e-3
+
+
+@pytest.mark.parametrize("kind", FINE_TUNE_TYPES)
+def test_the_guard_gives_back_the_round_it_kept_and_the_base(toy_model_dir, kind):
+    """The guard's keeper restores the weights it was offered after later training, and the
+    base; a full fine-tune's kept weights wait on disk, not as a second copy in memory."""
+    from mipo_mlx.stages.guard import Keeper
+
+    model, pairs = fresh(toy_model_dir, kind), scored(4)
+    base = logits(model, pairs)
+    config = TrainingConfig(learning_rate=lr(kind), compile=False)
+    fit(model, make_loss(config), stream(pairs), 2, config)
+    kept, keeper = logits(model, pairs), Keeper()
+    keeper.offer(model, is_best=True)
+    assert isinstance(keeper.best, Path) == (kind == "full")
+    fit(model, make_loss(config), stream(pairs), 2, config)
+    assert mx.abs(logits(model, pairs) - kept).max().item() > 1e-4
+    keeper.restore(model)
+    assert mx.abs(logits(model, pairs) - kept).max().item() < 1e-5
+    Keeper().restore(model)  # nothing offered: the base
+    assert mx.abs(logits(model, pairs) - base).max().item() < 1e-4

@@ -11,6 +11,7 @@ requirements: `metrics.task_scores`), else the label-free objective PMI - KL to 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -19,7 +20,12 @@ from ..core.errors import UserError
 from ..core.files import write_json
 from ..data.prompts import Prompt, read_source
 from ..engine import distributed as dist
-from ..engine.lora import adapter_weights, base_adapter_weights
+from ..engine.lora import (
+    adapter_weights,
+    base_adapter_weights,
+    full_base,
+    write_safetensors,
+)
 from .evaluation import Heldout
 from .run_folder import RunFolder
 
@@ -72,18 +78,29 @@ def verdict(scores: list[float], kept: int, labels: bool, keep: str) -> str:
 
 class Keeper:
     """The best adapters so far, held in memory (MLX arrays are immutable, so holding them is
-    a copy): every rank keeps its own, and no rank reads another's disk."""
+    a copy): every rank keeps its own, and no rank reads another's disk. A full fine-tune's
+    best weights are as large as the blocks themselves: they go to a file beside the base's
+    (`lora.full_base`), so that the run still holds one copy of the model."""
 
     def __init__(self):
-        self.best: dict[str, mx.array] | None = None  # None: the base (B = 0)
+        self.best: dict[str, mx.array] | Path | None = None  # None: the base (B = 0)
 
     def offer(self, model, is_best: bool) -> None:
-        if is_best:
+        if not is_best:
+            return
+        base = full_base(model)
+        if base is None:
             self.best = dict(adapter_weights(model))
+            return
+        self.best = base.with_name("best.safetensors")
+        write_safetensors(self.best, adapter_weights(model))
 
     def restore(self, model) -> None:
-        """Put the kept adapters in the model: zero ones for the base (B = 0 adds nothing)."""
-        weights = self.best or base_adapter_weights(model)
+        """Put the kept adapters in the model: the base's own for the base (B = 0 adds
+        nothing; a full fine-tune gets its base weights back)."""
+        weights = self.best if self.best is not None else base_adapter_weights(model)
+        if isinstance(weights, Path):
+            weights = mx.load(str(weights))
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(model.parameters())
 
