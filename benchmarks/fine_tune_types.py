@@ -40,24 +40,15 @@ def worker(spec: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from mipo_mlx.core.config import LoraConfig, TrainingConfig
-    from mipo_mlx.data.pair_file import Pair
     from mipo_mlx.engine.batching import pack_pairs
     from mipo_mlx.engine.lora import attach_lora
-    from mipo_mlx.engine.probes import use_shared_prompt
-    from mipo_mlx.engine.scoring import score_pairs
     from mipo_mlx.engine.trainer import Hooks, fit, make_loss
     from mipo_mlx.publish.fuse import fuse
 
     harness.start_as_the_command()
     model, tokenizer = harness.load_model(spec)
     rows = json.loads(Path(spec["pairs"]).read_text())
-    pairs = [
-        Pair(messages=[], chosen="", rejected="", negatives="random", source=i, **r)
-        for i, r in enumerate(rows)
-    ]
-    shared = use_shared_prompt(model, pairs, "auto", 0)  # as a run packs them
-    for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
-        pair.reference_logps = {"chosen": c, "rejected": r}
+    pairs, shared, _ = harness.scored_pairs(model, rows)  # packed as a run packs them
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     kind = spec["type"]
     lora = dict(harness.LORA)

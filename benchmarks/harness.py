@@ -79,6 +79,24 @@ def pair_rows(n: int, prompt_range, response_range, vocab: int, seed: int) -> li
     ]
 
 
+def scored_pairs(model, rows: list[dict], shared_prompt: str = "auto"):
+    """`rows` (pair_rows' dicts) as pairs with their reference log-probs, scored by `model` with
+    the packing a run uses (training.shared_prompt): (pairs, shared, seconds the scoring took)."""
+    from mipo_mlx.data.pair_file import Pair
+    from mipo_mlx.engine.probes import use_shared_prompt
+    from mipo_mlx.engine.scoring import score_pairs
+
+    pairs = [
+        Pair(messages=[], chosen="", rejected="", negatives="random", source=i, **row)
+        for i, row in enumerate(rows)
+    ]
+    shared = use_shared_prompt(model, pairs, shared_prompt, 0)
+    tic = time.perf_counter()
+    for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
+        pair.reference_logps = {"chosen": c, "rejected": r}
+    return pairs, shared, time.perf_counter() - tic
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The hidden arguments a benchmark script's worker processes are started with."""
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -59,31 +59,13 @@ def plain_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 
 def setup(model_dir: Path, pairs_file: Path):
     from mipo_mlx.core.config import LoraConfig, TrainingConfig
-    from mipo_mlx.data.pair_file import Pair
     from mipo_mlx.engine.batching import pack_pairs
     from mipo_mlx.engine.lora import attach_lora
-    from mipo_mlx.engine.probes import use_shared_prompt
-    from mipo_mlx.engine.scoring import score_pairs
 
     model, _ = harness.load_model({"model": str(model_dir)})
     rows = json.loads(pairs_file.read_text())
-    pairs = [
-        Pair(
-            messages=[],
-            chosen="",
-            rejected="",
-            prompt_ids=r["prompt_ids"],
-            chosen_ids=r["chosen_ids"],
-            rejected_ids=r["rejected_ids"],
-            negatives="random",
-            source=i,
-        )
-        for i, r in enumerate(rows)
-    ]
-    config = TrainingConfig(batch_size=len(pairs), warmup_fraction=0.0)
-    shared = use_shared_prompt(model, pairs, config.shared_prompt, 0)
-    for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
-        pair.reference_logps = {"chosen": c, "rejected": r}
+    config = TrainingConfig(batch_size=len(rows), warmup_fraction=0.0)
+    pairs, shared, _ = harness.scored_pairs(model, rows, config.shared_prompt)
     attach_lora(model, LoraConfig(**harness.LORA), seed=0)
     return model, pack_pairs(pairs, 0, shared), config, shared
 

@@ -51,6 +51,7 @@ from harness import (  # noqa: E402
     ratio,
     run_worker,
     say,
+    scored_pairs,
     start_as_the_command,
     summary,
     worker_generate,
@@ -146,41 +147,21 @@ def ours_train(spec: dict, model, rows: list[dict], memory: dict) -> dict:
     import mlx.core as mx
 
     from mipo_mlx.core.config import LoraConfig, TrainingConfig
-    from mipo_mlx.data.pair_file import Pair
     from mipo_mlx.engine.batching import pack_pairs
     from mipo_mlx.engine.logps import pair_logps
     from mipo_mlx.engine.lora import adapters_disabled, attach_lora
-    from mipo_mlx.engine.probes import use_shared_prompt
-    from mipo_mlx.engine.scoring import score_pairs
     from mipo_mlx.engine.trainer import Hooks, fit, make_loss
 
     variant = spec["variant"]
-    pairs = [
-        Pair(
-            messages=[],
-            chosen="",
-            rejected="",
-            prompt_ids=r["prompt_ids"],
-            chosen_ids=r["chosen_ids"],
-            rejected_ids=r["rejected_ids"],
-            negatives="random",
-            source=i,
-        )
-        for i, r in enumerate(rows)
-    ]
     config = TrainingConfig(
-        batch_size=len(pairs),
+        batch_size=len(rows),
         learning_rate=1e-5,
         grad_checkpoint=variant == "checkpoint",
         compile=variant != "eager",
         shared_prompt="off" if variant == "unshared" else "auto",
         warmup_fraction=0.0,
     )
-    shared = use_shared_prompt(model, pairs, config.shared_prompt, 0)
-    tic = time.perf_counter()
-    for pair, (c, r) in zip(pairs, score_pairs(model, pairs, 0, len(pairs), shared)):
-        pair.reference_logps = {"chosen": c, "rejected": r}
-    reference_seconds = time.perf_counter() - tic
+    pairs, shared, reference_seconds = scored_pairs(model, rows, config.shared_prompt)
     attach_lora(model, LoraConfig(**LORA), seed=0)
     batch = pack_pairs(pairs, 0, shared)
 

@@ -50,7 +50,6 @@ def worker(out: str) -> None:
             "training.valid_every": 0,
         },
     )
-    Path(out).mkdir(parents=True, exist_ok=True)
     run = Run.load(config)
     rendered = render_prompts(
         read_source(config.data.prompts), run.tokenizer, config.data, config.data.prompts

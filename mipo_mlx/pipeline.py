@@ -238,7 +238,7 @@ def evaluate(config: Config, adapters: str | None, ask: str | None = None) -> di
         mdl.check_source(config.evaluation.judge, "evaluation.judge")
     stop = StopFlag()
     with stop.installed():
-        job = Run.load(config, adapters if ask is not None else None, stop=stop)
+        job = Run.load(config, stop=stop)
         stop.check("while the model loaded")
         if ask is not None:
             if adapters:

@@ -140,3 +140,22 @@ def test_a_stop_the_hooks_ask_for_is_checkpointed_first(toy_model_dir):
     with pytest.raises(Stopped):
         fit(model, make_loss(config), _cycle(scored_pairs(4), 4), 3, config, hooks)
     assert hooks.calls[-2:] == [("should_stop", 1), ("on_checkpoint", 1)]
+
+
+def test_loading_a_run_writes_nothing_until_a_stage_writes(toy_model_dir, tmp_path):
+    """Run.load makes no folder (evaluate and --ask write nothing there); the first stage that
+    writes makes it, with its record of what the run wrote."""
+    from mipo_mlx.core.written import RECORD
+    from mipo_mlx.data.prompts import read_source, render_prompts
+
+    from .builders import write_prompts
+
+    config = Config()
+    config.model.path, config.output.dir = str(toy_model_dir), str(tmp_path / "out" / "run")
+    config.generation.max_tokens, config.generation.truncated = 4, "keep"
+    job = Run.load(config)
+    assert not (tmp_path / "out").exists()
+    prompts = write_prompts(tmp_path / "p.jsonl", n=4)
+    rendered = render_prompts(read_source(str(prompts)), job.tokenizer, config.data, "p")
+    make_pairs(job, rendered)
+    assert (tmp_path / "out" / "run" / RECORD).is_file()

@@ -117,15 +117,21 @@ def check_limits(value: Any, f: dataclasses.Field, key: str, where: str) -> None
         check_template(key, value, set(meta["template"]), where)
     if value is None or isinstance(value, (bool, str, list, dict)):
         return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
-    top = meta.get("max", INT_MAX if isinstance(value, int) else None)
-    if "min" in meta and value < meta["min"]:
-        raise UserError(f"{where}: '{key}' must be at least {meta['min']}, got {_shown(value)}")
-    if top is not None and value > top:
-        raise UserError(f"{where}: '{key}' must be at most {top}, got {_shown(value)}")
+    check_range(value, meta.get("min"), meta.get("max"), key, where)
     if "gt" in meta and value <= meta["gt"]:
         raise UserError(f"{where}: '{key}' must be greater than {meta['gt']}, got {value}")
+
+
+def check_range(value: float, least: float | None, most: float | None, key: str, where: str):
+    """A number finite and within [least, most] (None: no limit; a whole number is at most
+    INT_MAX)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
+    most = INT_MAX if most is None and isinstance(value, int) else most
+    if least is not None and value < least:
+        raise UserError(f"{where}: '{key}' must be at least {least}, got {_shown(value)}")
+    if most is not None and value > most:
+        raise UserError(f"{where}: '{key}' must be at most {most}, got {_shown(value)}")
 
 
 def apply(config: Config, overrides: dict[str, Any], where: str) -> Config:
@@ -229,15 +235,8 @@ def _option_value(value: Any, kind: tuple, key: str, where: str) -> Any:
     if form == "float or null" and value is None:
         return None
     value = coerce(value, {"bool": bool, "int": int}.get(form, float), key, where)
-    if form == "bool":
-        return value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}: '{key}' must be a finite number, got {value}")
-    most = INT_MAX if most is None and form == "int" else most
-    if least is not None and value < least:
-        raise UserError(f"{where}: '{key}' must be at least {least}, got {_shown(value)}")
-    if most is not None and value > most:
-        raise UserError(f"{where}: '{key}' must be at most {most}, got {_shown(value)}")
+    if form != "bool":
+        check_range(value, least, most, key, where)
     return value
 
 

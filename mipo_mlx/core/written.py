@@ -91,13 +91,15 @@ def remove(folder: Path, names: set[str]) -> None:
 
 
 class Record:
-    """The record of the folder a run writes; `add` a name before creating it."""
+    """The record of the folder a run writes; `add` a name before creating it (the first add
+    makes the folder itself, if it is not there yet)."""
 
     def __init__(self, folder: Path):
         self.folder, self.names = folder, None
 
     def add(self, *names: str) -> None:
         if self.names is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
             self.names = recorded(self.folder)
         for name in names:
             if name not in self.names:

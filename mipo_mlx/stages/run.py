@@ -53,14 +53,12 @@ class Run:
     ) -> Run:
         """Load config.model (and check that lora.keys name layers it has, and that lora.type
         can train it); the run folder is
-        `folder`, else output.dir (made if missing, when given as a path)."""
+        `folder`, else output.dir (made when a stage first writes there)."""
         model, tokenizer, _ = mdl.load(config.model)
         check_lora_keys(model, config.lora)
         check_fine_tune(model, config.lora)
         if not isinstance(folder, RunFolder):
-            path = Path(folder if folder is not None else config.output.dir)
-            dist.main_only(path.mkdir, parents=True, exist_ok=True)
-            folder = RunFolder(path)
+            folder = RunFolder(folder if folder is not None else config.output.dir)
         return cls(config, folder, model, tokenizer, stop or StopFlag(), tracker or Tracker())
 
     @property
